@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs everything, then runs the main job in the lab: a real router (miniupnpd) in network
+# namespaces, autonat on the LAN host behind it, and the internet host checking from outside.
+#   ./scripts/demo.sh          # the lab is torn down at the end
+#   KEEP_LAB=1 ./scripts/demo.sh   # leave it up to explore: autonat lab exec lan -- autonat probe
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install.sh
+
+autonat=$PWD/.venv/bin/autonat
+python=$PWD/.venv/bin/python
+traffic=$PWD/tests/lab/traffic.py
+prefix=demo
+export AUTONAT_STATE_DIR=/run/autonat-demo-state
+
+cleanup() {
+    "$autonat" -q lab down --prefix "$prefix" >/dev/null 2>&1 || true
+    rm -rf "$AUTONAT_STATE_DIR"
+}
+[ "${KEEP_LAB:-}" = 1 ] || trap cleanup EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+lan() { "$autonat" lab exec --prefix "$prefix" lan -- "$@"; }
+wan() { "$autonat" lab exec --prefix "$prefix" wan -- "$@"; }
+
+step "Bring up the lab (wan 203.0.113.0/24 | router: miniupnpd | lan 192.168.77.0/24)"
+"$autonat" lab up --prefix "$prefix"
+
+step "autonat probe, on the LAN host"
+lan "$autonat" probe
+
+for protocol in pcp natpmp; do
+    step "autonat map add 5060 udp --protocol $protocol"
+    external=$(lan "$autonat" map add 5060 udp --protocol "$protocol" | head -n 1)
+    echo "mapped to $external"
+    step "upnpc (independent client) lists the router's table"
+    lan upnpc -u http://192.168.77.1:5000/rootDesc.xml -l | grep -E '^ *[0-9]+ (UDP|TCP)' || true
+    step "a datagram from the internet host to $external reaches the LAN host"
+    lan "$python" "$traffic" listen udp 5060 3 > /tmp/autonat-demo-listen.$$ &
+    listener=$!
+    sleep 0.3
+    wan "$python" "$traffic" send udp "${external%:*}" "${external#*:}" "hello through the NAT via $protocol"
+    if wait "$listener"; then echo "received: $(tail -n 1 /tmp/autonat-demo-listen.$$)"; else echo "NOT received"; exit 1; fi
+    rm -f /tmp/autonat-demo-listen.$$
+    step "autonat map del 5060 udp --protocol $protocol"
+    lan "$autonat" map del 5060 udp --protocol "$protocol"
+done
+
+step "done: autonat found the router, learnt 203.0.113.1 and opened/closed holes with PCP and NAT-PMP"

@@ -1,0 +1,173 @@
+"""A session with the home router: locate it, probe every protocol in one burst, pick one, map.
+
+async with await RouterSession.open() as router:
+    result = await router.probe()
+    mapping = await router.mapper("auto").add(MappingRequest(Transport.UDP, 5060))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from autonat.addresses import IPAddress, classify, is_public
+from autonat.aio.channel import DatagramChannel
+from autonat.aio.natpmp import NatPmpClient
+from autonat.aio.pcp import PcpClient
+from autonat.aio.route import RouterLocation, locate_router
+from autonat.errors import ProtocolUnavailable
+from autonat.mapper import Mapping, MappingRequest, PortMapper, ProtocolStatus
+from autonat.proto.exchange import DEFAULT_DEADLINE
+from autonat.proto.natpmp import SERVER_PORT
+from autonat.proto.types import Transport
+from autonat.state import host_secret
+
+ProtocolChoice = Literal["auto", "pcp", "natpmp"]
+PREFERENCE = ("pcp", "natpmp", "upnp")  # among those that work, the first wins
+# Once one protocol has answered, the others get this long to answer too: a live server on the same
+# box answers in milliseconds, and 250 ms still lets one lost datagram be retransmitted (RFC 6886 §3.1).
+PROBE_GRACE = 0.25
+
+holes = logging.getLogger("autonat.holes")
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    location: RouterLocation
+    protocols: dict[str, ProtocolStatus]
+    selected: str | None
+    external_ip: IPAddress | None
+    double_nat: bool
+    elapsed_ms: float
+    dropped: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gateway": str(self.location.gateway),
+            "local_address": str(self.location.local_address),
+            "interface": self.location.interface,
+            "external_ip": None if self.external_ip is None else str(self.external_ip),
+            "external_ip_kind": None if self.external_ip is None else str(classify(self.external_ip)),
+            "selected": self.selected,
+            "double_nat": self.double_nat,
+            "protocols": {name: status.to_dict() for name, status in self.protocols.items()},
+            "elapsed_ms": round(self.elapsed_ms, 3),
+            "dropped": self.dropped,
+        }
+
+
+def _upnp_status() -> ProtocolStatus:
+    return ProtocolStatus("upnp", available=False, reason="UPnP IGD is not supported by this version yet")
+
+
+class RouterSession:
+    """One gateway, one local address, one socket shared by the NAT-PMP and PCP clients."""
+
+    def __init__(
+        self,
+        location: RouterLocation,
+        channel: DatagramChannel,
+        deadline: float,
+        server_port: int = SERVER_PORT,
+    ) -> None:
+        self.location = location
+        self.channel = channel
+        self.deadline = deadline
+        gateway, local = location.gateway, location.local_address
+        self.natpmp = NatPmpClient(channel, gateway, local, deadline=deadline, port=server_port)
+        self.pcp = PcpClient(channel, gateway, local, host_secret(), deadline=deadline, port=server_port)
+        self.last_probe: ProbeResult | None = None
+
+    @classmethod
+    async def open(
+        cls, gateway: str | None = None, interface: str | None = None, deadline: float = DEFAULT_DEADLINE
+    ) -> RouterSession:
+        location = locate_router(gateway, interface)
+        channel = await DatagramChannel.open(location.local_address)
+        return cls(location, channel, deadline)
+
+    async def __aenter__(self) -> RouterSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _clients(self) -> dict[str, PortMapper]:
+        return {"pcp": self.pcp, "natpmp": self.natpmp}
+
+    async def probe(self, only: ProtocolChoice = "auto") -> ProbeResult:
+        """Ask every protocol at once; return soon after the first one answers (see PROBE_GRACE)."""
+        started = time.perf_counter()
+        clients = self._clients() if only == "auto" else {only: self._clients()[only]}
+        tasks: dict[asyncio.Future[ProtocolStatus], str] = {
+            asyncio.ensure_future(client.probe()): name for name, client in clients.items()
+        }
+        pending: set[asyncio.Future[ProtocolStatus]] = set(tasks)
+        statuses: dict[str, ProtocolStatus] = {}
+        first_answer: str | None = None
+        while pending and first_answer is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                status = task.result()
+                statuses[tasks[task]] = status
+                if status.available and first_answer is None:
+                    first_answer = tasks[task]
+        if pending:
+            done, pending = await asyncio.wait(pending, timeout=PROBE_GRACE)
+            for task in done:
+                statuses[tasks[task]] = task.result()
+            for task in pending:
+                task.cancel()
+                statuses[tasks[task]] = ProtocolStatus(
+                    tasks[task],
+                    available=False,
+                    reason=f"no answer within {PROBE_GRACE * 1000:.0f} ms after {first_answer} answered",
+                )
+        if only == "auto":
+            statuses["upnp"] = _upnp_status()
+        ordered = {name: statuses[name] for name in PREFERENCE if name in statuses}
+        selected = next((name for name, status in ordered.items() if status.available), None)
+        external = next((s.external_ip for s in ordered.values() if s.external_ip is not None), None)
+        result = ProbeResult(
+            location=self.location,
+            protocols=ordered,
+            selected=selected,
+            external_ip=external,
+            double_nat=external is not None and not is_public(external),
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+            dropped=dict(self.channel.drops),
+        )
+        self.last_probe = result
+        return result
+
+    async def mapper(self, choice: ProtocolChoice = "auto") -> PortMapper:
+        """The client for `choice`; "auto" probes (once per session) and takes the best that works."""
+        if choice != "auto":
+            return self._clients()[choice]
+        probe = self.last_probe or await self.probe()
+        if probe.selected is None:
+            reasons = "; ".join(f"{name}: {status.reason}" for name, status in probe.protocols.items())
+            raise ProtocolUnavailable(
+                f"no port-mapping protocol works with {self.location.gateway} ({reasons})"
+            )
+        return self._clients()[probe.selected]
+
+    async def add(self, request: MappingRequest, choice: ProtocolChoice = "auto") -> Mapping:
+        mapper = await self.mapper(choice)
+        mapping = await mapper.add(request)
+        holes.info("opened %s", mapping.describe())
+        return mapping
+
+    async def delete(self, transport: Transport, internal_port: int, choice: ProtocolChoice = "auto") -> str:
+        mapper = await self.mapper(choice)
+        await mapper.delete(transport, internal_port)
+        holes.info(
+            "closed %s %s:%d via %s", transport, self.location.local_address, internal_port, mapper.name
+        )
+        return mapper.name

@@ -1,0 +1,1 @@
+"""The `autonat` command line: thin click commands over the library."""

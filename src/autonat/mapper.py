@@ -1,0 +1,110 @@
+"""The one small interface every port-mapping protocol sits behind, and the values it speaks in.
+
+A mapper talks to one gateway on behalf of one local address. The engine (and the one-shot CLI) only
+ever see `PortMapper`; whether PCP, NAT-PMP or UPnP IGD is underneath is a detail of construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Protocol
+
+from autonat.proto.types import Transport
+
+IPAddress = IPv4Address | IPv6Address
+
+DEFAULT_LIFETIME = 7200  # RFC 6886 §3.3 recommends 7200 s; finite leases always (never "permanent")
+MAX_LIFETIME = 604800  # one week: longer than any router grants; beyond it a typo, not a wish
+
+
+@dataclass(frozen=True, slots=True)
+class MappingRequest:
+    """What we ask for: forward `external_port` (0 = any) on the router to our `internal_port`."""
+
+    transport: Transport
+    internal_port: int
+    external_port: int = 0
+    lifetime: int = DEFAULT_LIFETIME
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.internal_port <= 65535:
+            raise ValueError(f"internal port must be 1-65535, not {self.internal_port}")
+        if not 0 <= self.external_port <= 65535:
+            raise ValueError(f"external port must be 0-65535, not {self.external_port}")
+        if not 1 <= self.lifetime <= MAX_LIFETIME:
+            raise ValueError(f"lifetime must be 1-{MAX_LIFETIME} s (finite leases only), not {self.lifetime}")
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """What the router granted."""
+
+    protocol: str
+    transport: Transport
+    internal_address: IPAddress
+    internal_port: int
+    external_ip: IPAddress | None
+    external_port: int
+    lifetime: int
+    epoch: int | None = None
+
+    def describe(self) -> str:
+        external = f"{self.external_ip or '?'}:{self.external_port}"
+        return (
+            f"{self.transport} {external} -> {self.internal_address}:{self.internal_port}"
+            f" via {self.protocol}, lease {self.lifetime} s"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "transport": str(self.transport),
+            "internal_address": str(self.internal_address),
+            "internal_port": self.internal_port,
+            "external_ip": None if self.external_ip is None else str(self.external_ip),
+            "external_port": self.external_port,
+            "lifetime": self.lifetime,
+            "epoch": self.epoch,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolStatus:
+    """One protocol's answer to a probe: does it work here, and if not, why."""
+
+    protocol: str
+    available: bool
+    reason: str
+    external_ip: IPAddress | None = None
+    epoch: int | None = None
+    elapsed_ms: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "available": self.available,
+            "reason": self.reason,
+            "external_ip": None if self.external_ip is None else str(self.external_ip),
+            "epoch": self.epoch,
+            "elapsed_ms": None if self.elapsed_ms is None else round(self.elapsed_ms, 3),
+            **self.details,
+        }
+
+
+class PortMapper(Protocol):
+    """A port-mapping protocol client bound to one gateway and one local address."""
+
+    name: str
+
+    async def probe(self) -> ProtocolStatus:
+        """Ask the gateway whether this protocol works; never raises for a silent or refusing router."""
+        ...
+
+    async def add(self, request: MappingRequest) -> Mapping:
+        """Create or refresh a mapping. Raises RouterRefused / RouterTimeout with a one-line reason."""
+        ...
+
+    async def delete(self, transport: Transport, internal_port: int) -> None:
+        """Remove our mapping of `internal_port`; deleting one that is not there is success."""
+        ...

@@ -1,0 +1,160 @@
+"""One UDP request/response transaction with retransmission, as a sans-IO state machine.
+
+NAT-PMP (RFC 6886 §3.1) and PCP (RFC 6887 §8.1.1) clients both send a request, wait, and resend with
+a growing interval until a valid reply arrives. This object decides *when* to send and *which* datagram
+is the reply; the caller owns the socket and the clock:
+
+    exchange = Exchange(request, server, parse, now=t0, deadline=2.0, schedule=NATPMP_SCHEDULE)
+    send(exchange.datagrams_to_send(now))            # the first transmission
+    ... on a datagram: exchange.receive(data, source, now)
+    ... at exchange.timer(): exchange.handle_timer(now); send(exchange.datagrams_to_send(now))
+    until exchange.done: exchange.result, or exchange.timed_out
+
+Deliberate deviations, both in the client's favour on a one-hop link:
+- The interval is capped at `ceiling` (2 s by default) instead of doubling up to 64 s (NAT-PMP) or
+  1024 s (PCP MRT). The gateway is one hop away; a lost datagram should cost seconds, not minutes.
+  What stops us from hammering a dead router is the caller's deadline, which every exchange has.
+- PCP's initial interval is 250 ms like NAT-PMP's, not RFC 6887's 3 s: with the caller-facing 2 s
+  deadline a 3 s IRT would mean a single transmission, so one lost packet would fail the call.
+  The RFC's RAND jitter (±10 %) is kept so many clients behind one router do not retransmit in step.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Generic, TypeVar
+
+from autonat.proto.errors import DecodeError
+
+R = TypeVar("R")
+Endpoint = tuple[IPv4Address | IPv6Address, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RetransmitSchedule:
+    """Initial interval, doubling per transmission, capped at `ceiling`, with ±`jitter` relative noise."""
+
+    initial: float
+    ceiling: float
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        # RT grows from the previous *jittered* RT (RFC 6887 §8.1.1), so jitter must stay well below
+        # 0.5 or the interval could stop growing; the RFC's own RAND is ±0.1.
+        if not (0 < self.initial <= self.ceiling) or not (0 <= self.jitter <= 0.25):
+            raise ValueError("retransmit schedule needs 0 < initial <= ceiling and 0 <= jitter <= 0.25")
+
+    def interval(self, previous: float | None, rand: Callable[[], float]) -> float:
+        """RFC 6887 §8.1.1: RT = (1 + RAND) * MIN(2 * RTprev, MRT), with RT = (1 + RAND) * IRT first."""
+        base = self.initial if previous is None else min(2 * previous, self.ceiling)
+        return base * (1 + self.jitter * (2 * rand() - 1))
+
+
+NATPMP_SCHEDULE = RetransmitSchedule(initial=0.25, ceiling=2.0)  # RFC 6886 §3.1: 250 ms, doubling
+PCP_SCHEDULE = RetransmitSchedule(initial=0.25, ceiling=2.0, jitter=0.1)  # RFC 6887 §8.1.1 RAND
+DEFAULT_DEADLINE = 2.0
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    ANSWERED = "answered"
+    TIMED_OUT = "timed out"
+
+
+class Exchange(Generic[R]):
+    """A request sent to `server` until `parse` accepts a reply from it, or the deadline passes.
+
+    `parse` gets each datagram from the server and returns the typed reply, or raises DecodeError
+    when the datagram is not an answer to *this* request (wrong opcode, nonce, port...). Such
+    datagrams, and any from another source, are dropped and counted in `drops` by reason.
+    """
+
+    def __init__(
+        self,
+        request: bytes,
+        server: Endpoint,
+        parse: Callable[[bytes], R],
+        *,
+        now: float,
+        deadline: float = DEFAULT_DEADLINE,
+        schedule: RetransmitSchedule = NATPMP_SCHEDULE,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if deadline <= 0:
+            raise ValueError("deadline must be positive")
+        self.request = request
+        self.server = server
+        self.started = now
+        self.deadline_at = now + deadline
+        self.transmissions = 0
+        self.drops: Counter[str] = Counter()
+        self.result: R | None = None
+        self.answered_at: float | None = None
+        self._parse = parse
+        self._schedule = schedule
+        self._rand = rand
+        self._interval: float | None = None
+        self._next_send: float = now
+        self._state = State.WAITING
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def done(self) -> bool:
+        return self._state is not State.WAITING
+
+    @property
+    def timed_out(self) -> bool:
+        return self._state is State.TIMED_OUT
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        """The request, when a (re)transmission is due at `now`; otherwise nothing."""
+        if self.done or now < self._next_send:
+            return []
+        if now >= self.deadline_at:
+            self._state = State.TIMED_OUT
+            return []
+        self.transmissions += 1
+        self._interval = self._schedule.interval(self._interval, self._rand)
+        self._next_send = now + self._interval
+        return [self.request]
+
+    def timer(self) -> float | None:
+        """When the caller must call `handle_timer` next (None once done)."""
+        if self.done:
+            return None
+        return min(self._next_send, self.deadline_at)
+
+    def handle_timer(self, now: float) -> None:
+        if not self.done and now >= self.deadline_at:
+            self._state = State.TIMED_OUT
+
+    def receive(self, data: bytes, source: Endpoint, now: float) -> str | None:
+        """Offer a datagram. Returns None if it answered this request, else the reason it was dropped."""
+        if self.done:
+            reason = "late reply"
+        elif source != self.server:
+            reason = "reply from another address"
+        else:
+            try:
+                self.result = self._parse(data)
+            except DecodeError as exc:
+                reason = exc.reason
+            else:
+                self._state = State.ANSWERED
+                self.answered_at = now
+                return None
+        self.drops[reason] += 1
+        return reason
+
+    @property
+    def round_trip(self) -> float | None:
+        """Time from the first transmission to the accepted answer."""
+        return None if self.answered_at is None else self.answered_at - self.started

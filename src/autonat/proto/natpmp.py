@@ -1,0 +1,324 @@
+"""NAT-PMP wire codec (RFC 6886), sans-IO.
+
+Encodes the two client requests of RFC 6886 (§3.2 external address, §3.3 port mapping) and decodes
+the gateway's replies, including the short 8-byte error form of §3.5. The same module serves the
+fake routers in the tests, so requests can be parsed and responses encoded as well.
+
+Gateway announcements (§3.2.1) — the external-address response the gateway multicasts to
+224.0.0.1:5350 after a reboot or an address change — have exactly the response format, so
+`parse_response` decodes them as an `ExternalAddressResponse`; there is no separate type.
+
+Every `parse_*` function takes untrusted bytes and either returns a typed value or raises
+`DecodeError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from autonat.proto.errors import DecodeError
+from autonat.proto.types import Transport
+
+__all__ = [
+    "CLIENT_PORT",
+    "SERVER_PORT",
+    "VERSION",
+    "ErrorResponse",
+    "ExternalAddressRequest",
+    "ExternalAddressResponse",
+    "MapRequest",
+    "MapResponse",
+    "Opcode",
+    "ResultCode",
+    "describe_result",
+    "parse_request",
+    "parse_response",
+]
+
+SERVER_PORT = 5351
+"""UDP port the gateway listens on (§3)."""
+
+CLIENT_PORT = 5350
+"""UDP port announcements are multicast to, on 224.0.0.1 (§3.2.1)."""
+
+VERSION = 0
+
+RESPONSE_BIT = 128
+"""Added to the request opcode to form the response opcode (§3.2)."""
+
+MAX_U16 = 0xFFFF
+MAX_U32 = 0xFFFF_FFFF
+
+_EXTERNAL_ADDRESS_REQUEST_SIZE = 2
+_MAP_REQUEST_SIZE = 12
+_ERROR_RESPONSE_SIZE = 8
+_EXTERNAL_ADDRESS_RESPONSE_SIZE = 12
+_MAP_RESPONSE_SIZE = 16
+
+_HEAD = struct.Struct("!BB")
+_MAP_REQUEST = struct.Struct("!BBHHHI")
+_RESPONSE_HEAD = struct.Struct("!BBHI")
+_EXTERNAL_ADDRESS_RESPONSE = struct.Struct("!BBHI4s")
+_MAP_RESPONSE = struct.Struct("!BBHIHHI")
+
+
+class Opcode(enum.IntEnum):
+    """Request opcodes (§3.2, §3.3); a response carries the opcode plus 128."""
+
+    EXTERNAL_ADDRESS = 0
+    MAP_UDP = 1
+    MAP_TCP = 2
+
+    @classmethod
+    def for_transport(cls, transport: Transport) -> Opcode:
+        """The mapping opcode for `transport` (§3.3: 1 for UDP, 2 for TCP)."""
+        return cls.MAP_UDP if transport is Transport.UDP else cls.MAP_TCP
+
+    @property
+    def transport(self) -> Transport:
+        """The transport a mapping opcode maps; ValueError for EXTERNAL_ADDRESS."""
+        if self is Opcode.MAP_UDP:
+            return Transport.UDP
+        if self is Opcode.MAP_TCP:
+            return Transport.TCP
+        raise ValueError("the external address opcode has no transport")
+
+
+class ResultCode(enum.IntEnum):
+    """Result codes of §3.5."""
+
+    SUCCESS = 0
+    UNSUPPORTED_VERSION = 1
+    NOT_AUTHORIZED = 2
+    NETWORK_FAILURE = 3
+    OUT_OF_RESOURCES = 4
+    UNSUPPORTED_OPCODE = 5
+
+
+_RESULT_TEXT = {
+    ResultCode.SUCCESS: "success",
+    ResultCode.UNSUPPORTED_VERSION: "unsupported version",
+    ResultCode.NOT_AUTHORIZED: "not authorized/refused",
+    ResultCode.NETWORK_FAILURE: "network failure (e.g. the gateway has no external address yet)",
+    ResultCode.OUT_OF_RESOURCES: "out of resources (no more mappings available)",
+    ResultCode.UNSUPPORTED_OPCODE: "unsupported opcode",
+}
+
+
+def describe_result(code: int) -> str:
+    """One line of human text for a NAT-PMP result code (§3.5)."""
+    try:
+        text = _RESULT_TEXT[ResultCode(code)]
+    except ValueError:
+        return f"unknown NAT-PMP result {code}"
+    return f"{text} (NAT-PMP result {code})"
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    # bool is an int subclass; a True port is always a caller bug.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, not {value!r}")
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalAddressRequest:
+    """Ask the gateway for its external IPv4 address (§3.2)."""
+
+    def encode(self) -> bytes:
+        return _HEAD.pack(VERSION, Opcode.EXTERNAL_ADDRESS)
+
+
+@dataclass(frozen=True, slots=True)
+class MapRequest:
+    """Create, renew or delete a port mapping (§3.3, deletion §3.4).
+
+    `external_port` is only a suggestion; 0 means no preference. A lifetime of 0 deletes the
+    mapping. An internal port of 0 is allowed only with lifetime 0: that is the §3.4 request that
+    deletes every mapping of this transport held by the client.
+    """
+
+    transport: Transport
+    internal_port: int
+    external_port: int
+    lifetime: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.transport, Transport):
+            raise ValueError(f"transport must be a Transport, not {self.transport!r}")
+        _check_range("internal_port", self.internal_port, 0, MAX_U16)
+        _check_range("external_port", self.external_port, 0, MAX_U16)
+        _check_range("lifetime", self.lifetime, 0, MAX_U32)
+        if self.internal_port == 0 and self.lifetime != 0:
+            raise ValueError("internal_port 0 is only valid in a delete-all request (lifetime 0)")
+
+    @classmethod
+    def delete(cls, transport: Transport, internal_port: int) -> MapRequest:
+        """Delete the mapping of `internal_port` (§3.4: lifetime 0, external port 0)."""
+        _check_range("internal_port", internal_port, 1, MAX_U16)
+        return cls(transport, internal_port, 0, 0)
+
+    @classmethod
+    def delete_all(cls, transport: Transport) -> MapRequest:
+        """Delete every mapping of `transport` this client holds (§3.4: all three fields 0)."""
+        return cls(transport, 0, 0, 0)
+
+    @property
+    def opcode(self) -> Opcode:
+        return Opcode.for_transport(self.transport)
+
+    def encode(self) -> bytes:
+        return _MAP_REQUEST.pack(
+            VERSION, self.opcode, 0, self.internal_port, self.external_port, self.lifetime
+        )
+
+
+def parse_request(data: bytes) -> ExternalAddressRequest | MapRequest:
+    """Decode a client request (§3.2, §3.3); meant for fake gateways in tests.
+
+    Lengths must be exact. The reserved field of a mapping request is ignored, as §3.3 requires.
+    """
+    if len(data) < _HEAD.size:
+        raise DecodeError(f"NAT-PMP request truncated ({len(data)} bytes)")
+    version, opcode = _HEAD.unpack_from(data)
+    if version != VERSION:
+        raise DecodeError(f"unsupported NAT-PMP version {version}")
+    if opcode >= RESPONSE_BIT:
+        raise DecodeError(f"NAT-PMP opcode {opcode} is a response, not a request")
+    if opcode == Opcode.EXTERNAL_ADDRESS:
+        if len(data) != _EXTERNAL_ADDRESS_REQUEST_SIZE:
+            raise DecodeError(f"NAT-PMP external address request is {len(data)} bytes, not 2")
+        return ExternalAddressRequest()
+    if opcode not in (Opcode.MAP_UDP, Opcode.MAP_TCP):
+        raise DecodeError(f"unsupported NAT-PMP opcode {opcode}")
+    if len(data) != _MAP_REQUEST_SIZE:
+        raise DecodeError(f"NAT-PMP map request is {len(data)} bytes, not 12")
+    _, _, _reserved, internal_port, external_port, lifetime = _MAP_REQUEST.unpack(data)
+    try:
+        return MapRequest(Opcode(opcode).transport, internal_port, external_port, lifetime)
+    except ValueError as exc:
+        raise DecodeError(f"invalid NAT-PMP map request: {exc}") from None
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+
+def _check_response_fields(result: int, epoch: int) -> None:
+    _check_range("result", result, 0, MAX_U16)
+    _check_range("epoch", epoch, 0, MAX_U32)
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalAddressResponse:
+    """The gateway's external IPv4 address (§3.2); also the format of announcements (§3.2.1).
+
+    With a non-zero result §3.2 makes the address meaningless; it is kept as received.
+    `epoch` is the Seconds Since Start of Epoch field (§3.6).
+    """
+
+    result: int
+    epoch: int
+    external_address: IPv4Address
+
+    def __post_init__(self) -> None:
+        _check_response_fields(self.result, self.epoch)
+        if not isinstance(self.external_address, IPv4Address):
+            raise ValueError(f"external_address must be an IPv4Address, not {self.external_address!r}")
+
+    def encode(self) -> bytes:
+        return _EXTERNAL_ADDRESS_RESPONSE.pack(
+            VERSION,
+            RESPONSE_BIT + Opcode.EXTERNAL_ADDRESS,
+            self.result,
+            self.epoch,
+            self.external_address.packed,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MapResponse:
+    """Reply to a mapping request (§3.3): the port actually mapped and the granted lifetime."""
+
+    transport: Transport
+    result: int
+    epoch: int
+    internal_port: int
+    external_port: int
+    lifetime: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.transport, Transport):
+            raise ValueError(f"transport must be a Transport, not {self.transport!r}")
+        _check_response_fields(self.result, self.epoch)
+        _check_range("internal_port", self.internal_port, 0, MAX_U16)
+        _check_range("external_port", self.external_port, 0, MAX_U16)
+        _check_range("lifetime", self.lifetime, 0, MAX_U32)
+
+    def encode(self) -> bytes:
+        return _MAP_RESPONSE.pack(
+            VERSION,
+            RESPONSE_BIT + Opcode.for_transport(self.transport),
+            self.result,
+            self.epoch,
+            self.internal_port,
+            self.external_port,
+            self.lifetime,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    """The short 8-byte reply of §3.5: version, opcode + 128, result, epoch, nothing else.
+
+    Servers send it for an unsupported version or opcode, where they cannot build the full form.
+    `opcode` is the request opcode (the response byte minus 128) and may be one this module does
+    not know, which is precisely the unsupported-opcode case.
+    """
+
+    opcode: int
+    result: int
+    epoch: int
+
+    def __post_init__(self) -> None:
+        _check_range("opcode", self.opcode, 0, RESPONSE_BIT - 1)
+        _check_response_fields(self.result, self.epoch)
+
+    def encode(self) -> bytes:
+        return _RESPONSE_HEAD.pack(VERSION, RESPONSE_BIT + self.opcode, self.result, self.epoch)
+
+
+def parse_response(
+    data: bytes,
+) -> ExternalAddressResponse | MapResponse | ErrorResponse:
+    """Decode a gateway reply or announcement (§3.2, §3.2.1, §3.3, §3.5).
+
+    A success must have exactly the length of its full form. A non-zero result in the full form's
+    exact length decodes to that form; any other non-zero result of at least 8 bytes decodes to
+    `ErrorResponse` (trailing bytes, such as an echoed request, are ignored). Result codes this
+    module does not know are kept as plain ints.
+    """
+    if len(data) < _ERROR_RESPONSE_SIZE:
+        raise DecodeError(f"NAT-PMP response truncated ({len(data)} bytes)")
+    version, op_byte, result, epoch = _RESPONSE_HEAD.unpack_from(data)
+    if version != VERSION:
+        raise DecodeError(f"not a NAT-PMP response (version {version})")
+    if op_byte < RESPONSE_BIT:
+        raise DecodeError(f"NAT-PMP opcode {op_byte} is a request, not a response")
+    opcode = op_byte - RESPONSE_BIT
+
+    if opcode == Opcode.EXTERNAL_ADDRESS and len(data) == _EXTERNAL_ADDRESS_RESPONSE_SIZE:
+        address = _EXTERNAL_ADDRESS_RESPONSE.unpack(data)[4]
+        return ExternalAddressResponse(result, epoch, IPv4Address(address))
+    if opcode in (Opcode.MAP_UDP, Opcode.MAP_TCP) and len(data) == _MAP_RESPONSE_SIZE:
+        _, _, _, _, internal_port, external_port, lifetime = _MAP_RESPONSE.unpack(data)
+        return MapResponse(Opcode(opcode).transport, result, epoch, internal_port, external_port, lifetime)
+    if result != ResultCode.SUCCESS:
+        return ErrorResponse(opcode, result, epoch)
+    if opcode in (Opcode.EXTERNAL_ADDRESS, Opcode.MAP_UDP, Opcode.MAP_TCP):
+        raise DecodeError(f"NAT-PMP success response for opcode {opcode} has wrong length {len(data)}")
+    raise DecodeError(f"unknown NAT-PMP response opcode {op_byte}")

@@ -1,0 +1,61 @@
+"""Where autonat keeps what must survive a process: the host secret that PCP nonces derive from.
+
+PCP (RFC 6887 §11.1) only lets the holder of a mapping's nonce refresh or delete it. A one-shot
+`autonat map add` and a later `autonat map del` are different processes, and the daemon must reclaim
+its mappings after a crash, so the nonce is derived with a keyed hash from a secret kept here and the
+mapping's identity. It stays unguessable off-path (the point of the nonce) and is the same after a
+restart (which is what lets us delete what an earlier run created).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+from autonat.errors import AutonatError
+
+SECRET_FILE = "host-secret"  # noqa: S105 (a file name, not a secret)
+SECRET_SIZE = 32
+
+
+def state_dir() -> Path:
+    """$AUTONAT_STATE_DIR, else /var/lib/autonat for root, else $XDG_STATE_HOME/autonat."""
+    configured = os.environ.get("AUTONAT_STATE_DIR")
+    if configured:
+        return Path(configured)
+    if os.geteuid() == 0:
+        return Path("/var/lib/autonat")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "autonat"
+
+
+def host_secret(directory: Path | None = None) -> bytes:
+    """The per-host secret, created (owner-only) on first use; concurrent first uses agree on one."""
+    directory = directory or state_dir()
+    path = directory / SECRET_FILE
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as out:
+                out.write(os.urandom(SECRET_SIZE))
+        secret = path.read_bytes()
+    except OSError as exc:
+        raise AutonatError(f"cannot use state directory {directory}: {exc.strerror}") from None
+    if len(secret) != SECRET_SIZE:
+        # A concurrent creator may still be writing; a short file read twice is corruption.
+        secret = path.read_bytes()
+        if len(secret) != SECRET_SIZE:
+            raise AutonatError(f"{path} is corrupt ({len(secret)} bytes); delete it to start afresh")
+    return secret
+
+
+def derive_nonce(secret: bytes, *parts: object, size: int = 12) -> bytes:
+    """A nonce bound to a mapping's identity (e.g. local address, transport, internal port)."""
+    message = "|".join(str(part) for part in parts).encode()
+    return hmac.new(secret, message, hashlib.sha256).digest()[:size]

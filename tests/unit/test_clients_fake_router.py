@@ -1,0 +1,212 @@
+"""NAT-PMP/PCP clients and the probe against a fake router on loopback: the hostile and odd cases."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from autonat.aio.channel import DatagramChannel
+from autonat.aio.natpmp import NatPmpClient
+from autonat.aio.pcp import PcpClient
+from autonat.aio.route import RouterLocation
+from autonat.aio.router import RouterSession
+from autonat.errors import RouterRefused, RouterTimeout
+from autonat.mapper import MappingRequest
+from autonat.proto import natpmp, pcp
+from autonat.proto.types import Transport
+from tests.fakes.pcp_natpmp_router import start_fake_router
+
+LOOPBACK = IPv4Address("127.0.0.1")
+
+
+@pytest.fixture(autouse=True)
+def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTONAT_STATE_DIR", str(tmp_path))
+
+
+async def clients(port: int, deadline: float = 1.0) -> tuple[DatagramChannel, NatPmpClient, PcpClient]:
+    channel = await DatagramChannel.open(LOOPBACK)
+    return (
+        channel,
+        NatPmpClient(channel, LOOPBACK, LOOPBACK, deadline=deadline, port=port),
+        PcpClient(channel, LOOPBACK, LOOPBACK, b"s" * 32, deadline=deadline, port=port),
+    )
+
+
+async def test_natpmp_map_and_external_address() -> None:
+    router, port = await start_fake_router()
+    channel, client, _ = await clients(port)
+    mapping = await client.add(MappingRequest(Transport.TCP, 5062, lifetime=600))
+    assert (mapping.external_ip, mapping.external_port, mapping.lifetime) == (router.external, 5062, 600)
+    await client.delete(Transport.TCP, 5062)
+    assert natpmp.parse_request(router.received[-1]) == natpmp.MapRequest.delete(Transport.TCP, 5062)
+    channel.close()
+
+
+async def test_garbage_and_wrong_replies_are_dropped_then_the_right_one_wins() -> None:
+    router, port = await start_fake_router()
+
+    def hostile(data: bytes) -> list[bytes]:
+        request = pcp.parse_request(data)
+        return [
+            b"\xff" * 7,  # garbage
+            router.pcp_reply(request, 0, nonce=b"x" * 12),  # someone else's nonce
+            pcp.Response(2, pcp.Opcode.ANNOUNCE, 0, 0, 5, None, ()).encode(),  # another opcode
+            router.pcp_reply(request, 0),
+        ]
+
+    router.script = hostile
+    channel, _, client = await clients(port)
+    mapping = await client.add(MappingRequest(Transport.UDP, 5060))
+    assert mapping.external_port == 5060 and mapping.protocol == "pcp"
+    assert sum(channel.drops.values()) == 3
+    assert channel.drops["PCP reply with another nonce"] == 1
+    channel.close()
+
+
+async def test_reply_from_another_port_is_dropped() -> None:
+    router, port = await start_fake_router()
+    impostor, _ = await start_fake_router()  # a second socket: same host, other port
+
+    def from_elsewhere(data: bytes) -> list[bytes]:
+        assert impostor.transport is not None and router.transport is not None
+        reply = natpmp.ExternalAddressResponse(0, 1, IPv4Address("6.6.6.6")).encode()
+        impostor.transport.sendto(reply, router_client_addr[0])
+        return []
+
+    router_client_addr: list[tuple[str, int]] = []
+    channel, client, _ = await clients(port, deadline=0.3)
+    router_client_addr.append(channel._transport.get_extra_info("sockname"))  # type: ignore[union-attr]
+    router.script = from_elsewhere
+    with pytest.raises(RouterTimeout):
+        await client.external_address()
+    assert channel.drops["reply from another address"] >= 1
+    channel.close()
+
+
+async def test_silent_router_times_out_within_the_deadline_with_one_line() -> None:
+    _, port = await start_fake_router(silent=True)
+    channel, client, _ = await clients(port, deadline=0.6)
+    started = time.monotonic()
+    with pytest.raises(RouterTimeout) as info:
+        await client.external_address()
+    elapsed = time.monotonic() - started
+    assert 0.55 <= elapsed < 0.9
+    assert "no answer from NAT-PMP at 127.0.0.1" in str(info.value) and "(2 tries)" in str(
+        info.value
+    )  # at 0 and 0.25 s
+    assert "\n" not in str(info.value)
+    channel.close()
+
+
+async def test_error_results_become_router_refused() -> None:
+    router, port = await start_fake_router()
+    router.script = lambda data: [router.pcp_reply(pcp.parse_request(data), pcp.ResultCode.ADDRESS_MISMATCH)]
+    channel, _, client = await clients(port)
+    with pytest.raises(RouterRefused) as info:
+        await client.add(MappingRequest(Transport.UDP, 5060))
+    assert info.value.code == pcp.ResultCode.ADDRESS_MISMATCH and "ADDRESS_MISMATCH" in str(info.value)
+    router.script = lambda data: [natpmp.MapResponse(Transport.UDP, 2, 1, 5060, 0, 0).encode()]
+    _, natpmp_client, _ = await clients(port)
+    with pytest.raises(RouterRefused, match="NAT-PMP result 2"):
+        await natpmp_client.add(MappingRequest(Transport.UDP, 5060))
+    channel.close()
+
+
+async def test_natpmp_only_server_answers_pcp_with_version_0() -> None:
+    _, port = await start_fake_router(natpmp_only=True)
+    channel, _, client = await clients(port)
+    status = await client.probe()
+    assert not status.available and "NAT-PMP only" in status.reason
+    channel.close()
+
+
+async def test_epoch_going_back_means_the_router_rebooted() -> None:
+    router, port = await start_fake_router(epoch=5000)
+    channel, client, _ = await clients(port)
+    await client.external_address()
+    assert not client.router_rebooted
+    router.epoch = 3
+    await client.external_address()
+    assert client.router_rebooted
+    channel.close()
+
+
+async def test_pcp_nonce_is_stable_for_a_mapping_across_clients() -> None:
+    router, port = await start_fake_router()
+    channel, _, first = await clients(port)
+    await first.add(MappingRequest(Transport.UDP, 5060))
+    _, _, second = await clients(port)
+    await second.delete(Transport.UDP, 5060)
+    add, delete = (pcp.parse_request(d) for d in router.received[-2:])
+    assert add.map is not None and delete.map is not None
+    assert add.map.nonce == delete.map.nonce and delete.lifetime == 0
+    channel.close()
+
+
+@pytest.fixture
+async def session_factory() -> AsyncIterator[list[RouterSession]]:
+    sessions: list[RouterSession] = []
+    yield sessions
+    for session in sessions:
+        session.close()
+
+
+async def open_session(port: int, sessions: list[RouterSession], deadline: float = 2.0) -> RouterSession:
+    location = RouterLocation(LOOPBACK, LOOPBACK, "lo")
+    session = RouterSession(location, await DatagramChannel.open(LOOPBACK), deadline, server_port=port)
+    sessions.append(session)
+    return session
+
+
+async def test_probe_selects_pcp_and_takes_external_ip_from_natpmp(
+    session_factory: list[RouterSession],
+) -> None:
+    _, port = await start_fake_router()
+    result = await (await open_session(port, session_factory)).probe()
+    assert result.selected == "pcp"
+    assert str(result.external_ip) == "203.0.113.1" and not result.double_nat
+    assert result.protocols["natpmp"].available and result.protocols["pcp"].available
+    assert result.protocols["upnp"].available is False
+    assert set(result.to_dict()) >= {
+        "gateway",
+        "local_address",
+        "external_ip",
+        "selected",
+        "double_nat",
+        "protocols",
+    }
+
+
+async def test_probe_does_not_wait_out_the_deadline_for_a_silent_protocol(
+    session_factory: list[RouterSession],
+) -> None:
+    _, port = await start_fake_router(pcp_silent=True)
+    started = time.monotonic()
+    result = await (await open_session(port, session_factory, deadline=2.0)).probe()
+    assert time.monotonic() - started < 0.6
+    assert result.selected == "natpmp"
+    assert "no answer within 250 ms after natpmp answered" in result.protocols["pcp"].reason
+
+
+async def test_private_external_address_is_double_nat(session_factory: list[RouterSession]) -> None:
+    _, port = await start_fake_router(external=IPv4Address("100.64.3.4"))
+    result = await (await open_session(port, session_factory)).probe()
+    assert result.double_nat and result.to_dict()["external_ip_kind"] == "shared"
+
+
+async def test_concurrent_exchanges_share_one_socket() -> None:
+    _, port = await start_fake_router()
+    channel, client, pcp_client = await clients(port)
+    results = await asyncio.gather(
+        *(client.add(MappingRequest(Transport.UDP, p)) for p in range(6000, 6010)),
+        *(pcp_client.add(MappingRequest(Transport.TCP, p)) for p in range(6000, 6010)),
+    )
+    assert [m.internal_port for m in results] == list(range(6000, 6010)) * 2
+    assert not channel.drops
+    channel.close()

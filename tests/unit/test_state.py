@@ -1,0 +1,45 @@
+"""Host secret and nonce derivation: stable across processes, different per mapping."""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from autonat.errors import AutonatError
+from autonat.state import SECRET_SIZE, derive_nonce, host_secret, state_dir
+
+
+def test_secret_is_created_once_owner_only(tmp_path: Path) -> None:
+    first = host_secret(tmp_path / "s")
+    second = host_secret(tmp_path / "s")
+    assert first == second and len(first) == SECRET_SIZE
+    mode = stat.S_IMODE(os.stat(tmp_path / "s" / "host-secret").st_mode)
+    assert mode == 0o600
+
+
+def test_corrupt_secret_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "host-secret").write_bytes(b"short")
+    with pytest.raises(AutonatError, match="corrupt"):
+        host_secret(tmp_path)
+
+
+def test_unusable_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(AutonatError, match="cannot use state directory"):
+        host_secret(blocker / "sub")
+
+
+def test_nonce_depends_on_every_part_and_the_secret() -> None:
+    base = derive_nonce(b"k" * 32, "pcp", "192.168.77.10", "udp", 5060)
+    assert len(base) == 12
+    assert base == derive_nonce(b"k" * 32, "pcp", "192.168.77.10", "udp", 5060)
+    assert base != derive_nonce(b"k" * 32, "pcp", "192.168.77.10", "tcp", 5060)
+    assert base != derive_nonce(b"k" * 32, "pcp", "192.168.77.10", "udp", 5061)
+    assert base != derive_nonce(b"j" * 32, "pcp", "192.168.77.10", "udp", 5060)
+
+
+def test_state_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AUTONAT_STATE_DIR", str(tmp_path))
+    assert state_dir() == tmp_path
