@@ -99,7 +99,7 @@ async def measure_autonat(rounds: int) -> dict[str, list[float]]:
     async def cold_probe(_: int) -> None:
         async with await RouterSession.open() as router:
             result = await router.probe()
-            assert str(result.external_ip) == "203.0.113.1"
+            assert result.external_ip is not None
 
     results["autonat cold probe (route + socket + PCP/NAT-PMP probe)"] = await timed_async(rounds, cold_probe)
     async with await RouterSession.open() as router:
