@@ -154,7 +154,7 @@ async def session_factory() -> AsyncIterator[list[RouterSession]]:
     sessions: list[RouterSession] = []
     yield sessions
     for session in sessions:
-        session.close()
+        await session.aclose()
 
 
 async def open_session(port: int, sessions: list[RouterSession], deadline: float = 2.0) -> RouterSession:

@@ -43,9 +43,7 @@ class DatagramChannel(asyncio.DatagramProtocol):
         loop = asyncio.get_running_loop()
         family = socket.AF_INET if isinstance(local_address, IPv4Address) else socket.AF_INET6
         try:
-            _, channel = await loop.create_datagram_endpoint(
-                cls, local_addr=(str(local_address), 0), family=family
-            )
+            _, channel = await loop.create_datagram_endpoint(cls, local_addr=(str(local_address), 0), family=family)
         except OSError as exc:
             raise RouterNotFound(f"cannot open a UDP socket on {local_address}: {exc.strerror}") from None
         return channel
@@ -119,9 +117,7 @@ class DatagramChannel(asyncio.DatagramProtocol):
             seconds = exchange.deadline_at - exchange.started
             tries = "try" if exchange.transmissions == 1 else "tries"
             pending.future.set_exception(
-                RouterTimeout(
-                    f"no answer from {pending.what} within {seconds:g} s ({exchange.transmissions} {tries})"
-                )
+                RouterTimeout(f"no answer from {pending.what} within {seconds:g} s ({exchange.transmissions} {tries})")
             )
         else:
             pending.future.set_result(exchange.result)

@@ -140,9 +140,7 @@ class NatPmpClient:
         )
         address_task = asyncio.ensure_future(self.external_address())
         try:
-            reply = await self._run(
-                map_request.encode(), _expect_map(request.transport, request.internal_port)
-            )
+            reply = await self._run(map_request.encode(), _expect_map(request.transport, request.internal_port))
         except BaseException:
             address_task.cancel()
             raise

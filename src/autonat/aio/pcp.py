@@ -161,9 +161,7 @@ class PcpClient:
         miniupnpd answers NO_RESOURCES when it holds no such mapping (measured in the lab); deleting
         consumes no resources, so that answer means "not there", which is what a delete wants.
         """
-        request = pcp.Request.delete(
-            self._local, self.nonce_for(transport, internal_port), transport, internal_port
-        )
+        request = pcp.Request.delete(self._local, self.nonce_for(transport, internal_port), transport, internal_port)
         try:
             await self._run(request)
         except RouterRefused as exc:

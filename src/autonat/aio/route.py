@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from autonat.errors import RouterNotFound
 from autonat.proto import netlink
@@ -29,16 +31,44 @@ _seq = itertools.count(1)
 
 @dataclass(frozen=True, slots=True)
 class RouterLocation:
-    """The gateway to talk to and the address it sees us as."""
+    """The gateway to talk to, the address it sees us as, and the LAN they share."""
 
     gateway: IPv4Address | IPv6Address
     local_address: IPv4Address | IPv6Address
     interface: str | None
+    network: IPv4Network | IPv6Network | None = None
+
+    @property
+    def local_network(self) -> IPv4Network | IPv6Network:
+        """The LAN: the interface's own prefix, else the smallest prefix holding us and the gateway."""
+        if self.network is not None:
+            return self.network
+        return covering_network(self.local_address, self.gateway)
 
 
-def _netlink_route_get(
-    destination: IPv4Address | IPv6Address, interface_index: int | None
-) -> netlink.RouteInfo:
+def covering_network(a: IPv4Address | IPv6Address, b: IPv4Address | IPv6Address) -> IPv4Network | IPv6Network:
+    if a.version != b.version:
+        return ip_network(f"{a}/{a.max_prefixlen}")
+    differing = (int(a) ^ int(b)).bit_length()
+    return ip_network(f"{a}/{a.max_prefixlen - differing}", strict=False)
+
+
+def _interface_network(name: str | None, local: IPv4Address | IPv6Address) -> IPv4Network | IPv6Network | None:
+    """The IPv4 prefix configured on `name` (Linux SIOCGIFNETMASK); None where that can't be read."""
+    if name is None or not isinstance(local, IPv4Address) or sys.platform != "linux":
+        return None
+    siocgifnetmask = 0x891B
+    request = struct.pack("16sH14s", name.encode()[:15], socket.AF_INET, bytes(14))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            reply = fcntl.ioctl(sock.fileno(), siocgifnetmask, request)
+    except OSError:
+        return None
+    mask = socket.inet_ntoa(reply[20:24])
+    return ip_network(f"{local}/{mask}", strict=False)
+
+
+def _netlink_route_get(destination: IPv4Address | IPv6Address, interface_index: int | None) -> netlink.RouteInfo:
     seq = next(_seq)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
         sock.settimeout(_NETLINK_TIMEOUT)
@@ -85,9 +115,7 @@ def _interface_index(name: str) -> int:
         raise RouterNotFound(f"no network interface named {name!r}") from None
 
 
-def _local_address_towards(
-    gateway: IPv4Address | IPv6Address, interface: str | None
-) -> IPv4Address | IPv6Address:
+def _local_address_towards(gateway: IPv4Address | IPv6Address, interface: str | None) -> IPv4Address | IPv6Address:
     """The source address the kernel picks for packets to the gateway (connect() on UDP sends nothing)."""
     family = socket.AF_INET if isinstance(gateway, IPv4Address) else socket.AF_INET6
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
@@ -119,7 +147,8 @@ def locate_router(gateway: str | None = None, interface: str | None = None) -> R
     if lookup is None:
         if wanted is None:
             raise RouterNotFound(f"finding the gateway is not supported on {sys.platform} yet; use --gateway")
-        return RouterLocation(wanted, _local_address_towards(wanted, interface), interface)
+        local = _local_address_towards(wanted, interface)
+        return RouterLocation(wanted, local, interface, _interface_network(interface, local))
     found, source, name = lookup(wanted, interface)
     local = source or _local_address_towards(found, interface)
-    return RouterLocation(found, local, name)
+    return RouterLocation(found, local, name, _interface_network(name, local))

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from autonat.addresses import IPAddress, classify, is_public
+from autonat.aio import http
 from autonat.aio.channel import DatagramChannel
 from autonat.aio.natpmp import NatPmpClient
 from autonat.aio.pcp import PcpClient
 from autonat.aio.route import RouterLocation, locate_router
+from autonat.aio.upnp import UpnpClient
 from autonat.errors import ProtocolUnavailable
 from autonat.mapper import Mapping, MappingRequest, PortMapper, ProtocolStatus
 from autonat.proto.exchange import DEFAULT_DEADLINE
@@ -25,11 +27,14 @@ from autonat.proto.natpmp import SERVER_PORT
 from autonat.proto.types import Transport
 from autonat.state import host_secret
 
-ProtocolChoice = Literal["auto", "pcp", "natpmp"]
+ProtocolChoice = Literal["auto", "pcp", "natpmp", "upnp"]
 PREFERENCE = ("pcp", "natpmp", "upnp")  # among those that work, the first wins
 # Once one protocol has answered, the others get this long to answer too: a live server on the same
 # box answers in milliseconds, and 250 ms still lets one lost datagram be retransmitted (RFC 6886 §3.1).
 PROBE_GRACE = 0.25
+# How long a probe's choice of protocol is trusted for the same gateway and local address.
+PROBE_TRUST = 30.0
+_probe_cache: dict[tuple[str, str], tuple[float, ProbeResult]] = {}
 
 holes = logging.getLogger("autonat.holes")
 
@@ -59,10 +64,6 @@ class ProbeResult:
         }
 
 
-def _upnp_status() -> ProtocolStatus:
-    return ProtocolStatus("upnp", available=False, reason="UPnP IGD is not supported by this version yet")
-
-
 class RouterSession:
     """One gateway, one local address, one socket shared by the NAT-PMP and PCP clients."""
 
@@ -72,34 +73,43 @@ class RouterSession:
         channel: DatagramChannel,
         deadline: float,
         server_port: int = SERVER_PORT,
+        root_url: str | None = None,
     ) -> None:
         self.location = location
         self.channel = channel
         self.deadline = deadline
         gateway, local = location.gateway, location.local_address
+        secret = host_secret()
+        self.http = http.new_client()
         self.natpmp = NatPmpClient(channel, gateway, local, deadline=deadline, port=server_port)
-        self.pcp = PcpClient(channel, gateway, local, host_secret(), deadline=deadline, port=server_port)
+        self.pcp = PcpClient(channel, gateway, local, secret, deadline=deadline, port=server_port)
+        self.upnp = UpnpClient(self.http, location, secret, deadline=deadline, root_url=root_url)
         self.last_probe: ProbeResult | None = None
 
     @classmethod
     async def open(
-        cls, gateway: str | None = None, interface: str | None = None, deadline: float = DEFAULT_DEADLINE
+        cls,
+        gateway: str | None = None,
+        interface: str | None = None,
+        deadline: float = DEFAULT_DEADLINE,
+        root_url: str | None = None,
     ) -> RouterSession:
         location = locate_router(gateway, interface)
         channel = await DatagramChannel.open(location.local_address)
-        return cls(location, channel, deadline)
+        return cls(location, channel, deadline, root_url=root_url)
 
     async def __aenter__(self) -> RouterSession:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
+        await self.aclose()
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self.channel.close()
+        await self.http.aclose()
 
     def _clients(self) -> dict[str, PortMapper]:
-        return {"pcp": self.pcp, "natpmp": self.natpmp}
+        return {"pcp": self.pcp, "natpmp": self.natpmp, "upnp": self.upnp}
 
     async def probe(self, only: ProtocolChoice = "auto") -> ProbeResult:
         """Ask every protocol at once; return soon after the first one answers (see PROBE_GRACE)."""
@@ -129,8 +139,6 @@ class RouterSession:
                     available=False,
                     reason=f"no answer within {PROBE_GRACE * 1000:.0f} ms after {first_answer} answered",
                 )
-        if only == "auto":
-            statuses["upnp"] = _upnp_status()
         ordered = {name: statuses[name] for name in PREFERENCE if name in statuses}
         selected = next((name for name, status in ordered.items() if status.available), None)
         external = next((s.external_ip for s in ordered.values() if s.external_ip is not None), None)
@@ -141,21 +149,31 @@ class RouterSession:
             external_ip=external,
             double_nat=external is not None and not is_public(external),
             elapsed_ms=(time.perf_counter() - started) * 1000,
-            dropped=dict(self.channel.drops),
+            dropped={**self.channel.drops, **self.upnp.drops},
         )
         self.last_probe = result
+        if only == "auto":
+            _probe_cache[self._cache_key] = (time.monotonic(), result)
         return result
+
+    @property
+    def _cache_key(self) -> tuple[str, str]:
+        return str(self.location.gateway), str(self.location.local_address)
+
+    def _trusted_probe(self) -> ProbeResult | None:
+        cached = _probe_cache.get(self._cache_key)
+        if cached is None or time.monotonic() - cached[0] > PROBE_TRUST:
+            return None
+        return cached[1]
 
     async def mapper(self, choice: ProtocolChoice = "auto") -> PortMapper:
         """The client for `choice`; "auto" probes (once per session) and takes the best that works."""
         if choice != "auto":
             return self._clients()[choice]
-        probe = self.last_probe or await self.probe()
+        probe = self.last_probe or self._trusted_probe() or await self.probe()
         if probe.selected is None:
             reasons = "; ".join(f"{name}: {status.reason}" for name, status in probe.protocols.items())
-            raise ProtocolUnavailable(
-                f"no port-mapping protocol works with {self.location.gateway} ({reasons})"
-            )
+            raise ProtocolUnavailable(f"no port-mapping protocol works with {self.location.gateway} ({reasons})")
         return self._clients()[probe.selected]
 
     async def add(self, request: MappingRequest, choice: ProtocolChoice = "auto") -> Mapping:
@@ -167,7 +185,5 @@ class RouterSession:
     async def delete(self, transport: Transport, internal_port: int, choice: ProtocolChoice = "auto") -> str:
         mapper = await self.mapper(choice)
         await mapper.delete(transport, internal_port)
-        holes.info(
-            "closed %s %s:%d via %s", transport, self.location.local_address, internal_port, mapper.name
-        )
+        holes.info("closed %s %s:%d via %s", transport, self.location.local_address, internal_port, mapper.name)
         return mapper.name

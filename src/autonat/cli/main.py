@@ -23,10 +23,12 @@ from autonat.addresses import is_public
 from autonat.aio.router import ProbeResult, ProtocolChoice, RouterSession
 from autonat.errors import AutonatError
 from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME, Mapping, MappingRequest
+from autonat.proto import igd
 from autonat.proto.exchange import DEFAULT_DEADLINE
 from autonat.proto.types import Transport
 
 T = TypeVar("T")
+PROTOCOLS = ("auto", "pcp", "natpmp", "upnp")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -42,18 +44,14 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     except Exception as exc:
         if os.environ.get("AUTONAT_DEBUG"):
             raise
-        click.echo(
-            f"autonat: internal error: {type(exc).__name__}: {exc} (AUTONAT_DEBUG=1 shows more)", err=True
-        )
+        click.echo(f"autonat: internal error: {type(exc).__name__}: {exc} (AUTONAT_DEBUG=1 shows more)", err=True)
         sys.exit(70)
 
 
 def router_options(function: F) -> F:
     """--gateway, --interface, --timeout and --json, shared by every command that talks to the router."""
     decorators = [
-        click.option(
-            "--gateway", metavar="IP", help="Router address (default: gateway of the default route)."
-        ),
+        click.option("--gateway", metavar="IP", help="Router address (default: gateway of the default route)."),
         click.option("--interface", metavar="NAME", help="Use the route and address of this interface."),
         click.option(
             "--timeout",
@@ -61,6 +59,11 @@ def router_options(function: F) -> F:
             default=DEFAULT_DEADLINE,
             show_default=True,
             help="Seconds to wait for the router, retransmissions included.",
+        ),
+        click.option(
+            "--root-url",
+            metavar="URL",
+            help="UPnP: the IGD's root description URL (skips SSDP discovery).",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
     ]
@@ -70,10 +73,10 @@ def router_options(function: F) -> F:
 def protocol_option(function: F) -> F:
     return click.option(
         "--protocol",
-        type=click.Choice(["auto", "pcp", "natpmp"]),
+        type=click.Choice(PROTOCOLS),
         default="auto",
         show_default=True,
-        help="Port-mapping protocol; auto probes and picks PCP > NAT-PMP.",
+        help="Port-mapping protocol; auto probes all at once and picks PCP > NAT-PMP > UPnP.",
     )(function)
 
 
@@ -112,6 +115,12 @@ def _print_probe(result: ProbeResult) -> None:
         mark = "yes" if status.available else "no "
         timing = f" [{status.elapsed_ms:.1f} ms]" if status.elapsed_ms is not None else ""
         click.echo(f"  {name:<7} {mark} {status.reason}{timing}")
+        if "root_url" in status.details:
+            details = status.details
+            click.echo(
+                f"          {details['friendly_name']} ({details['manufacturer']} {details['model_name']})"
+                f" at {details['root_url']}"
+            )
     click.echo(f"Probe time:     {result.elapsed_ms:.1f} ms")
 
 
@@ -119,16 +128,18 @@ def _print_probe(result: ProbeResult) -> None:
 @router_options
 @click.option(
     "--protocol",
-    type=click.Choice(["auto", "pcp", "natpmp"]),
+    type=click.Choice(PROTOCOLS),
     default="auto",
     show_default=True,
     help="Probe only this protocol.",
 )
-def probe(gateway: str | None, interface: str | None, timeout: float, as_json: bool, protocol: str) -> None:
+def probe(
+    gateway: str | None, interface: str | None, timeout: float, root_url: str | None, as_json: bool, protocol: str
+) -> None:
     """Find the router, ask every protocol at once, report what works and the external address."""
 
     async def go() -> ProbeResult:
-        async with await RouterSession.open(gateway, interface, timeout) as router:
+        async with await RouterSession.open(gateway, interface, timeout, root_url) as router:
             return await router.probe(_choice(protocol))
 
     result = run_async(go())
@@ -141,7 +152,7 @@ def probe(gateway: str | None, interface: str | None, timeout: float, as_json: b
 
 
 def _choice(text: str) -> ProtocolChoice:
-    assert text in ("auto", "pcp", "natpmp")
+    assert text in PROTOCOLS
     return text  # type: ignore[return-value]
 
 
@@ -172,13 +183,14 @@ def map_add(
     gateway: str | None,
     interface: str | None,
     timeout: float,
+    root_url: str | None,
     as_json: bool,
 ) -> None:
     """Map PORT (udp or tcp) of this host on the router and print the external address and port."""
     request = MappingRequest(Transport.parse(transport), port, external_port, lifetime)
 
     async def go() -> tuple[Mapping, bool]:
-        async with await RouterSession.open(gateway, interface, timeout) as router:
+        async with await RouterSession.open(gateway, interface, timeout, root_url) as router:
             mapping = await router.add(request, _choice(protocol))
             probe = router.last_probe
             return mapping, probe is not None and probe.double_nat
@@ -190,6 +202,12 @@ def map_add(
     else:
         click.echo(f"{mapping.external_ip or 'unknown'}:{mapping.external_port}")
         click.echo(f"mapped {mapping.describe()}")
+    if mapping.lifetime == 0:
+        click.echo(
+            "autonat: warning: the router only grants permanent UPnP leases; delete this mapping"
+            f" yourself (autonat map del {port} {transport}) when it is no longer needed",
+            err=True,
+        )
     if double_nat:
         click.echo(
             f"autonat: warning: external address {mapping.external_ip} is not public (double NAT):"
@@ -210,13 +228,14 @@ def map_del(
     gateway: str | None,
     interface: str | None,
     timeout: float,
+    root_url: str | None,
     as_json: bool,
 ) -> None:
     """Delete this host's mapping of PORT (udp or tcp). Deleting a mapping that is not there succeeds."""
     parsed = Transport.parse(transport)
 
     async def go() -> str:
-        async with await RouterSession.open(gateway, interface, timeout) as router:
+        async with await RouterSession.open(gateway, interface, timeout, root_url) as router:
             return await router.delete(parsed, port, _choice(protocol))
 
     used = run_async(go())
@@ -224,6 +243,43 @@ def map_del(
         print_json({"protocol": used, "transport": str(parsed), "internal_port": port, "deleted": True})
     else:
         click.echo(f"deleted {parsed} {port} via {used}")
+
+
+@map_group.command(name="list")
+@router_options
+def map_list(gateway: str | None, interface: str | None, timeout: float, root_url: str | None, as_json: bool) -> None:
+    """List the router's whole UPnP mapping table, ours or not (like `upnpc -l`)."""
+
+    async def go() -> tuple[list[igd.PortMappingEntry], str]:
+        async with await RouterSession.open(gateway, interface, timeout, root_url) as router:
+            return await router.upnp.list_mappings(), router.upnp.tag
+
+    entries, tag = run_async(go())
+    rows = [
+        {
+            "transport": str(entry.transport),
+            "external_port": entry.external_port,
+            "internal_client": entry.internal_client,
+            "internal_port": entry.internal_port,
+            "description": entry.description,
+            "lease": entry.lease_duration,
+            "enabled": entry.enabled,
+            "remote_host": entry.remote_host,
+            "ours": f"autonat:{tag} " in entry.description,
+        }
+        for entry in entries
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        mark = "*" if row["ours"] else " "
+        click.echo(
+            f"{mark} {row['transport']:<3} {row['external_port']:>5} ->"
+            f" {row['internal_client']}:{row['internal_port']:<5}"
+            f" lease {row['lease']:>6} s  {row['description']!r}"
+        )
+    click.echo(f"{len(rows)} mapping{'s' if len(rows) != 1 else ''} (* = made by this host's autonat)")
 
 
 def _register() -> None:

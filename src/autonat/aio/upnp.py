@@ -1,0 +1,439 @@
+"""UPnP IGD v1/v2 client: discovery, inspection and the AddPortMapping error matrix.
+
+The wire formats live in `autonat.proto.ssdp` and `autonat.proto.igd`; this module decides what to do
+with what the router says. Router-facing rules, each from a quirk seen in the field:
+
+- InternalClient is always our own address (the one the router sees us as); never another host.
+- Leases are finite. A router that insists on permanent mappings (725, or 402 on a finite lease) gets
+  one only after its external address checked out as public, and the mapping reports lease 0 so the
+  caller knows it must delete it itself.
+- Conflicts (718/729, and 501 once, which some routers send for a taken port) move to the next port
+  of a sequence derived from the host secret, so a restart asks for the same ports in the same order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+import httpx
+
+from autonat.addresses import is_public
+from autonat.aio import http
+from autonat.aio.route import RouterLocation
+from autonat.aio.ssdp import Found, search
+from autonat.errors import NotPublic, ProtocolUnavailable, RouterRefused, RouterTimeout
+from autonat.mapper import Mapping, MappingRequest, ProtocolStatus
+from autonat.proto import igd, ssdp
+from autonat.proto.errors import DecodeError
+from autonat.proto.types import Transport
+from autonat.state import derive_nonce
+
+NAME = "upnp"
+PERMANENT_FALLBACK_LEASE = 604800  # IGD:2 §2.3.13: what a "permanent" lease means there
+MAX_ATTEMPTS = 8  # distinct external ports tried on conflicts before giving up
+MAX_LISTED = 4096  # GetGenericPortMappingEntry walk bound, whatever the router claims
+COLLECT_WINDOW = 0.15  # after the first usable IGD, how long other (better ranked) ones may answer
+FAILED_WINDOW = 0.5  # after the first unusable IGD, how long another one may still turn up
+
+
+@dataclass(frozen=True, slots=True)
+class Igd:
+    """A usable Internet Gateway Device: its description, chosen connection service and state."""
+
+    root_url: str
+    responder: str
+    description: igd.DeviceDescription
+    service: igd.Service
+    actions: frozenset[str]
+    external_ip: IPv4Address | None
+    status: igd.StatusInfo | None
+
+    @property
+    def connected(self) -> bool:
+        return self.status is None or self.status.connection_status.lower() == "connected"
+
+    def rank(self, gateway: str) -> tuple[int, int]:
+        """Lower is better: connected with a public address, then connected, then the rest;
+        ties go to the device on the default gateway."""
+        if self.connected and self.external_ip is not None and is_public(self.external_ip):
+            quality = 0
+        elif self.connected:
+            quality = 1
+        else:
+            quality = 2
+        return quality, 0 if self.responder == gateway else 1
+
+    def details(self) -> dict[str, Any]:
+        root = self.description.root
+        return {
+            "root_url": self.root_url,
+            "friendly_name": root.friendly_name,
+            "manufacturer": root.manufacturer,
+            "model_name": root.model_name,
+            "model_number": root.model_number,
+            "service_type": self.service.service_type,
+            "control_url": self.service.control_url,
+            "connection_status": None if self.status is None else self.status.connection_status,
+        }
+
+
+def alternative_ports(secret: bytes, transport: Transport, internal_port: int) -> list[int]:
+    """Where to go on a conflict: the same sequence after a restart, different per mapping and host."""
+    ports: list[int] = []
+    for attempt in range(1, MAX_ATTEMPTS * 4):
+        digest = derive_nonce(secret, "upnp-port", transport, internal_port, attempt, size=4)
+        port = 1024 + int.from_bytes(digest, "big") % (65536 - 1024)
+        if port not in ports and port != internal_port:
+            ports.append(port)
+    return ports
+
+
+def _refusal(error: igd.UpnpError, what: str) -> RouterRefused:
+    return RouterRefused(f"router refused {what}: {error}", protocol=NAME, code=error.code)
+
+
+class UpnpClient:
+    """Implements `PortMapper` with UPnP IGD (WANIPConnection / WANPPPConnection)."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        location: RouterLocation,
+        secret: bytes,
+        *,
+        deadline: float,
+        root_url: str | None = None,
+    ) -> None:
+        self._http = client
+        self._location = location
+        self._secret = secret
+        self._deadline = deadline
+        self._root_url = root_url
+        self._igd: Igd | None = None
+        self.tag = derive_nonce(secret, "upnp-tag", size=4).hex()
+        self.drops: dict[str, int] = {}
+
+    # --- discovery ---------------------------------------------------------------------------------
+
+    async def _fetch(self, url: str, limit: int) -> bytes:
+        reply = await http.request(self._http, "GET", url, max_body=limit, deadline=self._deadline)
+        if reply.status != 200:
+            raise RouterRefused(f"router answered HTTP {reply.status} for {url}", protocol=NAME, code=reply.status)
+        return reply.body
+
+    async def soap(self, service: igd.Service, request: igd.SoapRequest) -> dict[str, str]:
+        """One SOAP action; UpnpError for a fault, RouterRefused/RouterTimeout for transport trouble."""
+        reply = await http.request(
+            self._http,
+            "POST",
+            service.control_url,
+            max_body=igd.MAX_SOAP_SIZE,
+            deadline=self._deadline,
+            headers=request.headers(),
+            content=request.body(),
+        )
+        try:
+            return igd.parse_soap_response(reply.body, request, reply.status)
+        except DecodeError as exc:
+            raise RouterRefused(
+                f"router's {request.action} reply is malformed: {exc.reason}", protocol=NAME, code=reply.status
+            ) from None
+
+    async def _inspect(self, found: Found) -> Igd:
+        """Description -> connection services (best first) -> the first connected one, with its SCPD."""
+        try:
+            description = igd.parse_device_description(
+                await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE), found.location.url
+            )
+        except DecodeError as exc:
+            raise RouterRefused(f"router's description is unusable: {exc.reason}", protocol=NAME, code=0) from None
+        services = description.connection_services()
+        if not services:
+            raise ProtocolUnavailable(f"{found.location.url} describes no WAN connection service")
+        best: Igd | None = None
+        for service in services:
+            candidate = await self._inspect_service(found, description, service)
+            if candidate.connected:
+                return candidate
+            best = best or candidate
+        assert best is not None
+        return best
+
+    async def _inspect_service(self, found: Found, description: igd.DeviceDescription, service: igd.Service) -> Igd:
+        async def actions() -> frozenset[str]:
+            if not service.scpd_url:
+                return frozenset()
+            try:
+                return igd.parse_scpd(await self._fetch(service.scpd_url, igd.MAX_DESCRIPTION_SIZE))
+            except (DecodeError, RouterRefused, RouterTimeout):
+                return frozenset()  # an unreadable SCPD only costs us the IGD:2 extras
+
+        async def status() -> igd.StatusInfo | None:
+            try:
+                return igd.status_info_from(await self.soap(service, igd.get_status_info(service.service_type)))
+            except (igd.UpnpError, DecodeError, RouterRefused):
+                return None
+
+        async def external() -> IPv4Address | None:
+            try:
+                outputs = await self.soap(service, igd.get_external_ip_address(service.service_type))
+                return igd.external_ip_from(outputs)
+            except (igd.UpnpError, DecodeError):
+                return None
+
+        supported, state, address = await asyncio.gather(actions(), status(), external())
+        return Igd(found.location.url, str(found.responder), description, service, supported, address, state)
+
+    async def discover(self) -> Igd:
+        """The best IGD: `root_url` if given, else SSDP, returning once the best one is certain."""
+        if self._igd is not None:
+            return self._igd
+        try:
+            async with asyncio.timeout(self._deadline):
+                if self._root_url is not None:
+                    self._igd = await self._inspect(self._given_root())
+                else:
+                    self._igd = await self._search()
+        except TimeoutError:
+            what = self._root_url or "SSDP"
+            raise RouterTimeout(f"no usable IGD answered {what} within {self._deadline:g} s") from None
+        return self._igd
+
+    def _given_root(self) -> Found:
+        try:
+            location = ssdp.validate_location(
+                self._root_url or "",
+                responder=self._location.gateway,
+                gateway=self._location.gateway,
+                local_network=self._location.local_network,
+            )
+        except DecodeError as exc:
+            raise ProtocolUnavailable(f"--root-url refused: {exc.reason}") from None
+        return Found(location, self._location.gateway, "root-url", None)
+
+    async def _search(self) -> Igd:
+        gateway = str(self._location.gateway)
+        usable: list[Igd] = []
+        failures: list[str] = []
+        inspections: set[asyncio.Future[Igd]] = set()
+        window_end: float | None = None
+        loop = asyncio.get_running_loop()
+        async with search(self._location) as searching:
+            next_found: asyncio.Future[Found] = asyncio.ensure_future(searching.found.get())
+            try:
+                while True:
+                    timeout = None if window_end is None else max(0.0, window_end - loop.time())
+                    waiting: set[asyncio.Future[Any]] = {next_found, *inspections}
+                    done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        break  # the collection window closed
+                    for task in done:
+                        if task is next_found:
+                            inspections.add(asyncio.ensure_future(self._inspect(next_found.result())))
+                            next_found = asyncio.ensure_future(searching.found.get())
+                            continue
+                        inspections.discard(task)
+                        try:
+                            candidate: Igd = task.result()
+                        except (RouterRefused, RouterTimeout, ProtocolUnavailable) as exc:
+                            # A broken IGD need not cost the whole deadline: others get a window.
+                            failures.append(str(exc))
+                            window_end = window_end or loop.time() + FAILED_WINDOW
+                            continue
+                        if candidate.rank(gateway) == (0, 0):
+                            return candidate  # cannot be beaten: stop at once
+                        usable.append(candidate)
+                        window_end = window_end or loop.time() + COLLECT_WINDOW
+            finally:
+                next_found.cancel()
+                for task in inspections:
+                    task.cancel()
+                self.drops = dict(searching.drops)
+        if usable:
+            return min(usable, key=lambda candidate: candidate.rank(gateway))
+        raise ProtocolUnavailable("no usable IGD answered" + (f" ({failures[0]})" if failures else ""))
+
+    async def probe(self) -> ProtocolStatus:
+        started = time.perf_counter()
+        try:
+            found = await self.discover()
+        except (RouterRefused, RouterTimeout, ProtocolUnavailable, DecodeError) as exc:
+            return ProtocolStatus(
+                NAME, available=False, reason=str(exc), elapsed_ms=(time.perf_counter() - started) * 1000
+            )
+        elapsed = (time.perf_counter() - started) * 1000
+        if found.external_ip is None or not found.connected:
+            state = found.status.connection_status if found.status else "unknown"
+            return ProtocolStatus(
+                NAME,
+                available=False,
+                reason=f"IGD found but it has no usable WAN address (status {state}: not connected or double NAT)",
+                elapsed_ms=elapsed,
+                details=found.details(),
+            )
+        return ProtocolStatus(
+            NAME,
+            available=True,
+            reason=f"IGD answered ({found.service.service_type.rsplit(':', 2)[-2]})",
+            external_ip=found.external_ip,
+            elapsed_ms=elapsed,
+            details=found.details(),
+        )
+
+    # --- mappings ----------------------------------------------------------------------------------
+
+    def description_for(self, transport: Transport, internal_port: int) -> str:
+        """Carries our instance tag so our own mappings are recognised in the router's table."""
+        return f"autonat:{self.tag} {internal_port}/{transport}"
+
+    def _require_public(self, found: Igd, why: str) -> None:
+        if found.external_ip is None or not is_public(found.external_ip):
+            raise NotPublic(
+                f"router {why}, and its external address {found.external_ip or 'is unknown'}"
+                " is not public: refusing to leave a permanent mapping for nothing"
+            )
+
+    async def add(self, request: MappingRequest) -> Mapping:
+        found = await self.discover()
+        service, st = found.service, found.service.service_type
+        lease = request.lifetime
+        external = request.external_port or request.internal_port
+        alternatives = iter(alternative_ports(self._secret, request.transport, request.internal_port))
+        used_any = conflict_501 = same_port = False
+        for _ in range(MAX_ATTEMPTS * 2):
+            arguments: dict[str, Any] = {
+                "external_port": external,
+                "transport": request.transport,
+                "internal_port": request.internal_port,
+                "internal_client": str(self._location.local_address),
+                "description": self.description_for(request.transport, request.internal_port),
+                "lease": lease,
+            }
+            try:
+                if used_any:
+                    external = igd.reserved_port_from(
+                        await self.soap(service, igd.add_any_port_mapping(st, **arguments))
+                    )
+                else:
+                    await self.soap(service, igd.add_port_mapping(st, **arguments))
+            except igd.UpnpError as error:
+                code = error.code
+                if code == 402 and lease != 0:
+                    self._require_public(found, "rejects finite leases (UPnP error 402)")
+                    lease = 0
+                elif code == 402:
+                    lease = PERMANENT_FALLBACK_LEASE
+                elif code == 725:
+                    self._require_public(found, "only supports permanent leases (UPnP error 725)")
+                    lease = 0
+                elif code in (718, 729) or (code == 501 and not conflict_501):
+                    conflict_501 = conflict_501 or code == 501
+                    if "AddAnyPortMapping" in found.actions and not used_any:
+                        used_any = True
+                    else:
+                        external = next(alternatives)
+                elif code == 724 and not same_port:
+                    same_port, external = True, request.internal_port
+                elif code in (716, 727):
+                    raise RouterRefused(
+                        f"router only maps wildcard external ports ({error}): a fixed port is impossible via UPnP",
+                        protocol=NAME,
+                        code=code,
+                    ) from None
+                elif code == 606:
+                    raise RouterRefused(
+                        f"router's policy forbids this mapping ({error}); check its UPnP permission rules",
+                        protocol=NAME,
+                        code=code,
+                    ) from None
+                elif code == 728:
+                    raise RouterRefused(
+                        f"router's mapping table is full ({error}); try again later", protocol=NAME, code=code
+                    ) from None
+                else:
+                    raise _refusal(error, f"AddPortMapping {request.transport} {external}") from None
+                continue
+            return Mapping(
+                protocol=NAME,
+                transport=request.transport,
+                internal_address=self._location.local_address,
+                internal_port=request.internal_port,
+                external_ip=found.external_ip,
+                external_port=external,
+                lifetime=lease,
+            )
+        raise RouterRefused(
+            f"router refused every external port tried for {request.transport} {request.internal_port}",
+            protocol=NAME,
+            code=718,
+        )
+
+    async def delete_external(self, transport: Transport, external_port: int) -> None:
+        """DeletePortMapping; 714 (no such entry) means it is already gone, which is success."""
+        found = await self.discover()
+        request = igd.delete_port_mapping(found.service.service_type, external_port=external_port, transport=transport)
+        try:
+            await self.soap(found.service, request)
+        except igd.UpnpError as error:
+            if error.code not in (714, 730):
+                raise _refusal(error, f"DeletePortMapping {transport} {external_port}") from None
+
+    async def delete(self, transport: Transport, internal_port: int) -> None:
+        """Delete every mapping of ours (InternalClient = us) for `internal_port`."""
+        found = await self.discover()
+        mine = str(self._location.local_address)
+        with contextlib.suppress(igd.UpnpError, RouterRefused):
+            entry = igd.specific_entry_from(
+                await self.soap(
+                    found.service,
+                    igd.get_specific_port_mapping_entry(
+                        found.service.service_type, external_port=internal_port, transport=transport
+                    ),
+                ),
+                internal_port,
+                transport,
+            )
+            if entry.internal_client == mine and entry.internal_port == internal_port:
+                await self.delete_external(transport, internal_port)
+                return
+        for entry in await self.list_mappings():
+            if entry.transport == transport and entry.internal_client == mine and entry.internal_port == internal_port:
+                await self.delete_external(transport, entry.external_port)
+
+    async def _listing(self, service: igd.Service, transport: Transport) -> list[igd.PortMappingEntry]:
+        request = igd.get_list_of_port_mappings(service.service_type, transport=transport, count=MAX_LISTED)
+        try:
+            return igd.port_listing_from(await self.soap(service, request))
+        except igd.UpnpError as error:
+            if error.code in (714, 730):  # an empty table for this transport
+                return []
+            raise
+
+    async def list_mappings(self) -> list[igd.PortMappingEntry]:
+        """The router's whole table, ours or not (like `upnpc -l`)."""
+        found = await self.discover()
+        st = found.service.service_type
+        if "GetListOfPortMappings" in found.actions:
+            with contextlib.suppress(DecodeError, igd.UpnpError):  # else walk the table one by one
+                entries: list[igd.PortMappingEntry] = []
+                for transport in Transport:
+                    entries += await self._listing(found.service, transport)
+                return sorted(entries, key=lambda e: (e.external_port, e.transport))
+        walked: list[igd.PortMappingEntry] = []
+        for index in range(MAX_LISTED):
+            try:
+                outputs = await self.soap(found.service, igd.get_generic_port_mapping_entry(st, index))
+            except igd.UpnpError:
+                break  # 713 SpecifiedArrayIndexInvalid (or 714/402 on some routers) ends the table
+            try:
+                walked.append(igd.generic_entry_from(outputs))
+            except DecodeError:
+                continue
+        return walked

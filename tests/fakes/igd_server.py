@@ -1,0 +1,279 @@
+"""A scriptable fake UPnP IGD for the quirks the real router (miniupnpd) cannot show.
+
+Run inside a test namespace as `python igd_server.py SCENARIO ADDRESS LOG`: answers SSDP on port 1900
+(unicast and multicast) and HTTP on port 5000 (description, SCPD, SOAP control). Every HTTP request
+line is appended to LOG so tests can assert what the client did (and did not) fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+ST_IGD1 = "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
+SERVICE = "urn:schemas-upnp-org:service:WANIPConnection:1"
+HTTP_PORT = 5000
+
+
+def description(address: str) -> bytes:
+    return f"""<?xml version="1.0"?>
+<root xmlns="urn:schemas-upnp-org:device-1-0">
+ <specVersion><major>1</major><minor>0</minor></specVersion>
+ <device>
+  <deviceType>{ST_IGD1}</deviceType><friendlyName>Fake IGD</friendlyName>
+  <manufacturer>autonat tests</manufacturer><modelName>quirk box</modelName><modelNumber>1</modelNumber>
+  <UDN>uuid:fake-igd</UDN>
+  <deviceList><device>
+   <deviceType>urn:schemas-upnp-org:device:WANDevice:1</deviceType><friendlyName>WAN</friendlyName>
+   <manufacturer>t</manufacturer><modelName>t</modelName><UDN>uuid:fake-wan</UDN>
+   <deviceList><device>
+    <deviceType>urn:schemas-upnp-org:device:WANConnectionDevice:1</deviceType><friendlyName>WANConn</friendlyName>
+    <manufacturer>t</manufacturer><modelName>t</modelName><UDN>uuid:fake-wanconn</UDN>
+    <serviceList><service>
+     <serviceType>{SERVICE}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId>
+     <controlURL>/ctl/IPConn</controlURL><eventSubURL>/evt/IPConn</eventSubURL><SCPDURL>/WANIPCn.xml</SCPDURL>
+    </service></serviceList>
+   </device></deviceList>
+  </device></deviceList>
+ </device>
+ <URLBase>http://{address}:{HTTP_PORT}/</URLBase>
+</root>""".encode()
+
+
+SCPD = b"""<?xml version="1.0"?>
+<scpd xmlns="urn:schemas-upnp-org:service-1-0"><actionList>
+<action><name>GetExternalIPAddress</name></action><action><name>GetStatusInfo</name></action>
+<action><name>AddPortMapping</name></action><action><name>DeletePortMapping</name></action>
+<action><name>GetSpecificPortMappingEntry</name></action><action><name>GetGenericPortMappingEntry</name></action>
+</actionList></scpd>"""
+
+BOMB = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+<!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">]>
+<root><device><friendlyName>&lol4;</friendlyName></device></root>"""
+
+
+def soap_ok(action: str, outputs: dict[str, str]) -> bytes:
+    args = "".join(f"<{k}>{v}</{k}>" for k, v in outputs.items())
+    return (
+        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
+        f'<u:{action}Response xmlns:u="{SERVICE}">{args}</u:{action}Response></s:Body></s:Envelope>'
+    ).encode()
+
+
+def soap_fault(code: int) -> bytes:
+    return (
+        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body><s:Fault>'
+        "<faultcode>s:Client</faultcode><faultstring>UPnPError</faultstring><detail>"
+        '<UPnPError xmlns="urn:schemas-upnp-org:control-1-0">'
+        f"<errorCode>{code}</errorCode><errorDescription>fake {code}</errorDescription>"
+        "</UPnPError></detail></s:Fault></s:Body></s:Envelope>"
+    ).encode()
+
+
+def argument(body: bytes, name: str) -> str:
+    match = re.search(rf"<{name}>([^<]*)</{name}>".encode(), body)
+    return match.group(1).decode() if match else ""
+
+
+@dataclass
+class FakeIgd:
+    scenario: str
+    address: str
+    log_path: str
+    mappings: dict[tuple[str, int], dict[str, str]] = field(default_factory=dict)
+    adds: int = 0
+
+    def log(self, line: str) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as out:
+            out.write(line + "\n")
+
+    # --- SSDP ----------------------------------------------------------------------------------
+    def location(self) -> str:
+        if self.scenario == "location_loopback":
+            return f"http://127.0.0.1:{HTTP_PORT}/rootDesc.xml"
+        if self.scenario == "location_other_host":
+            return f"http://10.77.0.66:{HTTP_PORT}/rootDesc.xml"
+        return f"http://{self.address}:{HTTP_PORT}/rootDesc.xml"
+
+    def ssdp_reply(self, request: bytes, multicast: bool) -> bytes | None:
+        if not request.startswith(b"M-SEARCH"):
+            return None
+        if self.scenario == "multicast_only" and not multicast:
+            return None
+        return (
+            "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\nEXT:\r\n"
+            f"LOCATION: {self.location()}\r\nSERVER: Fake/1 UPnP/1.1 FakeIGD/1\r\n"
+            f"ST: {ST_IGD1}\r\nUSN: uuid:fake-igd::{ST_IGD1}\r\n\r\n"
+        ).encode()
+
+    # --- SOAP ----------------------------------------------------------------------------------
+    def control(self, action: str, body: bytes) -> tuple[int, bytes]:
+        scenario = self.scenario
+        if action == "GetExternalIPAddress":
+            ip = "0.0.0.0" if scenario == "external_zero" else "203.0.113.9"
+            return 200, soap_ok(action, {"NewExternalIPAddress": ip})
+        if action == "GetStatusInfo":
+            return 200, soap_ok(
+                action,
+                {"NewConnectionStatus": "Connected", "NewLastConnectionError": "ERROR_NONE", "NewUptime": "42"},
+            )
+        if action == "AddPortMapping":
+            self.adds += 1
+            lease = int(argument(body, "NewLeaseDuration") or "0")
+            external = int(argument(body, "NewExternalPort"))
+            internal = int(argument(body, "NewInternalPort"))
+            if scenario == "only_permanent" and lease != 0:
+                return 500, soap_fault(725)
+            if scenario == "lease_402" and lease != 604800:
+                return 500, soap_fault(402)
+            if scenario == "conflict_501" and self.adds == 1:
+                return 500, soap_fault(501)
+            if scenario == "conflict_718_twice" and self.adds <= 2:
+                return 500, soap_fault(718)
+            if scenario == "same_port_724" and external != internal:
+                return 500, soap_fault(724)
+            if scenario == "wildcard_727":
+                return 500, soap_fault(727)
+            if scenario == "policy_606":
+                return 500, soap_fault(606)
+            if scenario == "table_full_728":
+                return 500, soap_fault(728)
+            protocol = argument(body, "NewProtocol")
+            self.mappings[(protocol, external)] = {
+                "NewInternalPort": str(internal),
+                "NewInternalClient": argument(body, "NewInternalClient"),
+                "NewEnabled": "1",
+                "NewPortMappingDescription": argument(body, "NewPortMappingDescription"),
+                "NewLeaseDuration": str(lease),
+            }
+            self.log(f"MAPPED {protocol} {external} -> {internal} lease {lease}")
+            return 200, soap_ok(action, {})
+        if action == "DeletePortMapping":
+            key = (argument(body, "NewProtocol"), int(argument(body, "NewExternalPort")))
+            if self.mappings.pop(key, None) is None:
+                return 500, soap_fault(714)
+            self.log(f"DELETED {key[0]} {key[1]}")
+            return 200, soap_ok(action, {})
+        if action == "GetSpecificPortMappingEntry":
+            key = (argument(body, "NewProtocol"), int(argument(body, "NewExternalPort")))
+            if key not in self.mappings:
+                return 500, soap_fault(714)
+            return 200, soap_ok(action, self.mappings[key])
+        if action == "GetGenericPortMappingEntry":
+            index = int(argument(body, "NewPortMappingIndex") or "0")
+            entries = sorted(self.mappings.items())
+            if index >= len(entries):
+                return 500, soap_fault(713)
+            (protocol, external), entry = entries[index]
+            return 200, soap_ok(
+                action, {"NewRemoteHost": "", "NewExternalPort": str(external), "NewProtocol": protocol, **entry}
+            )
+        return 500, soap_fault(401)
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    async def http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line = head.split(b"\r\n", 1)[0].decode()
+                self.log(f"HTTP {request_line}")
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1)) if b"ength:" in head else 0  # type: ignore[union-attr]
+                body = await reader.readexactly(length) if length else b""
+                method, path, _ = request_line.split(" ", 2)
+                await self.respond(writer, method, path, head, body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def respond(self, writer: asyncio.StreamWriter, method: str, path: str, head: bytes, body: bytes) -> None:
+        status, payload = 404, b"not found"
+        if path == "/rootDesc.xml":
+            if self.scenario == "entity_bomb":
+                status, payload = 200, BOMB
+            elif self.scenario == "huge_body":
+                await self.send_huge(writer)
+                return
+            elif self.scenario == "drip":
+                await self.drip(writer)
+                return
+            else:
+                status, payload = 200, description(self.address)
+        elif path == "/WANIPCn.xml":
+            status, payload = 200, SCPD
+        elif path == "/ctl/IPConn" and method == "POST":
+            action = re.search(rb'(?i)soapaction:\s*"?[^#"]*#(\w+)', head)
+            status, payload = self.control(action.group(1).decode() if action else "", body)
+        reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}[status]
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/xml\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        await writer.drain()
+
+    async def send_huge(self, writer: asyncio.StreamWriter) -> None:
+        # No Content-Length: the client must cap the body while reading, not trust a header.
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nConnection: close\r\n\r\n<root>")
+        chunk = b"<x>" + b"A" * 65536 + b"</x>"
+        for _ in range(160):  # about 10 MB
+            writer.write(chunk)
+            await writer.drain()
+
+    async def drip(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 5000\r\n\r\n")
+        for byte in description(self.address)[:60]:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(1.0)
+
+
+class SsdpResponder(asyncio.DatagramProtocol):
+    def __init__(self, igd: FakeIgd, multicast: bool, reply_socket: socket.socket) -> None:
+        self.igd, self.multicast, self.reply_socket = igd, multicast, reply_socket
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        reply = self.igd.ssdp_reply(data, self.multicast)
+        if reply is None:
+            return
+        if self.igd.scenario == "other_port":
+            self.reply_socket.sendto(reply, addr)
+        else:
+            self.transport.sendto(reply, addr)
+
+
+async def main(scenario: str, address: str, log_path: str) -> None:
+    igd = FakeIgd(scenario, address, log_path)
+    loop = asyncio.get_running_loop()
+    unicast = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    unicast.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    unicast.bind((address, 1900))
+    group = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    group.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    group.bind(("239.255.255.250", 1900))
+    membership = struct.pack("4s4s", socket.inet_aton("239.255.255.250"), socket.inet_aton(address))
+    group.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+    other_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other_port.bind((address, 1901))
+    await loop.create_datagram_endpoint(lambda: SsdpResponder(igd, False, other_port), sock=unicast)
+    await loop.create_datagram_endpoint(lambda: SsdpResponder(igd, True, other_port), sock=group)
+    server = await asyncio.start_server(igd.http, address, HTTP_PORT)
+    print("ready", flush=True)
+    async with server:
+        await asyncio.sleep(600)  # the test kills us long before; this bounds a forgotten server
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
