@@ -8,49 +8,19 @@ operation and the ratios, and tears the lab down. Needs root.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import socket
-import statistics
 import struct
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import main_args, percentiles, report, run_in_lab, timed_async, timed_sync
 
 GATEWAY = "192.168.77.1"
 LOCAL = "192.168.77.10"
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50_ms": round(statistics.median(ordered) * 1000, 4),
-        "p90_ms": round(ordered[int(len(ordered) * 0.9) - 1] * 1000, 4),
-        "n": len(ordered),
-    }
-
-
-def timed_sync(rounds: int, action: Callable[[int], None]) -> list[float]:
-    samples = []
-    for index in range(rounds):
-        started = time.perf_counter()
-        action(index)
-        samples.append(time.perf_counter() - started)
-    return samples
-
-
-async def timed_async(rounds: int, action: Callable[[int], Awaitable[object]]) -> list[float]:
-    samples = []
-    for index in range(rounds):
-        started = time.perf_counter()
-        await action(index)
-        samples.append(time.perf_counter() - started)
-    return samples
 
 
 class Raw:
@@ -112,12 +82,8 @@ async def measure_autonat(rounds: int) -> dict[str, list[float]]:
             await client.add(MappingRequest(Transport.UDP, port, lifetime=3600))  # type: ignore[attr-defined]
             await client.delete(Transport.UDP, port)  # type: ignore[attr-defined]
 
-        results["autonat NAT-PMP map+unmap"] = await timed_async(
-            rounds, lambda i: map_unmap(router.natpmp, 21000, i)
-        )
-        results["autonat PCP map+delete"] = await timed_async(
-            rounds, lambda i: map_unmap(router.pcp, 31000, i)
-        )
+        results["autonat NAT-PMP map+unmap"] = await timed_async(rounds, lambda i: map_unmap(router.natpmp, 21000, i))
+        results["autonat PCP map+delete"] = await timed_async(rounds, lambda i: map_unmap(router.pcp, 31000, i))
     return results
 
 
@@ -152,50 +118,12 @@ RATIOS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = main_args(__doc__.splitlines()[0])
     if args.inside:
         print(json.dumps(inside(args.rounds)))
         return
-
-    from autonat.lab import Lab
-
-    lab = Lab("bn")
-    lab.up()
-    try:
-        with tempfile.TemporaryDirectory() as state:
-            env = {**os.environ, "AUTONAT_STATE_DIR": state}
-            result = lab.run(
-                "lan",
-                [
-                    "env",
-                    f"AUTONAT_STATE_DIR={env['AUTONAT_STATE_DIR']}",
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--inside",
-                    "--rounds",
-                    str(args.rounds),
-                ],
-                timeout=600,
-            )
-        if result.returncode != 0:
-            sys.exit(f"benchmark failed inside the lab: {result.stderr.strip()}")
-        figures = json.loads(result.stdout)
-    finally:
-        lab.down()
-    ratios = {f"{a} / {b}": round(figures[a]["p50_ms"] / figures[b]["p50_ms"], 3) for a, b in RATIOS}
-    if args.json:
-        print(json.dumps({"figures": figures, "ratios_p50": ratios}, indent=2))
-        return
-    print(f"{'operation':<58} {'p50 ms':>9} {'p90 ms':>9} {'n':>5}")
-    for name, figure in figures.items():
-        print(f"{name:<58} {figure['p50_ms']:>9.3f} {figure['p90_ms']:>9.3f} {figure['n']:>5}")
-    print("\nratios of medians (target: in-process map+unmap <= 2x the raw exchange)")
-    for name, ratio in ratios.items():
-        print(f"  {ratio:>7.3f}  {name}")
+    figures = run_in_lab(__file__, "bn", args.rounds)
+    report(figures, RATIOS, "target: in-process map+unmap <= 2x the raw exchange", args.json)
 
 
 if __name__ == "__main__":

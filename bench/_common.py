@@ -1,0 +1,83 @@
+"""Shared by the benchmarks: timing, percentiles, and running a measurement inside a lab's lan host."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+Figures = dict[str, dict[str, float]]
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50_ms": round(statistics.median(ordered) * 1000, 4),
+        "p90_ms": round(ordered[max(0, int(len(ordered) * 0.9) - 1)] * 1000, 4),
+        "n": len(ordered),
+    }
+
+
+def timed_sync(rounds: int, action: Callable[[int], object]) -> list[float]:
+    samples = []
+    for index in range(rounds):
+        started = time.perf_counter()
+        action(index)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def timed_async(rounds: int, action: Callable[[int], Awaitable[object]]) -> list[float]:
+    samples = []
+    for index in range(rounds):
+        started = time.perf_counter()
+        await action(index)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def run_in_lab(script: str, prefix: str, rounds: int) -> Figures:
+    """Bring up a lab, run `script --inside --rounds N` on its lan host, tear the lab down."""
+    from autonat.lab import Lab
+
+    lab = Lab(prefix)
+    lab.up()
+    try:
+        with tempfile.TemporaryDirectory() as state:
+            argv = ["env", f"AUTONAT_STATE_DIR={state}", sys.executable, str(Path(script).resolve())]
+            result = lab.run("lan", [*argv, "--inside", "--rounds", str(rounds)], timeout=900)
+        if result.returncode != 0:
+            sys.exit(f"benchmark failed inside the lab: {result.stderr.strip()[-2000:]}")
+        figures: Figures = json.loads(result.stdout)
+        return figures
+    finally:
+        lab.down()
+
+
+def report(figures: Figures, ratios: list[tuple[str, str]], note: str, as_json: bool) -> None:
+    computed = {f"{a} / {b}": round(figures[a]["p50_ms"] / figures[b]["p50_ms"], 3) for a, b in ratios}
+    if as_json:
+        print(json.dumps({"figures": figures, "ratios_p50": computed}, indent=2))
+        return
+    width = max(len(name) for name in figures) + 2
+    print(f"{'operation':<{width}} {'p50 ms':>9} {'p90 ms':>9} {'n':>5}")
+    for name, figure in figures.items():
+        print(f"{name:<{width}} {figure['p50_ms']:>9.3f} {figure['p90_ms']:>9.3f} {figure['n']:>5}")
+    print(f"\nratios of medians ({note})")
+    for name, ratio in computed.items():
+        print(f"  {ratio:>7.3f}  {name}")
+
+
+def main_args(description: str) -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args()

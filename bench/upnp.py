@@ -1,0 +1,151 @@
+"""UPnP IGD speed: cold discovery and SOAP add+delete, side by side with `upnpc` and a raw exchange.
+
+Brings up its own lab (prefix `bu`), measures inside the lan host, prints p50/p90 and ratios, and
+tears the lab down. Needs root.
+
+    .venv/bin/python bench/upnp.py [--rounds 100] [--json]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import main_args, percentiles, report, run_in_lab, timed_async, timed_sync
+
+GATEWAY = "192.168.77.1"
+LOCAL = "192.168.77.10"
+ROOT_URL = f"http://{GATEWAY}:5000/rootDesc.xml"
+SERVICE = "urn:schemas-upnp-org:service:WANIPConnection:1"
+
+
+def raw_soap(action: str, arguments: str, control: tuple[str, int, str]) -> bytes:
+    """The least a client can do: one prebuilt HTTP request on a fresh TCP connection."""
+    host, port, path = control
+    body = (
+        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
+        f'<u:{action} xmlns:u="{SERVICE}">{arguments}</u:{action}></s:Body></s:Envelope>'
+    ).encode()
+    head = (
+        f'POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: text/xml; charset="utf-8"\r\n'
+        f'SOAPAction: "{SERVICE}#{action}"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n'
+    ).encode()
+    with socket.create_connection((host, port), timeout=2) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    reply = b"".join(chunks)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
+    return reply
+
+
+def raw_add_delete(index: int, control: tuple[str, int, str]) -> None:
+    port = 40000 + index % 1000
+    raw_soap(
+        "AddPortMapping",
+        f"<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>UDP</NewProtocol>"
+        f"<NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LOCAL}</NewInternalClient>"
+        "<NewEnabled>1</NewEnabled><NewPortMappingDescription>raw</NewPortMappingDescription>"
+        "<NewLeaseDuration>3600</NewLeaseDuration>",
+        control,
+    )
+    raw_soap(
+        "DeletePortMapping",
+        f"<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>UDP</NewProtocol>",
+        control,
+    )
+
+
+def upnpc(*args: str) -> None:
+    subprocess.run(["upnpc", *args], check=True, capture_output=True, timeout=30)
+
+
+async def measure_autonat(rounds: int) -> tuple[dict[str, list[float]], str]:
+    from autonat.aio import http
+    from autonat.aio.route import locate_router
+    from autonat.aio.upnp import UpnpClient
+    from autonat.mapper import MappingRequest
+    from autonat.proto.types import Transport
+    from autonat.state import host_secret
+
+    secret = host_secret()
+    results: dict[str, list[float]] = {}
+
+    async def cold(_: int) -> None:
+        async with http.new_client() as client:
+            found = await UpnpClient(client, locate_router(), secret, deadline=2.0).discover()
+            assert found.external_ip is not None
+
+    results["autonat cold discovery to usable IGD (in-process)"] = await timed_async(rounds, cold)
+    async with http.new_client() as client:
+        upnp = UpnpClient(client, locate_router(), secret, deadline=2.0)
+        control = (await upnp.discover()).service.control_url
+
+        async def add_delete(index: int) -> None:
+            port = 41000 + index % 1000
+            mapping = await upnp.add(MappingRequest(Transport.UDP, port, lifetime=3600))
+            await upnp.delete_external(Transport.UDP, mapping.external_port)
+
+        results["autonat SOAP add+delete"] = await timed_async(rounds, add_delete)
+
+        async def add_delete_by_internal(index: int) -> None:
+            port = 42000 + index % 1000
+            await upnp.add(MappingRequest(Transport.UDP, port, lifetime=3600))
+            await upnp.delete(Transport.UDP, port)
+
+        results["autonat SOAP add+delete by internal port (3 calls)"] = await timed_async(
+            rounds, add_delete_by_internal
+        )
+    return results, control
+
+
+def inside(rounds: int) -> dict[str, dict[str, float]]:
+    autonat_samples, control_url = asyncio.run(measure_autonat(rounds))
+    host_port, path = control_url.removeprefix("http://").split("/", 1)
+    host, port = host_port.split(":")
+    control = (host, int(port), "/" + path)
+    samples: dict[str, list[float]] = dict(autonat_samples)
+    samples["raw SOAP add+delete"] = timed_sync(rounds, lambda i: raw_add_delete(i, control))
+    slow_rounds = max(5, rounds // 20)
+    samples["upnpc -s (SSDP discovery + status, process)"] = timed_sync(slow_rounds, lambda _: upnpc("-s"))
+    autonat = str(Path(sys.executable).with_name("autonat"))
+    samples["autonat probe --protocol upnp (process)"] = timed_sync(
+        slow_rounds,
+        lambda _: subprocess.run([autonat, "probe", "--protocol", "upnp"], check=True, capture_output=True, timeout=30),
+    )
+    samples["upnpc -u URL add + delete (two processes)"] = timed_sync(
+        max(20, rounds // 5),
+        lambda i: (
+            upnpc("-u", ROOT_URL, "-a", LOCAL, str(43000 + i), str(43000 + i), "UDP", "3600"),
+            upnpc("-u", ROOT_URL, "-d", str(43000 + i), "UDP"),
+        ),
+    )
+    return {name: percentiles(values) for name, values in samples.items()}
+
+
+RATIOS = [
+    ("autonat cold discovery to usable IGD (in-process)", "upnpc -s (SSDP discovery + status, process)"),
+    ("autonat probe --protocol upnp (process)", "upnpc -s (SSDP discovery + status, process)"),
+    ("autonat SOAP add+delete", "raw SOAP add+delete"),
+    ("autonat SOAP add+delete", "upnpc -u URL add + delete (two processes)"),
+]
+
+
+def main() -> None:
+    args = main_args(__doc__.splitlines()[0])
+    if args.inside:
+        print(json.dumps(inside(args.rounds)))
+        return
+    figures = run_in_lab(__file__, "bu", args.rounds)
+    report(figures, RATIOS, "targets: discovery <= 0.05x upnpc -s; SOAP add+delete <= 2x raw", args.json)
+
+
+if __name__ == "__main__":
+    main()

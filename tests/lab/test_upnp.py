@@ -1,0 +1,81 @@
+"""UPnP IGD against the real router (miniupnpd) in the lab."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autonat.lab import Lab
+from tests.lab.cli_helpers import autonat, autonat_json, listed, reaches_lan
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def test_probe_lists_upnp_with_root_url_and_device(lab: Lab, state_dir: Path) -> None:
+    data = autonat_json(lab, state_dir, "probe")
+    upnp = data["protocols"]["upnp"]
+    assert upnp["available"] is True
+    assert upnp["root_url"] == lab.root_url
+    assert upnp["friendly_name"] and upnp["manufacturer"] and upnp["model_name"]
+    assert upnp["external_ip"] == Lab.ROUTER_WAN
+    assert upnp["service_type"].startswith("urn:schemas-upnp-org:service:WANIPConnection:")
+    assert data["selected"] == "pcp"  # PCP > NAT-PMP > UPnP among those that work
+    only = autonat_json(lab, state_dir, "probe", "--protocol", "upnp")
+    assert only["selected"] == "upnp" and list(only["protocols"]) == ["upnp"]
+
+
+def test_probe_with_root_url_skips_discovery(lab: Lab, state_dir: Path) -> None:
+    data = autonat_json(lab, state_dir, "probe", "--protocol", "upnp", "--root-url", lab.root_url)
+    assert data["protocols"]["upnp"]["available"] is True
+
+
+def test_map_add_tcp_forwards_and_del_removes(lab: Lab, state_dir: Path) -> None:
+    mapping = autonat_json(lab, state_dir, "map", "add", "5062", "tcp", "--protocol", "upnp")
+    assert (mapping["protocol"], mapping["external_ip"], mapping["external_port"]) == ("upnp", Lab.ROUTER_WAN, 5062)
+    try:
+        assert listed(lab, "tcp", 5062), "upnpc does not list the mapping"
+        assert reaches_lan(lab, "tcp", 5062, 5062), "a connection from wan did not reach lan"
+    finally:
+        autonat_json(lab, state_dir, "map", "del", "5062", "tcp", "--protocol", "upnp")
+    assert not listed(lab, "tcp", 5062)
+    assert not reaches_lan(lab, "tcp", 5062, 5062, seconds=1.0)
+
+
+def test_map_list_shows_mappings_of_other_clients(lab: Lab, state_dir: Path) -> None:
+    lab.run(
+        "lan",
+        ["upnpc", "-u", lab.root_url, "-e", "by upnpc", "-a", Lab.LAN_ADDRESS, "7001", "7001", "UDP", "600"],
+        timeout=20,
+        check=True,
+    )
+    lab.run("lan", ["natpmpc", "-g", Lab.GATEWAY, "-a", "7002", "7002", "tcp", "600"], timeout=20, check=True)
+    ours = autonat_json(lab, state_dir, "map", "add", "7003", "udp", "--protocol", "upnp")
+    try:
+        rows = autonat_json(lab, state_dir, "map", "list")
+        by_port = {(row["transport"], row["external_port"]): row for row in rows}
+        assert by_port[("udp", 7001)]["description"] == "by upnpc" and not by_port[("udp", 7001)]["ours"]
+        assert by_port[("tcp", 7002)]["description"].startswith("NAT-PMP") and not by_port[("tcp", 7002)]["ours"]
+        assert by_port[("udp", ours["external_port"])]["ours"] is True
+        assert all(row["internal_client"] == Lab.LAN_ADDRESS for row in by_port.values())
+    finally:
+        lab.run("lan", ["upnpc", "-u", lab.root_url, "-d", "7001", "UDP"], timeout=20)
+        lab.run("lan", ["natpmpc", "-g", Lab.GATEWAY, "-a", "7002", "0", "tcp", "0"], timeout=20)
+        autonat(lab, state_dir, "map", "del", "7003", "udp", "--protocol", "upnp")
+
+
+def test_secure_mode_refusal_names_the_upnp_error(lab: Lab, state_dir: Path) -> None:
+    # The lab router's allow rule covers ports 1024-65535 only.
+    result = autonat(lab, state_dir, "map", "add", "80", "tcp", "--protocol", "upnp")
+    assert result.returncode == 5
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "UPnP error 606" in lines[0], result.stderr
+
+
+def test_deleting_an_absent_mapping_succeeds(lab: Lab, state_dir: Path) -> None:
+    assert autonat(lab, state_dir, "map", "del", "7999", "udp", "--protocol", "upnp").returncode == 0
