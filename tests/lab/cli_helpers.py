@@ -22,18 +22,14 @@ def autonat(
     return lab.run(host, ["env", f"AUTONAT_STATE_DIR={state_dir}", AUTONAT, *args], timeout=timeout)
 
 
-def autonat_json(
-    lab: Lab, state_dir: Path, *args: str, host: str = "lan", timeout: float = 60
-) -> dict[str, Any]:
+def autonat_json(lab: Lab, state_dir: Path, *args: str, host: str = "lan", timeout: float = 60) -> dict[str, Any]:
     result = autonat(lab, state_dir, *args, "--json", host=host, timeout=timeout)
     assert result.returncode == 0, f"autonat {' '.join(args)} failed: {result.stderr}"
     data: dict[str, Any] = json.loads(result.stdout)
     return data
 
 
-def reaches_lan(
-    lab: Lab, transport: str, external_port: int, internal_port: int, seconds: float = 1.5
-) -> bool:
+def reaches_lan(lab: Lab, transport: str, external_port: int, internal_port: int, seconds: float = 1.5) -> bool:
     """Send a payload from the wan host to the router's public address; did the lan host get it?"""
     payload = f"hello-{transport}-{external_port}"
     listener = lab.popen(
@@ -77,6 +73,4 @@ def upnp_entries(lab: Lab) -> set[tuple[str, int, str, int]]:
 
 
 def listed(lab: Lab, transport: str, external_port: int) -> bool:
-    return any(
-        e[0] == transport and e[1] == external_port and e[2] == Lab.LAN_ADDRESS for e in upnp_entries(lab)
-    )
+    return any(e[0] == transport and e[1] == external_port and e[2] == Lab.LAN_ADDRESS for e in upnp_entries(lab))

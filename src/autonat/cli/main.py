@@ -148,6 +148,8 @@ def probe(
     else:
         _print_probe(result)
     if result.selected is None:
+        reasons = "; ".join(f"{name}: {status.reason}" for name, status in result.protocols.items())
+        click.echo(f"autonat: no port-mapping protocol works with {result.location.gateway} ({reasons})", err=True)
         sys.exit(7)
 
 
@@ -288,10 +290,7 @@ def _register() -> None:
     cli.add_command(lab)
 
 
-try:  # TEMP until the lab lands
-    _register()
-except ImportError:
-    pass
+_register()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -173,9 +173,7 @@ class MapRequest:
         return Opcode.for_transport(self.transport)
 
     def encode(self) -> bytes:
-        return _MAP_REQUEST.pack(
-            VERSION, self.opcode, 0, self.internal_port, self.external_port, self.lifetime
-        )
+        return _MAP_REQUEST.pack(VERSION, self.opcode, 0, self.internal_port, self.external_port, self.lifetime)
 
 
 def parse_request(data: bytes) -> ExternalAddressRequest | MapRequest:

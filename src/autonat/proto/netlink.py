@@ -52,9 +52,7 @@ def _attribute(kind: int, payload: bytes) -> bytes:
     return _RTATTR.pack(length, kind) + payload + b"\0" * (_align(length) - length)
 
 
-def build_route_get(
-    destination: IPv4Address | IPv6Address, seq: int, interface_index: int | None = None
-) -> bytes:
+def build_route_get(destination: IPv4Address | IPv6Address, seq: int, interface_index: int | None = None) -> bytes:
     """An RTM_GETROUTE request for one destination, optionally forced out of one interface."""
     family = AF_INET if isinstance(destination, IPv4Address) else AF_INET6
     body = _RTMSG.pack(family, destination.max_prefixlen, 0, 0, 0, 0, 0, 0, 0)

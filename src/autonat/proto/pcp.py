@@ -251,9 +251,7 @@ class Option:
             raise ValueError(f"option data of {len(self.data)} bytes cannot fit in a PCP message")
         expected = _OPTION_DATA_SIZE.get(self.code)
         if expected is not None and len(self.data) != expected:
-            raise ValueError(
-                f"{OptionCode(self.code).name} option data is {len(self.data)} bytes, not {expected}"
-            )
+            raise ValueError(f"{OptionCode(self.code).name} option data is {len(self.data)} bytes, not {expected}")
 
     @classmethod
     def prefer_failure(cls) -> Option:
@@ -469,9 +467,7 @@ class Request:
         return HEADER_SIZE + data_size + sum(option.encoded_size for option in self.options)
 
     def encode(self) -> bytes:
-        header = _REQUEST_HEADER.pack(
-            VERSION, self.opcode, 0, self.lifetime, encode_address(self.client_address)
-        )
+        header = _REQUEST_HEADER.pack(VERSION, self.opcode, 0, self.lifetime, encode_address(self.client_address))
         data = self.map.encode() if self.map is not None else b""
         return header + data + b"".join(option.encode() for option in self.options)
 
