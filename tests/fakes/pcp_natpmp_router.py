@@ -57,11 +57,7 @@ class FakeRouter(asyncio.DatagramProtocol):
                 ).encode()
             ]
         if self.natpmp_only:
-            return [
-                natpmp.ErrorResponse(
-                    data[1] & 0x7F, natpmp.ResultCode.UNSUPPORTED_VERSION, self.epoch
-                ).encode()
-            ]
+            return [natpmp.ErrorResponse(data[1] & 0x7F, natpmp.ResultCode.UNSUPPORTED_VERSION, self.epoch).encode()]
         request_pcp = pcp.parse_request(data)
         return [self.pcp_reply(request_pcp, result=0)]
 

@@ -113,13 +113,9 @@ def test_invalid_parameters() -> None:
     jitter=st.floats(min_value=0, max_value=0.25),
     rand=st.floats(min_value=0, max_value=1),
 )
-def test_every_schedule_ends_by_its_deadline(
-    deadline: float, initial: float, jitter: float, rand: float
-) -> None:
+def test_every_schedule_ends_by_its_deadline(deadline: float, initial: float, jitter: float, rand: float) -> None:
     schedule = RetransmitSchedule(initial=initial, ceiling=max(initial, 2.0), jitter=jitter)
-    exchange = Exchange(
-        b"r", SERVER, accept_ok, now=0.0, deadline=deadline, schedule=schedule, rand=lambda: rand
-    )
+    exchange = Exchange(b"r", SERVER, accept_ok, now=0.0, deadline=deadline, schedule=schedule, rand=lambda: rand)
     sent = run_silent(exchange)
     assert exchange.timed_out
     assert sent[0] == 0.0

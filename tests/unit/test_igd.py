@@ -23,9 +23,7 @@ WANIP2 = "urn:schemas-upnp-org:service:WANIPConnection:2"
 WANPPP1 = "urn:schemas-upnp-org:service:WANPPPConnection:1"
 
 
-def root_description(
-    wan_ip_type: str = WANIP2, *, url_base: str = "", control_url: str = "/ctl/IPConn"
-) -> bytes:
+def root_description(wan_ip_type: str = WANIP2, *, url_base: str = "", control_url: str = "/ctl/IPConn") -> bytes:
     """A description shaped like miniupnpd's: IGD > WANDevice > WANConnectionDevice > WANIPConnection."""
     base = f"<URLBase>{url_base}</URLBase>" if url_base else ""
     return f"""<?xml version="1.0"?>
@@ -364,13 +362,9 @@ ALL_PARSERS: list[tuple[str, Callable[[bytes], object]]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    "document", [BILLION_LAUGHS, XXE, EXTERNAL_DTD, PLAIN_DTD], ids=["bomb", "xxe", "ext", "dtd"]
-)
+@pytest.mark.parametrize("document", [BILLION_LAUGHS, XXE, EXTERNAL_DTD, PLAIN_DTD], ids=["bomb", "xxe", "ext", "dtd"])
 @pytest.mark.parametrize(("name", "parse"), ALL_PARSERS, ids=[name for name, _ in ALL_PARSERS])
-def test_dtds_and_entities_are_refused_quickly(
-    name: str, parse: Callable[[bytes], object], document: bytes
-) -> None:
+def test_dtds_and_entities_are_refused_quickly(name: str, parse: Callable[[bytes], object], document: bytes) -> None:
     with within(1.0), pytest.raises(DecodeError, match="DTD"):
         parse(document)
 
@@ -480,9 +474,7 @@ def test_argument_order_and_names() -> None:
         "NewPortMappingDescription",
         "NewLeaseDuration",
     ]
-    delete = igd.delete_port_mapping(
-        WANIP1, external_port=5060, transport=Transport.TCP, remote_host="1.2.3.4"
-    )
+    delete = igd.delete_port_mapping(WANIP1, external_port=5060, transport=Transport.TCP, remote_host="1.2.3.4")
     assert delete.arguments == (
         ("NewRemoteHost", "1.2.3.4"),
         ("NewExternalPort", "5060"),
@@ -519,9 +511,7 @@ def test_description_is_sanitised() -> None:
         description="evil\x1b]0;title\x07 </NewPortMappingDescription><x>",
         lease=0,
     )
-    assert (
-        dict(request.arguments)["NewPortMappingDescription"] == "evil]0;title </NewPortMappingDescription><x>"
-    )
+    assert dict(request.arguments)["NewPortMappingDescription"] == "evil]0;title </NewPortMappingDescription><x>"
     assert b"&lt;/NewPortMappingDescription&gt;&lt;x&gt;" in request.body()
 
 
@@ -632,9 +622,7 @@ def test_response_without_namespaces_and_empty_values() -> None:
     outputs = igd.parse_soap_response(data, igd.get_status_info(WANIP1), 200)
     assert outputs == {"NewConnectionStatus": "Connected", "NewLastConnectionError": "", "NewUptime": "86400"}
     assert igd.status_info_from(outputs) == StatusInfo("Connected", "", 86400)
-    assert igd.status_info_from({"NewConnectionStatus": "Disconnected"}) == StatusInfo(
-        "Disconnected", "", None
-    )
+    assert igd.status_info_from({"NewConnectionStatus": "Disconnected"}) == StatusInfo("Disconnected", "", None)
     with pytest.raises(DecodeError, match="NewUptime"):
         igd.status_info_from({"NewUptime": "-1"})
 
@@ -746,9 +734,7 @@ def test_add_any_port_mapping_reserved_port() -> None:
         description="sip",
         lease=3600,
     )
-    outputs = igd.parse_soap_response(
-        response("AddAnyPortMapping", WANIP2, {"NewReservedPort": "5061"}), request, 200
-    )
+    outputs = igd.parse_soap_response(response("AddAnyPortMapping", WANIP2, {"NewReservedPort": "5061"}), request, 200)
     assert igd.reserved_port_from(outputs) == 5061
     for bad in ({"NewReservedPort": "0"}, {"NewReservedPort": "65536"}, {"NewReservedPort": "+5"}, {}):
         with pytest.raises(DecodeError, match="NewReservedPort"):
@@ -773,9 +759,7 @@ def test_specific_entry() -> None:
         description="autonat sip",
         lease_duration=3542,
     )
-    sparse = igd.specific_entry_from(
-        {"NewInternalPort": "80", "NewInternalClient": "192.168.77.10"}, 80, Transport.TCP
-    )
+    sparse = igd.specific_entry_from({"NewInternalPort": "80", "NewInternalClient": "192.168.77.10"}, 80, Transport.TCP)
     assert (sparse.enabled, sparse.description, sparse.lease_duration) == (True, "", 0)
 
 
@@ -950,9 +934,7 @@ def test_mutated_documents_only_decode_error(
     document, parse = sample
     at = data.draw(st.integers(0, len(document)))
     cut = data.draw(st.integers(0, 12))
-    insert = data.draw(
-        st.sampled_from([b"", b"<", b">", b"&", b"/", b'"', b"\x00", b"\xff", b"</a>", b"<a>", b"1"])
-    )
+    insert = data.draw(st.sampled_from([b"", b"<", b">", b"&", b"/", b'"', b"\x00", b"\xff", b"</a>", b"<a>", b"1"]))
     with suppress(DecodeError, UpnpError):
         parse(document[:at] + insert + document[at + cut :])
 
@@ -974,9 +956,7 @@ def test_output_parsers_only_decode_error(outputs: dict[str, str]) -> None:
 
 _xml_text = st.text(
     # Every character XML 1.0 can carry (§2.2): utf-8 excludes surrogates, the filter the rest.
-    alphabet=st.characters(codec="utf-8").filter(
-        lambda c: (c >= " " or c in "\t\n\r") and c not in "\ufffe\uffff"
-    ),
+    alphabet=st.characters(codec="utf-8").filter(lambda c: (c >= " " or c in "\t\n\r") and c not in "\ufffe\uffff"),
     max_size=40,
 ) | st.sampled_from(["<&>\"'", "]]>", "&amp;", "\u00e9\u4e2d\U0001f600", "a\r\nb", "\r"])
 _names = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,15}\Z")

@@ -61,9 +61,7 @@ def test_kernel_error_is_one_line() -> None:
 
 
 def test_other_sequence_numbers_are_skipped() -> None:
-    data = reply(1, attr(netlink.RTA_GATEWAY, b"\1\2\3\4")) + reply(
-        2, attr(netlink.RTA_GATEWAY, b"\5\6\7\x08")
-    )
+    data = reply(1, attr(netlink.RTA_GATEWAY, b"\1\2\3\4")) + reply(2, attr(netlink.RTA_GATEWAY, b"\5\6\7\x08"))
     assert netlink.parse_route_reply(data, 2, DEST).gateway == IPv4Address("5.6.7.8")
 
 

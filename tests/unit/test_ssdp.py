@@ -102,9 +102,7 @@ def test_msearch_clamps_mx(mx: int, sent: str) -> None:
 
 
 def test_msearch_unicast_host() -> None:
-    assert (
-        _headers(ssdp.build_msearch(ssdp.ST_WANIP1, host="192.168.77.1:1900"))["HOST"] == "192.168.77.1:1900"
-    )
+    assert _headers(ssdp.build_msearch(ssdp.ST_WANIP1, host="192.168.77.1:1900"))["HOST"] == "192.168.77.1:1900"
 
 
 @pytest.mark.parametrize(
@@ -175,11 +173,7 @@ def test_missing_final_blank_line_is_tolerated() -> None:
     ],
 )
 def test_cache_control_is_lenient(cache_control: bytes, max_age: int | None) -> None:
-    data = (
-        b"HTTP/1.1 200 OK\r\nST: x\r\nLOCATION: http://1.2.3.4/\r\nCACHE-CONTROL: "
-        + cache_control
-        + b"\r\n\r\n"
-    )
+    data = b"HTTP/1.1 200 OK\r\nST: x\r\nLOCATION: http://1.2.3.4/\r\nCACHE-CONTROL: " + cache_control + b"\r\n\r\n"
     assert ssdp.parse_search_response(data).max_age == max_age
 
 
