@@ -14,22 +14,22 @@ prefix=demo
 export AUTONAT_STATE_DIR=/run/autonat-demo-state
 
 cleanup() {
-    "$autonat" -q lab down --prefix "$prefix" >/dev/null 2>&1 || true
+    "$autonat" -q lab --prefix "$prefix" down >/dev/null 2>&1 || true
     rm -rf "$AUTONAT_STATE_DIR"
 }
 [ "${KEEP_LAB:-}" = 1 ] || trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-lan() { "$autonat" lab exec --prefix "$prefix" lan -- "$@"; }
-wan() { "$autonat" lab exec --prefix "$prefix" wan -- "$@"; }
+lan() { "$autonat" lab --prefix "$prefix" exec lan -- "$@"; }
+wan() { "$autonat" lab --prefix "$prefix" exec wan -- "$@"; }
 
 step "Bring up the lab (wan 203.0.113.0/24 | router: miniupnpd | lan 192.168.77.0/24)"
-"$autonat" lab up --prefix "$prefix"
+"$autonat" lab --prefix "$prefix" up
 
 step "autonat probe, on the LAN host"
 lan "$autonat" probe
 
-for protocol in pcp natpmp; do
+for protocol in pcp natpmp upnp; do
     step "autonat map add 5060 udp --protocol $protocol"
     external=$(lan "$autonat" map add 5060 udp --protocol "$protocol" | head -n 1)
     echo "mapped to $external"
@@ -46,4 +46,7 @@ for protocol in pcp natpmp; do
     lan "$autonat" map del 5060 udp --protocol "$protocol"
 done
 
-step "done: autonat found the router, learnt 203.0.113.1 and opened/closed holes with PCP and NAT-PMP"
+step "autonat map list: the router's whole table (empty again)"
+lan "$autonat" map list
+
+step "done: autonat found the router, learnt 203.0.113.1 and opened/closed holes with PCP, NAT-PMP and UPnP"
