@@ -68,7 +68,6 @@ def upnpc(*args: str) -> None:
 
 
 async def measure_autonat(rounds: int) -> tuple[dict[str, list[float]], str]:
-    from autonat.aio import http
     from autonat.aio.route import locate_router
     from autonat.aio.upnp import UpnpClient
     from autonat.mapper import MappingRequest
@@ -79,30 +78,26 @@ async def measure_autonat(rounds: int) -> tuple[dict[str, list[float]], str]:
     results: dict[str, list[float]] = {}
 
     async def cold(_: int) -> None:
-        async with http.new_client() as client:
-            found = await UpnpClient(client, locate_router(), secret, deadline=2.0).discover()
-            assert found.external_ip is not None
+        found = await UpnpClient(locate_router(), secret, deadline=2.0).discover()
+        assert found.external_ip is not None
 
     results["autonat cold discovery to usable IGD (in-process)"] = await timed_async(rounds, cold)
-    async with http.new_client() as client:
-        upnp = UpnpClient(client, locate_router(), secret, deadline=2.0)
-        control = (await upnp.discover()).service.control_url
+    upnp = UpnpClient(locate_router(), secret, deadline=2.0)
+    control = (await upnp.discover()).service.control_url
 
-        async def add_delete(index: int) -> None:
-            port = 41000 + index % 1000
-            mapping = await upnp.add(MappingRequest(Transport.UDP, port, lifetime=3600))
-            await upnp.delete_external(Transport.UDP, mapping.external_port)
+    async def add_delete(index: int) -> None:
+        port = 41000 + index % 1000
+        mapping = await upnp.add(MappingRequest(Transport.UDP, port, lifetime=3600))
+        await upnp.delete_external(Transport.UDP, mapping.external_port)
 
-        results["autonat SOAP add+delete"] = await timed_async(rounds, add_delete)
+    results["autonat SOAP add+delete"] = await timed_async(rounds, add_delete)
 
-        async def add_delete_by_internal(index: int) -> None:
-            port = 42000 + index % 1000
-            await upnp.add(MappingRequest(Transport.UDP, port, lifetime=3600))
-            await upnp.delete(Transport.UDP, port)
+    async def add_delete_by_internal(index: int) -> None:
+        port = 42000 + index % 1000
+        await upnp.add(MappingRequest(Transport.UDP, port, lifetime=3600))
+        await upnp.delete(Transport.UDP, port)
 
-        results["autonat SOAP add+delete by internal port (3 calls)"] = await timed_async(
-            rounds, add_delete_by_internal
-        )
+    results["autonat SOAP add+delete by internal port (3 calls)"] = await timed_async(rounds, add_delete_by_internal)
     return results, control
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from autonat.addresses import IPAddress, classify, is_public
-from autonat.aio import http
 from autonat.aio.channel import DatagramChannel
 from autonat.aio.natpmp import NatPmpClient
 from autonat.aio.pcp import PcpClient
@@ -80,10 +79,9 @@ class RouterSession:
         self.deadline = deadline
         gateway, local = location.gateway, location.local_address
         secret = host_secret()
-        self.http = http.new_client()
         self.natpmp = NatPmpClient(channel, gateway, local, deadline=deadline, port=server_port)
         self.pcp = PcpClient(channel, gateway, local, secret, deadline=deadline, port=server_port)
-        self.upnp = UpnpClient(self.http, location, secret, deadline=deadline, root_url=root_url)
+        self.upnp = UpnpClient(location, secret, deadline=deadline, root_url=root_url)
         self.last_probe: ProbeResult | None = None
 
     @classmethod
@@ -106,7 +104,6 @@ class RouterSession:
 
     async def aclose(self) -> None:
         self.channel.close()
-        await self.http.aclose()
 
     def _clients(self) -> dict[str, PortMapper]:
         return {"pcp": self.pcp, "natpmp": self.natpmp, "upnp": self.upnp}

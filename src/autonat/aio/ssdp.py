@@ -22,7 +22,7 @@ from autonat.proto import ssdp
 from autonat.proto.errors import DecodeError
 
 # When to (re)send the search burst, in seconds from the start; unicast replies come back in ~1 ms.
-SEARCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)
+SEARCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)  # the first burst goes out at once
 MULTICAST_TTL = 2  # one router hop beyond us is plenty; never flood further (UPnP DA §1.1.2 suggests 2)
 
 
@@ -87,14 +87,18 @@ async def search(
         else [(ssdp.build_msearch(t, mx=1), str(ssdp.MULTICAST_ADDRESS)) for t in targets]
     )
 
-    async def burst() -> None:
-        started = loop.time()
-        for at in SEARCH_SCHEDULE:
-            await asyncio.sleep(max(0.0, started + at - loop.time()))
-            for message, host in unicast + multicast:
-                datagram_transport.sendto(message, (host, ssdp.PORT))
+    def send_all() -> None:
+        for message, host in unicast + multicast:
+            datagram_transport.sendto(message, (host, ssdp.PORT))
 
-    sender = asyncio.ensure_future(burst())
+    async def retransmit() -> None:
+        started = loop.time()
+        for at in SEARCH_SCHEDULE[1:]:
+            await asyncio.sleep(max(0.0, started + at - loop.time()))
+            send_all()
+
+    send_all()  # now, not when a task first runs: the caller may do blocking work next
+    sender = asyncio.ensure_future(retransmit())
     try:
         yield protocol
     finally:

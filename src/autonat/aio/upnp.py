@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-import httpx
-
 from autonat.addresses import is_public
 from autonat.aio import http
 from autonat.aio.route import RouterLocation
@@ -104,14 +102,12 @@ class UpnpClient:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
         location: RouterLocation,
         secret: bytes,
         *,
         deadline: float,
         root_url: str | None = None,
     ) -> None:
-        self._http = client
         self._location = location
         self._secret = secret
         self._deadline = deadline
@@ -123,7 +119,7 @@ class UpnpClient:
     # --- discovery ---------------------------------------------------------------------------------
 
     async def _fetch(self, url: str, limit: int) -> bytes:
-        reply = await http.request(self._http, "GET", url, max_body=limit, deadline=self._deadline)
+        reply = await http.request("GET", url, max_body=limit, deadline=self._deadline)
         if reply.status != 200:
             raise RouterRefused(f"router answered HTTP {reply.status} for {url}", protocol=NAME, code=reply.status)
         return reply.body
@@ -131,7 +127,6 @@ class UpnpClient:
     async def soap(self, service: igd.Service, request: igd.SoapRequest) -> dict[str, str]:
         """One SOAP action; UpnpError for a fault, RouterRefused/RouterTimeout for transport trouble."""
         reply = await http.request(
-            self._http,
             "POST",
             service.control_url,
             max_body=igd.MAX_SOAP_SIZE,
