@@ -67,7 +67,7 @@ def upnpc(*args: str) -> None:
     subprocess.run(["upnpc", *args], check=True, capture_output=True, timeout=30)
 
 
-async def measure_autonat(rounds: int) -> tuple[dict[str, list[float]], str]:
+async def measure_autonat(rounds: int) -> dict[str, list[float]]:
     from autonat.aio.route import locate_router
     from autonat.aio.upnp import UpnpClient
     from autonat.mapper import MappingRequest
@@ -90,7 +90,17 @@ async def measure_autonat(rounds: int) -> tuple[dict[str, list[float]], str]:
         mapping = await upnp.add(MappingRequest(Transport.UDP, port, lifetime=3600))
         await upnp.delete_external(Transport.UDP, mapping.external_port)
 
-    results["autonat SOAP add+delete"] = await timed_async(rounds, add_delete)
+    # Interleaved with the raw exchange, round by round, so machine noise hits both alike.
+    host_port, path = control.removeprefix("http://").split("/", 1)
+    host, port = host_port.split(":")
+    raw_control = (host, int(port), "/" + path)
+    ours: list[float] = []
+    raw: list[float] = []
+    for index in range(rounds):
+        ours += await timed_async(1, lambda _, i=index: add_delete(i))
+        raw += timed_sync(1, lambda _, i=index: raw_add_delete(i, raw_control))
+    results["autonat SOAP add+delete"] = ours
+    results["raw SOAP add+delete"] = raw
 
     async def add_delete_by_internal(index: int) -> None:
         port = 42000 + index % 1000
@@ -98,18 +108,13 @@ async def measure_autonat(rounds: int) -> tuple[dict[str, list[float]], str]:
         await upnp.delete(Transport.UDP, port)
 
     results["autonat SOAP add+delete by internal port (3 calls)"] = await timed_async(rounds, add_delete_by_internal)
-    return results, control
+    return results
 
 
 def inside(rounds: int) -> dict[str, dict[str, float]]:
-    autonat_samples, control_url = asyncio.run(measure_autonat(rounds))
-    host_port, path = control_url.removeprefix("http://").split("/", 1)
-    host, port = host_port.split(":")
-    control = (host, int(port), "/" + path)
-    samples: dict[str, list[float]] = dict(autonat_samples)
-    samples["raw SOAP add+delete"] = timed_sync(rounds, lambda i: raw_add_delete(i, control))
+    samples = asyncio.run(measure_autonat(rounds))
     slow_rounds = max(5, rounds // 20)
-    samples["upnpc -s (SSDP discovery + status, process)"] = timed_sync(slow_rounds, lambda _: upnpc("-s"))
+    samples["upnpc -i -s (SSDP discovery + status, process)"] = timed_sync(slow_rounds, lambda _: upnpc("-i", "-s"))
     autonat = str(Path(sys.executable).with_name("autonat"))
     samples["autonat probe --protocol upnp (process)"] = timed_sync(
         slow_rounds,
@@ -126,8 +131,8 @@ def inside(rounds: int) -> dict[str, dict[str, float]]:
 
 
 RATIOS = [
-    ("autonat cold discovery to usable IGD (in-process)", "upnpc -s (SSDP discovery + status, process)"),
-    ("autonat probe --protocol upnp (process)", "upnpc -s (SSDP discovery + status, process)"),
+    ("autonat cold discovery to usable IGD (in-process)", "upnpc -i -s (SSDP discovery + status, process)"),
+    ("autonat probe --protocol upnp (process)", "upnpc -i -s (SSDP discovery + status, process)"),
     ("autonat SOAP add+delete", "raw SOAP add+delete"),
     ("autonat SOAP add+delete", "upnpc -u URL add + delete (two processes)"),
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -80,15 +81,16 @@ class Igd:
         }
 
 
-def alternative_ports(secret: bytes, transport: Transport, internal_port: int) -> list[int]:
-    """Where to go on a conflict: the same sequence after a restart, different per mapping and host."""
-    ports: list[int] = []
+def alternative_ports(secret: bytes, transport: Transport, internal_port: int) -> Iterator[int]:
+    """Where to go on a conflict: the same sequence after a restart, different per mapping and host.
+    Lazy: a keyed hash per port, computed only when a conflict asks for one."""
+    seen: set[int] = {internal_port}
     for attempt in range(1, MAX_ATTEMPTS * 4):
         digest = derive_nonce(secret, "upnp-port", transport, internal_port, attempt, size=4)
         port = 1024 + int.from_bytes(digest, "big") % (65536 - 1024)
-        if port not in ports and port != internal_port:
-            ports.append(port)
-    return ports
+        if port not in seen:
+            seen.add(port)
+            yield port
 
 
 def _refusal(error: igd.UpnpError, what: str) -> RouterRefused:
@@ -300,7 +302,7 @@ class UpnpClient:
         service, st = found.service, found.service.service_type
         lease = request.lifetime
         external = request.external_port or request.internal_port
-        alternatives = iter(alternative_ports(self._secret, request.transport, request.internal_port))
+        alternatives = alternative_ports(self._secret, request.transport, request.internal_port)
         used_any = conflict_501 = same_port = False
         for _ in range(MAX_ATTEMPTS * 2):
             arguments: dict[str, Any] = {

@@ -21,6 +21,7 @@ router's well-formed refusal of an action.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -164,12 +165,13 @@ def _clean(text: str, limit: int = _MAX_TEXT) -> str:
     return "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf", "Cs"))[:limit]
 
 
+# XML 1.0 §2.2 Char production: no C0 controls but tab/LF/CR, no surrogates, no U+FFFE/U+FFFF.
+_NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_NOT_IN_SERVICE_TYPE = re.compile('[\x00-\x20\x7f"<>&#\\\\]')
+
+
 def _xml_char_ok(char: str) -> bool:
-    # XML 1.0 §2.2 Char production: no C0 controls but tab/LF/CR, no surrogates, no U+FFFE/U+FFFF.
-    code = ord(char)
-    if code < 0x20:
-        return char in "\t\n\r"
-    return not (0xD800 <= code <= 0xDFFF or code in (0xFFFE, 0xFFFF))
+    return _NOT_XML_CHAR.match(char) is None
 
 
 # --- device description (§2.3) --------------------------------------------------------------------
@@ -403,11 +405,11 @@ class SoapRequest:
     def __post_init__(self) -> None:
         _check_name(self.action, "action")
         st = self.service_type
-        if not st or not st.isascii() or any(ord(c) <= 0x20 or ord(c) == 0x7F or c in '"<>&#\\' for c in st):
+        if not st or not st.isascii() or _NOT_IN_SERVICE_TYPE.search(st):
             raise ValueError(f"service_type cannot be sent in a SOAPAction header: {st!r}")
         for name, value in self.arguments:
             _check_name(name, "argument name")
-            if not isinstance(value, str) or not all(_xml_char_ok(c) for c in value):
+            if not isinstance(value, str) or _NOT_XML_CHAR.search(value):
                 raise ValueError(f"argument {name} has characters XML cannot carry: {value!r}")
 
     @property
