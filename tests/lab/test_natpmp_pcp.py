@@ -30,6 +30,14 @@ def test_probe_reports_gateway_external_ip_and_both_protocols(lab: Lab, state_di
     assert data["selected"] == "pcp"
 
 
+def test_gateway_and_interface_overrides(lab: Lab, state_dir: Path) -> None:
+    data = autonat_json(lab, state_dir, "probe", "--gateway", Lab.GATEWAY, "--interface", "eth0")
+    assert (data["gateway"], data["local_address"], data["interface"]) == (Lab.GATEWAY, Lab.LAN_ADDRESS, "eth0")
+    assert data["external_ip"] == Lab.ROUTER_WAN
+    wrong = autonat(lab, state_dir, "probe", "--interface", "wlan9")
+    assert wrong.returncode == 3 and wrong.stderr.strip() == "autonat: no network interface named 'wlan9'"
+
+
 def test_probe_human_output(lab: Lab, state_dir: Path) -> None:
     result = autonat(lab, state_dir, "probe")
     assert result.returncode == 0

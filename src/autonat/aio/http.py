@@ -24,6 +24,7 @@ import httptools
 from autonat.errors import RouterRefused, RouterTimeout
 
 MAX_HEADER_SIZE = 16 * 1024
+CONNECT_TIMEOUT = 1.0  # a router on the LAN accepts in a millisecond; the total deadline still applies
 READ_SIZE = 65536
 USER_AGENT = "autonat UPnP/1.1"
 
@@ -121,7 +122,13 @@ async def _exchange(address: tuple[str, int], payload: bytes, url: str, max_body
     parser = httptools.HttpResponseParser(reply)
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
-        await loop.sock_connect(sock, address)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await loop.sock_connect(sock, address)
+        except TimeoutError:
+            raise RouterHttpError(
+                f"router did not accept a connection for {url} within {CONNECT_TIMEOUT:g} s"
+            ) from None
         await loop.sock_sendall(sock, payload)
         while not reply.complete:
             data = await loop.sock_recv(sock, READ_SIZE)
