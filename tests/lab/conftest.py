@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,9 @@ def double_nat_lab(lab: Lab) -> Iterator[Lab]:
         yield lab
     finally:
         lab.set_double_nat(False)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    """A fresh autonat state directory (host secret, PCP nonces) for one test."""
+    return tmp_path / "state"

@@ -13,11 +13,6 @@ from tests.lab.cli_helpers import autonat, autonat_json, listed, reaches_lan
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
 def test_probe_reports_gateway_external_ip_and_both_protocols(lab: Lab, state_dir: Path) -> None:
     data = autonat_json(lab, state_dir, "probe")
     assert data["gateway"] == Lab.GATEWAY

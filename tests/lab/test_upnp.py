@@ -12,11 +12,6 @@ from tests.lab.cli_helpers import autonat, autonat_json, listed, reaches_lan
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
 def test_probe_lists_upnp_with_root_url_and_device(lab: Lab, state_dir: Path) -> None:
     data = autonat_json(lab, state_dir, "probe")
     upnp = data["protocols"]["upnp"]

@@ -453,8 +453,9 @@ def test_argument_order_and_names() -> None:
         return [name for name, _ in request.arguments]
 
     mapping = names(
-        igd.add_any_port_mapping(
+        igd.add_port_mapping(
             WANIP2,
+            any_port=True,
             external_port=0,
             transport=Transport.TCP,
             internal_port=80,
@@ -725,8 +726,9 @@ def test_bad_soap_responses(data: bytes, status: int, reason: str) -> None:
 
 
 def test_add_any_port_mapping_reserved_port() -> None:
-    request = igd.add_any_port_mapping(
+    request = igd.add_port_mapping(
         WANIP2,
+        any_port=True,
         external_port=5060,
         transport=Transport.UDP,
         internal_port=5060,

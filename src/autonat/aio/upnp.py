@@ -316,7 +316,7 @@ class UpnpClient:
             try:
                 if used_any:
                     external = igd.reserved_port_from(
-                        await self.soap(service, igd.add_any_port_mapping(st, **arguments))
+                        await self.soap(service, igd.add_port_mapping(st, any_port=True, **arguments))
                     )
                 else:
                     await self.soap(service, igd.add_port_mapping(st, **arguments))

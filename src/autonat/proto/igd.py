@@ -54,7 +54,6 @@ __all__ = [
     "SoapRequest",
     "StatusInfo",
     "UpnpError",
-    "add_any_port_mapping",
     "add_port_mapping",
     "delete_port_mapping",
     "external_ip_from",
@@ -678,10 +677,13 @@ def add_port_mapping(
     lease: int,
     remote_host: str = "",
     enabled: bool = True,
+    any_port: bool = False,
 ) -> SoapRequest:
-    """AddPortMapping (WANIPConnection:1 and :2). `lease` 0 asks for a permanent
-    mapping (IGD:2 routers may answer 725 OnlyPermanentLeasesSupported the other way round);
-    `remote_host` "" is the wildcard. The description is passed through `sanitize_description`."""
+    """AddPortMapping (WANIPConnection:1 and :2), or with `any_port` AddAnyPortMapping (IGD:2 only),
+    where the router picks another external port instead of failing (read it with
+    `reserved_port_from`). `lease` 0 asks for a permanent mapping (IGD:2 routers may answer 725
+    OnlyPermanentLeasesSupported the other way round); `remote_host` "" is the wildcard. The
+    description is passed through `sanitize_description`."""
     arguments = _mapping_arguments(
         external_port=external_port,
         transport=transport,
@@ -692,34 +694,7 @@ def add_port_mapping(
         remote_host=remote_host,
         enabled=enabled,
     )
-    return SoapRequest("AddPortMapping", service_type, arguments)
-
-
-def add_any_port_mapping(
-    service_type: str,
-    *,
-    external_port: int,
-    transport: Transport,
-    internal_port: int,
-    internal_client: str,
-    description: str,
-    lease: int,
-    remote_host: str = "",
-    enabled: bool = True,
-) -> SoapRequest:
-    """AddAnyPortMapping (IGD:2, WANIPConnection:2 only): like AddPortMapping, but the router
-    picks another external port instead of failing; read it with `reserved_port_from`."""
-    arguments = _mapping_arguments(
-        external_port=external_port,
-        transport=transport,
-        internal_port=internal_port,
-        internal_client=internal_client,
-        description=description,
-        lease=lease,
-        remote_host=remote_host,
-        enabled=enabled,
-    )
-    return SoapRequest("AddAnyPortMapping", service_type, arguments)
+    return SoapRequest("AddAnyPortMapping" if any_port else "AddPortMapping", service_type, arguments)
 
 
 def reserved_port_from(outputs: Mapping[str, str]) -> int:
