@@ -102,8 +102,11 @@ class RouterSession:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         self.channel.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
     def _clients(self) -> dict[str, PortMapper]:
         return {"pcp": self.pcp, "natpmp": self.natpmp, "upnp": self.upnp}

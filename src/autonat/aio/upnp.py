@@ -382,6 +382,36 @@ class UpnpClient:
             if error.code not in (714, 730):
                 raise _refusal(error, f"DeletePortMapping {transport} {external_port}") from None
 
+    async def entry(self, transport: Transport, external_port: int) -> igd.PortMappingEntry | None:
+        """GetSpecificPortMappingEntry: the router's view of one mapping; None when it has none (714)."""
+        found = await self.discover()
+        request = igd.get_specific_port_mapping_entry(
+            found.service.service_type, external_port=external_port, transport=transport
+        )
+        try:
+            outputs = await self.soap(found.service, request)
+        except igd.UpnpError as error:
+            if error.code in (714, 730):
+                return None
+            raise _refusal(error, f"GetSpecificPortMappingEntry {transport} {external_port}") from None
+        try:
+            return igd.specific_entry_from(outputs, external_port, transport)
+        except DecodeError as exc:
+            raise RouterRefused(f"router's mapping entry is malformed: {exc.reason}", protocol=NAME, code=0) from None
+
+    async def external_ip(self) -> IPv4Address | None:
+        """GetExternalIPAddress on the chosen service, asked again (not the discovery-time answer)."""
+        found = await self.discover()
+        try:
+            outputs = await self.soap(found.service, igd.get_external_ip_address(found.service.service_type))
+            return igd.external_ip_from(outputs)
+        except igd.UpnpError as error:
+            raise _refusal(error, "GetExternalIPAddress") from None
+        except DecodeError as exc:
+            raise RouterRefused(
+                f"router's external address is malformed: {exc.reason}", protocol=NAME, code=0
+            ) from None
+
     async def delete(self, transport: Transport, internal_port: int) -> None:
         """Delete every mapping of ours (InternalClient = us) for `internal_port`."""
         found = await self.discover()

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -282,6 +283,166 @@ def map_list(gateway: str | None, interface: str | None, timeout: float, root_ur
             f" lease {row['lease']:>6} s  {row['description']!r}"
         )
     click.echo(f"{len(rows)} mapping{'s' if len(rows) != 1 else ''} (* = made by this host's autonat)")
+
+
+# --- the daemon and its control verbs ---------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="TOML config file.")
+@click.option("--nonat", is_flag=True, help="No NAT discovery at all (nat_map says NAT is disabled).")
+@click.option("--nonatmap", is_flag=True, help="Discover and learn the external IP, but map no ports.")
+def run(config_path: Path | None, nonat: bool, nonatmap: bool) -> None:
+    """Run the daemon in the foreground: keep the configured mappings, answer nat_map, stop on SIGTERM."""
+    from autonat.daemon.config import load_config
+    from autonat.daemon.run import run_daemon
+
+    def go() -> Coroutine[Any, Any, int]:
+        config = load_config(config_path).with_overrides(nonat=nonat, nonatmap=nonatmap)
+        return run_daemon(config)
+
+    try:
+        coroutine = go()
+    except AutonatError as exc:
+        for line in str(exc).splitlines():
+            click.echo(f"autonat: {line}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(run_async(coroutine))
+
+
+def socket_option(function: F) -> F:
+    from autonat.daemon.config import default_socket_path
+
+    return click.option(
+        "--socket",
+        "socket_path",
+        type=click.Path(path_type=Path),
+        default=default_socket_path,
+        envvar="AUTONAT_SOCKET",
+        show_default="/run/autonat/control.sock for root",
+        help="The daemon's control socket.",
+    )(function)
+
+
+def control_call(socket_path: Path, request: dict[str, Any]) -> Any:
+    from autonat.daemon.control import ControlClient
+
+    async def go() -> Any:
+        async with ControlClient(socket_path) as client:
+            return await client.call(request)
+
+    return run_async(go())
+
+
+NAT_TYPES = {"pcp": "PCP", "natpmp": "PMP", "upnp": "UPNP"}
+
+
+def _print_nat_status(status: dict[str, Any]) -> None:
+    """FreeSWITCH's `nat_map status` layout, so its users' scripts keep working."""
+    if status["nat"] == "disabled":
+        click.echo("NAT is disabled.")
+        return
+    nat_type = NAT_TYPES.get(status["protocol"] or "", "NONE")
+    if status["state"] != "ready":
+        nat_type += f" ({status['state']})"
+    click.echo(f"Nat Type: {nat_type}, ExtIP: {status['external_ip'] or ''}")
+    click.echo(f"NAT port mapping {'enabled' if status['mapping_enabled'] else 'disabled'}.")
+    click.echo("port,proto,proto_num,sticky")
+    for row in status["mappings"]:
+        click.echo(f"{row['port']},{row['proto']},{row['proto_num']},{int(row['sticky'])}")
+    click.echo(f"\n{len(status['mappings'])} total.")
+
+
+@cli.group(name="nat_map")
+def nat_map() -> None:
+    """FreeSWITCH's nat_map verbs, sent to the running daemon."""
+
+
+@nat_map.command(name="status")
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="Everything, as JSON (external ports, leases, errors).")
+def nat_map_status(socket_path: Path, as_json: bool) -> None:
+    """Nat type, external IP and every mapping."""
+    status = control_call(socket_path, {"cmd": "status"})
+    if as_json:
+        print_json(status)
+    else:
+        _print_nat_status(status)
+
+
+@nat_map.command(name="add")
+@click.argument("port", type=click.IntRange(1, 65535))
+@transport_argument
+@click.argument("sticky", required=False, type=click.Choice(["sticky"]))
+@socket_option
+@click.option("--json", "as_json", is_flag=True)
+def nat_map_add(port: int, transport: str, sticky: str | None, socket_path: Path, as_json: bool) -> None:
+    """Map PORT; `sticky` keeps it across daemon restarts. Prints the external address and port."""
+    request = {"cmd": "add", "port": port, "proto": transport.lower(), "sticky": sticky is not None}
+    mapping = control_call(socket_path, request)
+    if as_json:
+        print_json(mapping)
+    elif mapping["state"] == "active":
+        click.echo(f"{mapping['external_ip']}:{mapping['external_port']}")
+    elif mapping["state"] == "pending":
+        click.echo("pending: the router is not known yet; the mapping is made as soon as it is")
+    else:
+        click.echo(f"autonat: mapping failed: {mapping['last_error']} (the daemon keeps retrying)", err=True)
+        sys.exit(5)
+
+
+@nat_map.command(name="del")
+@click.argument("port", type=click.IntRange(1, 65535))
+@transport_argument
+@socket_option
+def nat_map_del(port: int, transport: str, socket_path: Path) -> None:
+    """Remove a mapping from the router and from the daemon."""
+    control_call(socket_path, {"cmd": "del", "port": port, "proto": transport.lower()})
+    click.echo("deleted")
+
+
+@nat_map.command(name="republish")
+@socket_option
+def nat_map_republish(socket_path: Path) -> None:
+    """Send every mapping to the router again now."""
+    status = control_call(socket_path, {"cmd": "republish"})
+    click.echo(f"republished {len(status['mappings'])} mappings")
+
+
+@nat_map.command(name="reinit")
+@socket_option
+def nat_map_reinit(socket_path: Path) -> None:
+    """Rediscover the router and swap the result in, then re-make every mapping."""
+    probe = control_call(socket_path, {"cmd": "reinit"})
+    click.echo(f"Nat Type: {NAT_TYPES.get(probe['selected'] or '', 'NONE')}, ExtIP: {probe['external_ip'] or ''}")
+
+
+@nat_map.command(name="mapping")
+@click.argument("action", type=click.Choice(["enable", "disable"]))
+@socket_option
+def nat_map_mapping(action: str, socket_path: Path) -> None:
+    """Enable or disable port mapping (disable removes our mappings from the router, keeps them wanted)."""
+    control_call(socket_path, {"cmd": "mapping", "enable": action == "enable"})
+    click.echo(f"NAT port mapping {action}d.")
+
+
+@cli.command()
+@socket_option
+def events(socket_path: Path) -> None:
+    """Stream the daemon's events as JSON lines (nat-add, nat-lost, external-address-change, ...)."""
+    from autonat.daemon.control import ControlClient, ControlError
+
+    async def go() -> None:
+        async with ControlClient(socket_path) as client:
+            await client.send({"cmd": "events"})
+            first = await client.receive()
+            if not first.get("ok"):
+                raise ControlError(str(first.get("error")))
+            while True:
+                click.echo(json.dumps(await client.receive()))
+                sys.stdout.flush()
+
+    run_async(go())
 
 
 def _register() -> None:

@@ -1,0 +1,1 @@
+"""The long-running autonat daemon: configuration, mapping upkeep and the control interface."""

@@ -1,0 +1,693 @@
+"""The daemon's configuration: one TOML file, checked in full before anything starts.
+
+A config file is untrusted input (edited by hand, copied from a forum, or simply the wrong file). It is
+size-capped before parsing, every key is checked against the schema (a misspelling gets a suggestion),
+and every mistake becomes one line `FILE: what is wrong`. All the mistakes of a file are reported at
+once, so fixing a config takes one edit rather than one restart per typo. Nothing is silently ignored:
+a value that can have no effect (a token without a TCP listener, mappings with NAT disabled) is kept in
+`Config.warnings` for the daemon to log.
+
+`load_config(None)` gives the defaults: NAT discovery on, no static mappings, control on a Unix socket.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Final, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from autonat.addresses import parse_address
+from autonat.errors import AutonatError
+from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME
+from autonat.proto.exchange import DEFAULT_DEADLINE
+from autonat.proto.types import Transport
+from autonat.state import state_dir
+
+ProtocolName = Literal["auto", "pcp", "natpmp", "upnp"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+MAX_CONFIG_SIZE: Final = 64 * 1024
+MIN_LEASE: Final = 120  # below this the refresh traffic is a load on the router, not a safety margin
+DEFAULT_UPNP_LEASE: Final = 3600
+MAX_INTERVAL: Final = 3600
+MAX_MAPPINGS: Final = 256  # each one is a request to a home router; more is a generated file gone wrong
+MAX_PROBLEMS: Final = 100  # a binary fed as config would otherwise print thousands of lines
+MIN_TOKEN_LENGTH: Final = 16
+MAX_TEXT_LENGTH: Final = 1024
+MAX_OWNER_LENGTH: Final = 64
+MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
+MAX_INTERFACE_NAME: Final = 15  # IFNAMSIZ - 1
+
+_PROTOCOLS: Final[dict[str, ProtocolName]] = {"auto": "auto", "pcp": "pcp", "natpmp": "natpmp", "upnp": "upnp"}
+_LOG_LEVELS: Final[dict[str, LogLevel]] = {"debug": "debug", "info": "info", "warning": "warning", "error": "error"}
+_TRANSPORTS: Final[dict[str, tuple[Transport, ...]]] = {
+    "udp": (Transport.UDP,),
+    "tcp": (Transport.TCP,),
+    "both": (Transport.UDP, Transport.TCP),
+}
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TOML_POSITION = re.compile(r"(?P<message>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)", re.DOTALL)
+
+T = TypeVar("T")
+
+
+class ConfigError(AutonatError):
+    """A config file that cannot be used: one line per mistake, all of a file's mistakes together."""
+
+    exit_code = 2
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class NatConfig:
+    """How to find the router and keep mappings on it. Durations are seconds.
+
+    `gateway`, `interface` and `root_url` are None when the file leaves them empty ("find it myself"),
+    which is what `RouterSession.open` takes.
+    """
+
+    enabled: bool = True
+    mapping: bool = True
+    protocol: ProtocolName = "auto"
+    gateway: str | None = None
+    interface: str | None = None
+    root_url: str | None = None
+    lease: int = DEFAULT_LIFETIME
+    upnp_lease: int = DEFAULT_UPNP_LEASE
+    verify_interval: int = 60
+    external_ip_interval: int = 60
+    timeout: float = DEFAULT_DEADLINE
+    shutdown_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class StaticMapping:
+    """A mapping the daemon makes at start and keeps; `external_port` 0 asks for the same port (or any)."""
+
+    port: int
+    transport: Transport
+    external_port: int = 0
+    sticky: bool = False
+    owner: str = "config"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """Where the control interface listens. `tcp` is (IP literal, port) and always comes with a token."""
+
+    socket: Path
+    tcp: tuple[str, int] | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: kept out of logged reprs
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the daemon needs to start; `source` is the file it came from (None: defaults)."""
+
+    nat: NatConfig
+    mappings: tuple[StaticMapping, ...]
+    control: ControlConfig
+    journal_path: Path
+    log_level: LogLevel
+    source: Path | None
+    warnings: tuple[str, ...] = ()
+
+    def with_overrides(self, nonat: bool = False, nonatmap: bool = False) -> Config:
+        """Apply the --nonat / --nonatmap command-line flags, which only ever switch things off."""
+        nat = replace(self.nat, enabled=self.nat.enabled and not nonat, mapping=self.nat.mapping and not nonatmap)
+        return replace(self, nat=nat)
+
+
+def default_socket_path() -> Path:
+    """/run/autonat/control.sock for root, else $XDG_RUNTIME_DIR/autonat/control.sock, else in state_dir()."""
+    if os.geteuid() == 0:
+        return Path("/run/autonat/control.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    # The XDG spec says a relative $XDG_RUNTIME_DIR is invalid and must be ignored.
+    if runtime and Path(runtime).is_absolute():
+        return Path(runtime) / "autonat" / "control.sock"
+    return state_dir() / "control.sock"
+
+
+def default_journal_path() -> Path:
+    """state_dir()/journal.sqlite."""
+    return state_dir() / "journal.sqlite"
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and check a config file (None: the defaults); raise ConfigError listing every mistake."""
+    if path is None:
+        return _build({}, _Report("defaults"), None, file_mode=None)
+    where = _clean(str(path))
+    data, file_mode = _read(path, where)
+    return _build(_parse(data, where), _Report(where), path, file_mode=file_mode)
+
+
+# --- reading and parsing ---------------------------------------------------------------------------
+
+
+def _read(path: Path, where: str) -> tuple[bytes, int]:
+    """The file's bytes (at most one past the cap) and its mode bits."""
+    try:
+        # O_NONBLOCK: opening a FIFO named as the config must fail below, not hang the daemon's start.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{where}: cannot open: {_os_reason(exc)}"]) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError([f"{where}: not a regular file"])
+        chunks: list[bytes] = []
+        size = 0
+        # Read up to one byte past the cap whatever fstat said: the file may grow while we read it.
+        while size <= MAX_CONFIG_SIZE:
+            chunk = os.read(fd, MAX_CONFIG_SIZE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError([f"{where}: cannot read: {_os_reason(exc)}"]) from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks), info.st_mode
+
+
+def _parse(data: bytes, where: str) -> dict[str, object]:
+    if len(data) > MAX_CONFIG_SIZE:
+        raise ConfigError([f"{where}: larger than {MAX_CONFIG_SIZE // 1024} KiB, which no autonat config needs"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{where}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})"]) from None
+    # Editors on Windows add a byte order mark that TOML does not allow; it carries no meaning.
+    text = text.removeprefix("\ufeff")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_problem(where, exc)]) from None
+    except ValueError as exc:
+        # tomllib lets int() refuse a decimal literal of more than 4300 digits with a bare ValueError.
+        raise ConfigError([f"{where}: invalid TOML: {_clean(str(exc), 200)}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{where}: invalid TOML: arrays or inline tables nested too deeply"]) from None
+
+
+def _syntax_problem(where: str, exc: tomllib.TOMLDecodeError) -> str:
+    line = getattr(exc, "lineno", None)  # Python 3.14+ carries the position as attributes
+    if isinstance(line, int):
+        return f"{where}:{line}:{getattr(exc, 'colno', 0)}: invalid TOML: {_clean(str(getattr(exc, 'msg', exc)))}"
+    text = str(exc)
+    match = _TOML_POSITION.fullmatch(text)
+    if match is None:
+        return f"{where}: invalid TOML: {_clean(text.replace(' (at end of document)', ' at the end of the file'))}"
+    return f"{where}:{match['line']}:{match['column']}: invalid TOML: {_clean(match['message'])}"
+
+
+def _os_reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _clean(str(exc))
+
+
+# --- collecting problems ---------------------------------------------------------------------------
+
+
+class _Missing:
+    """Marks a key absent from its table (None cannot: TOML has no null, but a sentinel says so)."""
+
+
+_MISSING: Final = _Missing()
+
+
+class _Report:
+    """Every mistake and warning of one file, each one line prefixed with the file's name."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.tables: list[_Table] = []
+        self.unknown: list[tuple[_Table, str]] = []
+
+    def error(self, text: str) -> None:
+        self.errors.append(f"{self.where}: {text}")
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(f"{self.where}: {text}")
+
+    def raise_if_any(self) -> None:
+        for table, key in self.unknown:
+            self.error(f"unknown key {table.name(_show_key(key))}{self._suggestion(table, key)}")
+        if not self.errors:
+            return
+        problems = self.errors
+        if len(problems) > MAX_PROBLEMS:
+            more = len(problems) - MAX_PROBLEMS + 1
+            problems = [*problems[: MAX_PROBLEMS - 1], f"{self.where}: ... and {more} more mistakes"]
+        raise ConfigError(problems)
+
+    def _suggestion(self, table: _Table, key: str) -> str:
+        close = table.closest(key)
+        if close:
+            return f" (did you mean {table.name(close)}?)"
+        if not (table.is_section or table.prefix == ""):
+            return ""
+        # The right key in the wrong section: `[nat] socket = ...` meant `[control] socket`.
+        for other in self.tables:
+            if other is not table and other.is_section and key in other.known:
+                return f" (did you mean {other.name(key)}?)"
+        return ""
+
+
+class _Table:
+    """One TOML table being checked: typed getters that report mistakes and fall back to defaults.
+
+    Every getter registers its key as known, so the keys left over at `finish()` are the unknown ones.
+    """
+
+    def __init__(self, report: _Report, data: Mapping[str, object], prefix: str, *, is_section: bool) -> None:
+        self.report = report
+        self.data = data
+        self.prefix = prefix
+        self.is_section = is_section
+        self.known: list[str] = []
+        report.tables.append(self)
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str) -> object:
+        self.known.append(key)
+        return self.data.get(key, _MISSING)
+
+    def unknown(self) -> list[str]:
+        return [key for key in self.data if key not in self.known]
+
+    def misspelled(self) -> set[str]:
+        """The known keys that this table's unknown keys are close to (what was meant instead)."""
+        return {close for key in self.unknown() if (close := self.closest(key))}
+
+    def closest(self, key: str) -> str | None:
+        if len(key) > 64:
+            return None
+        close = difflib.get_close_matches(key.lower(), self.known, n=1, cutoff=0.6)
+        return close[0] if close else None
+
+    def finish(self) -> None:
+        self.report.unknown.extend((self, key) for key in self.unknown())
+
+    def error(self, key: str, text: str) -> None:
+        self.report.error(f"{self.name(key)} {text}")
+
+    def wrong_type(self, key: str, expected: str, value: object) -> None:
+        self.error(key, f"must be {expected}, not {_describe(value)}")
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key)
+        if isinstance(value, _Missing):
+            return default
+        if not isinstance(value, bool):
+            self.wrong_type(key, "true or false", value)
+            return default
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int, unit: str = "") -> int:
+        value = self.get(key)
+        if isinstance(value, _Missing):
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.wrong_type(key, "an integer", value)
+            return default
+        if not low <= value <= high:
+            self.error(key, f"must be {low}..{high}{unit}, not {_show_int(value)}{_zero_hint(key, value)}")
+            return default
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float, unit: str = "") -> float:
+        value = self.get(key)
+        if isinstance(value, _Missing):
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.wrong_type(key, "a number", value)
+            return default
+        # Compared before float(): a huge TOML integer would overflow the conversion. `not` so NaN fails.
+        if not low <= value <= high:
+            shown = _show_int(value) if isinstance(value, int) else repr(value)
+            self.error(key, f"must be {low:g}..{high:g}{unit}, not {shown}")
+            return default
+        return float(value)
+
+    def text(self, key: str, default: str, *, max_length: int = MAX_TEXT_LENGTH) -> str:
+        value = self.get(key)
+        if isinstance(value, _Missing):
+            return default
+        if not isinstance(value, str):
+            self.wrong_type(key, "a string", value)
+            return default
+        if len(value) > max_length:
+            self.error(key, f"must be at most {max_length} characters, not {len(value)}")
+            return default
+        if not value.isprintable():
+            self.error(key, f"must be printable text, not {_quote(value)}")
+            return default
+        return value
+
+    def choice(self, key: str, options: Mapping[str, T], default: T) -> T:
+        """One of `options`' keys, any case (routers and people write UDP and udp alike)."""
+        mistakes = len(self.report.errors)
+        text = self.text(key, "")
+        if not self.has(key) or len(self.report.errors) != mistakes:
+            return default
+        wanted = text.strip().lower()
+        if wanted in options:
+            return options[wanted]
+        close = difflib.get_close_matches(wanted, list(options), n=1, cutoff=0.6) if len(wanted) < 64 else []
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        self.error(key, f"must be one of {', '.join(options)}, not {_quote(text)}{hint}")
+        return default
+
+
+# --- building the config ---------------------------------------------------------------------------
+
+
+def _build(document: Mapping[str, object], report: _Report, source: Path | None, *, file_mode: int | None) -> Config:
+    top = _Table(report, document, "", is_section=False)
+    nat = _nat(_section(top, "nat"))
+    mappings = _mappings(top, report)
+    control = _control(_section(top, "control"), report, file_mode)
+    journal = _journal(_section(top, "journal"))
+    log = _section(top, "log")
+    level = log.choice("level", _LOG_LEVELS, "info")
+    log.finish()
+    top.finish()
+    report.raise_if_any()
+
+    if mappings and not nat.enabled:
+        report.warn(f"nat.enabled = false: the {len(mappings)} [[mapping]] entries are not made")
+    elif mappings and not nat.mapping:
+        report.warn(f"nat.mapping = false: the {len(mappings)} [[mapping]] entries are not made")
+    return Config(nat, mappings, control, journal, level, source, tuple(report.warnings))
+
+
+def _section(top: _Table, key: str) -> _Table:
+    """The table `[key]`, or an empty one (with the mistake reported) when it is something else."""
+    value = top.get(key)
+    if isinstance(value, dict):
+        return _Table(top.report, value, key, is_section=True)
+    if not isinstance(value, _Missing):
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            top.error(key, f"must be a table ([{key}]), not an array of tables ([[{key}]])")
+        else:
+            top.wrong_type(key, f"a table ([{key}])", value)
+    return _Table(top.report, {}, key, is_section=True)
+
+
+def _nat(table: _Table) -> NatConfig:
+    seconds = " seconds"
+    config = NatConfig(
+        enabled=table.flag("enabled", True),
+        mapping=table.flag("mapping", True),
+        protocol=table.choice("protocol", _PROTOCOLS, "auto"),
+        gateway=_gateway(table),
+        interface=_interface(table),
+        root_url=_root_url(table),
+        lease=table.integer("lease", DEFAULT_LIFETIME, MIN_LEASE, MAX_LIFETIME, seconds),
+        upnp_lease=table.integer("upnp_lease", DEFAULT_UPNP_LEASE, MIN_LEASE, MAX_LIFETIME, seconds),
+        verify_interval=table.integer("verify_interval", 60, 1, MAX_INTERVAL, seconds),
+        external_ip_interval=table.integer("external_ip_interval", 60, 1, MAX_INTERVAL, seconds),
+        timeout=table.number("timeout", DEFAULT_DEADLINE, 0.05, 60, seconds),
+        shutdown_timeout=table.number("shutdown_timeout", 2.0, 0.1, 60, seconds),
+    )
+    table.finish()
+    return config
+
+
+def _gateway(table: _Table) -> str | None:
+    text = table.text("gateway", "")
+    if not text:
+        return None
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        # An IP literal only: resolving a name for the router would trust whatever DNS says.
+        table.error("gateway", f"must be an IP address (or empty for the default route), not {_quote(text)}")
+        return None
+
+
+def _interface(table: _Table) -> str | None:
+    text = table.text("interface", "")
+    if not text:
+        return None
+    # What the Linux kernel accepts as a device name (dev_valid_name).
+    if len(text) > MAX_INTERFACE_NAME or text in {".", ".."} or any(c in text for c in "/: \t"):
+        table.error("interface", f"must be a network interface name such as eth0, not {_quote(text)}")
+        return None
+    return text
+
+
+def _root_url(table: _Table) -> str | None:
+    text = table.text("root_url", "")
+    if not text:
+        return None
+    problem = _url_problem(text)
+    if problem:
+        table.error("root_url", f"{problem}, not {_quote(text)}")
+        return None
+    return text
+
+
+def _url_problem(text: str) -> str | None:
+    """Why `text` cannot be an IGD root description URL (the same rules the UPnP client applies)."""
+    if not text.isascii() or " " in text or "\\" in text:
+        return "must be a URL without spaces, backslashes or non-ASCII characters"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (parsing the port is the check)
+    except ValueError:
+        return "must be a valid URL"
+    if parts.scheme.lower() != "http":
+        return "must be an http:// URL (UPnP descriptions are served over plain HTTP)"
+    if not parts.hostname:
+        return "must name the router's host"
+    if "@" in parts.netloc:
+        return "must not carry a user name or password"
+    return None
+
+
+def _mappings(top: _Table, report: _Report) -> tuple[StaticMapping, ...]:
+    value = top.get("mapping")
+    if isinstance(value, _Missing):
+        return ()
+    if isinstance(value, dict):
+        top.error("mapping", "must be an array of tables ([[mapping]], one per mapping), not a single [mapping] table")
+        return ()
+    if not isinstance(value, list):
+        top.wrong_type("mapping", "an array of tables ([[mapping]])", value)
+        return ()
+    if len(value) > MAX_MAPPINGS:
+        top.error("mapping", f"has {len(value)} entries; at most {MAX_MAPPINGS} are allowed")
+        return ()
+    result: list[StaticMapping] = []
+    by_port: dict[tuple[Transport, int], int] = {}
+    by_external: dict[tuple[Transport, int], int] = {}
+    # Numbered from 1 like the [[mapping]] blocks a person counts in the file.
+    for number, item in enumerate(value, start=1):
+        name = f"mapping[{number}]"
+        if not isinstance(item, dict):
+            top.report.error(f"{name} must be a table, not {_describe(item)}")
+            continue
+        for mapping in _mapping(_Table(report, item, name, is_section=False)):
+            key = (mapping.transport, mapping.port)
+            if key in by_port:
+                report.error(f"{name} ({mapping.transport} port {mapping.port}) duplicates mapping[{by_port[key]}]")
+                continue
+            by_port[key] = number
+            if mapping.external_port:
+                outside = (mapping.transport, mapping.external_port)
+                if outside in by_external:
+                    report.error(
+                        f"{name} ({mapping.transport} external_port {mapping.external_port})"
+                        f" collides with mapping[{by_external[outside]}]"
+                    )
+                    continue
+                by_external[outside] = number
+            result.append(mapping)
+    return tuple(result)
+
+
+def _mapping(table: _Table) -> list[StaticMapping]:
+    """One [[mapping]] block: two StaticMapping for transport "both", none if the block has mistakes."""
+    mistakes = len(table.report.errors)
+    port = table.integer("port", 0, 1, 65535)
+    transports = table.choice("transport", _TRANSPORTS, ())
+    external_port = table.integer("external_port", 0, 0, 65535, " (0: same as port)")
+    sticky = table.flag("sticky", False)
+    owner = table.text("owner", "config", max_length=MAX_OWNER_LENGTH)
+    if table.has("owner") and not owner:
+        table.error("owner", f"must be 1..{MAX_OWNER_LENGTH} printable characters, not empty")
+    for required in ("port", "transport"):
+        # A misspelled `prot = 5060` is one mistake, reported once as an unknown key with its suggestion.
+        if not table.has(required) and required not in table.misspelled():
+            table.error(required, "is required")
+    table.finish()
+    if len(table.report.errors) != mistakes:
+        return []
+    return [StaticMapping(port, transport, external_port, sticky, owner) for transport in transports]
+
+
+def _control(table: _Table, report: _Report, file_mode: int | None) -> ControlConfig:
+    socket = _socket(table, report)
+    tcp = _tcp(table, report)
+    # Asked for, even if its value has a mistake of its own: the missing token is a second one.
+    tcp_wanted = table.data.get("tcp", "") != ""
+    token = table.text("token", "") or None
+    table.finish()
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        table.error("token", f"must be at least {MIN_TOKEN_LENGTH} characters, not {len(token)}")
+        return ControlConfig(socket, None, None)
+    if tcp_wanted and table.data.get("token", "") == "":
+        table.error("tcp", f"needs control.token (at least {MIN_TOKEN_LENGTH} characters) to guard it")
+        return ControlConfig(socket, None, None)
+    if token is not None and not tcp_wanted:
+        report.warn("control.token is set but control.tcp is not: the token is not used")
+    if token is not None and file_mode is not None and file_mode & stat.S_IROTH:
+        report.warn("the file holds control.token but any user can read it (chmod o-r)")
+    return ControlConfig(socket, tcp, token)
+
+
+def _socket(table: _Table, report: _Report) -> Path:
+    text = table.text("socket", "")
+    if not text:
+        path = default_socket_path()
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            report.warn(f"the default control socket {_clean(str(path))} is too long to bind; set control.socket")
+        return path
+    path = Path(text)
+    if not path.is_absolute():
+        table.error("socket", f"must be an absolute path, not {_quote(text)}")
+    elif len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        table.error("socket", f"must be at most {MAX_SOCKET_PATH} bytes long (a Unix socket path limit)")
+    return path
+
+
+def _tcp(table: _Table, report: _Report) -> tuple[str, int] | None:
+    text = table.text("tcp", "")
+    if not text:
+        return None
+    parsed = _host_port(text)
+    if isinstance(parsed, str):
+        table.error("tcp", f"{parsed}, not {_quote(text)}")
+        return None
+    host, port = parsed
+    if not parse_address(host).is_loopback:
+        report.warn(
+            f"control.tcp listens on {text.strip()}, which is not loopback: anyone who can reach it may try the token"
+        )
+    return host, port
+
+
+def _host_port(text: str) -> tuple[str, int] | str:
+    """("IP", port) from "IP:PORT" or "[IPv6]:PORT", or why not."""
+    text = text.strip()
+    if text.startswith("["):
+        host, bracket, port_text = text[1:].partition("]:")
+        if not bracket:
+            return "must be HOST:PORT with the IPv6 address in brackets, as [::1]:7070"
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            return "must be HOST:PORT, as 127.0.0.1:7070"
+        if ":" in host:
+            return "must put an IPv6 address in brackets, as [::1]:7070"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "must have an IP address as its host (no host names)"
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        return "must have a port 1..65535"
+    return str(address), int(port_text)
+
+
+def _journal(table: _Table) -> Path:
+    text = table.text("path", "")
+    table.finish()
+    if not text:
+        return default_journal_path()
+    path = Path(text)
+    if not path.is_absolute():
+        table.error("path", f"must be an absolute path, not {_quote(text)}")
+    return path
+
+
+# --- showing untrusted text on one line -------------------------------------------------------------
+
+
+def _describe(value: object) -> str:
+    """A TOML value as a user wrote it, for "must be X, not <this>"."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"the integer {_show_int(value)}"
+    if isinstance(value, float):
+        return f"the float {value!r}"
+    if isinstance(value, str):
+        return f"the string {_quote(value)}"
+    if isinstance(value, datetime | date | time):
+        return f"the date-time {value.isoformat()}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _show_int(value: int) -> str:
+    # A hexadecimal literal filling the file is an int too big for str() (the 4300-digit limit).
+    return str(value) if value.bit_length() < 64 else f"an integer of {value.bit_length()} bits"
+
+
+def _zero_hint(key: str, value: int) -> str:
+    if value == 0 and key in {"lease", "upnp_lease"}:
+        return " (0 would ask for a permanent mapping; autonat only makes leases that expire)"
+    return ""
+
+
+def _show_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _quote(key)
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    """`text` in double quotes, clipped, with anything that could break or fake a line escaped."""
+    body = "".join(_escape(c) for c in text[:limit])
+    return f'"{body}"' + ("..." if len(text) > limit else "")
+
+
+def _clean(text: str, limit: int = 300) -> str:
+    """Text from outside (a path, a parser message) made safe to print as part of one line."""
+    body = "".join(c if c.isprintable() else _escape(c) for c in text[:limit])
+    return body + ("..." if len(text) > limit else "")
+
+
+def _escape(char: str) -> str:
+    if char in '"\\':
+        return "\\" + char
+    if char.isprintable():
+        return char
+    return char.encode("unicode_escape").decode("ascii")

@@ -1,0 +1,648 @@
+"""The NAT engine: the one owner of the discovery result and of every mapping we want.
+
+What it promises, and how:
+- Start-up never waits for the router: discovery runs in the background (retrying with back-off),
+  mappings asked for meanwhile are kept and made as soon as a router is found.
+- Every mapping is journalled *before* it is requested and forgotten only *after* the router
+  confirmed its deletion, so a crash (even SIGKILL) leaves nothing in the router we no longer own:
+  at the next start, leftovers are deleted, or adopted when still wanted.
+- Finite leases, renewed per RFC 6887 §11.2.1, and a verification of every mapping each
+  `verify_interval`: PCP/NAT-PMP re-send the idempotent MAP (which also re-installs rules a router
+  silently flushed), UPnP asks GetSpecificPortMappingEntry and re-adds what is gone.
+- The router losing its state is noticed from the epoch (RFC 6886 §3.6, RFC 6887 §8.5), from
+  announcements on 224.0.0.1:5350 and SSDP NOTIFY, and from verification; all mappings are re-made.
+- An external address change is an event (old and new), never a restart of anything.
+- `reinit` builds a complete new discovery first and swaps it in atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from autonat.addresses import IPAddress, is_public
+from autonat.aio import watch
+from autonat.aio.router import ProbeResult, ProtocolChoice, RouterSession
+from autonat.engine import schedule
+from autonat.engine.events import EventBus, EventKind
+from autonat.engine.journal import Journal, JournalEntry
+from autonat.errors import AutonatError
+from autonat.mapper import MappingRequest, PortMapper
+from autonat.proto.types import Transport
+
+log = logging.getLogger("autonat.engine")
+holes = logging.getLogger("autonat.holes")
+
+MappingKey = tuple[Transport, int]
+DISCOVERY_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+FAILED_RETRY = (2.0, 5.0, 15.0, 30.0, 60.0)
+ANNOUNCE_SETTLE = 0.05  # miniupnpd's first announcement after a change is stale; the right one follows
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    nat_enabled: bool = True
+    mapping_enabled: bool = True
+    protocol: ProtocolChoice = "auto"
+    gateway: str | None = None
+    interface: str | None = None
+    root_url: str | None = None
+    lease: int = 7200
+    upnp_lease: int = 3600
+    verify_interval: float = 60.0
+    external_ip_interval: float = 60.0
+    timeout: float = 2.0
+    shutdown_timeout: float = 2.0
+    concurrency: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """A mapping somebody asked for."""
+
+    transport: Transport
+    internal_port: int
+    external_port: int = 0
+    sticky: bool = False
+    owner: str = "manual"
+
+
+@dataclass(eq=False)
+class ManagedMapping:
+    wanted: Wanted
+    state: str = "pending"  # pending | active | failed | disabled
+    protocol: str | None = None
+    external_ip: IPAddress | None = None
+    external_port: int | None = None
+    lease: int | None = None
+    granted_at: float | None = None  # loop clock
+    expires_wall: float | None = None
+    next_renewal: float = 0.0
+    next_verify: float = 0.0
+    failures: int = 0
+    last_error: str | None = None
+    busy: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def key(self) -> MappingKey:
+        return self.wanted.transport, self.wanted.internal_port
+
+    @property
+    def due_at(self) -> float:
+        if self.state == "active":
+            return min(self.next_renewal, self.next_verify)
+        return self.next_renewal  # pending/failed: when the next attempt is allowed
+
+    def to_dict(self) -> dict[str, Any]:
+        transport, port = self.key
+        return {
+            "port": port,
+            "proto": str(transport),
+            "proto_num": 0 if transport is Transport.UDP else 1,  # FreeSWITCH's numbering
+            "sticky": self.wanted.sticky,
+            "owner": self.wanted.owner,
+            "state": self.state,
+            "protocol": self.protocol,
+            "external_ip": None if self.external_ip is None else str(self.external_ip),
+            "external_port": self.external_port,
+            "lease": self.lease,
+            "expires_at": None if self.expires_wall is None else round(self.expires_wall, 3),
+            "last_error": self.last_error,
+        }
+
+
+class NatEngine:
+    """Owns the router session, the wanted mappings and the journal; use `start()` / `stop()`."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        journal: Journal | None = None,
+        *,
+        rand: Callable[[], float] = random.random,
+        session_factory: Callable[..., Any] = RouterSession.open,
+    ) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.events = EventBus()
+        self.mapping_enabled = settings.mapping_enabled
+        self.state = "disabled" if not settings.nat_enabled else "starting"
+        self.session: RouterSession | None = None
+        self.probe: ProbeResult | None = None
+        self.external_ip: IPAddress | None = None
+        self.last_error: str | None = None
+        self.mappings: dict[MappingKey, ManagedMapping] = {}
+        self._rand = rand
+        self._session_factory = session_factory
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listeners: list[asyncio.BaseTransport] = []
+        self._wake = asyncio.Event()
+        self._check_now = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._loop = asyncio.get_running_loop()
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    async def start(self, static: Iterable[Wanted] = ()) -> None:
+        """Returns at once: discovery and mapping happen in the background."""
+        for wanted in static:
+            self.mappings[(wanted.transport, wanted.internal_port)] = ManagedMapping(wanted)
+        if not self.settings.nat_enabled:
+            return
+        self.state = "discovering"
+        self._spawn(self._main())
+
+    async def wait_ready(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        return self._ready.is_set()
+
+    async def stop(self) -> None:
+        """Delete every non-sticky mapping within `shutdown_timeout`; sticky ones stay (and stay journalled)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._close_listeners()
+        if self.session is not None:
+            doomed = [m for m in self.mappings.values() if not m.wanted.sticky and m.protocol is not None]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.shutdown_timeout):
+                    await asyncio.gather(*(self._remove(m) for m in doomed), return_exceptions=True)
+            self.session.close()
+            self.session = None
+        self.state = "stopped"
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _main(self) -> None:
+        await self._discover_until_found()
+        await self._reconcile_journal()
+        await self._start_listeners()
+        self._spawn(self._external_ip_loop())
+        await self._scheduler()
+
+    # --- discovery -----------------------------------------------------------------------------
+
+    async def _open_session(self) -> tuple[RouterSession, ProbeResult]:
+        settings = self.settings
+        session: RouterSession = await self._session_factory(
+            settings.gateway, settings.interface, settings.timeout, settings.root_url
+        )
+        try:
+            probe = await session.probe(settings.protocol)
+            if probe.selected is None:
+                reasons = "; ".join(f"{name}: {status.reason}" for name, status in probe.protocols.items())
+                raise AutonatError(f"no port-mapping protocol works with {session.location.gateway} ({reasons})")
+        except BaseException:
+            session.close()
+            raise
+        return session, probe
+
+    async def _discover_until_found(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                session, probe = await self._open_session()
+            except AutonatError as exc:
+                self.last_error = str(exc)
+                delay = DISCOVERY_BACKOFF[min(attempt, len(DISCOVERY_BACKOFF) - 1)]
+                log.warning("discovery failed (%s); retrying in %g s", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            self._install(session, probe)
+            return
+
+    def _install(self, session: RouterSession, probe: ProbeResult) -> None:
+        old_ip = self.external_ip
+        self.session, self.probe = session, probe
+        self.external_ip = probe.external_ip
+        self.state = "ready"
+        self.last_error = None
+        self._ready.set()
+        log.info("NAT detected type: %s, ExtIP: %s", probe.selected, probe.external_ip)
+        self.events.publish(
+            EventKind.DISCOVERED,
+            protocol=probe.selected,
+            gateway=str(session.location.gateway),
+            external_ip=None if probe.external_ip is None else str(probe.external_ip),
+        )
+        if probe.double_nat:
+            self.events.publish(EventKind.DOUBLE_NAT, external_ip=str(probe.external_ip))
+        if old_ip is not None and old_ip != probe.external_ip:
+            self._address_changed(old_ip, probe.external_ip)
+
+    def _mapper(self, protocol: str | None = None) -> PortMapper:
+        assert self.session is not None and self.probe is not None
+        name = protocol or self.probe.selected
+        clients: dict[str, PortMapper] = {
+            "pcp": self.session.pcp,
+            "natpmp": self.session.natpmp,
+            "upnp": self.session.upnp,
+        }
+        return clients[name or "pcp"]
+
+    @property
+    def gateway(self) -> str | None:
+        return None if self.session is None else str(self.session.location.gateway)
+
+    # --- journal -------------------------------------------------------------------------------
+
+    async def _reconcile_journal(self) -> None:
+        """Adopt what an earlier run left and is still wanted; delete the rest on the router."""
+        if self.journal is None or self.session is None:
+            return
+        now = time.time()
+        for entry in self.journal.entries():
+            key = (entry.transport, entry.internal_port)
+            if entry.gateway != self.gateway:
+                if entry.external_port is None or entry.updated_at + entry.lease < now:
+                    self.journal.remove(entry.gateway, entry.transport, entry.internal_port)  # expired there
+                continue
+            if entry.desired and entry.sticky and key not in self.mappings:
+                wanted = Wanted(entry.transport, entry.internal_port, entry.requested_external_port, True, entry.owner)
+                self.mappings[key] = ManagedMapping(wanted)
+            if key in self.mappings:
+                continue  # adopted: the first establish refreshes it (same nonce, same rule)
+            try:
+                await self._delete_on_router(entry.protocol, entry.transport, entry.internal_port, entry.external_port)
+            except AutonatError as exc:
+                log.warning("could not delete leftover %s %d: %s", entry.transport, entry.internal_port, exc)
+                continue
+            holes.info(
+                "closed leftover %s %d of an earlier run via %s", entry.transport, entry.internal_port, entry.protocol
+            )
+            self.journal.remove(entry.gateway, entry.transport, entry.internal_port)
+            self.events.publish(
+                EventKind.NAT_DEL, port=entry.internal_port, proto=str(entry.transport), reason="leftover"
+            )
+
+    # --- the scheduler ---------------------------------------------------------------------------
+
+    async def _scheduler(self) -> None:
+        while True:
+            now = self._loop.time()
+            next_due: float | None = None
+            if self.mapping_enabled:
+                for mapping in self.mappings.values():
+                    if mapping.busy or mapping.state == "disabled":
+                        continue
+                    if mapping.due_at <= now:
+                        mapping.busy = True
+                        self._spawn(self._service(mapping))
+                    elif next_due is None or mapping.due_at < next_due:
+                        next_due = mapping.due_at
+            self._wake.clear()
+            timeout = None if next_due is None else max(0.0, next_due - self._loop.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    async def _service(self, mapping: ManagedMapping) -> None:
+        try:
+            async with self._slots:
+                now = self._loop.time()
+                if mapping.state == "active" and now < mapping.next_renewal and mapping.protocol == "upnp":
+                    await self._verify_upnp(mapping)
+                else:
+                    await self._establish(mapping)
+        finally:
+            mapping.busy = False
+            self._poke()
+
+    # --- operations ------------------------------------------------------------------------------
+
+    def _lease_for(self, protocol: str) -> int:
+        return self.settings.upnp_lease if protocol == "upnp" else self.settings.lease
+
+    async def _establish(self, mapping: ManagedMapping) -> None:
+        """Create or refresh one mapping: journal first, then the router."""
+        if self.session is None or not self.mapping_enabled or mapping.key not in self.mappings:
+            return
+        async with mapping.lock:
+            mapper = self._mapper()
+            wanted = mapping.wanted
+            lease = self._lease_for(mapper.name)
+            if self.journal is not None:
+                self.journal.record(
+                    JournalEntry(
+                        transport=wanted.transport,
+                        internal_port=wanted.internal_port,
+                        owner=wanted.owner,
+                        sticky=wanted.sticky,
+                        desired=True,
+                        protocol=mapper.name,
+                        gateway=self.gateway or "",
+                        internal_address=str(self.session.location.local_address),
+                        requested_external_port=wanted.external_port,
+                        external_port=mapping.external_port,
+                        lease=lease,
+                        updated_at=time.time(),
+                    )
+                )
+            request = MappingRequest(
+                wanted.transport, wanted.internal_port, mapping.external_port or wanted.external_port, lease
+            )
+            now = self._loop.time()
+            try:
+                granted = await mapper.add(request)
+            except AutonatError as exc:
+                self._failed(mapping, exc, now)
+                self._check_reboot()
+                return
+            first = mapping.state != "active" or mapping.protocol != mapper.name
+            moved = mapping.external_port not in (None, granted.external_port)
+            mapping.state = "active"
+            mapping.protocol = mapper.name
+            mapping.external_ip = granted.external_ip or self.external_ip
+            mapping.external_port = granted.external_port
+            mapping.lease = granted.lifetime
+            mapping.granted_at = now
+            mapping.failures = 0
+            mapping.last_error = None
+            lifetime = granted.lifetime
+            mapping.expires_wall = None if lifetime == 0 else time.time() + lifetime
+            mapping.next_renewal = float("inf") if lifetime == 0 else schedule.first_renewal(now, lifetime, self._rand)
+            interval = self.settings.verify_interval
+            mapping.next_verify = (
+                schedule.first_verification(now, interval, self._rand)
+                if first
+                else schedule.next_verification(now, interval, self._rand)
+            )
+            if self.journal is not None:
+                self.journal.granted(
+                    self.gateway or "",
+                    wanted.transport,
+                    wanted.internal_port,
+                    granted.external_port,
+                    lifetime,
+                    time.time(),
+                )
+            data = mapping.to_dict()
+            if first or moved:
+                holes.info("opened %s", granted.describe())
+                self.events.publish(EventKind.NAT_ADD, **data)
+            else:
+                self.events.publish(EventKind.NAT_RENEW, **data)
+        self._check_reboot()
+
+    def _failed(self, mapping: ManagedMapping, error: AutonatError, now: float) -> None:
+        mapping.failures += 1
+        mapping.last_error = str(error)
+        if mapping.state == "active" and mapping.granted_at is not None and mapping.lease:
+            retry = schedule.retry_renewal(mapping.granted_at, mapping.lease, now)
+            if retry is not None:
+                mapping.next_renewal = retry
+                mapping.next_verify = retry
+                return
+        mapping.state = "failed"
+        mapping.next_renewal = now + FAILED_RETRY[min(mapping.failures - 1, len(FAILED_RETRY) - 1)]
+        log.warning("mapping %s %d failed: %s", mapping.key[0], mapping.key[1], error)
+        self.events.publish(EventKind.NAT_ERROR, **mapping.to_dict())
+
+    async def _verify_upnp(self, mapping: ManagedMapping) -> None:
+        assert self.session is not None and mapping.external_port is not None
+        now = self._loop.time()
+        try:
+            entry = await self.session.upnp.entry(mapping.key[0], mapping.external_port)
+        except AutonatError as exc:
+            mapping.last_error = str(exc)
+            mapping.next_verify = schedule.next_verification(now, self.settings.verify_interval, self._rand)
+            return
+        local = str(self.session.location.local_address)
+        if entry is None or entry.internal_client != local or entry.internal_port != mapping.key[1]:
+            self._lost(mapping, "the router no longer lists it")
+            await self._establish(mapping)
+            return
+        mapping.next_verify = schedule.next_verification(now, self.settings.verify_interval, self._rand)
+
+    def _lost(self, mapping: ManagedMapping, why: str) -> None:
+        log.warning("mapping %s %d lost: %s", mapping.key[0], mapping.key[1], why)
+        self.events.publish(EventKind.NAT_LOST, reason=why, **mapping.to_dict())
+        mapping.state = "pending"
+        mapping.next_renewal = self._loop.time()
+
+    async def _delete_on_router(
+        self, protocol: str, transport: Transport, internal_port: int, external_port: int | None
+    ) -> None:
+        assert self.session is not None
+        if protocol == "upnp" and external_port:
+            await self.session.upnp.delete_external(transport, external_port)
+        else:
+            await self._mapper(protocol).delete(transport, internal_port)
+
+    async def _remove(self, mapping: ManagedMapping) -> bool:
+        """Tombstone in the journal, delete on the router, then forget. False if the router failed us."""
+        transport, port = mapping.key
+        async with mapping.lock:
+            if self.journal is not None:
+                self.journal.tombstone(self.gateway or "", transport, port, time.time())
+            if mapping.protocol is not None and self.session is not None:
+                try:
+                    await self._delete_on_router(mapping.protocol, transport, port, mapping.external_port)
+                except AutonatError as exc:
+                    mapping.last_error = str(exc)
+                    log.warning("could not delete %s %d: %s (retried at next start)", transport, port, exc)
+                    return False
+                holes.info(
+                    "closed %s %s:%d via %s", transport, self.session.location.local_address, port, mapping.protocol
+                )
+            if self.journal is not None:
+                self.journal.remove(self.gateway or "", transport, port)
+            self.events.publish(EventKind.NAT_DEL, port=port, proto=str(transport), owner=mapping.wanted.owner)
+            mapping.state = "pending"
+            mapping.protocol = None
+            mapping.external_port = None
+            return True
+
+    # --- noticing changes ------------------------------------------------------------------------
+
+    def _check_reboot(self) -> None:
+        if self.session is None:
+            return
+        rebooted = False
+        for client in (self.session.pcp, self.session.natpmp):
+            if client.router_rebooted:
+                client.router_rebooted = False
+                rebooted = True
+        if rebooted:
+            self._router_rebooted("epoch went back")
+
+    def _router_rebooted(self, why: str) -> None:
+        assert self.session is not None
+        # Each protocol client tracks the epoch on its own; one reboot must not be reported (and acted
+        # on) once per client, so the others start afresh from their next answer.
+        for client in (self.session.pcp, self.session.natpmp):
+            client.epochs.reset()
+            client.router_rebooted = False
+        log.warning("router lost its state (%s): re-creating every mapping", why)
+        self.events.publish(EventKind.ROUTER_REBOOT, reason=why, gateway=self.gateway)
+        now = self._loop.time()
+        for mapping in self.mappings.values():
+            if mapping.state == "active":
+                mapping.next_renewal = now
+                mapping.state = "pending"
+        self._check_now.set()
+        self._poke()
+
+    async def _start_listeners(self) -> None:
+        if self.session is None:
+            return
+        local, gateway = self.session.location.local_address, self.session.location.gateway
+        for start in (watch.listen_announcements, watch.listen_notify):
+            try:
+                transport, _ = await start(local, gateway, self._on_router_message)
+            except OSError as exc:
+                log.info("cannot listen for router announcements (%s); relying on periodic checks", exc)
+                continue
+            self._listeners.append(transport)
+
+    def _close_listeners(self) -> None:
+        for transport in self._listeners:
+            transport.close()
+        self._listeners.clear()
+
+    def _on_router_message(self, message: object) -> None:
+        # Never trust the content (the first announcement after a change is stale): go and ask.
+        if getattr(message, "nts", "") == "ssdp:byebye":
+            log.info("router said ssdp:byebye")
+        self._check_now.set()
+
+    async def _external_ip_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.external_ip_interval):
+                    await self._check_now.wait()
+            if self._check_now.is_set():
+                await asyncio.sleep(ANNOUNCE_SETTLE)
+            self._check_now.clear()
+            await self.check_router()
+
+    async def check_router(self) -> None:
+        """Ask the router for its external address (and, through the epoch, whether it rebooted)."""
+        if self.session is None or self.probe is None:
+            return
+        try:
+            address = await self._query_external_ip()
+        except AutonatError as exc:
+            self.last_error = str(exc)
+            return
+        finally:
+            self._check_reboot()
+        if address is not None and address != self.external_ip:
+            old, self.external_ip = self.external_ip, address
+            self._address_changed(old, address)
+
+    async def _query_external_ip(self) -> IPAddress | None:
+        assert self.session is not None and self.probe is not None
+        protocols = self.probe.protocols
+        if "natpmp" in protocols and protocols["natpmp"].available:
+            return (await self.session.natpmp.external_address()).external_address
+        if self.probe.selected == "upnp":
+            return await self.session.upnp.external_ip()
+        await self.session.pcp.probe()  # epoch only; PCP tells the address in MAP replies
+        return self.external_ip
+
+    def _address_changed(self, old: IPAddress | None, new: IPAddress | None) -> None:
+        log.warning("external address changed: %s -> %s", old, new)
+        self.events.publish(
+            EventKind.EXTERNAL_ADDRESS_CHANGE,
+            old=None if old is None else str(old),
+            new=None if new is None else str(new),
+        )
+        for mapping in self.mappings.values():
+            if mapping.state == "active":
+                mapping.external_ip = new
+        if new is not None and not is_public(new):
+            self.events.publish(EventKind.DOUBLE_NAT, external_ip=str(new))
+
+    # --- commands (nat_map verbs) --------------------------------------------------------------
+
+    async def add(self, wanted: Wanted, wait: float | None = None) -> ManagedMapping:
+        """Want a mapping; with the router known, wait (up to `wait` s) for its first result."""
+        key = (wanted.transport, wanted.internal_port)
+        mapping = self.mappings.get(key)
+        if mapping is None or mapping.wanted != wanted:
+            if mapping is not None:
+                mapping.wanted = wanted
+            else:
+                mapping = ManagedMapping(wanted, next_renewal=self._loop.time())
+                self.mappings[key] = mapping
+        if self.session is not None and self.mapping_enabled:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait if wait is not None else self.settings.timeout * 3):
+                    await self._establish(mapping)
+        self._poke()
+        return mapping
+
+    async def delete(self, transport: Transport, internal_port: int) -> bool:
+        mapping = self.mappings.pop((transport, internal_port), None)
+        if mapping is None:
+            return False
+        await self._remove(mapping)
+        self._poke()
+        return True
+
+    async def republish(self) -> None:
+        """Re-send every mapping now (FreeSWITCH's `nat_map republish`)."""
+        await asyncio.gather(*(self._establish(m) for m in list(self.mappings.values())))
+
+    async def reinit(self) -> ProbeResult:
+        """Rediscover; swap the new router state in only once it is complete, then re-make the mappings."""
+        session, probe = await self._open_session()
+        old = self.session
+        self._close_listeners()
+        self._install(session, probe)
+        if old is not None:
+            old.close()
+        for mapping in self.mappings.values():
+            mapping.state = "pending" if mapping.state != "disabled" else mapping.state
+        await self._start_listeners()
+        await self.republish()
+        return probe
+
+    async def set_mapping_enabled(self, enabled: bool) -> None:
+        """`nat_map mapping enable|disable`: disabling removes our mappings from the router but keeps
+        them wanted, so enabling puts them back."""
+        if enabled == self.mapping_enabled:
+            return
+        if not enabled:
+            await asyncio.gather(*(self._remove(m) for m in self.mappings.values() if m.protocol is not None))
+            self.mapping_enabled = False
+            return
+        self.mapping_enabled = True
+        now = self._loop.time()
+        for mapping in self.mappings.values():
+            mapping.next_renewal = now
+        self._poke()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "nat": "disabled" if not self.settings.nat_enabled else "enabled",
+            "state": self.state,
+            "protocol": None if self.probe is None else self.probe.selected,
+            "gateway": self.gateway,
+            "external_ip": None if self.external_ip is None else str(self.external_ip),
+            "double_nat": bool(self.probe and self.probe.double_nat),
+            "mapping_enabled": self.mapping_enabled,
+            "last_error": self.last_error,
+            "mappings": [m.to_dict() for m in sorted(self.mappings.values(), key=lambda m: (m.key[1], m.key[0]))],
+        }

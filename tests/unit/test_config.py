@@ -1,0 +1,701 @@
+"""The daemon's config loader: defaults, a full file, and every way a file can be wrong (one line each)."""
+
+import math
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autonat.daemon.config import (
+    MAX_CONFIG_SIZE,
+    MAX_PROBLEMS,
+    Config,
+    ConfigError,
+    ControlConfig,
+    NatConfig,
+    StaticMapping,
+    default_socket_path,
+    load_config,
+)
+from autonat.errors import AutonatError
+from autonat.proto.types import Transport
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+TOKEN = "0123456789abcdef"  # noqa: S105 (a test value)
+
+
+@pytest.fixture(autouse=True)
+def _environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Defaults that depend on who runs the tests and where, pinned: an unprivileged user with XDG dirs."""
+    monkeypatch.setenv("AUTONAT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+
+
+def write(tmp_path: Path, text: str, name: str = "autonat.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    error = caught.value
+    assert str(error) == "\n".join(error.problems)
+    for line in error.problems:
+        assert line.startswith(f"{path}:"), line
+        assert len(line.splitlines()) == 1, line
+    return error.problems
+
+
+def one_problem(path: Path) -> str:
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# --- defaults and a valid file ----------------------------------------------------------------------
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    config = load_config(None)
+    assert config.nat == NatConfig()
+    assert config.nat.enabled and config.nat.mapping and config.nat.protocol == "auto"
+    assert (config.nat.lease, config.nat.upnp_lease) == (7200, 3600)
+    assert config.mappings == ()
+    assert config.control == ControlConfig(Path("/run/user/1000/autonat/control.sock"), None, None)
+    assert config.journal_path == tmp_path / "state" / "journal.sqlite"
+    assert config.log_level == "info"
+    assert config.source is None
+    assert config.warnings == ()
+
+
+def test_an_empty_file_means_the_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "# nothing set\n")
+    config = load_config(path)
+    assert config == Config(
+        load_config(None).nat,
+        (),
+        load_config(None).control,
+        load_config(None).journal_path,
+        "info",
+        path,
+    )
+
+
+def test_default_socket_path_follows_the_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert default_socket_path() == Path("/run/user/1000/autonat/control.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")  # invalid per the XDG spec: ignored
+    assert default_socket_path() == tmp_path / "state" / "control.sock"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_socket_path() == tmp_path / "state" / "control.sock"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_socket_path() == Path("/run/autonat/control.sock")
+
+
+FULL = f"""
+[nat]
+enabled = true
+mapping = false
+protocol = "UPnP"
+gateway = "192.168.1.1"
+interface = "eth0"
+root_url = "http://192.168.1.1:5000/rootDesc.xml"
+lease = 3600
+upnp_lease = 1800
+verify_interval = 30
+external_ip_interval = 120
+timeout = 1.5
+shutdown_timeout = 5
+
+[[mapping]]
+port = 5060
+transport = "UDP"
+external_port = 15060
+sticky = true
+owner = "sip"
+
+[[mapping]]
+port = 5061
+transport = "tcp"
+
+[control]
+socket = "/tmp/autonat-test/control.sock"
+tcp = "127.0.0.1:7070"
+token = "{TOKEN}"
+
+[journal]
+path = "/tmp/autonat-test/journal.sqlite"
+
+[log]
+level = "DEBUG"
+"""
+
+
+def test_a_full_valid_file(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL)
+    config = load_config(path)
+    assert config.nat == NatConfig(
+        enabled=True,
+        mapping=False,
+        protocol="upnp",
+        gateway="192.168.1.1",
+        interface="eth0",
+        root_url="http://192.168.1.1:5000/rootDesc.xml",
+        lease=3600,
+        upnp_lease=1800,
+        verify_interval=30,
+        external_ip_interval=120,
+        timeout=1.5,
+        shutdown_timeout=5.0,
+    )
+    assert config.mappings == (
+        StaticMapping(5060, Transport.UDP, 15060, True, "sip"),
+        StaticMapping(5061, Transport.TCP, 0, False, "config"),
+    )
+    assert config.control == ControlConfig(Path("/tmp/autonat-test/control.sock"), ("127.0.0.1", 7070), TOKEN)
+    assert config.journal_path == Path("/tmp/autonat-test/journal.sqlite")
+    assert config.log_level == "debug"
+    assert config.source == path
+    # mapping = false with [[mapping]] entries: they are not made, and the user is told so.
+    assert len(config.warnings) == 1 and "nat.mapping = false" in config.warnings[0]
+
+
+def test_the_token_stays_out_of_reprs(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL))
+    assert TOKEN not in repr(config)
+
+
+def test_the_deploy_example_loads_cleanly() -> None:
+    config = load_config(DEPLOY / "autonat.toml")
+    assert config.warnings == ()
+    assert {(m.transport, m.port) for m in config.mappings} == {
+        (Transport.UDP, 5060),
+        (Transport.TCP, 5060),
+        (Transport.TCP, 5061),
+    }
+
+
+def test_the_deploy_unit_runs_the_daemon_with_that_config() -> None:
+    unit = (DEPLOY / "autonat.service").read_text()
+    assert "ExecStart=/usr/local/bin/autonat run --config /etc/autonat/autonat.toml" in unit
+    for setting in (
+        "Type=simple",
+        "Restart=on-failure",
+        "RuntimeDirectory=autonat",
+        "StateDirectory=autonat",
+        "KillSignal=SIGTERM",
+        "TimeoutStopSec=10",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "CapabilityBoundingSet=\n",
+    ):
+        assert setting in unit, setting
+
+
+# --- one mistake, one line naming its key -----------------------------------------------------------
+
+MAPPING = '[[mapping]]\nport = 5060\ntransport = "udp"\n'
+
+MISTAKES = [
+    # [nat]
+    ("[nat]\nenabled = 1", "nat.enabled must be true or false, not the integer 1"),
+    ('[nat]\nmapping = "no"', "nat.mapping must be true or false"),
+    ("[nat]\nprotocol = 5", "nat.protocol must be a string"),
+    (
+        '[nat]\nprotocol = "upnpp"',
+        'nat.protocol must be one of auto, pcp, natpmp, upnp, not "upnpp" (did you mean "upnp"?)',
+    ),
+    ('[nat]\ngateway = "router.lan"', "nat.gateway must be an IP address"),
+    ("[nat]\ngateway = 192", "nat.gateway must be a string"),
+    ('[nat]\ninterface = "eth0/1"', "nat.interface must be a network interface name"),
+    ('[nat]\ninterface = "averyveryverylongname"', "nat.interface must be a network interface name"),
+    ('[nat]\nroot_url = "https://192.168.1.1/rootDesc.xml"', "nat.root_url must be an http:// URL"),
+    ('[nat]\nroot_url = "http://admin:pw@192.168.1.1/"', "nat.root_url must not carry a user name"),
+    ('[nat]\nroot_url = "http://192.168.1.1:99999/"', "nat.root_url must be a valid URL"),
+    ('[nat]\nroot_url = "http:///x"', "nat.root_url must name the router's host"),
+    ('[nat]\nroot_url = "http://a b/"', "nat.root_url must be a URL without spaces"),
+    ("[nat]\nlease = 119", "nat.lease must be 120..604800 seconds, not 119"),
+    ("[nat]\nlease = 604801", "nat.lease must be 120..604800 seconds, not 604801"),
+    ("[nat]\nlease = 0", "nat.lease must be 120..604800 seconds, not 0 (0 would ask for a permanent mapping"),
+    ('[nat]\nlease = "7200"', 'nat.lease must be an integer, not the string "7200"'),
+    ("[nat]\nlease = 7200.0", "nat.lease must be an integer, not the float 7200.0"),
+    ("[nat]\nlease = true", "nat.lease must be an integer, not the boolean true"),
+    ("[nat]\nupnp_lease = 0", "nat.upnp_lease must be 120..604800 seconds, not 0 (0 would ask for a permanent"),
+    ("[nat]\nupnp_lease = 700000", "nat.upnp_lease must be 120..604800 seconds"),
+    ("[nat]\nverify_interval = 0", "nat.verify_interval must be 1..3600 seconds, not 0"),
+    ("[nat]\nverify_interval = 3601", "nat.verify_interval must be 1..3600 seconds"),
+    ("[nat]\nverify_interval = 1.5", "nat.verify_interval must be an integer"),
+    ("[nat]\nexternal_ip_interval = 0", "nat.external_ip_interval must be 1..3600 seconds"),
+    ("[nat]\nexternal_ip_interval = -5", "nat.external_ip_interval must be 1..3600 seconds, not -5"),
+    ("[nat]\ntimeout = 0.01", "nat.timeout must be 0.05..60 seconds, not 0.01"),
+    ("[nat]\ntimeout = 61", "nat.timeout must be 0.05..60 seconds, not 61"),
+    ("[nat]\ntimeout = nan", "nat.timeout must be 0.05..60 seconds, not nan"),
+    ("[nat]\ntimeout = inf", "nat.timeout must be 0.05..60 seconds, not inf"),
+    ('[nat]\ntimeout = "2"', "nat.timeout must be a number"),
+    ("[nat]\ntimeout = false", "nat.timeout must be a number, not the boolean false"),
+    ("[nat]\nshutdown_timeout = 0.05", "nat.shutdown_timeout must be 0.1..60 seconds"),
+    ("[nat]\nshutdown_timeout = 60.5", "nat.shutdown_timeout must be 0.1..60 seconds"),
+    ("[nat]\nshutdown_timeout = [1]", "nat.shutdown_timeout must be a number, not an array"),
+    # [[mapping]]
+    ('[[mapping]]\nport = 0\ntransport = "udp"', "mapping[1].port must be 1..65535, not 0"),
+    ('[[mapping]]\nport = 65536\ntransport = "udp"', "mapping[1].port must be 1..65535"),
+    ('[[mapping]]\nport = "5060"\ntransport = "udp"', "mapping[1].port must be an integer"),
+    ('[[mapping]]\ntransport = "udp"', "mapping[1].port is required"),
+    ("[[mapping]]\nport = 5060", "mapping[1].transport is required"),
+    ('[[mapping]]\nport = 5060\ntransport = "sctp"', "mapping[1].transport must be one of udp, tcp, both"),
+    ("[[mapping]]\nport = 5060\ntransport = 17", "mapping[1].transport must be a string"),
+    (MAPPING + "external_port = -1", "mapping[1].external_port must be 0..65535"),
+    (MAPPING + "external_port = 65536", "mapping[1].external_port must be 0..65535"),
+    (MAPPING + 'sticky = "yes"', "mapping[1].sticky must be true or false"),
+    (MAPPING + 'owner = ""', "mapping[1].owner must be 1..64 printable characters"),
+    (MAPPING + f'owner = "{"x" * 65}"', "mapping[1].owner must be at most 64 characters"),
+    (MAPPING + 'owner = "a\\tb"', 'mapping[1].owner must be printable text, not "a\\tb"'),
+    (MAPPING + "owner = 5", "mapping[1].owner must be a string"),
+    (MAPPING + MAPPING.replace("5060", "5070") + "sticky = 1", "mapping[2].sticky must be true or false"),
+    # [control]
+    ('[control]\nsocket = "run/control.sock"', "control.socket must be an absolute path"),
+    (f'[control]\nsocket = "/{"a" * 200}"', "control.socket must be at most 107 bytes long"),
+    ("[control]\nsocket = 5", "control.socket must be a string"),
+    (f'[control]\ntcp = "localhost:7070"\ntoken = "{TOKEN}"', "control.tcp must have an IP address as its host"),
+    (f'[control]\ntcp = "127.0.0.1"\ntoken = "{TOKEN}"', "control.tcp must be HOST:PORT"),
+    (f'[control]\ntcp = "127.0.0.1:0"\ntoken = "{TOKEN}"', "control.tcp must have a port 1..65535"),
+    (f'[control]\ntcp = "127.0.0.1:http"\ntoken = "{TOKEN}"', "control.tcp must have a port 1..65535"),
+    (f'[control]\ntcp = "::1:7070"\ntoken = "{TOKEN}"', "control.tcp must put an IPv6 address in brackets"),
+    (f'[control]\ntcp = "[::1]"\ntoken = "{TOKEN}"', "control.tcp must be HOST:PORT with the IPv6 address in brackets"),
+    (f'[control]\ntcp = 7070\ntoken = "{TOKEN}"', "control.tcp must be a string"),
+    ('[control]\ntcp = "127.0.0.1:7070"', "control.tcp needs control.token"),
+    ('[control]\ntcp = "127.0.0.1:7070"\ntoken = ""', "control.tcp needs control.token"),
+    ('[control]\ntcp = "127.0.0.1:7070"\ntoken = "short"', "control.token must be at least 16 characters, not 5"),
+    ("[control]\ntoken = 1234567890123456", "control.token must be a string"),
+    # [journal], [log]
+    ('[journal]\npath = "journal.sqlite"', "journal.path must be an absolute path"),
+    ("[journal]\npath = false", "journal.path must be a string"),
+    ('[log]\nlevel = "verbose"', "log.level must be one of debug, info, warning, error"),
+    (
+        '[log]\nlevel = "warn"',
+        'log.level must be one of debug, info, warning, error, not "warn" (did you mean "warning"?)',
+    ),
+    ("[log]\nlevel = 3", "log.level must be a string"),
+    # sections of the wrong shape
+    ("nat = 5", "nat must be a table ([nat]), not the integer 5"),
+    ("[[nat]]\nlease = 600", "nat must be a table ([nat]), not an array of tables ([[nat]])"),
+    ('control = "x"', "control must be a table"),
+    ("log = []", "log must be a table ([log]), not an array"),
+    ("journal = 2024-01-01", "journal must be a table ([journal]), not the date-time 2024-01-01"),
+    ("mapping = 5", "mapping must be an array of tables ([[mapping]]), not the integer 5"),
+    ('[mapping]\nport = 5060\ntransport = "udp"', "mapping must be an array of tables ([[mapping]], one per mapping)"),
+    ("mapping = [1]", "mapping[1] must be a table, not the integer 1"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), MISTAKES, ids=[expected for _, expected in MISTAKES])
+def test_each_mistake_is_one_line_naming_its_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text + "\n")
+    line = one_problem(path)
+    assert line.startswith(f"{path}: {expected}"), line
+
+
+MISSPELLINGS = [
+    ("[nat]\nleese = 600", "unknown key nat.leese (did you mean nat.lease?)"),
+    ("[nat]\nLease = 600", "unknown key nat.Lease (did you mean nat.lease?)"),
+    ("[nat]\nupnp_leese = 600", "unknown key nat.upnp_leese (did you mean nat.upnp_lease?)"),
+    ("[nat]\ngatway = '10.0.0.1'", "unknown key nat.gatway (did you mean nat.gateway?)"),
+    ("[natt]\nlease = 600", "unknown key natt (did you mean nat?)"),
+    ("[[mappings]]\nport = 5060", "unknown key mappings (did you mean mapping?)"),
+    (
+        '[[mapping]]\nport = 5060\ntransport = "udp"\nownr = "x"',
+        "unknown key mapping[1].ownr (did you mean mapping[1].owner?)",
+    ),
+    ("[[mapping]]\nprot = 5060\ntransport = 'udp'", "unknown key mapping[1].prot (did you mean mapping[1].port?)"),
+    ("[control]\ntokn = 'x'", "unknown key control.tokn (did you mean control.token?)"),
+    ("[journal]\npth = '/x'", "unknown key journal.pth (did you mean journal.path?)"),
+    ("[log]\nlevle = 'info'", "unknown key log.levle (did you mean log.level?)"),
+    # the right key in the wrong section
+    ("[nat]\nsocket = '/run/x.sock'", "unknown key nat.socket (did you mean control.socket?)"),
+    ("lease = 600", "unknown key lease (did you mean nat.lease?)"),
+    # nothing close: no guess
+    ("[nat]\nfrobnicate = 1", "unknown key nat.frobnicate"),
+    ("[nat.extra]\nx = 1", "unknown key nat.extra"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), MISSPELLINGS, ids=[expected for _, expected in MISSPELLINGS])
+def test_unknown_keys_get_the_closest_known_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text + "\n")
+    assert one_problem(path) == f"{path}: {expected}"
+
+
+def test_all_mistakes_of_a_file_are_reported_together(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[nat]
+leese = 600
+timeout = 0
+protocol = "stun"
+
+[[mapping]]
+port = 70000
+transport = "udp"
+
+[[mapping]]
+port = 5060
+
+[log]
+level = "loud"
+""",
+    )
+    problems = problems_of(path)
+    assert len(problems) == 6, problems
+    assert problems == [
+        f'{path}: nat.protocol must be one of auto, pcp, natpmp, upnp, not "stun"',
+        f"{path}: nat.timeout must be 0.05..60 seconds, not 0",
+        f"{path}: mapping[1].port must be 1..65535, not 70000",
+        f"{path}: mapping[2].transport is required",
+        f'{path}: log.level must be one of debug, info, warning, error, not "loud"',
+        f"{path}: unknown key nat.leese (did you mean nat.lease?)",
+    ]
+
+
+def test_a_flood_of_mistakes_is_capped(tmp_path: Path) -> None:
+    path = write(tmp_path, "[nat]\n" + "".join(f"bogus{i} = 1\n" for i in range(300)))
+    problems = problems_of(path)
+    assert len(problems) == MAX_PROBLEMS
+    assert problems[-1] == f"{path}: ... and {300 - MAX_PROBLEMS + 1} more mistakes"
+
+
+# --- mappings ---------------------------------------------------------------------------------------
+
+
+def test_both_makes_a_udp_and_a_tcp_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[mapping]]\nport = 5060\ntransport = "Both"\nexternal_port = 5080\nowner = "sip"\n')
+    assert load_config(path).mappings == (
+        StaticMapping(5060, Transport.UDP, 5080, False, "sip"),
+        StaticMapping(5060, Transport.TCP, 5080, False, "sip"),
+    )
+
+
+def test_same_port_on_different_transports_is_fine(tmp_path: Path) -> None:
+    path = write(tmp_path, MAPPING + MAPPING.replace("udp", "tcp"))
+    assert [m.transport for m in load_config(path).mappings] == [Transport.UDP, Transport.TCP]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MAPPING + MAPPING, "mapping[2] (udp port 5060) duplicates mapping[1]"),
+        (
+            MAPPING + MAPPING.replace("udp", "tcp") + MAPPING.replace("udp", "UDP"),
+            "mapping[3] (udp port 5060) duplicates mapping[1]",
+        ),
+        (
+            MAPPING.replace("udp", "tcp") + MAPPING.replace("udp", "both"),
+            "mapping[2] (tcp port 5060) duplicates mapping[1]",
+        ),
+        (
+            MAPPING + "external_port = 7000\n" + MAPPING.replace("5060", "5070") + "external_port = 7000\n",
+            "mapping[2] (udp external_port 7000) collides with mapping[1]",
+        ),
+    ],
+)
+def test_duplicate_mappings_name_both(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    assert one_problem(path) == f"{path}: {expected}"
+
+
+def test_mappings_with_nat_disabled_are_a_warning(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[nat]\nenabled = false\n" + MAPPING))
+    assert config.warnings == (
+        f"{tmp_path / 'autonat.toml'}: nat.enabled = false: the 1 [[mapping]] entries are not made",
+    )
+
+
+def test_too_many_mappings(tmp_path: Path) -> None:
+    path = write(tmp_path, "".join(MAPPING.replace("5060", str(10000 + i)) for i in range(300)))
+    assert "mapping has 300 entries; at most 256" in one_problem(path)
+
+
+# --- control ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tcp", "expected"),
+    [
+        ("127.0.0.1:7070", ("127.0.0.1", 7070)),
+        ("[::1]:7070", ("::1", 7070)),
+        (" 127.0.0.2:65535 ", ("127.0.0.2", 65535)),
+        ("[::ffff:127.0.0.1]:1", ("::ffff:7f00:1", 1)),
+    ],
+)
+def test_tcp_on_loopback_with_a_token(tmp_path: Path, tcp: str, expected: tuple[str, int]) -> None:
+    config = load_config(write(tmp_path, f'[control]\ntcp = "{tcp}"\ntoken = "{TOKEN}"\n'))
+    assert config.control.tcp == expected and config.control.token == TOKEN
+    assert config.warnings == ()
+
+
+@pytest.mark.parametrize("tcp", ["0.0.0.0:7070", "192.168.1.10:7070", "[::]:7070"])
+def test_tcp_beyond_loopback_is_a_warning(tmp_path: Path, tcp: str) -> None:
+    config = load_config(write(tmp_path, f'[control]\ntcp = "{tcp}"\ntoken = "{TOKEN}"\n'))
+    assert config.control.tcp is not None
+    assert len(config.warnings) == 1 and "not loopback" in config.warnings[0]
+    assert config.warnings[0].startswith(f"{tmp_path / 'autonat.toml'}: control.tcp listens on {tcp}")
+
+
+def test_an_invalid_tcp_without_a_token_is_two_mistakes(tmp_path: Path) -> None:
+    problems = problems_of(write(tmp_path, '[control]\ntcp = "localhost:7070"\n'))
+    assert len(problems) == 2 and "host names" in problems[0] and "needs control.token" in problems[1]
+
+
+def test_a_token_without_tcp_is_a_warning(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, f'[control]\ntoken = "{TOKEN}"\n'))
+    assert config.control.tcp is None
+    assert config.warnings == (
+        f"{tmp_path / 'autonat.toml'}: control.token is set but control.tcp is not: the token is not used",
+    )
+
+
+def test_a_token_in_a_world_readable_file_is_a_warning(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[control]\ntcp = "127.0.0.1:7070"\ntoken = "{TOKEN}"\n')
+    assert load_config(path).warnings == ()
+    path.chmod(0o644)
+    assert load_config(path).warnings == (f"{path}: the file holds control.token but any user can read it (chmod o-r)",)
+
+
+def test_a_configured_socket_and_journal(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[control]\nsocket = "/run/x/c.sock"\n[journal]\npath = "/var/x/j.db"\n'))
+    assert config.control.socket == Path("/run/x/c.sock") and config.journal_path == Path("/var/x/j.db")
+
+
+# --- overrides --------------------------------------------------------------------------------------
+
+
+def test_with_overrides_only_switches_things_off(tmp_path: Path) -> None:
+    config = load_config(None)
+    assert config.with_overrides(False, False) == config
+    nonat = config.with_overrides(nonat=True, nonatmap=False)
+    assert (nonat.nat.enabled, nonat.nat.mapping) == (False, True)
+    nonatmap = config.with_overrides(nonat=False, nonatmap=True)
+    assert (nonatmap.nat.enabled, nonatmap.nat.mapping) == (True, False)
+    assert nonatmap.nat.lease == config.nat.lease and nonatmap.control == config.control
+    disabled = load_config(write(tmp_path, "[nat]\nenabled = false\nmapping = false\n"))
+    assert disabled.with_overrides(nonat=False, nonatmap=False).nat == disabled.nat
+
+
+# --- files that are not configs ---------------------------------------------------------------------
+
+
+def test_a_toml_syntax_error_gives_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[nat]\nlease = 600\ntimeout = \n")
+    line = one_problem(path)
+    assert line.startswith(f"{path}:3:"), line
+    assert "invalid TOML" in line
+
+
+def test_a_key_declared_twice_is_a_syntax_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "[nat]\nlease = 600\n\n[nat]\nlease = 700\n")
+    assert one_problem(path).startswith(f"{path}:4:")
+
+
+def test_an_error_at_the_end_of_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[nat]\nlease =")
+    assert "invalid TOML" in one_problem(path)
+
+
+def test_a_file_too_large(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    path.write_bytes(b"#" * MAX_CONFIG_SIZE + b"\n")
+    assert one_problem(path) == f"{path}: larger than 64 KiB, which no autonat config needs"
+
+
+def test_a_file_just_under_the_cap_loads(tmp_path: Path) -> None:
+    path = tmp_path / "full.toml"
+    path.write_bytes(b"#" * (MAX_CONFIG_SIZE - 1) + b"\n")
+    assert load_config(path).mappings == ()
+
+
+def test_a_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    assert one_problem(path) == f"{path}: cannot open: No such file or directory"
+
+
+def test_a_directory(tmp_path: Path) -> None:
+    assert one_problem(tmp_path) == f"{tmp_path}: not a regular file"
+
+
+def test_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    assert one_problem(path) == f"{path}: not a regular file"
+
+
+@pytest.mark.skipif(os.getuid() == 0, reason="root reads any file")
+def test_an_unreadable_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    path.chmod(0)
+    assert one_problem(path) == f"{path}: cannot open: Permission denied"
+
+
+def test_not_utf8_gives_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[[mapping]]\nport = 5060\nowner = "caf\xe9"\n')
+    assert one_problem(path) == f"{path}:3: not UTF-8 text (byte 0xe9)"
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[log]\nlevel = 'debug'\n")
+    assert load_config(path).log_level == "debug"
+
+
+def test_deep_nesting_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    path = write(tmp_path, "x = " + "[" * 5000)
+    assert "invalid TOML" in one_problem(path)
+
+
+def test_a_decimal_integer_past_the_digit_limit(tmp_path: Path) -> None:
+    path = write(tmp_path, "[nat]\nlease = " + "9" * 5000 + "\n")
+    line = one_problem(path)
+    assert "invalid TOML" in line and len(line) < 400
+
+
+def test_a_huge_hex_integer_is_shown_briefly(tmp_path: Path) -> None:
+    path = write(tmp_path, "[nat]\nlease = 0x" + "f" * 60000 + "\n")
+    assert one_problem(path) == f"{path}: nat.lease must be 120..604800 seconds, not an integer of 240000 bits"
+    path = write(tmp_path, "[nat]\ntimeout = 0x" + "f" * 60000 + "\n")
+    assert one_problem(path) == f"{path}: nat.timeout must be 0.05..60 seconds, not an integer of 240000 bits"
+
+
+def test_hostile_keys_and_values_stay_on_one_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '"a\\nb\\u2028c" = 1\n[log]\nlevel = "x\\u0085y\\rz"\n[nat]\ngateway = "' + "1" * 500 + '"\n',
+    )
+    problems = problems_of(path)
+    assert len(problems) == 3
+    assert f'{path}: unknown key "a\\nb\\u2028c"' in problems
+    assert max(len(line) for line in problems) < 300
+
+
+def test_config_error_is_an_autonat_error_with_exit_code_2() -> None:
+    error = ConfigError(["f: a", "f: b"])
+    assert isinstance(error, AutonatError) and error.exit_code == 2
+    assert error.problems == ["f: a", "f: b"] and str(error) == "f: a\nf: b"
+
+
+# --- anything at all as a config file ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as directory:
+        yield Path(directory) / "fuzz.toml"
+
+
+def check_outcome(path: Path) -> Config | ConfigError:
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        assert error.problems and str(error) == "\n".join(error.problems)
+        for line in error.problems:
+            assert line.startswith(f"{path}:") and len(line.splitlines()) == 1, line
+        return error
+    for mapping in config.mappings:
+        assert 1 <= mapping.port <= 65535 and 0 <= mapping.external_port <= 65535
+    assert 0.05 <= config.nat.timeout <= 60 and 120 <= config.nat.lease <= 604800
+    assert config.control.tcp is None or config.control.token is not None
+    return config
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=400))
+def test_any_text_gives_a_config_or_a_config_error(scratch: Path, text: str) -> None:
+    scratch.write_text(text, encoding="utf-8")
+    check_outcome(scratch)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400))
+def test_any_bytes_give_a_config_or_a_config_error(scratch: Path, data: bytes) -> None:
+    scratch.write_bytes(data)
+    check_outcome(scratch)
+
+
+SCHEMA = {
+    "nat": [
+        "enabled",
+        "mapping",
+        "protocol",
+        "gateway",
+        "interface",
+        "root_url",
+        "lease",
+        "upnp_lease",
+        "verify_interval",
+        "external_ip_interval",
+        "timeout",
+        "shutdown_timeout",
+    ],
+    "control": ["socket", "tcp", "token"],
+    "journal": ["path"],
+    "log": ["level"],
+}
+MAPPING_KEYS = ["port", "transport", "external_port", "sticky", "owner"]
+
+values = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.integers(min_value=-5, max_value=70000),
+    st.floats(),
+    st.text(max_size=30),
+    st.sampled_from(["", "udp", "tcp", "both", "auto", "upnp", "127.0.0.1:7070", "0.0.0.0:1", "/run/x.sock", TOKEN]),
+)
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    assert isinstance(value, str)
+    escaped = "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F or c in '"\\' else c for c in value)
+    return f'"{escaped}"'
+
+
+def toml_table(entries: dict[str, object]) -> str:
+    return "".join(f"{toml_value(key)} = {toml_value(value)}\n" for key, value in entries.items())
+
+
+def table_of(keys: list[str]) -> st.SearchStrategy[dict[str, object]]:
+    return st.dictionaries(st.one_of(st.sampled_from(keys), st.text(max_size=12)), values, max_size=6)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sections=st.fixed_dictionaries({name: table_of(keys) for name, keys in SCHEMA.items()}),
+    mappings=st.lists(table_of(MAPPING_KEYS), max_size=4),
+)
+def test_any_values_give_a_config_or_a_config_error(
+    scratch: Path, sections: dict[str, dict[str, object]], mappings: list[dict[str, object]]
+) -> None:
+    text = "".join(f"[{name}]\n{toml_table(entries)}" for name, entries in sections.items())
+    text += "".join(f"[[mapping]]\n{toml_table(entries)}" for entries in mappings)
+    scratch.write_text(text, encoding="utf-8")
+    scratch.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    outcome = check_outcome(scratch)
+    if isinstance(outcome, ConfigError):
+        assert not any("invalid TOML" in line for line in outcome.problems), outcome.problems
