@@ -98,13 +98,15 @@ def test_nat_map_without_a_daemon_is_one_clear_line(lab: Lab, tmp_path: Path) ->
     assert result.stderr.strip() == f"autonat: no autonat daemon is running (no control socket at {tmp_path}/none.sock)"
 
 
-def test_router_restart_recreates_every_mapping(lab: Lab, tmp_path: Path, daemons: list[Daemon]) -> None:
-    daemon = new_daemon(lab, tmp_path, daemons).start()
+@pytest.mark.parametrize("protocol", ["pcp", "upnp"])
+def test_router_restart_recreates_every_mapping(lab: Lab, tmp_path: Path, daemons: list[Daemon], protocol: str) -> None:
+    daemon = new_daemon(lab, tmp_path, daemons, nat=f'protocol = "{protocol}"').start()
     daemon.wait_ready()
     daemon.follow_events()
     lab.reset_router()  # restart without its lease file: the router forgets every mapping, epoch 0
     restarted = time.monotonic()
-    daemon.wait_event("router-reboot", timeout=5)
+    # PCP/NAT-PMP see the epoch go back; UPnP has none and hears the router's SSDP NOTIFY instead.
+    daemon.wait_event("router-reboot" if protocol == "pcp" else "nat-lost", timeout=5)
     wait_until(lambda: {("udp", 5060), ("tcp", 5060)} <= ours(lab), timeout=5 - (time.monotonic() - restarted))
 
 
@@ -120,8 +122,11 @@ def test_silently_wiped_rules_come_back_within_the_verify_interval(
     assert reaches_lan(lab, "udp", 5060, 5060), "forwarding not restored within the verify interval"
 
 
-def test_mapping_deleted_by_another_client_comes_back(lab: Lab, tmp_path: Path, daemons: list[Daemon]) -> None:
-    daemon = new_daemon(lab, tmp_path, daemons, nat="verify_interval = 2").start()
+@pytest.mark.parametrize("protocol", ["pcp", "natpmp", "upnp"])
+def test_mapping_deleted_by_another_client_comes_back(
+    lab: Lab, tmp_path: Path, daemons: list[Daemon], protocol: str
+) -> None:
+    daemon = new_daemon(lab, tmp_path, daemons, nat=f'verify_interval = 2\nprotocol = "{protocol}"').start()
     daemon.wait_ready()
     lab.run("lan", ["upnpc", "-u", lab.root_url, "-d", "5060", "UDP"], timeout=20, check=True)
     assert ("udp", 5060) not in ours(lab)

@@ -699,3 +699,69 @@ def test_any_values_give_a_config_or_a_config_error(
     outcome = check_outcome(scratch)
     if isinstance(outcome, ConfigError):
         assert not any("invalid TOML" in line for line in outcome.problems), outcome.problems
+
+
+def any_case(words: list[str]) -> st.SearchStrategy[str]:
+    return st.sampled_from(words).flatmap(
+        lambda word: st.sampled_from([word, word.upper(), word.capitalize(), f" {word} "])
+    )
+
+
+printable = st.text(st.characters(blacklist_categories=("C", "Zl", "Zp", "Zs")), min_size=1, max_size=64)
+valid_nat = st.fixed_dictionaries(
+    {},
+    optional={
+        "enabled": st.booleans(),
+        "mapping": st.booleans(),
+        "protocol": any_case(["auto", "pcp", "natpmp", "upnp"]),
+        "gateway": st.one_of(st.just(""), st.ip_addresses().map(str)),
+        "interface": st.one_of(st.just(""), st.from_regex(r"[a-z][a-z0-9._-]{0,14}", fullmatch=True)),
+        "root_url": st.sampled_from(["", "http://192.168.1.1:5000/rootDesc.xml", "http://[fe80::1]/d.xml"]),
+        "lease": st.integers(120, 604800),
+        "upnp_lease": st.integers(120, 604800),
+        "verify_interval": st.integers(1, 3600),
+        "external_ip_interval": st.integers(1, 3600),
+        "timeout": st.one_of(st.floats(0.05, 60), st.integers(1, 60)),
+        "shutdown_timeout": st.one_of(st.floats(0.1, 60), st.integers(1, 60)),
+    },
+)
+valid_mapping = st.fixed_dictionaries(
+    {"port": st.integers(1, 65535), "transport": any_case(["udp", "tcp", "both"])},
+    optional={"sticky": st.booleans(), "owner": printable},
+)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    nat=valid_nat,
+    mappings=st.lists(valid_mapping, max_size=6, unique_by=lambda m: m["port"]),
+    tcp=st.sampled_from(["", "127.0.0.1:7070", "[::1]:1"]),
+    level=any_case(["debug", "info", "warning", "error"]),
+)
+def test_any_valid_file_loads_with_its_values(
+    scratch: Path, nat: dict[str, object], mappings: list[dict[str, object]], tcp: str, level: str
+) -> None:
+    control = {"tcp": tcp, "token": TOKEN} if tcp else {}
+    text = f"[nat]\n{toml_table(nat)}[control]\n{toml_table(control)}[log]\nlevel = {toml_value(level)}\n"
+    text += "".join(f"[[mapping]]\n{toml_table(entries)}" for entries in mappings)
+    scratch.write_text(text, encoding="utf-8")
+    scratch.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    config = load_config(scratch)
+    for key, value in nat.items():
+        loaded = getattr(config.nat, key)
+        if isinstance(value, str):
+            assert loaded == (value.strip().lower() if key == "protocol" else value or None), key
+        else:
+            assert loaded == value, key
+    expected = [
+        (transport, entries["port"], entries.get("sticky", False), entries.get("owner", "config"))
+        for entries in mappings
+        for transport in (
+            [Transport.UDP, Transport.TCP]
+            if str(entries["transport"]).strip().lower() == "both"
+            else [Transport(str(entries["transport"]).strip().lower())]
+        )
+    ]
+    assert [(m.transport, m.port, m.sticky, m.owner) for m in config.mappings] == expected
+    assert (config.control.tcp is not None) == bool(tcp)
+    assert config.log_level == level.strip().lower()

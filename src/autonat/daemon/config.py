@@ -227,7 +227,7 @@ def _os_reason(exc: Exception) -> str:
 
 
 class _Missing:
-    """Marks a key absent from its table (None cannot: TOML has no null, but a sentinel says so)."""
+    """The value of a key absent from its table: a type of its own, so mypy narrows it away."""
 
 
 _MISSING: Final = _Missing()

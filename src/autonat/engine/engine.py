@@ -88,6 +88,7 @@ class ManagedMapping:
     failures: int = 0
     last_error: str | None = None
     busy: bool = False
+    journalled: tuple[Any, ...] | None = None  # what the journal holds for it, to skip rewrites
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -341,7 +342,9 @@ class NatEngine:
             mapper = self._mapper()
             wanted = mapping.wanted
             lease = self._lease_for(mapper.name)
-            if self.journal is not None:
+            # A refresh of what is already journalled writes nothing: renewals must not cost an fsync each.
+            journal_key = (mapper.name, self.gateway, wanted)
+            if self.journal is not None and mapping.journalled != journal_key:
                 self.journal.record(
                     JournalEntry(
                         transport=wanted.transport,
@@ -387,7 +390,7 @@ class NatEngine:
                 if first
                 else schedule.next_verification(now, interval, self._rand)
             )
-            if self.journal is not None:
+            if self.journal is not None and (mapping.journalled != journal_key or moved or first):
                 self.journal.granted(
                     self.gateway or "",
                     wanted.transport,
@@ -396,6 +399,7 @@ class NatEngine:
                     lifetime,
                     time.time(),
                 )
+                mapping.journalled = journal_key
             data = mapping.to_dict()
             if first or moved:
                 holes.info("opened %s", granted.describe())
@@ -467,6 +471,7 @@ class NatEngine:
                 )
             if self.journal is not None:
                 self.journal.remove(self.gateway or "", transport, port)
+            mapping.journalled = None
             self.events.publish(EventKind.NAT_DEL, port=port, proto=str(transport), owner=mapping.wanted.owner)
             mapping.state = "pending"
             mapping.protocol = None
@@ -522,9 +527,13 @@ class NatEngine:
 
     def _on_router_message(self, message: object) -> None:
         # Never trust the content (the first announcement after a change is stale): go and ask.
-        if getattr(message, "nts", "") == "ssdp:byebye":
-            log.info("router said ssdp:byebye")
         self._check_now.set()
+        if self.probe is not None and self.probe.selected == "upnp":
+            # UPnP has no epoch: a NOTIFY around a router restart is the cue to verify every mapping.
+            now = self._loop.time()
+            for mapping in self.mappings.values():
+                mapping.next_verify = min(mapping.next_verify, now + ANNOUNCE_SETTLE)
+            self._poke()
 
     async def _external_ip_loop(self) -> None:
         while True:
