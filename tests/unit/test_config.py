@@ -1,5 +1,6 @@
 """The daemon's config loader: defaults, a full file, and every way a file can be wrong (one line each)."""
 
+import errno
 import math
 import os
 import stat
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import autonat.daemon.config as config_module
 from autonat.daemon.config import (
     MAX_CONFIG_SIZE,
     MAX_PROBLEMS,
@@ -537,10 +539,16 @@ def test_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
     assert one_problem(path) == f"{path}: not a regular file"
 
 
-@pytest.mark.skipif(os.getuid() == 0, reason="root reads any file")
-def test_an_unreadable_file(tmp_path: Path) -> None:
+def test_an_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "")
-    path.chmod(0)
+    if os.getuid() == 0:
+        # Root reads any file whatever its mode, so the kernel's answer for everyone else is played back.
+        def refuse(*_: object) -> int:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(config_module.os, "open", refuse)
+    else:
+        path.chmod(0)
     assert one_problem(path) == f"{path}: cannot open: Permission denied"
 
 
