@@ -204,3 +204,14 @@ def test_twenty_sigkills_leave_exactly_the_desired_mappings(lab: Lab, tmp_path: 
     assert on_router == desired, f"router {sorted(on_router)} != desired {sorted(desired)}"
     assert {("udp", p) for p in must_have} <= desired
     assert not {("udp", p) for p in must_not} & desired
+
+
+def test_start_does_not_wait_for_a_dead_router(lab: Lab, tmp_path: Path, daemons: list[Daemon]) -> None:
+    lab.stop_router()
+    daemon = new_daemon(lab, tmp_path, daemons).start()
+    daemon.wait_socket(timeout=3)
+    assert time.monotonic() - daemon.started_at < 3
+    assert daemon.status()["state"] == "discovering"
+    lab.start_router()
+    # Discovery retries with back-off (1, 2, 5 s ...): the mappings follow the router's return.
+    wait_until(lambda: {("udp", 5060), ("tcp", 5060)} <= ours(lab), timeout=10)
