@@ -54,12 +54,13 @@ async def fake_router_session() -> Any:
 
 async def hold(mappings: int, duration: float, interval: float, journal_dir: str, fake: bool) -> dict[str, Any]:
     from autonat.aio.router import RouterSession
-    from autonat.engine.engine import EngineSettings, NatEngine, Wanted
+    from autonat.engine.engine import NatEngine, Wanted
     from autonat.engine.events import EventKind
     from autonat.engine.journal import Journal
+    from autonat.engine.settings import NatSettings
     from autonat.proto.types import Transport
 
-    settings = EngineSettings(protocol="pcp", lease=120, verify_interval=interval, external_ip_interval=interval)
+    settings = NatSettings(protocol="pcp", lease=120, verify_interval=interval, external_ip_interval=interval)
     journal = Journal(Path(journal_dir) / "journal.sqlite")
     factory = await fake_router_session() if fake else RouterSession.open
     engine = NatEngine(settings, journal, session_factory=factory)

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 
 from autonat.daemon.control import ControlClient, ControlError, ControlServer
-from autonat.engine.engine import EngineSettings, NatEngine
+from autonat.engine.engine import NatEngine
+from autonat.engine.settings import NatSettings
 
 TOKEN = "s3cret-token-of-16+"  # noqa: S105 (a test token)
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[ControlServer]:
-    engine = NatEngine(EngineSettings(nat_enabled=False))
+    engine = NatEngine(NatSettings(enabled=False))
     await engine.start()
     control = ControlServer(engine, tmp_path / "run" / "control.sock", ("127.0.0.1", 0), TOKEN)
     await control.start()
@@ -93,7 +94,7 @@ async def test_a_second_daemon_is_refused_and_a_stale_socket_replaced(server: Co
 async def test_a_regular_file_in_the_way_is_not_replaced(tmp_path: Path) -> None:
     path = tmp_path / "control.sock"
     path.write_text("precious")
-    engine = NatEngine(EngineSettings(nat_enabled=False))
+    engine = NatEngine(NatSettings(enabled=False))
     with pytest.raises(ControlError, match="is not a socket"):
         await ControlServer(engine, path, None, None).start()
     assert path.read_text() == "precious"

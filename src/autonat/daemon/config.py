@@ -26,18 +26,17 @@ from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from autonat.addresses import parse_address
+from autonat.engine.settings import DEFAULT_UPNP_LEASE, NatSettings, ProtocolName
 from autonat.errors import AutonatError
 from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME
 from autonat.proto.exchange import DEFAULT_DEADLINE
 from autonat.proto.types import Transport
 from autonat.state import state_dir
 
-ProtocolName = Literal["auto", "pcp", "natpmp", "upnp"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 MAX_CONFIG_SIZE: Final = 64 * 1024
 MIN_LEASE: Final = 120  # below this the refresh traffic is a load on the router, not a safety margin
-DEFAULT_UPNP_LEASE: Final = 3600
 MAX_INTERVAL: Final = 3600
 MAX_MAPPINGS: Final = 256  # each one is a request to a home router; more is a generated file gone wrong
 MAX_PROBLEMS: Final = 100  # a binary fed as config would otherwise print thousands of lines
@@ -70,26 +69,8 @@ class ConfigError(AutonatError):
         super().__init__("\n".join(self.problems))
 
 
-@dataclass(frozen=True, slots=True)
-class NatConfig:
-    """How to find the router and keep mappings on it. Durations are seconds.
-
-    `gateway`, `interface` and `root_url` are None when the file leaves them empty ("find it myself"),
-    which is what `RouterSession.open` takes.
-    """
-
-    enabled: bool = True
-    mapping: bool = True
-    protocol: ProtocolName = "auto"
-    gateway: str | None = None
-    interface: str | None = None
-    root_url: str | None = None
-    lease: int = DEFAULT_LIFETIME
-    upnp_lease: int = DEFAULT_UPNP_LEASE
-    verify_interval: int = 60
-    external_ip_interval: int = 60
-    timeout: float = DEFAULT_DEADLINE
-    shutdown_timeout: float = 2.0
+# The [nat] table is the engine's own settings: one dataclass, validated here, used there.
+NatConfig = NatSettings
 
 
 @dataclass(frozen=True, slots=True)

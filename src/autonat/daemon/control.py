@@ -173,7 +173,7 @@ class ControlServer:
         command = request.get("cmd")
         if command == "status":
             return engine.status()
-        if not engine.settings.nat_enabled and command in ("add", "del", "republish", "reinit", "mapping"):
+        if not engine.settings.enabled and command in ("add", "del", "republish", "reinit", "mapping"):
             raise ControlError("NAT is disabled (--nonat)")
         if command == "add":
             if not engine.mapping_enabled:

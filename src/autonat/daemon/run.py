@@ -14,28 +14,10 @@ import sys
 
 from autonat.daemon.config import Config
 from autonat.daemon.control import ControlServer
-from autonat.engine.engine import EngineSettings, NatEngine, Wanted
+from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.journal import Journal
 
 log = logging.getLogger("autonat")
-
-
-def settings_from(config: Config) -> EngineSettings:
-    nat = config.nat
-    return EngineSettings(
-        nat_enabled=nat.enabled,
-        mapping_enabled=nat.mapping,
-        protocol=nat.protocol,
-        gateway=nat.gateway,
-        interface=nat.interface,
-        root_url=nat.root_url,
-        lease=nat.lease,
-        upnp_lease=nat.upnp_lease,
-        verify_interval=nat.verify_interval,
-        external_ip_interval=nat.external_ip_interval,
-        timeout=nat.timeout,
-        shutdown_timeout=nat.shutdown_timeout,
-    )
 
 
 def configure_logging(level: str) -> None:
@@ -55,7 +37,7 @@ async def run_daemon(config: Config) -> int:
     for warning in config.warnings:
         log.warning("%s", warning)
     journal = Journal(config.journal_path) if config.nat.enabled else None
-    engine = NatEngine(settings_from(config), journal)
+    engine = NatEngine(config.nat, journal)
     control = ControlServer(engine, config.control.socket, config.control.tcp, config.control.token)
     try:
         await control.start()

@@ -28,10 +28,11 @@ from typing import Any
 
 from autonat.addresses import IPAddress, is_public
 from autonat.aio import watch
-from autonat.aio.router import ProbeResult, ProtocolChoice, RouterSession
+from autonat.aio.router import ProbeResult, RouterSession
 from autonat.engine import schedule
 from autonat.engine.events import EventBus, EventKind
 from autonat.engine.journal import Journal, JournalEntry
+from autonat.engine.settings import NatSettings
 from autonat.errors import AutonatError
 from autonat.mapper import MappingRequest, PortMapper
 from autonat.proto.types import Transport
@@ -42,24 +43,8 @@ holes = logging.getLogger("autonat.holes")
 MappingKey = tuple[Transport, int]
 DISCOVERY_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 FAILED_RETRY = (2.0, 5.0, 15.0, 30.0, 60.0)
+CONCURRENCY = 16  # router requests in flight at once: enough for bursts, gentle on small routers
 ANNOUNCE_SETTLE = 0.05  # miniupnpd's first announcement after a change is stale; the right one follows
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    nat_enabled: bool = True
-    mapping_enabled: bool = True
-    protocol: ProtocolChoice = "auto"
-    gateway: str | None = None
-    interface: str | None = None
-    root_url: str | None = None
-    lease: int = 7200
-    upnp_lease: int = 3600
-    verify_interval: float = 60.0
-    external_ip_interval: float = 60.0
-    timeout: float = 2.0
-    shutdown_timeout: float = 2.0
-    concurrency: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +109,7 @@ class NatEngine:
 
     def __init__(
         self,
-        settings: EngineSettings,
+        settings: NatSettings,
         journal: Journal | None = None,
         *,
         rand: Callable[[], float] = random.random,
@@ -133,8 +118,8 @@ class NatEngine:
         self.settings = settings
         self.journal = journal
         self.events = EventBus()
-        self.mapping_enabled = settings.mapping_enabled
-        self.state = "disabled" if not settings.nat_enabled else "starting"
+        self.mapping_enabled = settings.mapping
+        self.state = "disabled" if not settings.enabled else "starting"
         self.session: RouterSession | None = None
         self.probe: ProbeResult | None = None
         self.external_ip: IPAddress | None = None
@@ -147,7 +132,7 @@ class NatEngine:
         self._wake = asyncio.Event()
         self._check_now = asyncio.Event()
         self._ready = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._slots = asyncio.Semaphore(CONCURRENCY)
         self._loop = asyncio.get_running_loop()
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -156,7 +141,7 @@ class NatEngine:
         """Returns at once: discovery and mapping happen in the background."""
         for wanted in static:
             self.mappings[(wanted.transport, wanted.internal_port)] = ManagedMapping(wanted)
-        if not self.settings.nat_enabled:
+        if not self.settings.enabled:
             return
         self.state = "discovering"
         self._spawn(self._main())
@@ -645,7 +630,7 @@ class NatEngine:
 
     def status(self) -> dict[str, Any]:
         return {
-            "nat": "disabled" if not self.settings.nat_enabled else "enabled",
+            "nat": "disabled" if not self.settings.enabled else "enabled",
             "state": self.state,
             "protocol": None if self.probe is None else self.probe.selected,
             "gateway": self.gateway,

@@ -1,0 +1,35 @@
+"""What the NAT engine is told: the `[nat]` table of the config file, and the engine's constructor argument."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from autonat.mapper import DEFAULT_LIFETIME
+from autonat.proto.exchange import DEFAULT_DEADLINE
+
+ProtocolName = Literal["auto", "pcp", "natpmp", "upnp"]
+DEFAULT_UPNP_LEASE: Final = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class NatSettings:
+    """How to find the router and keep mappings on it. Durations are seconds.
+
+    `gateway`, `interface` and `root_url` are None for "find it myself", which is what
+    `RouterSession.open` takes. `enabled` False is `--nonat` (no discovery at all); `mapping` False
+    is `--nonatmap` (discovery and the external address, no mappings).
+    """
+
+    enabled: bool = True
+    mapping: bool = True
+    protocol: ProtocolName = "auto"
+    gateway: str | None = None
+    interface: str | None = None
+    root_url: str | None = None
+    lease: int = DEFAULT_LIFETIME
+    upnp_lease: int = DEFAULT_UPNP_LEASE
+    verify_interval: float = 60
+    external_ip_interval: float = 60
+    timeout: float = DEFAULT_DEADLINE
+    shutdown_timeout: float = 2.0
