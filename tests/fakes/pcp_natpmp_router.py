@@ -5,6 +5,7 @@ codecs; the real behaviour is tested against miniupnpd in tests/lab."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -27,6 +28,12 @@ class FakeRouter(asyncio.DatagramProtocol):
     script: Reply | None = None
     received: list[bytes] = field(default_factory=list)
     transport: asyncio.DatagramTransport | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def now_epoch(self) -> int:
+        """Seconds since the (fake) start, as a real server counts them (RFC 6886 §3.6); a test
+        that sets `epoch` lower simulates a reboot."""
+        return self.epoch + int(time.monotonic() - self.started)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -44,20 +51,22 @@ class FakeRouter(asyncio.DatagramProtocol):
         if data[:1] == b"\x00":
             request = natpmp.parse_request(data)
             if isinstance(request, natpmp.ExternalAddressRequest):
-                return [natpmp.ExternalAddressResponse(0, self.epoch, self.external).encode()]
+                return [natpmp.ExternalAddressResponse(0, self.now_epoch(), self.external).encode()]
             external = request.external_port or request.internal_port
             return [
                 natpmp.MapResponse(
                     request.transport,
                     0,
-                    self.epoch,
+                    self.now_epoch(),
                     request.internal_port,
                     0 if request.lifetime == 0 else external,
                     request.lifetime,
                 ).encode()
             ]
         if self.natpmp_only:
-            return [natpmp.ErrorResponse(data[1] & 0x7F, natpmp.ResultCode.UNSUPPORTED_VERSION, self.epoch).encode()]
+            return [
+                natpmp.ErrorResponse(data[1] & 0x7F, natpmp.ResultCode.UNSUPPORTED_VERSION, self.now_epoch()).encode()
+            ]
         request_pcp = pcp.parse_request(data)
         return [self.pcp_reply(request_pcp, result=0)]
 
@@ -71,7 +80,7 @@ class FakeRouter(asyncio.DatagramProtocol):
                 request.map.external_port or request.map.internal_port,
                 self.external,
             )
-        return pcp.Response(2, request.opcode, result, request.lifetime, self.epoch, map_data, ()).encode()
+        return pcp.Response(2, request.opcode, result, request.lifetime, self.now_epoch(), map_data, ()).encode()
 
 
 async def start_fake_router(**kwargs: Any) -> tuple[FakeRouter, int]:
