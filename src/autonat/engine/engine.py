@@ -172,8 +172,15 @@ class NatEngine:
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug must be loud, not a silently dead background task.
+            log.error("engine task %s failed: %r", task.get_coro(), task.exception())
+            self.last_error = f"internal error: {task.exception()!r}"
 
     async def _main(self) -> None:
         await self._discover_until_found()
@@ -330,22 +337,7 @@ class NatEngine:
             # A refresh of what is already journalled writes nothing: renewals must not cost an fsync each.
             journal_key = (mapper.name, self.gateway, wanted)
             if self.journal is not None and mapping.journalled != journal_key:
-                self.journal.record(
-                    JournalEntry(
-                        transport=wanted.transport,
-                        internal_port=wanted.internal_port,
-                        owner=wanted.owner,
-                        sticky=wanted.sticky,
-                        desired=True,
-                        protocol=mapper.name,
-                        gateway=self.gateway or "",
-                        internal_address=str(self.session.location.local_address),
-                        requested_external_port=wanted.external_port,
-                        external_port=mapping.external_port,
-                        lease=lease,
-                        updated_at=time.time(),
-                    )
-                )
+                self.journal.record(self._journal_entry(mapping, mapper.name, mapping.external_port, lease))
             request = MappingRequest(
                 wanted.transport, wanted.internal_port, mapping.external_port or wanted.external_port, lease
             )
@@ -376,14 +368,7 @@ class NatEngine:
                 else schedule.next_verification(now, interval, self._rand)
             )
             if self.journal is not None and (mapping.journalled != journal_key or moved or first):
-                self.journal.granted(
-                    self.gateway or "",
-                    wanted.transport,
-                    wanted.internal_port,
-                    granted.external_port,
-                    lifetime,
-                    time.time(),
-                )
+                self._journal_granted(mapping, mapper.name, granted.external_port, lifetime)
                 mapping.journalled = journal_key
             data = mapping.to_dict()
             if first or moved:
@@ -392,6 +377,36 @@ class NatEngine:
             else:
                 self.events.publish(EventKind.NAT_RENEW, **data)
         self._check_reboot()
+
+    def _journal_granted(self, mapping: ManagedMapping, protocol: str, external_port: int, lease: int) -> None:
+        assert self.journal is not None
+        wanted = mapping.wanted
+        try:
+            self.journal.granted(
+                self.gateway or "", wanted.transport, wanted.internal_port, external_port, lease, time.time()
+            )
+        except KeyError:  # the row went away under us (another process on the same journal): write it whole
+            self.journal.record(self._journal_entry(mapping, protocol, external_port, lease))
+
+    def _journal_entry(
+        self, mapping: ManagedMapping, protocol: str, external_port: int | None, lease: int
+    ) -> JournalEntry:
+        assert self.session is not None
+        wanted = mapping.wanted
+        return JournalEntry(
+            transport=wanted.transport,
+            internal_port=wanted.internal_port,
+            owner=wanted.owner,
+            sticky=wanted.sticky,
+            desired=True,
+            protocol=protocol,
+            gateway=self.gateway or "",
+            internal_address=str(self.session.location.local_address),
+            requested_external_port=wanted.external_port,
+            external_port=external_port,
+            lease=lease,
+            updated_at=time.time(),
+        )
 
     def _failed(self, mapping: ManagedMapping, error: AutonatError, now: float) -> None:
         mapping.failures += 1
