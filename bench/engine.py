@@ -22,6 +22,7 @@ import collections
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,22 +32,33 @@ from typing import Any
 FIRST_PORT = 20000
 
 
-async def fake_router_session() -> Any:
-    """A RouterSession whose PCP/NAT-PMP server is the test suite's fake router on loopback."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ipaddress import IPv4Address
+FAKE_ROUTER = (
+    "import asyncio, sys\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "from tests.fakes.pcp_natpmp_router import start_fake_router\n"
+    "async def main():\n"
+    "    _, port = await start_fake_router()\n"
+    "    print(port, flush=True)\n"
+    "    await asyncio.sleep(3600)\n"
+    "asyncio.run(main())\n"
+)
 
-    from tests.fakes.pcp_natpmp_router import start_fake_router
+
+async def fake_router_session(router: subprocess.Popen[str]) -> Any:
+    """A RouterSession whose PCP/NAT-PMP server is the test suite's fake router, in its own process
+    on loopback so that its CPU time is not counted as ours."""
+    from ipaddress import IPv4Address
 
     from autonat.aio.channel import DatagramChannel
     from autonat.aio.route import RouterLocation
-    from autonat.aio.router import RouterSession
+    from autonat.aio.router import RouterSession, reply_key
 
-    _, port = await start_fake_router()
+    assert router.stdout is not None
+    port = int(router.stdout.readline())
     loopback = IPv4Address("127.0.0.1")
 
     async def factory(*_: Any) -> RouterSession:
-        channel = await DatagramChannel.open(loopback)
+        channel = await DatagramChannel.open(loopback, reply_key)
         return RouterSession(RouterLocation(loopback, loopback, "lo"), channel, 2.0, server_port=port)
 
     return factory
@@ -62,7 +74,11 @@ async def hold(mappings: int, duration: float, interval: float, journal_dir: str
 
     settings = NatSettings(protocol="pcp", lease=120, verify_interval=interval, external_ip_interval=interval)
     journal = Journal(Path(journal_dir) / "journal.sqlite")
-    factory = await fake_router_session() if fake else RouterSession.open
+    router = None
+    if fake:
+        root = str(Path(__file__).resolve().parents[1])
+        router = subprocess.Popen([sys.executable, "-c", FAKE_ROUTER, root], stdout=subprocess.PIPE, text=True)
+    factory = await fake_router_session(router) if router is not None else RouterSession.open
     engine = NatEngine(settings, journal, session_factory=factory)
     renewals: collections.Counter[int] = collections.Counter()
     adds = 0
@@ -89,6 +105,9 @@ async def hold(mappings: int, duration: float, interval: float, journal_dir: str
     await engine.stop()
     stopped = time.monotonic() - stop0
     journal.close()
+    if router is not None:
+        router.kill()
+        router.wait(timeout=10)
     steady = {second: n for second, n in renewals.items() if second >= int(time.time() - duration)}
     return {
         "router": "fake (loopback)" if fake else "miniupnpd (lab)",

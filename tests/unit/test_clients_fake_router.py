@@ -14,7 +14,7 @@ from autonat.aio.channel import DatagramChannel
 from autonat.aio.natpmp import NatPmpClient
 from autonat.aio.pcp import PcpClient
 from autonat.aio.route import RouterLocation
-from autonat.aio.router import RouterSession
+from autonat.aio.router import RouterSession, reply_key
 from autonat.errors import RouterRefused, RouterTimeout
 from autonat.mapper import MappingRequest
 from autonat.proto import natpmp, pcp
@@ -30,7 +30,7 @@ def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def clients(port: int, deadline: float = 1.0) -> tuple[DatagramChannel, NatPmpClient, PcpClient]:
-    channel = await DatagramChannel.open(LOOPBACK)
+    channel = await DatagramChannel.open(LOOPBACK, reply_key)
     return (
         channel,
         NatPmpClient(channel, LOOPBACK, LOOPBACK, deadline=deadline, port=port),
@@ -208,5 +208,23 @@ async def test_concurrent_exchanges_share_one_socket() -> None:
         *(pcp_client.add(MappingRequest(Transport.TCP, p)) for p in range(6000, 6010)),
     )
     assert [m.internal_port for m in results] == list(range(6000, 6010)) * 2
+    assert not channel.drops
+    channel.close()
+
+
+async def test_a_short_error_reply_without_the_full_key_still_reaches_its_request() -> None:
+    router, port = await start_fake_router()
+    router.script = lambda data: [natpmp.ErrorResponse(data[1], natpmp.ResultCode.OUT_OF_RESOURCES, 7).encode()]
+    channel, client, _ = await clients(port)
+    with pytest.raises(RouterRefused, match="NAT-PMP result 4"):
+        await client.add(MappingRequest(Transport.UDP, 5060))
+    channel.close()
+
+
+async def test_many_exchanges_in_flight_are_each_answered_once() -> None:
+    _, port = await start_fake_router()
+    channel, _, pcp_client = await clients(port, deadline=5)
+    results = await asyncio.gather(*(pcp_client.add(MappingRequest(Transport.UDP, p)) for p in range(20000, 20500)))
+    assert sorted(m.internal_port for m in results) == list(range(20000, 20500))
     assert not channel.drops
     channel.close()

@@ -8,8 +8,10 @@ datagram is offered to the pending exchanges until one accepts it, and counted a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, TypeVar, cast
@@ -32,18 +34,25 @@ class _Pending:
 class DatagramChannel(asyncio.DatagramProtocol):
     """Owns one UDP socket bound to our local address; use `open()`, `request()`, `close()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply_key: Callable[[bytes], Hashable | None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.DatagramTransport | None = None
         self._pending: list[_Pending] = []
+        self._by_key: dict[Hashable, list[_Pending]] = {}
+        self._reply_key = reply_key
         self.drops: Counter[str] = Counter()
 
     @classmethod
-    async def open(cls, local_address: IPv4Address | IPv6Address) -> DatagramChannel:
+    async def open(
+        cls, local_address: IPv4Address | IPv6Address, reply_key: Callable[[bytes], Hashable | None] | None = None
+    ) -> DatagramChannel:
+        """`reply_key` maps a datagram to the `key` of the exchange it answers (see Exchange)."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET if isinstance(local_address, IPv4Address) else socket.AF_INET6
         try:
-            _, channel = await loop.create_datagram_endpoint(cls, local_addr=(str(local_address), 0), family=family)
+            _, channel = await loop.create_datagram_endpoint(
+                lambda: cls(reply_key), local_addr=(str(local_address), 0), family=family
+            )
         except OSError as exc:
             raise RouterNotFound(f"cannot open a UDP socket on {local_address}: {exc.strerror}") from None
         return channel
@@ -60,7 +69,13 @@ class DatagramChannel(asyncio.DatagramProtocol):
         source: Endpoint = (ip_address(addr[0]), addr[1])
         now = self._loop.time()
         reason = "no request pending"
-        for pending in self._pending:
+        # With many exchanges in flight (a thousand renewals), find the addressee by key first
+        # instead of letting every pending exchange parse the datagram.
+        key = self._reply_key(data) if self._reply_key is not None else None
+        keyed = self._by_key.get(key, []) if key is not None else []
+        # The others still get their turn (a short error reply may not carry the full key), so the
+        # index only ever makes delivery faster, never different.
+        for pending in itertools.chain(keyed, (p for p in self._pending if p not in keyed)):
             refused = pending.exchange.receive(data, source, now)
             if refused is None:
                 self._settle(pending)
@@ -83,6 +98,8 @@ class DatagramChannel(asyncio.DatagramProtocol):
         """Run an exchange to its end. `what` names it in the timeout error ("NAT-PMP at 192.168.77.1")."""
         pending = _Pending(exchange, self._loop.create_future(), what)
         self._pending.append(pending)
+        if exchange.key is not None:
+            self._by_key.setdefault(exchange.key, []).append(pending)
         try:
             self._pump(pending)
             result: R = await pending.future
@@ -91,6 +108,11 @@ class DatagramChannel(asyncio.DatagramProtocol):
             if pending.timer is not None:
                 pending.timer.cancel()
             self._pending.remove(pending)
+            if exchange.key is not None:
+                same = self._by_key[exchange.key]
+                same.remove(pending)
+                if not same:
+                    del self._by_key[exchange.key]
 
     def _pump(self, pending: _Pending) -> None:
         exchange = pending.exchange

@@ -76,17 +76,20 @@ class NatPmpClient:
         self.epochs = EpochTracker("natpmp")
         self.router_rebooted = False
 
-    async def _run(self, request: bytes, parse: Callable[[bytes], object]) -> object:
+    async def _run(
+        self, request: natpmp.ExternalAddressRequest | natpmp.MapRequest, parse: Callable[[bytes], object]
+    ) -> object:
         if not isinstance(self._gateway, IPv4Address):
             raise RouterNotFound("NAT-PMP needs an IPv4 gateway")
         loop = asyncio.get_running_loop()
         exchange = Exchange(
-            request,
+            request.encode(),
             (self._gateway, self._port),
             parse,
             now=loop.time(),
             deadline=self._deadline,
             schedule=NATPMP_SCHEDULE,
+            key=natpmp.request_key(request),
         )
         reply = await self._channel.request(exchange, self._what)
         epoch = getattr(reply, "epoch", None)
@@ -103,7 +106,7 @@ class NatPmpClient:
 
     async def external_address(self) -> natpmp.ExternalAddressResponse:
         """RFC 6886 §3.2: the gateway's external IPv4 address and its epoch."""
-        reply = await self._run(natpmp.ExternalAddressRequest().encode(), _expect_external_address)
+        reply = await self._run(natpmp.ExternalAddressRequest(), _expect_external_address)
         assert isinstance(reply, natpmp.ExternalAddressResponse | natpmp.ErrorResponse)
         self._raise_for(reply)
         assert isinstance(reply, natpmp.ExternalAddressResponse)
@@ -140,7 +143,7 @@ class NatPmpClient:
         )
         address_task = asyncio.ensure_future(self.external_address())
         try:
-            reply = await self._run(map_request.encode(), _expect_map(request.transport, request.internal_port))
+            reply = await self._run(map_request, _expect_map(request.transport, request.internal_port))
         except BaseException:
             address_task.cancel()
             raise
@@ -169,7 +172,7 @@ class NatPmpClient:
     async def delete(self, transport: Transport, internal_port: int) -> None:
         """RFC 6886 §3.4: lifetime 0 and external port 0 remove our mapping of `internal_port`."""
         reply = await self._run(
-            natpmp.MapRequest.delete(transport, internal_port).encode(), _expect_map(transport, internal_port)
+            natpmp.MapRequest.delete(transport, internal_port), _expect_map(transport, internal_port)
         )
         assert isinstance(reply, natpmp.MapResponse | natpmp.ErrorResponse)
         self._raise_for(reply)

@@ -83,6 +83,7 @@ class PcpClient:
             now=loop.time(),
             deadline=self._deadline,
             schedule=PCP_SCHEDULE,
+            key=pcp.request_key(request),
         )
         reply = await self._channel.request(exchange, self._what)
         if isinstance(reply, pcp.VersionNotSupported):

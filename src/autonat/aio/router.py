@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from autonat.aio.route import RouterLocation, locate_router
 from autonat.aio.upnp import UpnpClient
 from autonat.errors import ProtocolUnavailable
 from autonat.mapper import Mapping, MappingRequest, PortMapper, ProtocolStatus
+from autonat.proto import natpmp, pcp
 from autonat.proto.exchange import DEFAULT_DEADLINE
 from autonat.proto.natpmp import SERVER_PORT
 from autonat.proto.types import Transport
@@ -63,6 +65,11 @@ class ProbeResult:
         }
 
 
+def reply_key(data: bytes) -> Hashable | None:
+    """NAT-PMP and PCP share the server port and our socket: key a reply by its own protocol."""
+    return pcp.reply_key(data) if data[:1] == b"\x02" else natpmp.reply_key(data)
+
+
 class RouterSession:
     """One gateway, one local address, one socket shared by the NAT-PMP and PCP clients."""
 
@@ -93,7 +100,7 @@ class RouterSession:
         root_url: str | None = None,
     ) -> RouterSession:
         location = locate_router(gateway, interface)
-        channel = await DatagramChannel.open(location.local_address)
+        channel = await DatagramChannel.open(location.local_address, reply_key)
         return cls(location, channel, deadline, root_url=root_url)
 
     async def __aenter__(self) -> RouterSession:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Generic, TypeVar
@@ -84,11 +84,15 @@ class Exchange(Generic[R]):
         deadline: float = DEFAULT_DEADLINE,
         schedule: RetransmitSchedule = NATPMP_SCHEDULE,
         rand: Callable[[], float] = random.random,
+        key: Hashable | None = None,
     ) -> None:
+        """`key`, when given, is what `reply_key` of the protocol returns for this request's answers,
+        so a caller with many exchanges in flight can find the right one without parsing for each."""
         if deadline <= 0:
             raise ValueError("deadline must be positive")
         self.request = request
         self.server = server
+        self.key = key
         self.started = now
         self.deadline_at = now + deadline
         self.transmissions = 0

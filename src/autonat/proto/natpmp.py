@@ -320,3 +320,21 @@ def parse_response(
     if opcode in (Opcode.EXTERNAL_ADDRESS, Opcode.MAP_UDP, Opcode.MAP_TCP):
         raise DecodeError(f"NAT-PMP success response for opcode {opcode} has wrong length {len(data)}")
     raise DecodeError(f"unknown NAT-PMP response opcode {op_byte}")
+
+
+def reply_key(data: bytes) -> tuple[str, int, int | None] | None:
+    """Which request a datagram answers, read from fixed offsets without a full parse (§3.2, §3.3):
+    ("natpmp", request opcode, internal port for mapping replies). None if it can't be a reply."""
+    if len(data) < 8 or data[0] != VERSION or data[1] < RESPONSE_BIT:
+        return None
+    opcode = data[1] - RESPONSE_BIT
+    if opcode in (Opcode.MAP_UDP, Opcode.MAP_TCP):
+        return ("natpmp", opcode, int.from_bytes(data[8:10], "big") if len(data) >= 10 else None)
+    return ("natpmp", opcode, None)
+
+
+def request_key(request: ExternalAddressRequest | MapRequest) -> tuple[str, int, int | None]:
+    """The `reply_key` of this request's answers."""
+    if isinstance(request, MapRequest):
+        return ("natpmp", request.opcode, request.internal_port)
+    return ("natpmp", Opcode.EXTERNAL_ADDRESS, None)

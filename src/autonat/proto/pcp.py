@@ -624,3 +624,19 @@ def parse_response(data: bytes) -> Response | VersionNotSupported:
         return Response(version, opcode, result, lifetime, epoch, map_data, options)
     except ValueError as exc:
         raise DecodeError(f"invalid PCP response: {exc}") from None
+
+
+def reply_key(data: bytes) -> tuple[str, int, bytes | None] | None:
+    """Which request a datagram answers, from fixed offsets (§7.2, §11.1): ("pcp", opcode, nonce for
+    MAP). None if it can't be a PCP reply (a NAT-PMP-only server's answer included)."""
+    if len(data) < HEADER_SIZE or data[0] != VERSION or not data[1] & RESPONSE_BIT:
+        return None
+    opcode = data[1] & OPCODE_MASK
+    if opcode == Opcode.MAP and len(data) >= HEADER_SIZE + NONCE_SIZE:
+        return ("pcp", opcode, bytes(data[HEADER_SIZE : HEADER_SIZE + NONCE_SIZE]))
+    return ("pcp", opcode, None)
+
+
+def request_key(request: Request) -> tuple[str, int, bytes | None]:
+    """The `reply_key` of this request's answers."""
+    return ("pcp", request.opcode, None if request.map is None else request.map.nonce)
