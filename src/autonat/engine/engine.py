@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -43,6 +44,8 @@ holes = logging.getLogger("autonat.holes")
 MappingKey = tuple[Transport, int]
 DISCOVERY_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 FAILED_RETRY = (2.0, 5.0, 15.0, 30.0, 60.0)
+RENEWAL_SHARE = 0.04  # at most 4 % of the mappings refreshed in any one second ...
+MIN_REFRESHES_PER_SECOND = 5  # ... but never fewer than this, so small sets are not slowed down
 CONCURRENCY = 16  # router requests in flight at once: enough for bursts, gentle on small routers
 ANNOUNCE_SETTLE = 0.05  # miniupnpd's first announcement after a change is stale; the right one follows
 
@@ -133,6 +136,8 @@ class NatEngine:
         self._check_now = asyncio.Event()
         self._ready = asyncio.Event()
         self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._refresh_second = 0
+        self._refreshes = 0
         self._loop = asyncio.get_running_loop()
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -291,15 +296,24 @@ class NatEngine:
         while True:
             now = self._loop.time()
             next_due: float | None = None
+            second = int(now)
+            if second != self._refresh_second:
+                self._refresh_second, self._refreshes = second, 0
+            # Jitter spreads refreshes on average; this cap makes "no more than RENEWAL_SHARE of the
+            # mappings in any one second" hold by construction. New mappings are never held back.
+            cap = max(MIN_REFRESHES_PER_SECOND, math.ceil(len(self.mappings) * RENEWAL_SHARE))
             if self.mapping_enabled:
                 for mapping in self.mappings.values():
                     if mapping.busy or mapping.state == "disabled":
                         continue
-                    if mapping.due_at <= now:
+                    if mapping.due_at <= now and (mapping.state != "active" or self._refreshes < cap):
+                        self._refreshes += mapping.state == "active"
                         mapping.busy = True
                         self._spawn(self._service(mapping))
-                    elif next_due is None or mapping.due_at < next_due:
-                        next_due = mapping.due_at
+                        continue
+                    due = mapping.due_at if mapping.due_at > now else second + 1.0
+                    if next_due is None or due < next_due:
+                        next_due = due
             self._wake.clear()
             timeout = None if next_due is None else max(0.0, next_due - self._loop.time())
             with contextlib.suppress(TimeoutError):
