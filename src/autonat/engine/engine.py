@@ -77,6 +77,7 @@ class ManagedMapping:
     last_error: str | None = None
     busy: bool = False
     journalled: tuple[Any, ...] | None = None  # what the journal holds for it, to skip rewrites
+    asked_via: str | None = None  # protocol of the last request sent, answered or not
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -166,7 +167,8 @@ class NatEngine:
                 await task
         self._close_listeners()
         if self.session is not None:
-            doomed = [m for m in self.mappings.values() if not m.wanted.sticky and m.protocol is not None]
+            # Asked-for but unanswered ones too: the router may have made them before we stopped listening.
+            doomed = [m for m in self.mappings.values() if not m.wanted.sticky and m.asked_via is not None]
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.shutdown_timeout):
                     await asyncio.gather(*(self._remove(m) for m in doomed), return_exceptions=True)
@@ -356,6 +358,7 @@ class NatEngine:
                 wanted.transport, wanted.internal_port, mapping.external_port or wanted.external_port, lease
             )
             now = self._loop.time()
+            mapping.asked_via = mapper.name
             try:
                 granted = await mapper.add(request)
             except AutonatError as exc:
@@ -473,22 +476,21 @@ class NatEngine:
         async with mapping.lock:
             if self.journal is not None:
                 self.journal.tombstone(self.gateway or "", transport, port, time.time())
-            if mapping.protocol is not None and self.session is not None:
+            protocol = mapping.protocol or mapping.asked_via
+            if protocol is not None and self.session is not None:
                 try:
-                    await self._delete_on_router(mapping.protocol, transport, port, mapping.external_port)
+                    await self._delete_on_router(protocol, transport, port, mapping.external_port)
                 except AutonatError as exc:
                     mapping.last_error = str(exc)
                     log.warning("could not delete %s %d: %s (retried at next start)", transport, port, exc)
                     return False
-                holes.info(
-                    "closed %s %s:%d via %s", transport, self.session.location.local_address, port, mapping.protocol
-                )
+                holes.info("closed %s %s:%d via %s", transport, self.session.location.local_address, port, protocol)
             if self.journal is not None:
                 self.journal.remove(self.gateway or "", transport, port)
             mapping.journalled = None
             self.events.publish(EventKind.NAT_DEL, port=port, proto=str(transport), owner=mapping.wanted.owner)
             mapping.state = "pending"
-            mapping.protocol = None
+            mapping.protocol = mapping.asked_via = None
             mapping.external_port = None
             return True
 
@@ -648,7 +650,7 @@ class NatEngine:
         if enabled == self.mapping_enabled:
             return
         if not enabled:
-            await asyncio.gather(*(self._remove(m) for m in self.mappings.values() if m.protocol is not None))
+            await asyncio.gather(*(self._remove(m) for m in self.mappings.values() if m.asked_via is not None))
             self.mapping_enabled = False
             return
         self.mapping_enabled = True
