@@ -650,8 +650,8 @@ class NatEngine:
         if enabled == self.mapping_enabled:
             return
         if not enabled:
+            self.mapping_enabled = False  # first, so the scheduler does not re-make what we remove
             await asyncio.gather(*(self._remove(m) for m in self.mappings.values() if m.asked_via is not None))
-            self.mapping_enabled = False
             return
         self.mapping_enabled = True
         now = self._loop.time()
