@@ -18,7 +18,9 @@ What it promises, and how:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import heapq
 import logging
 import math
 import random
@@ -76,6 +78,7 @@ class ManagedMapping:
     failures: int = 0
     last_error: str | None = None
     busy: bool = False
+    heap_seq: int = 0  # the scheduler's current queue entry for this mapping
     journalled: tuple[Any, ...] | None = None  # what the journal holds for it, to skip rewrites
     asked_via: str | None = None  # protocol of the last request sent, answered or not
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -137,8 +140,9 @@ class NatEngine:
         self._check_now = asyncio.Event()
         self._ready = asyncio.Event()
         self._slots = asyncio.Semaphore(CONCURRENCY)
-        self._refresh_second = 0
-        self._refreshes = 0
+        self._heap: list[tuple[float, int, ManagedMapping]] = []
+        self._seq = 0
+        self._recent: collections.deque[float] = collections.deque()  # refresh starts, last second
         self._loop = asyncio.get_running_loop()
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -295,32 +299,54 @@ class NatEngine:
     # --- the scheduler ---------------------------------------------------------------------------
 
     async def _scheduler(self) -> None:
+        """Start each mapping's work when it is due, from a heap: a thousand mappings cost a heap
+        operation per renewal, not a scan per wake-up."""
+        self._reschedule_all()
         while True:
             now = self._loop.time()
-            next_due: float | None = None
-            second = int(now)
-            if second != self._refresh_second:
-                self._refresh_second, self._refreshes = second, 0
+            while self._recent and self._recent[0] <= now - 1.0:
+                self._recent.popleft()
             # Jitter spreads refreshes on average; this cap makes "no more than RENEWAL_SHARE of the
-            # mappings in any one second" hold by construction. New mappings are never held back.
-            cap = max(MIN_REFRESHES_PER_SECOND, math.ceil(len(self.mappings) * RENEWAL_SHARE))
-            if self.mapping_enabled:
-                for mapping in self.mappings.values():
-                    if mapping.busy or mapping.state == "disabled":
-                        continue
-                    if mapping.due_at <= now and (mapping.state != "active" or self._refreshes < cap):
-                        self._refreshes += mapping.state == "active"
-                        mapping.busy = True
-                        self._spawn(self._service(mapping))
-                        continue
-                    due = mapping.due_at if mapping.due_at > now else second + 1.0
-                    if next_due is None or due < next_due:
-                        next_due = due
+            # mappings in any one-second window" hold by construction. New mappings never wait.
+            cap = max(MIN_REFRESHES_PER_SECOND, math.floor(len(self.mappings) * RENEWAL_SHARE))
+            wake_at = None
+            while self._heap and self._heap[0][0] <= now:
+                _, seq, mapping = self._heap[0]
+                if seq != mapping.heap_seq or mapping.busy or self.mappings.get(mapping.key) is not mapping:
+                    heapq.heappop(self._heap)  # superseded, or running (requeued when done), or deleted
+                    continue
+                if not self.mapping_enabled or mapping.state == "disabled":
+                    heapq.heappop(self._heap)
+                    continue
+                if mapping.state == "active":
+                    if len(self._recent) >= cap:
+                        wake_at = self._recent[0] + 1.0  # full: nothing more starts before a slot frees
+                        break
+                    self._recent.append(now)
+                heapq.heappop(self._heap)
+                mapping.busy = True
+                self._spawn(self._service(mapping))
             self._wake.clear()
-            timeout = None if next_due is None else max(0.0, next_due - self._loop.time())
+            if wake_at is None and self._heap:
+                wake_at = self._heap[0][0]
+            timeout = None if wake_at is None else max(0.0, wake_at - self._loop.time())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    def _push(self, mapping: ManagedMapping, when: float) -> None:
+        self._seq += 1
+        mapping.heap_seq = self._seq
+        heapq.heappush(self._heap, (when, self._seq, mapping))
+        self._wake.set()
+
+    def _schedule(self, mapping: ManagedMapping) -> None:
+        """(Re)queue a mapping at its current due time; older queue entries for it become stale."""
+        self._push(mapping, mapping.due_at)
+
+    def _reschedule_all(self) -> None:
+        for mapping in self.mappings.values():
+            self._schedule(mapping)
 
     def _poke(self) -> None:
         self._wake.set()
@@ -335,7 +361,7 @@ class NatEngine:
                     await self._establish(mapping)
         finally:
             mapping.busy = False
-            self._poke()
+            self._schedule(mapping)
 
     # --- operations ------------------------------------------------------------------------------
 
@@ -522,7 +548,7 @@ class NatEngine:
                 mapping.next_renewal = now
                 mapping.state = "pending"
         self._check_now.set()
-        self._poke()
+        self._reschedule_all()
 
     async def _start_listeners(self) -> None:
         if self.session is None:
@@ -549,7 +575,7 @@ class NatEngine:
             now = self._loop.time()
             for mapping in self.mappings.values():
                 mapping.next_verify = min(mapping.next_verify, now + ANNOUNCE_SETTLE)
-            self._poke()
+            self._reschedule_all()
 
     async def _external_ip_loop(self) -> None:
         while True:
@@ -615,7 +641,7 @@ class NatEngine:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait if wait is not None else self.settings.timeout * 3):
                     await self._establish(mapping)
-        self._poke()
+        self._schedule(mapping)
         return mapping
 
     async def delete(self, transport: Transport, internal_port: int) -> bool:
@@ -629,6 +655,7 @@ class NatEngine:
     async def republish(self) -> None:
         """Re-send every mapping now (FreeSWITCH's `nat_map republish`)."""
         await asyncio.gather(*(self._establish(m) for m in list(self.mappings.values())))
+        self._reschedule_all()
 
     async def reinit(self) -> ProbeResult:
         """Rediscover; swap the new router state in only once it is complete, then re-make the mappings."""
@@ -657,7 +684,7 @@ class NatEngine:
         now = self._loop.time()
         for mapping in self.mappings.values():
             mapping.next_renewal = now
-        self._poke()
+        self._reschedule_all()
 
     def status(self) -> dict[str, Any]:
         return {
