@@ -17,11 +17,11 @@ from autonat.lab import Lab
 from tests.lab.cli_helpers import AUTONAT
 
 
-def write_config(directory: Path, *, mappings: str = "", nat: str = "") -> Path:
+def write_config(directory: Path, *, mappings: str = "", nat: str = "", extra: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "autonat.toml"
     path.write_text(
-        f"[nat]\n{nat}\n{mappings}\n"
+        f"[nat]\n{nat}\n{mappings}\n{extra}\n"
         f'[control]\nsocket = "{directory / "control.sock"}"\n'
         f'[journal]\npath = "{directory / "journal.sqlite"}"\n'
         '[log]\nlevel = "debug"\n'
@@ -52,6 +52,7 @@ class Daemon:
     process: subprocess.Popen[str] | None = None
     events: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
     started_at: float = 0.0
+    host: str = "lan"
 
     @property
     def socket_path(self) -> Path:
@@ -61,7 +62,7 @@ class Daemon:
         log = (self.directory / "daemon.log").open("a")
         self.started_at = time.monotonic()
         self.process = self.lab.popen(
-            "lan",
+            self.host,
             [
                 "env",
                 f"AUTONAT_STATE_DIR={self.directory / 'state'}",

@@ -445,6 +445,54 @@ def events(socket_path: Path) -> None:
     run_async(go())
 
 
+@cli.group()
+def profile() -> None:
+    """SIP profiles of the running daemon (FreeSWITCH's sofia status profile)."""
+
+
+PROFILE_RULE = "=" * 97
+
+
+@profile.command(name="status")
+@click.argument("name")
+@socket_option
+@click.option("--json", "as_json", is_flag=True)
+def profile_status(name: str, socket_path: Path, as_json: bool) -> None:
+    """Name, Auto-NAT, RTP-IP, Ext-RTP-IP, SIP-IP, Ext-SIP-IP, URL, BIND-URL ... of profile NAME."""
+    status = control_call(socket_path, {"cmd": "profile", "name": name})
+    if as_json:
+        print_json(status)
+        return
+    click.echo(PROFILE_RULE)
+    for key, value in status.items():
+        click.echo(f"{key:<24}{value}")
+    click.echo(PROFILE_RULE)
+
+
+@cli.command()
+@click.argument("ip")
+@click.argument("list_name", metavar="LIST")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="For its [[acl]] lists.")
+@click.option("--explain", is_flag=True, help="Also say which node decided.")
+def acl(ip: str, list_name: str, config_path: Path | None, explain: bool) -> None:
+    """Is IP allowed by ACL list LIST? Prints true or false (FreeSWITCH's `acl` command)."""
+    from autonat.acl import AclSet
+    from autonat.daemon.config import load_config
+
+    try:
+        lists = load_config(config_path).acls if config_path else ()
+        acls = AclSet.from_host(lists)
+        verdict = acls.explain(ip, list_name) if explain else None
+        allowed = acls.lookup(ip, list_name)
+    except AutonatError as exc:
+        for line in str(exc).splitlines():
+            click.echo(f"autonat: {line}", err=True)
+        sys.exit(exc.exit_code)
+    click.echo("true" if allowed else "false")
+    if verdict is not None:
+        click.echo(verdict.describe())
+
+
 def _register() -> None:
     from autonat.lab.cli import lab
 

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from autonat.addresses import parse_address
+from autonat.acl import AclError, AclList, AclSet, parse_acl_conf_xml
+from autonat.addresses import IPAddress, parse_address
+from autonat.advertise import ExtKind, ExtValue, ProfileSettings, parse_ext_value
 from autonat.engine.settings import DEFAULT_UPNP_LEASE, NatSettings, ProtocolName
 from autonat.errors import AutonatError
 from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME
@@ -36,6 +38,7 @@ from autonat.state import state_dir
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 MAX_CONFIG_SIZE: Final = 64 * 1024
+BUILTIN_ACL_NAMES: Final = frozenset(AclSet().names)
 MIN_LEASE: Final = 120  # below this the refresh traffic is a load on the router, not a safety margin
 MAX_INTERVAL: Final = 3600
 MAX_MAPPINGS: Final = 256  # each one is a request to a home router; more is a generated file gone wrong
@@ -104,6 +107,8 @@ class Config:
     log_level: LogLevel
     source: Path | None
     warnings: tuple[str, ...] = ()
+    acls: tuple[AclList, ...] = ()
+    profiles: tuple[ProfileSettings, ...] = ()
 
     def with_overrides(self, nonat: bool = False, nonatmap: bool = False) -> Config:
         """Apply the --nonat / --nonatmap command-line flags, which only ever switch things off."""
@@ -377,6 +382,8 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
     log = _section(top, "log")
     level = log.choice("level", _LOG_LEVELS, "info")
     log.finish()
+    acls = _acls(top, report)
+    profiles = _profiles(top, report, {*BUILTIN_ACL_NAMES, *(acl.name for acl in acls)})
     top.finish()
     report.raise_if_any()
 
@@ -384,7 +391,7 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
         report.warn(f"nat.enabled = false: the {len(mappings)} [[mapping]] entries are not made")
     elif mappings and not nat.mapping:
         report.warn(f"nat.mapping = false: the {len(mappings)} [[mapping]] entries are not made")
-    return Config(nat, mappings, control, journal, level, source, tuple(report.warnings))
+    return Config(nat, mappings, control, journal, level, source, tuple(report.warnings), acls, profiles)
 
 
 def _section(top: _Table, key: str) -> _Table:
@@ -415,9 +422,24 @@ def _nat(table: _Table) -> NatConfig:
         external_ip_interval=table.integer("external_ip_interval", 60, 1, MAX_INTERVAL, seconds),
         timeout=table.number("timeout", DEFAULT_DEADLINE, 0.05, 60, seconds),
         shutdown_timeout=table.number("shutdown_timeout", 2.0, 0.1, 60, seconds),
+        stun=_stun(table),
     )
     table.finish()
     return config
+
+
+def _stun(table: _Table) -> str | None:
+    text = table.text("stun", "").strip()
+    if not text:
+        return None
+    try:
+        value = parse_ext_value(text)
+    except ValueError:
+        value = None
+    if value is None or value.kind is not ExtKind.STUN:
+        table.error("stun", f"must be stun:host[:port], not {_quote(text)}")
+        return None
+    return str(value)
 
 
 def _gateway(table: _Table) -> str | None:
@@ -672,3 +694,128 @@ def _escape(char: str) -> str:
     if char.isprintable():
         return char
     return char.encode("unicode_escape").decode("ascii")
+
+
+# --- ACL lists and SIP profiles ------------------------------------------------------------------------
+
+
+def _array_of_tables(top: _Table, key: str) -> list[tuple[str, _Table]]:
+    value = top.get(key)
+    if isinstance(value, _Missing):
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        top.wrong_type(key, f"an array of tables ([[{key}]])", value)
+        return []
+    return [
+        (f"{key}[{n}]", _Table(top.report, item, f"{key}[{n}]", is_section=False)) for n, item in enumerate(value, 1)
+    ]
+
+
+def _acls(top: _Table, report: _Report) -> tuple[AclList, ...]:
+    """[[acl]] lists, plus the lists of a FreeSWITCH acl.conf.xml named by [freeswitch] acl_conf."""
+    lists: list[AclList] = []
+    for name, table in _array_of_tables(top, "acl"):
+        list_name = table.text("name", "")
+        default = table.text("default", "deny")
+        raw_nodes = table.get("nodes")
+        table.finish()
+        nodes: list[tuple[str, str]] = []
+        if isinstance(raw_nodes, list):
+            for item in raw_nodes:
+                if isinstance(item, list) and len(item) == 2 and all(isinstance(part, str) for part in item):
+                    nodes.append((item[0], item[1]))
+                elif isinstance(item, dict) and isinstance(item.get("type"), str) and isinstance(item.get("cidr"), str):
+                    nodes.append((item["type"], item["cidr"]))
+                else:
+                    report.error(f'{name}.nodes entries are ["allow"|"deny", "CIDR"] or {{type, cidr}}')
+                    break
+        elif not isinstance(raw_nodes, _Missing):
+            table.wrong_type("nodes", "an array", raw_nodes)
+        if not list_name:
+            table.error("name", "is required")
+            continue
+        try:
+            lists.append(AclList.from_config(list_name, default, nodes))
+        except AclError as exc:
+            report.error(f"{name}: {exc}")
+    freeswitch = _section(top, "freeswitch")
+    acl_conf = freeswitch.text("acl_conf", "")
+    freeswitch.finish()
+    if acl_conf:
+        try:
+            data = Path(acl_conf).read_bytes()[: MAX_CONFIG_SIZE * 4 + 1]
+            notes: list[str] = []
+            lists.extend(parse_acl_conf_xml(data, notes))
+            for note in notes:
+                report.warn(f"freeswitch.acl_conf: {note}")
+        except OSError as exc:
+            freeswitch.error("acl_conf", f"cannot be read: {_os_reason(exc)}")
+        except AclError as exc:
+            freeswitch.error("acl_conf", str(exc))
+    seen: set[str] = set()
+    for acl in lists:
+        if acl.name in seen or acl.name in BUILTIN_ACL_NAMES:
+            report.error(f"ACL list {_quote(acl.name)} is defined twice (or shadows a built-in .auto list)")
+        seen.add(acl.name)
+    return tuple(lists)
+
+
+def _profiles(top: _Table, report: _Report, acl_names: set[str]) -> tuple[ProfileSettings, ...]:
+    profiles: list[ProfileSettings] = []
+    names: set[str] = set()
+    for _, table in _array_of_tables(top, "profile"):
+        mistakes = len(report.errors)
+        name = table.text("name", "")
+        sip_ip = _optional_ip(table, "sip-ip")
+        rtp_ip = _optional_ip(table, "rtp-ip")
+        sip_port = table.integer("sip-port", 5060, 1, 65535)
+        tls_port = table.integer("tls-sip-port", 0, 0, 65535, " (0: no TLS)")
+        ext_sip = _ext(table, "ext-sip-ip")
+        ext_rtp = _ext(table, "ext-rtp-ip")
+        acl = table.text("local-network-acl", "localnet.auto").strip()
+        table.finish()
+        if not name:
+            table.error("name", "is required")
+        elif name in names:
+            table.error("name", f"{_quote(name)} is used by another profile")
+        names.add(name)
+        if acl.lower() != "none" and acl not in acl_names:
+            close = difflib.get_close_matches(acl, sorted(acl_names), n=1, cutoff=0.6)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            table.error("local-network-acl", f"names an unknown ACL list {_quote(acl)}{hint}")
+        if len(report.errors) == mistakes:
+            profiles.append(
+                ProfileSettings(
+                    name=name,
+                    sip_ip=sip_ip,
+                    rtp_ip=rtp_ip,
+                    sip_port=sip_port,
+                    tls_sip_port=tls_port or None,
+                    ext_sip_ip=ext_sip,
+                    ext_rtp_ip=ext_rtp,
+                    local_network_acl=None if acl.lower() == "none" else acl,
+                )
+            )
+    return tuple(profiles)
+
+
+def _optional_ip(table: _Table, key: str) -> IPAddress | None:
+    text = table.text(key, "").strip()
+    if not text:
+        return None
+    try:
+        return parse_address(text)
+    except ValueError:
+        table.error(key, f"must be an IP address, not {_quote(text)}")
+        return None
+
+
+def _ext(table: _Table, key: str) -> ExtValue | None:
+    text = table.text(key, "").strip()
+    if not text:
+        return None
+    try:
+        return parse_ext_value(text)
+    except ValueError as exc:
+        table.error(key, str(exc))
+        return None

@@ -23,6 +23,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from autonat.daemon.profiles import ProfileManager
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.errors import AutonatError
 from autonat.proto.types import Transport
@@ -54,8 +55,16 @@ def _transport(value: object) -> Transport:
 
 
 class ControlServer:
-    def __init__(self, engine: NatEngine, socket_path: Path, tcp: tuple[str, int] | None, token: str | None) -> None:
+    def __init__(
+        self,
+        engine: NatEngine,
+        socket_path: Path,
+        tcp: tuple[str, int] | None,
+        token: str | None,
+        profiles: ProfileManager | None = None,
+    ) -> None:
         self.engine = engine
+        self.profiles = profiles
         self.socket_path = socket_path
         self.tcp = tcp
         self.token = token
@@ -173,6 +182,8 @@ class ControlServer:
         command = request.get("cmd")
         if command == "status":
             return engine.status()
+        if command in ("profile", "profiles", "advertise"):
+            return self._profile_command(command, request)
         if not engine.settings.enabled and command in ("add", "del", "republish", "reinit", "mapping"):
             raise ControlError("NAT is disabled (--nonat)")
         if command == "add":
@@ -208,6 +219,24 @@ class ControlServer:
             await engine.set_mapping_enabled(enable)
             return {"mapping_enabled": engine.mapping_enabled}
         raise ControlError(f"unknown command {command!r}")
+
+    def _profile_command(self, command: str, request: dict[str, Any]) -> Any:
+        if self.profiles is None:
+            raise ControlError("no profiles are configured")
+        if command == "profiles":
+            return sorted(self.profiles.profiles)
+        name = request.get("name")
+        if not isinstance(name, str):
+            raise ControlError("name must be a profile name")
+        if command == "profile":
+            return self.profiles.status(name)
+        destination, media = request.get("destination"), request.get("media", False)
+        if not isinstance(destination, str) or not isinstance(media, bool):
+            raise ControlError("advertise needs destination (an IP) and media (true/false)")
+        try:
+            return str(self.profiles.advertise(name, destination, media))
+        except ValueError as exc:
+            raise ControlError(f"destination: {exc}") from None
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:

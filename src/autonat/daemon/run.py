@@ -12,8 +12,10 @@ import logging
 import signal
 import sys
 
+from autonat.acl import AclSet
 from autonat.daemon.config import Config
 from autonat.daemon.control import ControlServer
+from autonat.daemon.profiles import ProfileManager
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.journal import Journal
 
@@ -38,11 +40,13 @@ async def run_daemon(config: Config) -> int:
         log.warning("%s", warning)
     journal = Journal(config.journal_path) if config.nat.enabled else None
     engine = NatEngine(config.nat, journal)
-    control = ControlServer(engine, config.control.socket, config.control.tcp, config.control.token)
+    profiles = ProfileManager(config.profiles, AclSet.from_host(config.acls), engine)
+    control = ControlServer(engine, config.control.socket, config.control.tcp, config.control.token, profiles)
     try:
         await control.start()
         static = [Wanted(m.transport, m.port, m.external_port, m.sticky, m.owner) for m in config.mappings]
         await engine.start(static)
+        await profiles.start()
         log.info(
             "running: NAT %s, mapping %s, control socket %s",
             "enabled" if config.nat.enabled else "disabled (--nonat)",
@@ -58,6 +62,7 @@ async def run_daemon(config: Config) -> int:
     finally:
         await control.stop()
         log.debug("control channel closed")
+        await profiles.stop()
         await engine.stop()
         log.debug("engine stopped")
         if journal is not None:

@@ -131,6 +131,7 @@ class NatEngine:
         self.probe: ProbeResult | None = None
         self.external_ip: IPAddress | None = None
         self.last_error: str | None = None
+        self.stun_result: dict[str, Any] | None = None
         self.mappings: dict[MappingKey, ManagedMapping] = {}
         self._rand = rand
         self._session_factory = session_factory
@@ -248,6 +249,8 @@ class NatEngine:
         )
         if probe.double_nat:
             self.events.publish(EventKind.DOUBLE_NAT, external_ip=str(probe.external_ip))
+        if self.settings.stun:
+            self._spawn(self.stun_check())
         if old_ip is not None and old_ip != probe.external_ip:
             self._address_changed(old_ip, probe.external_ip)
 
@@ -602,6 +605,34 @@ class NatEngine:
             old, self.external_ip = self.external_ip, address
             self._address_changed(old, address)
 
+    async def stun_check(self) -> None:
+        """Ask a STUN server (RFC 8489) what it sees; if it is not the router's external address, there
+        is another NAT beyond the router: double NAT, whatever the router says."""
+        if not self.settings.stun or self.session is None:
+            return
+        from autonat.aio.stun import parse_stun_target, stun_binding
+
+        local = self.session.location.local_address
+        try:
+            seen, _ = await stun_binding(
+                parse_stun_target(self.settings.stun),
+                local_address=local,
+                deadline=max(self.settings.timeout, 2.0),
+            )
+        except AutonatError as exc:
+            self.stun_result = {"server": self.settings.stun, "error": str(exc)}
+            return
+        matches = seen == self.external_ip
+        self.stun_result = {"server": self.settings.stun, "address": str(seen), "matches_router": matches}
+        if not matches:
+            log.warning("STUN sees %s but the router says %s: double NAT", seen, self.external_ip)
+            self.events.publish(
+                EventKind.DOUBLE_NAT,
+                external_ip=None if self.external_ip is None else str(self.external_ip),
+                stun_address=str(seen),
+                reason="STUN and the router disagree",
+            )
+
     async def _query_external_ip(self) -> IPAddress | None:
         assert self.session is not None and self.probe is not None
         protocols = self.probe.protocols
@@ -624,6 +655,8 @@ class NatEngine:
                 mapping.external_ip = new
         if new is not None and not is_public(new):
             self.events.publish(EventKind.DOUBLE_NAT, external_ip=str(new))
+        if self.settings.stun and self._tasks:
+            self._spawn(self.stun_check())
 
     # --- commands (nat_map verbs) --------------------------------------------------------------
 
@@ -693,7 +726,9 @@ class NatEngine:
             "protocol": None if self.probe is None else self.probe.selected,
             "gateway": self.gateway,
             "external_ip": None if self.external_ip is None else str(self.external_ip),
-            "double_nat": bool(self.probe and self.probe.double_nat),
+            "double_nat": bool(self.probe and self.probe.double_nat)
+            or bool(self.stun_result and self.stun_result.get("matches_router") is False),
+            "stun": self.stun_result,
             "mapping_enabled": self.mapping_enabled,
             "last_error": self.last_error,
             "mappings": [m.to_dict() for m in sorted(self.mappings.values(), key=lambda m: (m.key[1], m.key[0]))],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +60,7 @@ class EventBus:
             subscription.offer(event)
         return event
 
-    async def subscribe(self) -> AsyncIterator[Event]:
+    async def subscribe(self) -> AsyncGenerator[Event, None]:
         """Events from now on, until the consumer stops iterating."""
         subscription = _Subscription()
         self._subscriptions.add(subscription)

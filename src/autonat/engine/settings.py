@@ -33,3 +33,4 @@ class NatSettings:
     external_ip_interval: float = 60
     timeout: float = DEFAULT_DEADLINE
     shutdown_timeout: float = 2.0
+    stun: str | None = None  # "stun:host[:port]": cross-check the router's external address (double NAT)

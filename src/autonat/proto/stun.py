@@ -335,7 +335,9 @@ def parse_message(data: bytes) -> StunMessage:
         start = offset + _ATTRIBUTE_HEADER.size
         end = start + attribute_length
         if end + (-attribute_length % 4) > size:
-            raise DecodeError(f"STUN attribute 0x{attribute_type:04x} of length {attribute_length} overruns the message")
+            raise DecodeError(
+                f"STUN attribute 0x{attribute_type:04x} of length {attribute_length} overruns the message"
+            )
         value = bytes(data[start:end])
         offset = end + (-attribute_length % 4)
         if attribute_type == AttributeType.FINGERPRINT:
@@ -454,9 +456,7 @@ def error_code(message: StunMessage) -> ErrorCode:
     return ErrorCode(hundreds * 100 + number, reason, unknown)
 
 
-def parse_binding_response(
-    data: bytes, transaction_id: bytes
-) -> tuple[IPv4Address | IPv6Address, int] | ErrorCode:
+def parse_binding_response(data: bytes, transaction_id: bytes) -> tuple[IPv4Address | IPv6Address, int] | ErrorCode:
     """A datagram as the answer to our Binding request `transaction_id` (§6.3): the reflexive address
     from a success response, or the ErrorCode of an error response.
 

@@ -1,0 +1,132 @@
+"""SIP profiles in the daemon: their ext-sip-ip / ext-rtp-ip follow the engine, with no restart.
+
+`auto-nat` and `autonat:IP` are read from the engine's current external address at every question, so
+an address change reaches every profile the moment the engine learns it. `stun:` and `host:` values
+are looked up at start, when the external address changes, and every `LOOKUP_INTERVAL`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from autonat.acl import AclSet
+from autonat.addresses import IPAddress
+from autonat.advertise import ExtKind, ExtValue, ProfileSettings, Resolved, choose, profile_status, resolve
+from autonat.aio.route import locate_router
+from autonat.aio.stun import parse_stun_target, resolve_server, stun_binding
+from autonat.engine.engine import NatEngine
+from autonat.engine.events import EventKind
+from autonat.errors import AutonatError
+
+log = logging.getLogger("autonat.profiles")
+LOOKUP_INTERVAL = 300.0
+LOOKUP_TIMEOUT = 3.0
+
+
+class ProfileError(AutonatError):
+    exit_code = 8
+
+
+class ProfileManager:
+    def __init__(self, profiles: tuple[ProfileSettings, ...], acls: AclSet, engine: NatEngine) -> None:
+        self.profiles = {profile.name: profile for profile in profiles}
+        self.acls = acls
+        self.engine = engine
+        self._looked_up: dict[str, IPAddress | None] = {}  # str(ExtValue) -> last lookup result
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if any(self._lookup_values()):
+            self._task = asyncio.get_running_loop().create_task(self._lookups())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _lookup_values(self) -> list[ExtValue]:
+        values = [v for p in self.profiles.values() for v in (p.ext_sip_ip, p.ext_rtp_ip) if v is not None]
+        return [value for value in values if value.needs_lookup]
+
+    async def _lookups(self) -> None:
+        events = self.engine.events.subscribe()
+        next_event: asyncio.Future[Any] = asyncio.ensure_future(anext(events))
+        try:
+            while True:
+                await self.lookup_all()
+                # Again when the address changes (the reflexive address changed with it), or later.
+                await asyncio.wait({next_event}, timeout=LOOKUP_INTERVAL)
+                while next_event.done():
+                    kind = next_event.result().kind
+                    next_event = asyncio.ensure_future(anext(events))
+                    if kind in (EventKind.EXTERNAL_ADDRESS_CHANGE, EventKind.DISCOVERED):
+                        break
+        finally:
+            next_event.cancel()
+            await events.aclose()
+
+    async def lookup_all(self) -> None:
+        for value in {str(v): v for v in self._lookup_values()}.values():
+            self._looked_up[str(value)] = await self._lookup(value)
+
+    async def _lookup(self, value: ExtValue) -> IPAddress | None:
+        assert value.host is not None
+        try:
+            if value.kind is ExtKind.STUN:
+                host, port = parse_stun_target(str(value))
+                address, _ = await stun_binding((host, port), local_address=self._local_v4(), deadline=LOOKUP_TIMEOUT)
+                return address
+            return await resolve_server(value.host, 0, timeout=LOOKUP_TIMEOUT)
+        except AutonatError as exc:
+            log.warning("%s: %s", value, exc)
+            return None
+
+    def _local_v4(self) -> Any:
+        local = self.local_address()
+        return local if local.version == 4 else None
+
+    def local_address(self) -> IPAddress:
+        session = self.engine.session
+        if session is not None:
+            return session.location.local_address
+        return locate_router(self.engine.settings.gateway, self.engine.settings.interface).local_address
+
+    def _resolve(self, value: ExtValue | None, local: IPAddress) -> Resolved:
+        looked_up = None if value is None else self._looked_up.get(str(value))
+        return resolve(value, router_external=self.engine.external_ip, local=local, looked_up=looked_up)
+
+    def get(self, name: str) -> ProfileSettings:
+        profile = self.profiles.get(name)
+        if profile is None:
+            known = ", ".join(sorted(self.profiles)) or "none configured"
+            raise ProfileError(f"no profile named {name!r} (profiles: {known})")
+        return profile
+
+    def status(self, name: str) -> dict[str, Any]:
+        profile = self.get(name)
+        local = profile.sip_ip or self.local_address()
+        rtp_local = profile.rtp_ip or local
+        auto_nat = any(
+            v is not None and v.kind in (ExtKind.AUTO_NAT, ExtKind.AUTONAT_OR)
+            for v in (profile.ext_sip_ip, profile.ext_rtp_ip)
+        )
+        return profile_status(
+            profile,
+            local=local,
+            sip=self._resolve(profile.ext_sip_ip, local),
+            rtp=self._resolve(profile.ext_rtp_ip, rtp_local),
+            auto_nat=auto_nat and self.engine.external_ip is not None,
+        )
+
+    def advertise(self, name: str, destination: str, media: bool) -> IPAddress:
+        """The address profile `name` puts in SIP (or, with `media`, SDP) for a peer at `destination`."""
+        profile = self.get(name)
+        local = (profile.rtp_ip if media else None) or profile.sip_ip or self.local_address()
+        external = self._resolve(profile.ext_rtp_ip if media else profile.ext_sip_ip, local).address
+        acl = profile.local_network_acl
+        in_acl = None if acl is None else (lambda peer: self.acls.lookup(peer, acl))
+        return choose(destination, local=local, external=external, is_local_network=in_acl)
