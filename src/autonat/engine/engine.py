@@ -27,7 +27,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from autonat.addresses import IPAddress, is_public
 from autonat.aio import watch
@@ -44,6 +44,7 @@ log = logging.getLogger("autonat.engine")
 holes = logging.getLogger("autonat.holes")
 
 MappingKey = tuple[Transport, int]
+T = TypeVar("T")
 DISCOVERY_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 FAILED_RETRY = (2.0, 5.0, 15.0, 30.0, 60.0)
 RENEWAL_SHARE = 0.04  # at most 4 % of the mappings refreshed in any one second ...
@@ -176,10 +177,16 @@ class NatEngine:
             doomed = [m for m in self.mappings.values() if not m.wanted.sticky and m.asked_via is not None]
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.shutdown_timeout):
-                    await asyncio.gather(*(self._remove(m) for m in doomed), return_exceptions=True)
+                    await asyncio.gather(*(self._limited(self._remove(m)) for m in doomed), return_exceptions=True)
             self.session.close()
             self.session = None
         self.state = "stopped"
+
+    async def _limited(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """At most CONCURRENCY router requests in flight: a burst of a thousand datagrams overflows the
+        router's socket buffer (measured: most of them were lost and retried)."""
+        async with self._slots:
+            return await coroutine
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -687,7 +694,7 @@ class NatEngine:
 
     async def republish(self) -> None:
         """Re-send every mapping now (FreeSWITCH's `nat_map republish`)."""
-        await asyncio.gather(*(self._establish(m) for m in list(self.mappings.values())))
+        await asyncio.gather(*(self._limited(self._establish(m)) for m in list(self.mappings.values())))
         self._reschedule_all()
 
     async def reinit(self) -> ProbeResult:
@@ -711,7 +718,8 @@ class NatEngine:
             return
         if not enabled:
             self.mapping_enabled = False  # first, so the scheduler does not re-make what we remove
-            await asyncio.gather(*(self._remove(m) for m in self.mappings.values() if m.asked_via is not None))
+            mapped = [m for m in self.mappings.values() if m.asked_via is not None]
+            await asyncio.gather(*(self._limited(self._remove(m)) for m in mapped))
             return
         self.mapping_enabled = True
         now = self._loop.time()
