@@ -773,3 +773,75 @@ def test_any_valid_file_loads_with_its_values(
     assert [(m.transport, m.port, m.sticky, m.owner) for m in config.mappings] == expected
     assert (config.control.tcp is not None) == bool(tcp)
     assert config.log_level == level.strip().lower()
+
+
+# --- ACL lists, SIP profiles, STUN cross-check -------------------------------------------------------
+
+PROFILE_FILE = """
+[nat]
+stun = "stun:203.0.113.100"
+
+[[acl]]
+name = "lan"
+default = "allow"
+nodes = [["deny", "192.168.42.0/24"], {type = "allow", cidr = "192.168.42.42/32"}]
+
+[[profile]]
+name = "external"
+ext-rtp-ip = "auto-nat"
+ext-sip-ip = "autonat:198.51.100.7"
+sip-port = 5080
+tls-sip-port = 5081
+local-network-acl = "lan"
+
+[[profile]]
+name = "internal"
+sip-ip = "192.168.77.10"
+ext-sip-ip = "stun:stun.example.org:3479"
+local-network-acl = "none"
+"""
+
+
+def test_profiles_acls_and_stun_load(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, PROFILE_FILE))
+    assert config.nat.stun == "stun:203.0.113.100:3478"
+    [lan] = config.acls
+    assert lan.lookup("192.168.42.42") and not lan.lookup("192.168.42.1") and lan.lookup("8.8.8.8")
+    external, internal = config.profiles
+    assert (external.name, external.sip_port, external.tls_sip_port) == ("external", 5080, 5081)
+    assert str(external.ext_sip_ip) == "autonat:198.51.100.7" and str(external.ext_rtp_ip) == "auto-nat"
+    assert external.local_network_acl == "lan" and internal.local_network_acl is None
+    assert str(internal.sip_ip) == "192.168.77.10" and str(internal.ext_sip_ip) == "stun:stun.example.org:3479"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[[profile]]\nname = "p"\nlocal-network-acl = "localnet.atuo"\n',
+            'profile[1].local-network-acl names an unknown ACL list "localnet.atuo" (did you mean "localnet.auto"?)',
+        ),
+        ('[[profile]]\nname = "p"\next-sip-ip = "pbx.example.org"\n', "profile[1].ext-sip-ip 'pbx.example.org' is not"),
+        ('[[profile]]\nname = "p"\nsip-ip = "eth0"\n', "profile[1].sip-ip must be an IP address"),
+        ('[[profile]]\next-sip-ip = "auto-nat"\n', "profile[1].name is required"),
+        ('[nat]\nstun = "203.0.113.100"\n', "nat.stun must be stun:host[:port]"),
+        ('[[acl]]\nname = "x"\nnodes = [["maybe", "10.0.0.0/8"]]\n', "acl[1]:"),
+        ('[[acl]]\nname = "x.auto"\n', "names ending in .auto belong to the built-in lists"),
+        ('[[acl]]\nname = "x"\n[[acl]]\nname = "x"\n', 'ACL list "x" is defined twice'),
+    ],
+)
+def test_profile_and_acl_mistakes_are_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in one_problem(write(tmp_path, text))
+
+
+def test_a_freeswitch_acl_conf_is_imported(tmp_path: Path) -> None:
+    (tmp_path / "acl.conf.xml").write_text(
+        '<configuration name="acl.conf" description="Network Lists"><network-lists>'
+        '<list name="domains" default="deny"><node type="allow" cidr="198.51.100.0/24"/></list>'
+        "</network-lists></configuration>"
+    )
+    text = f'[freeswitch]\nacl_conf = "{tmp_path / "acl.conf.xml"}"\n'
+    text += '[[profile]]\nname = "p"\nlocal-network-acl = "domains"\n'
+    config = load_config(write(tmp_path, text))
+    assert [acl.name for acl in config.acls] == ["domains"]
+    assert config.profiles[0].local_network_acl == "domains"

@@ -4,6 +4,7 @@ and `stun_binding` against a scriptable fake server on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import struct
@@ -368,7 +369,9 @@ def test_error_response_gives_a_typed_error_code() -> None:
     ],
 )
 def test_error_code_descriptions_are_one_line(code: int, reason: str, described: str) -> None:
-    message = parse_message(StunMessage(MessageClass.ERROR, Method.BINDING, TID, (encode_error_code(code, reason),)).encode())
+    message = parse_message(
+        StunMessage(MessageClass.ERROR, Method.BINDING, TID, (encode_error_code(code, reason),)).encode()
+    )
     assert error_code(message).describe() == described
 
 
@@ -517,10 +520,8 @@ def test_message_and_attribute_arguments_are_checked() -> None:
 @settings(max_examples=1000)
 @given(st.binary(max_size=2100))
 def test_random_bytes_give_a_value_or_decode_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(DecodeError):
         parse_binding_response(data, TID)
-    except DecodeError:
-        pass
     key = reply_key(data)
     assert key is None or len(key) == 12
 
@@ -553,10 +554,8 @@ def test_mutated_real_messages_give_a_value_or_decode_error(vector: bytes, data:
         mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(mutated)))
     for candidate in (bytes(mutated), bytes(mutated[:cut])):
-        try:
+        with contextlib.suppress(DecodeError):
             parse_message(candidate)
-        except DecodeError:
-            pass
 
 
 # --- stun: targets -----------------------------------------------------------------------------------
@@ -769,7 +768,7 @@ async def test_error_response_gives_stun_error_with_the_code(server: FakeStunSer
 
 async def test_nonsense_mapped_address_is_refused(server: FakeStunServer) -> None:
     server.script = lambda request, source: [success(request, ("0.0.0.0", 0))]
-    with pytest.raises(StunError, match="unusable address 0.0.0.0:0"):
+    with pytest.raises(StunError, match=r"unusable address 0\.0\.0\.0:0"):
         await stun_binding(("127.0.0.1", server.port), deadline=1.0)
 
 
@@ -791,5 +790,5 @@ async def test_family_mismatch_and_bad_arguments() -> None:
 
 
 async def test_socket_that_cannot_be_opened_gives_stun_error() -> None:
-    with pytest.raises(StunError, match="cannot open a UDP socket on 192.0.2.55"):
+    with pytest.raises(StunError, match=r"cannot open a UDP socket on 192\.0\.2\.55"):
         await stun_binding(("127.0.0.1", 3478), local_address=IPv4Address("192.0.2.55"), deadline=1.0)

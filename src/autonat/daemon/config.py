@@ -754,8 +754,10 @@ def _acls(top: _Table, report: _Report) -> tuple[AclList, ...]:
             freeswitch.error("acl_conf", str(exc))
     seen: set[str] = set()
     for acl in lists:
-        if acl.name in seen or acl.name in BUILTIN_ACL_NAMES:
-            report.error(f"ACL list {_quote(acl.name)} is defined twice (or shadows a built-in .auto list)")
+        if acl.name.endswith(".auto"):
+            report.error(f"ACL list {_quote(acl.name)}: names ending in .auto belong to the built-in lists")
+        elif acl.name in seen:
+            report.error(f"ACL list {_quote(acl.name)} is defined twice")
         seen.add(acl.name)
     return tuple(lists)
 

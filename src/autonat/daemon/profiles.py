@@ -12,7 +12,7 @@ import contextlib
 import logging
 from typing import Any
 
-from autonat.acl import AclSet
+from autonat.acl import AclSet, host_networks
 from autonat.addresses import IPAddress
 from autonat.advertise import ExtKind, ExtValue, ProfileSettings, Resolved, choose, profile_status, resolve
 from autonat.aio.route import locate_router
@@ -23,6 +23,7 @@ from autonat.errors import AutonatError
 
 log = logging.getLogger("autonat.profiles")
 LOOKUP_INTERVAL = 300.0
+ACL_REFRESH_INTERVAL = 30.0  # interfaces come and go (VPNs, DHCP): the .auto lists follow them
 LOOKUP_TIMEOUT = 3.0
 
 
@@ -36,17 +37,28 @@ class ProfileManager:
         self.acls = acls
         self.engine = engine
         self._looked_up: dict[str, IPAddress | None] = {}  # str(ExtValue) -> last lookup result
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         if any(self._lookup_values()):
-            self._task = asyncio.get_running_loop().create_task(self._lookups())
+            self._tasks.append(loop.create_task(self._lookups()))
+        self._tasks.append(loop.create_task(self._refresh_acls()))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+
+    async def _refresh_acls(self) -> None:
+        while True:
+            await asyncio.sleep(ACL_REFRESH_INTERVAL)
+            try:
+                self.acls.refresh(host_networks())
+            except OSError as exc:
+                log.warning("cannot read the interfaces for the .auto ACL lists: %s", exc)
 
     def _lookup_values(self) -> list[ExtValue]:
         values = [v for p in self.profiles.values() for v in (p.ext_sip_ip, p.ext_rtp_ip) if v is not None]

@@ -19,6 +19,7 @@ capped at MAX_SDP_SIZE bytes and MAX_SDP_LINES lines, header values at MAX_HEADE
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,6 +66,11 @@ _M_LINE = re.compile(
 _RTCP_LINE = re.compile(
     rf"a=rtcp:(?P<port>[0-9]{{1,5}})(?:{_SP}(?P<net>IN){_SP}(?P<type>IP[46]){_SP}(?P<addr>[^ \t]+))?[ \t]*", re.I
 )
+# The lines this module reads or rewrites start with one of these. Splitting the body at the LF before
+# each of them is one C-level scan (the pattern starts with a literal); the lines in between (most of a
+# body: rtpmap, fmtp, candidates) are copied through untouched, by construction and at no cost in Python.
+_ADDRESS_HEADS = ("c=", "o=", "m=", "a=rtcp:")
+_BEFORE_ADDRESS_LINE = re.compile(r"\n(?=[com]=|a=rtcp:)")
 _ADDRESS_TOKEN = re.compile(r"[A-Za-z0-9._:\-]+")  # an IP literal or an FQDN; anything else is left alone
 _HOST_NAME = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9\-_]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-_]*[A-Za-z0-9])?)*\.?"
@@ -127,22 +133,38 @@ class SdpSummary:
         return own if own is not None else self.connection
 
 
-def _check_sdp(sdp: str) -> None:
+def _line_count(sdp: str) -> int:
+    """Lines are separated by LF (CRLF's LF included); a last line without one still counts."""
+    return sdp.count("\n") + (1 if sdp and not sdp.endswith("\n") else 0)
+
+
+def _check_sdp(sdp: str) -> int:
+    """The line count of an SDP body within the caps, or DecodeError."""
     # Cheap tests first: a str of more than MAX_SDP_SIZE characters is too big in any encoding.
     if len(sdp) > MAX_SDP_SIZE or (not sdp.isascii() and len(sdp.encode("utf-8", "surrogatepass")) > MAX_SDP_SIZE):
         raise DecodeError(f"SDP body larger than {MAX_SDP_SIZE} bytes")
-    if sdp.count("\n") + (not sdp.endswith("\n")) > MAX_SDP_LINES:
+    lines = _line_count(sdp)
+    if lines > MAX_SDP_LINES:
         raise DecodeError(f"SDP body has more than {MAX_SDP_LINES} lines")
-
-
-def _split_lines(sdp: str) -> list[tuple[str, str]]:
-    """(content, ending) per line; the ending is "\\r\\n", "\\n" or "" (a last line without one)."""
-    pieces = sdp.split("\n")
-    last = pieces.pop()
-    lines = [(p[:-1], "\r\n") if p.endswith("\r") else (p, "\n") for p in pieces]
-    if last:
-        lines.append((last[:-1], "\r") if last.endswith("\r") else (last, ""))
     return lines
+
+
+def _address_line(part: str) -> tuple[str, str]:
+    """Split a part of the body that starts with an address line into (line, the rest). The line has no
+    ending: LF ends a line, and a CR just before it (or at the very end of the body) belongs to the
+    ending, so CRLF and LF lines both keep theirs. A lone CR elsewhere is content: no SDP line ends so."""
+    end = part.find("\n")
+    line, rest = (part, "") if end < 0 else (part[:end], part[end:])
+    if line.endswith("\r"):
+        return line[:-1], "\r" + rest
+    return line, rest
+
+
+def _address_lines(sdp: str) -> list[str]:
+    """The address lines of a body in order, without their endings."""
+    parts = _BEFORE_ADDRESS_LINE.split(sdp)
+    start = 0 if parts[0].startswith(_ADDRESS_HEADS) else 1
+    return [_address_line(part)[0] for part in parts[start:]]
 
 
 def _check_ports(name: str, ports: Mapping[int, int] | None) -> None:
@@ -157,6 +179,7 @@ def _family(address: IPAddress) -> str:
     return "IP4" if address.version == 4 else "IP6"
 
 
+@functools.lru_cache(maxsize=256)  # a body repeats its few addresses, and ip_address() is slow
 def _rewritable(text: str) -> bool:
     """A unicast, specified address (or an FQDN) that stands for "where to send": rewritten.
 
@@ -172,11 +195,11 @@ def _rewritable(text: str) -> bool:
     return not (ip.is_unspecified or ip.is_multicast)
 
 
-def _replace_address(line: str, match: re.Match[str], address: IPAddress, family: str) -> str:
+def _replace_address(line: str, match: re.Match[str], address: str, family: str) -> str:
     """Replace the addrtype and address groups of a match, nothing else."""
     type_start, type_end = match.span("type")
     addr_start, addr_end = match.span("addr")
-    return line[:type_start] + family + line[type_end:addr_start] + str(address) + line[addr_end:]
+    return line[:type_start] + family + line[type_end:addr_start] + address + line[addr_end:]
 
 
 def rewrite_sdp(
@@ -201,15 +224,18 @@ def rewrite_sdp(
     _check_sdp(sdp)
     _check_ports("ports", ports)
     _check_ports("rtcp_ports", rtcp_ports)
-    family = _family(address)
-    return "".join(
-        _rewrite_line(content, address, family, ports, rtcp_ports) + ending for content, ending in _split_lines(sdp)
-    )
+    family, text = _family(address), str(address)
+    parts = _BEFORE_ADDRESS_LINE.split(sdp)
+    for index, part in enumerate(parts):
+        if index or part.startswith(_ADDRESS_HEADS):
+            line, rest = _address_line(part)
+            parts[index] = _rewrite_line(line, text, family, ports, rtcp_ports) + rest
+    return "\n".join(parts)
 
 
 def _rewrite_line(
     content: str,
-    address: IPAddress,
+    address: str,
     family: str,
     ports: Mapping[int, int] | None,
     rtcp_ports: Mapping[int, int] | None,
@@ -236,7 +262,7 @@ def _rewrite_line(
     return content
 
 
-def _rewrite_rtcp(content: str, address: IPAddress, family: str, rtcp_ports: Mapping[int, int] | None) -> str:
+def _rewrite_rtcp(content: str, address: str, family: str, rtcp_ports: Mapping[int, int] | None) -> str:
     match = _RTCP_LINE.fullmatch(content)
     if not match:
         return content
@@ -256,12 +282,11 @@ def parse_sdp_addresses(sdp: str) -> SdpSummary:
     Tolerant like `rewrite_sdp`: a malformed `c=`/`o=`/`a=rtcp` line counts as absent, a malformed
     `m=` line still opens a media description (with port None), and the first of repeated lines wins.
     """
-    _check_sdp(sdp)
-    lines = _split_lines(sdp)
+    line_count = _check_sdp(sdp)
     origin: Connection | None = None
     session: Connection | None = None
     media: list[Media] = []
-    for content, _ in lines:
+    for content in _address_lines(sdp):
         head = content[:2]
         if head == "m=":
             media.append(_parse_m(content))
@@ -282,7 +307,7 @@ def parse_sdp_addresses(sdp: str) -> SdpSummary:
             if match:
                 rtcp_connection = None if match["addr"] is None else Connection(match["type"].upper(), match["addr"])
                 media[-1] = _with(media[-1], rtcp=Rtcp(int(match["port"]), rtcp_connection))
-    return SdpSummary(origin, session, tuple(media), len(lines))
+    return SdpSummary(origin, session, tuple(media), line_count)
 
 
 def _parse_m(content: str) -> Media:
