@@ -130,10 +130,10 @@ def _bracketed(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-AddrInfo = list[tuple[int, int, int, str, tuple[object, ...]]]
+_AddrInfo = list[tuple[int, int, int, str, tuple[object, ...]]]
 
 
-def _getaddrinfo(host: str, port: int, family: int) -> asyncio.Future[AddrInfo]:
+def _getaddrinfo(host: str, port: int, family: int) -> asyncio.Future[_AddrInfo]:
     """socket.getaddrinfo in a daemon thread.
 
     Not loop.getaddrinfo: that uses the default executor, and asyncio.run() waits for its threads at
@@ -142,9 +142,9 @@ def _getaddrinfo(host: str, port: int, family: int) -> asyncio.Future[AddrInfo]:
     thread is simply abandoned.
     """
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[AddrInfo] = loop.create_future()
+    future: asyncio.Future[_AddrInfo] = loop.create_future()
 
-    def deliver(result: AddrInfo | BaseException) -> None:
+    def deliver(result: _AddrInfo | BaseException) -> None:
         if future.done():  # timed out and cancelled meanwhile
             return
         if isinstance(result, BaseException):
@@ -153,7 +153,7 @@ def _getaddrinfo(host: str, port: int, family: int) -> asyncio.Future[AddrInfo]:
             future.set_result(result)
 
     def work() -> None:
-        result: AddrInfo | BaseException
+        result: _AddrInfo | BaseException
         try:
             result = [
                 (int(f), int(t), p, name, tuple(sockaddr))
@@ -170,15 +170,19 @@ def _getaddrinfo(host: str, port: int, family: int) -> asyncio.Future[AddrInfo]:
     return future
 
 
-async def resolve_server(host: str, port: int, *, family: int = socket.AF_UNSPEC, timeout: float) -> IPAddress:
+async def resolve_server(
+    host: str, port: int, *, family: int = socket.AF_UNSPEC, timeout: float, what: str = "host"
+) -> IPAddress:
     """The address to send to: `host` itself if it is a literal, else its first IPv4 address (then IPv6)
-    from getaddrinfo, within `timeout` seconds.
+    from getaddrinfo, within `timeout` seconds. `what` names the host in errors ("STUN server").
 
     IPv4 first because that is where NATs are: the reflexive address of an IPv6 path is normally our
     own. SRV records (RFC 8489 §8.1) are not looked up; give the port if the server is not on 3478.
     The lookup runs in a daemon thread of its own (see `_getaddrinfo`), so a resolver that hangs costs
     the caller nothing past the deadline.
     """
+    if host.startswith("[") and host.endswith("]"):  # a URI-style IPv6 literal
+        host = host[1:-1]
     try:
         literal = parse_address(host)
     except ValueError:
@@ -186,20 +190,20 @@ async def resolve_server(host: str, port: int, *, family: int = socket.AF_UNSPEC
     else:
         wanted = {int(socket.AF_INET): 4, int(socket.AF_INET6): 6}.get(family)
         if wanted is not None and literal.version != wanted:
-            raise StunError(f"STUN server {host} is IPv{literal.version}, the local address is IPv{wanted}")
+            raise StunError(f"{what} {host} is IPv{literal.version}, the local address is IPv{wanted}")
         return literal
     try:
         async with asyncio.timeout(timeout):
             infos = await _getaddrinfo(host, port, family)
     except TimeoutError:
-        raise StunTimeout(f"could not resolve STUN server {host!r} within {timeout:g} s") from None
+        raise StunTimeout(f"could not resolve {what} {host!r} within {timeout:g} s") from None
     except (OSError, UnicodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise StunError(f"cannot resolve STUN server {host!r}: {reason}") from None
+        raise StunError(f"cannot resolve {what} {host!r}: {reason}") from None
     found = [parse_address(str(info[4][0])) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
     found.sort(key=lambda a: a.version)  # stable: the resolver's order within each family
     if not found:
-        raise StunError(f"STUN server {host!r} has no address{'' if family == socket.AF_UNSPEC else ' of our family'}")
+        raise StunError(f"{what} {host!r} has no address{'' if family == socket.AF_UNSPEC else ' of our family'}")
     return found[0]
 
 
@@ -220,6 +224,8 @@ async def stun_binding(
     if deadline <= 0:
         raise ValueError("deadline must be positive")
     host, port = server
+    if host.startswith("[") and host.endswith("]"):  # a URI-style IPv6 literal
+        host = host[1:-1]
     if not 0 < port <= 0xFFFF:
         raise StunError(f"STUN server port {port} is not 1-65535")
     loop = asyncio.get_running_loop()
@@ -227,7 +233,7 @@ async def stun_binding(
     family = socket.AF_UNSPEC
     if local_address is not None:
         family = socket.AF_INET if isinstance(local_address, IPv4Address) else socket.AF_INET6
-    address = await resolve_server(host, port, family=family, timeout=deadline)
+    address = await resolve_server(host, port, family=family, timeout=deadline, what="STUN server")
     shown = _bracketed(host, port) if host == str(address) else f"{_bracketed(host, port)} ({address})"
     what = f"STUN server {shown}"
     remaining = deadline - (loop.time() - started)
