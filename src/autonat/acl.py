@@ -29,7 +29,6 @@ import functools
 import itertools
 import json
 import socket
-import struct
 import sys
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence, Set
@@ -51,6 +50,8 @@ import defusedxml.ElementTree
 from defusedxml import DefusedXmlException
 
 from autonat.errors import AutonatError
+from autonat.proto import netlink
+from autonat.proto.errors import DecodeError
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -604,76 +605,9 @@ def _why_skip(cidr: str | None, host: str | None, mask: str | None, domain: str 
 
 # --- The host's interfaces (Linux rtnetlink) ------------------------------------------------------
 
-# linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_RTM_NEWADDR = 20
-_RTM_GETADDR = 22
-_NLM_F_REQUEST = 0x1
-_NLM_F_DUMP = 0x300
-_IFA_ADDRESS = 1
-_IFA_LOCAL = 2
-_IFA_LABEL = 3
-_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-_RTATTR = struct.Struct("=HH")  # length, type
 _NETLINK_TIMEOUT = 1.0
 _MAX_DUMP_SIZE = 16 * 1024 * 1024  # ~100k addresses; a kernel that sends more is not one we know
 _seq = itertools.count(1)
-
-
-def _align(length: int) -> int:
-    return (length + 3) & ~3
-
-
-def build_getaddr_request(seq: int) -> bytes:
-    """An RTM_GETADDR dump request for every address of every family (rtnetlink(7))."""
-    body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + body
-
-
-def parse_getaddr_reply(data: bytes, seq: int) -> tuple[list[tuple[int, str | None, IPInterface]], bool]:
-    """The addresses in one datagram of the dump as (interface index, label, interface), and whether
-    it was the last. IPv4 point-to-point links carry the peer in IFA_ADDRESS, ours in IFA_LOCAL."""
-    found: list[tuple[int, str | None, IPInterface]] = []
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, reply_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > len(data):
-            raise AclError("netlink address dump: message length out of bounds")
-        payload = data[offset + _NLMSGHDR.size : offset + length]
-        offset += _align(length)
-        if reply_seq != seq:
-            continue
-        if kind == _NLMSG_DONE:
-            return found, True
-        if kind == _NLMSG_ERROR:
-            (error,) = struct.unpack_from("=i", payload) if len(payload) >= 4 else (0,)
-            raise AclError(f"netlink address dump refused (errno {-error})")
-        if kind == _RTM_NEWADDR and len(payload) >= _IFADDRMSG.size:
-            entry = _parse_address(payload)
-            if entry is not None:
-                found.append(entry)
-    return found, False
-
-
-def _parse_address(payload: bytes) -> tuple[int, str | None, IPInterface] | None:
-    family, prefix, _flags, _scope, index = _IFADDRMSG.unpack_from(payload)
-    attributes: dict[int, bytes] = {}
-    offset = _IFADDRMSG.size
-    while offset + _RTATTR.size <= len(payload):
-        length, kind = _RTATTR.unpack_from(payload, offset)
-        if length < _RTATTR.size or offset + length > len(payload):
-            raise AclError("netlink address dump: attribute length out of bounds")
-        attributes[kind] = payload[offset + _RTATTR.size : offset + length]
-        offset += _align(length)
-    raw = attributes.get(_IFA_LOCAL) or attributes.get(_IFA_ADDRESS)
-    label = attributes[_IFA_LABEL].split(b"\0", 1)[0].decode(errors="replace") if _IFA_LABEL in attributes else None
-    if family == socket.AF_INET and raw is not None and len(raw) == 4 and prefix <= 32:
-        return index, label, IPv4Interface((IPv4Address(raw), prefix))
-    if family == socket.AF_INET6 and raw is not None and len(raw) == 16 and prefix <= 128:
-        return index, label, IPv6Interface((IPv6Address(raw), prefix))
-    return None  # another family (or a malformed entry): not an address an ACL can hold
 
 
 def host_networks() -> list[tuple[str, IPInterface]]:
@@ -690,7 +624,7 @@ def host_networks() -> list[tuple[str, IPInterface]]:
         names = dict(socket.if_nameindex())
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
             sock.settimeout(_NETLINK_TIMEOUT)
-            sock.sendto(build_getaddr_request(seq), (0, 0))
+            sock.sendto(netlink.build_getaddr_dump(seq), (0, 0))
             received = 0
             done = False
             while not done:
@@ -698,8 +632,10 @@ def host_networks() -> list[tuple[str, IPInterface]]:
                 received += len(data)
                 if received > _MAX_DUMP_SIZE:
                     raise AclError("netlink address dump: too large")
-                entries, done = parse_getaddr_reply(data, seq)
+                entries, done = netlink.parse_getaddr_reply(data, seq)
                 found.extend(entries)
+    except DecodeError as exc:
+        raise AclError(f"netlink address dump: {exc.reason}") from None
     except TimeoutError:
         raise AclError("netlink address dump: the kernel did not answer") from None
     except OSError as exc:

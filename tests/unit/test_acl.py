@@ -40,6 +40,8 @@ from autonat.acl import (
 )
 from autonat.addresses import is_public
 from autonat.errors import AutonatError
+from autonat.proto import netlink
+from autonat.proto.errors import DecodeError
 
 # --- FreeSWITCH's answers, table-driven -------------------------------------------------------------
 
@@ -740,7 +742,7 @@ def done(seq: int) -> bytes:
 
 
 def test_getaddr_request_layout() -> None:
-    request = acl.build_getaddr_request(9)
+    request = netlink.build_getaddr_dump(9)
     length, kind, flags, seq, _ = struct.unpack_from("=IHHII", request)
     assert (length, kind, flags, seq) == (len(request), 22, 0x301, 9)
     assert request[16] == socket.AF_UNSPEC
@@ -758,15 +760,15 @@ def test_getaddr_reply_parsing() -> None:
     v6 = newaddr(5, socket.AF_INET6, 64, 2, rtattr(1, IPv6Address("2001:db8::10").packed))
     other_seq = newaddr(4, socket.AF_INET, 24, 2, rtattr(2, bytes([1, 1, 1, 1])))
     other_family = newaddr(5, 17, 0, 2, rtattr(1, b"\0" * 6))
-    entries, finished = acl.parse_getaddr_reply(ptp + lan + other_seq + v6 + other_family, 5)
+    entries, finished = netlink.parse_getaddr_reply(ptp + lan + other_seq + v6 + other_family, 5)
     assert finished is False
     assert entries == [
         (3, "tun0", IPv4Interface("10.9.0.2/32")),
         (2, "eth0:1", IPv4Interface("192.168.1.10/24")),
         (2, None, IPv6Interface("2001:db8::10/64")),
     ]
-    assert acl.parse_getaddr_reply(done(5), 5) == ([], True)
-    assert acl.parse_getaddr_reply(lan + done(5), 5)[1] is True
+    assert netlink.parse_getaddr_reply(done(5), 5) == ([], True)
+    assert netlink.parse_getaddr_reply(lan + done(5), 5)[1] is True
 
 
 @pytest.mark.parametrize(
@@ -779,8 +781,8 @@ def test_getaddr_reply_parsing() -> None:
     ids=["kernel error", "message overruns", "attribute overruns"],
 )
 def test_getaddr_reply_errors(data: bytes, message: str) -> None:
-    with pytest.raises(AclError, match=message):
-        acl.parse_getaddr_reply(data, 5)
+    with pytest.raises(DecodeError, match=message):
+        netlink.parse_getaddr_reply(data, 5)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads the host's interfaces over rtnetlink")

@@ -8,9 +8,11 @@ without parsing `ip` output. This module only builds and parses the messages; th
 
 from __future__ import annotations
 
+import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 from autonat.proto.errors import DecodeError
 
@@ -71,12 +73,9 @@ def _ip(family: int, raw: bytes) -> IPv4Address | IPv6Address:
     raise DecodeError(f"address attribute of {len(raw)} bytes for family {family}")
 
 
-def parse_route_reply(data: bytes, seq: int, destination: IPv4Address | IPv6Address) -> RouteInfo:
-    """Parse the kernel's reply to `build_route_get(destination, seq)`.
-
-    Raises DecodeError for a malformed reply, and for a kernel error (e.g. "network unreachable") with
-    the errno text, so callers report one line.
-    """
+def iter_messages(data: bytes, seq: int) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each message answering request `seq` in one netlink datagram; messages of
+    other requests are skipped; DecodeError for lengths that do not fit (rtnetlink(7), netlink(7))."""
     if len(data) > MAX_REPLY_SIZE:
         raise DecodeError("netlink reply too large")
     offset = 0
@@ -86,13 +85,37 @@ def parse_route_reply(data: bytes, seq: int, destination: IPv4Address | IPv6Addr
             raise DecodeError("netlink message length out of bounds")
         payload = data[offset + _NLMSGHDR.size : offset + length]
         offset += _align(length)
-        if reply_seq != seq:
-            continue
+        if reply_seq == seq:
+            yield kind, payload
+
+
+def iter_attributes(payload: bytes, start: int) -> Iterator[tuple[int, bytes]]:
+    """(type, value) of each rtattr from `start` on; DecodeError for lengths that do not fit."""
+    offset = start
+    while offset + _RTATTR.size <= len(payload):
+        length, kind = _RTATTR.unpack_from(payload, offset)
+        if length < _RTATTR.size or offset + length > len(payload):
+            raise DecodeError("netlink attribute length out of bounds")
+        yield kind, payload[offset + _RTATTR.size : offset + length]
+        offset += _align(length)
+
+
+def _kernel_error(payload: bytes) -> int:
+    if len(payload) < 4:
+        raise DecodeError("truncated netlink error")
+    (error,) = struct.unpack_from("=i", payload)
+    return int(-error)
+
+
+def parse_route_reply(data: bytes, seq: int, destination: IPv4Address | IPv6Address) -> RouteInfo:
+    """Parse the kernel's reply to `build_route_get(destination, seq)`.
+
+    Raises DecodeError for a malformed reply, and for a kernel error (e.g. "network unreachable") with
+    the errno text, so callers report one line.
+    """
+    for kind, payload in iter_messages(data, seq):
         if kind == NLMSG_ERROR:
-            if len(payload) < 4:
-                raise DecodeError("truncated netlink error")
-            (error,) = struct.unpack_from("=i", payload)
-            raise DecodeError(f"kernel has no route to {destination} (errno {-error})")
+            raise DecodeError(f"kernel has no route to {destination} (errno {_kernel_error(payload)})")
         if kind == RTM_NEWROUTE:
             return _parse_route(payload, destination)
         if kind == NLMSG_DONE:
@@ -107,13 +130,7 @@ def _parse_route(payload: bytes, destination: IPv4Address | IPv6Address) -> Rout
     gateway: IPv4Address | IPv6Address | None = None
     source: IPv4Address | IPv6Address | None = None
     interface_index: int | None = None
-    offset = _RTMSG.size
-    while offset + _RTATTR.size <= len(payload):
-        length, kind = _RTATTR.unpack_from(payload, offset)
-        if length < _RTATTR.size or offset + length > len(payload):
-            raise DecodeError("route attribute length out of bounds")
-        value = payload[offset + _RTATTR.size : offset + length]
-        offset += _align(length)
+    for kind, value in iter_attributes(payload, _RTMSG.size):
         if kind == RTA_GATEWAY:
             gateway = _ip(family, value)
         elif kind == RTA_PREFSRC:
@@ -123,3 +140,49 @@ def _parse_route(payload: bytes, destination: IPv4Address | IPv6Address) -> Rout
                 raise DecodeError("bad RTA_OIF length")
             (interface_index,) = struct.unpack("=I", value)
     return RouteInfo(destination, gateway, source, interface_index)
+
+
+# --- every address of every interface (RTM_GETADDR dump) --------------------------------------------
+
+RTM_NEWADDR = 20
+RTM_GETADDR = 22
+NLM_F_DUMP = 0x300
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+IFA_LABEL = 3
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+AddressEntry = tuple[int, str | None, IPv4Interface | IPv6Interface]
+
+
+def build_getaddr_dump(seq: int) -> bytes:
+    """An RTM_GETADDR dump request for every address of every family (rtnetlink(7))."""
+    body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def parse_getaddr_reply(data: bytes, seq: int) -> tuple[list[AddressEntry], bool]:
+    """The addresses in one datagram of the dump as (interface index, label, interface), and whether
+    it was the last. IPv4 point-to-point links carry the peer in IFA_ADDRESS, ours in IFA_LOCAL."""
+    found: list[AddressEntry] = []
+    for kind, payload in iter_messages(data, seq):
+        if kind == NLMSG_DONE:
+            return found, True
+        if kind == NLMSG_ERROR:
+            raise DecodeError(f"netlink address dump refused (errno {_kernel_error(payload)})")
+        if kind == RTM_NEWADDR and len(payload) >= _IFADDRMSG.size:
+            entry = _parse_address(payload)
+            if entry is not None:
+                found.append(entry)
+    return found, False
+
+
+def _parse_address(payload: bytes) -> AddressEntry | None:
+    family, prefix, _flags, _scope, index = _IFADDRMSG.unpack_from(payload)
+    attributes = dict(iter_attributes(payload, _IFADDRMSG.size))
+    raw = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
+    label = attributes[IFA_LABEL].split(b"\0", 1)[0].decode(errors="replace") if IFA_LABEL in attributes else None
+    if family == socket.AF_INET and raw is not None and len(raw) == 4 and prefix <= 32:
+        return index, label, IPv4Interface((IPv4Address(raw), prefix))
+    if family == socket.AF_INET6 and raw is not None and len(raw) == 16 and prefix <= 128:
+        return index, label, IPv6Interface((IPv6Address(raw), prefix))
+    return None  # another family (or a malformed entry): not an address an ACL can hold
