@@ -116,3 +116,20 @@ def test_stun_cross_check_exposes_a_double_nat(double_nat_lab: Lab, tmp_path: Pa
     assert status["stun"]["address"] == Lab.ROUTER_WAN  # what the internet sees, two NATs out
     assert status["stun"]["matches_router"] is False
     assert status["double_nat"] is True
+
+
+def test_probe_cross_checks_with_stun(lab: Lab, state_dir: Path) -> None:
+    from tests.lab.cli_helpers import autonat_json
+
+    data = autonat_json(lab, state_dir, "probe", "--stun", "stun:203.0.113.100")
+    assert data["stun"] == {"server": "stun:203.0.113.100", "address": Lab.ROUTER_WAN, "matches_router": True}
+    assert data["double_nat"] is False
+
+
+def test_probe_stun_behind_double_nat_says_so(double_nat_lab: Lab, state_dir: Path) -> None:
+    from tests.lab.cli_helpers import autonat
+
+    result = autonat(double_nat_lab, state_dir, "probe", "--stun", "stun:203.0.113.100", "--json", host="lan2")
+    data = __import__("json").loads(result.stdout)
+    assert data["stun"]["address"] == Lab.ROUTER_WAN and data["stun"]["matches_router"] is False
+    assert data["double_nat"] is True

@@ -134,20 +134,59 @@ def _print_probe(result: ProbeResult) -> None:
     show_default=True,
     help="Probe only this protocol.",
 )
+@click.option(
+    "--stun",
+    metavar="stun:HOST[:PORT]",
+    help="Also ask this STUN server what it sees; a different address than the router's means double NAT.",
+)
 def probe(
-    gateway: str | None, interface: str | None, timeout: float, root_url: str | None, as_json: bool, protocol: str
+    gateway: str | None,
+    interface: str | None,
+    timeout: float,
+    root_url: str | None,
+    as_json: bool,
+    protocol: str,
+    stun: str | None,
 ) -> None:
     """Find the router, ask every protocol at once, report what works and the external address."""
+    from autonat.aio.stun import parse_stun_target, stun_binding
 
-    async def go() -> ProbeResult:
+    target = None
+    if stun is not None:
+        try:
+            target = parse_stun_target(stun)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--stun") from None
+
+    async def go() -> tuple[ProbeResult, dict[str, Any] | None]:
         async with await RouterSession.open(gateway, interface, timeout, root_url) as router:
-            return await router.probe(_choice(protocol))
+            probe_task = asyncio.ensure_future(router.probe(_choice(protocol)))
+            seen: dict[str, Any] | None = None
+            if target is not None:
+                local = router.location.local_address
+                try:
+                    address, _ = await stun_binding(target, local_address=local, deadline=timeout)
+                    seen = {"server": stun, "address": str(address)}
+                except AutonatError as exc:
+                    seen = {"server": stun, "error": str(exc)}
+            return await probe_task, seen
 
-    result = run_async(go())
+    result, seen = run_async(go())
+    data = result.to_dict()
+    if seen is not None:
+        if "address" in seen:
+            seen["matches_router"] = seen["address"] == data["external_ip"]
+            data["double_nat"] = data["double_nat"] or not seen["matches_router"]
+        data["stun"] = seen
     if as_json:
-        print_json(result.to_dict())
+        print_json(data)
     else:
         _print_probe(result)
+        if seen is not None:
+            verdict = seen.get("error") or (
+                "agrees with the router" if seen["matches_router"] else "DIFFERS from the router: double NAT"
+            )
+            click.echo(f"STUN:           {seen.get('address', '-')} ({verdict})")
     if result.selected is None:
         reasons = "; ".join(f"{name}: {status.reason}" for name, status in result.protocols.items())
         click.echo(f"autonat: no port-mapping protocol works with {result.location.gateway} ({reasons})", err=True)
