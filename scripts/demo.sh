@@ -49,4 +49,38 @@ done
 step "autonat map list: the router's whole table (empty again)"
 lan "$autonat" map list
 
-step "done: autonat found the router, learnt 203.0.113.1 and opened/closed holes with PCP, NAT-PMP and UPnP"
+step "The daemon: SIP ports 5060 udp+tcp and a profile with ext-sip-ip = auto-nat"
+mkdir -p "$AUTONAT_STATE_DIR"
+cat > "$AUTONAT_STATE_DIR/autonat.toml" <<CONFIG
+[[mapping]]
+port = 5060
+transport = "both"
+[[profile]]
+name = "external"
+ext-sip-ip = "auto-nat"
+ext-rtp-ip = "auto-nat"
+[control]
+socket = "$AUTONAT_STATE_DIR/control.sock"
+[journal]
+path = "$AUTONAT_STATE_DIR/journal.sqlite"
+CONFIG
+# Not through the lan() function: a backgrounded function is a subshell, and $! would be its PID.
+"$autonat" lab --prefix "$prefix" exec lan -- "$autonat" run --config "$AUTONAT_STATE_DIR/autonat.toml" \
+    2> "$AUTONAT_STATE_DIR/daemon.log" &
+daemon=$!
+for _ in $(seq 50); do [ -S "$AUTONAT_STATE_DIR/control.sock" ] && break; sleep 0.1; done
+sleep 0.5
+"$autonat" nat_map status --socket "$AUTONAT_STATE_DIR/control.sock"
+"$autonat" profile status external --socket "$AUTONAT_STATE_DIR/control.sock" | grep -E "Ext-SIP-IP|Ext-RTP-IP|^URL"
+
+step "The router's WAN address changes: the profile follows, nothing restarts"
+"$autonat" lab --prefix "$prefix" fault set-wan-ip 203.0.113.2
+sleep 1
+"$autonat" profile status external --socket "$AUTONAT_STATE_DIR/control.sock" | grep -E "Ext-SIP-IP|Ext-RTP-IP"
+
+step "SIGTERM: the daemon removes its mappings before it exits"
+kill -TERM "$daemon"
+wait "$daemon" || true
+lan upnpc -u http://192.168.77.1:5000/rootDesc.xml -l | grep -E '^ *[0-9]+ (UDP|TCP)' || echo "(router table empty)"
+
+step "done: router found, public address learnt, holes opened and closed with PCP, NAT-PMP and UPnP, and a daemon's mappings and profile kept right through an address change"

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -191,9 +192,29 @@ def test_mapping_forwards_datagram_from_wan(lab: Lab) -> None:
     assert not delivered(lab, 41002, wait=0.5)  # no mapping, no delivery
 
 
+LAB_CLI = [sys.executable, "-m", "autonat", "lab"]
+
+
 def test_exec_passes_exit_code(lab: Lab) -> None:
-    res = CliRunner().invoke(cli, ["lab", "--prefix", lab.prefix, "exec", "lan", "--", "sh", "-c", "exit 7"])
-    assert res.exit_code == 7
+    argv = [*LAB_CLI, "--prefix", lab.prefix, "exec", "lan", "--", "sh", "-c", "exit 7"]
+    done = subprocess.run(argv, timeout=30, check=False)
+    assert done.returncode == 7
+
+
+def test_exec_becomes_the_command_so_signals_reach_it(lab: Lab) -> None:
+    # `autonat lab exec lan -- autonat run` must stop when it is sent SIGTERM: no wrapper left in between.
+    proc = subprocess.Popen([*LAB_CLI, "--prefix", lab.prefix, "exec", "lan", "--", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":
+            assert time.monotonic() < deadline, "exec did not become the command"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------- faults

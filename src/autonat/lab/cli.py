@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from typing import Any
 
 import click
@@ -123,12 +125,14 @@ def exec_(ctx: click.Context, host: str, command: tuple[str, ...]) -> None:
     argv = list(command[1:] if command[:1] == ("--",) else command)
     if not argv:
         raise click.UsageError("no command given (autonat lab exec HOST -- COMMAND...)")
-    proc = _lab(ctx).popen(host, argv)
+    full = _lab(ctx).argv_in(host, argv)
+    # Become the command (no wrapper process): signals sent to us reach it, and its exit status is ours.
+    sys.stdout.flush()
+    sys.stderr.flush()
     try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        code = proc.wait(timeout=10)
-    ctx.exit(code if code >= 0 else 128 - code)
+        os.execv(full[0], full)  # noqa: S606 (an argv list, no shell: nothing is interpreted)
+    except OSError as exc:
+        raise LabError(f"cannot run {full[0]}: {exc.strerror}") from None
 
 
 @lab.command()

@@ -331,6 +331,10 @@ class Lab:
             result.check_returncode()
         return result
 
+    def argv_in(self, host: str, argv: list[str]) -> list[str]:
+        """The command line that runs `argv` in a host's namespace (`ip netns exec` exec's it)."""
+        return [self._program("ip"), "netns", "exec", self._need_ns(host), *argv]
+
     def popen(self, host: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start `argv` in a host's namespace (keyword arguments go to subprocess.Popen).
 
