@@ -1,0 +1,918 @@
+"""SIP message codec, sans-IO (RFC 3261 §7, §18.3, §20, §25; RFC 3581; RFC 5626 keep-alives).
+
+`parse_message` decodes one UDP datagram, `StreamParser` the byte stream of a TCP connection (framed by
+Content-Length, §18.3). Both return `Request`, `Response` or `KeepAlive` values and raise nothing but
+`DecodeError` (one-line reason) on hostile input; bad *arguments* to the builders are programming errors
+and raise ValueError.
+
+Lenient where real senders are sloppy and the meaning is unambiguous:
+- lines may end in CRLF or a bare LF; obsolete header folding (§7.3.1: a line starting with SP/HTAB
+  continues the previous header) is joined with one SP;
+- CRLFs before the start line are ignored (§7.5); a datagram of CRLFs only is a `KeepAlive` (RFC 5626
+  §3.5.1 ping), and over TCP each run of "\\r\\n\\r\\n" gives one `KeepAlive` (the caller answers the
+  pong "\\r\\n"); a lone CRLF (a pong) is skipped;
+- over UDP, bytes after the Content-Length body are discarded (§18.3 says MUST discard, not reject);
+- a top Via branch without the z9hG4bK magic cookie (RFC 2543 peers) is accepted: `Via.has_magic_cookie`;
+- header values keep non-UTF-8 bytes (surrogateescape), so serializing gives the same bytes back.
+
+Strict where it protects us: size caps checked before any per-line work (`MAX_UDP_MESSAGE`,
+`MAX_TCP_MESSAGE`, `MAX_HEADER_LINES`, `MAX_LINE`, `MAX_VIA`), control characters and bare CRs refused,
+exactly one each of To, From, Call-ID, CSeq (and Max-Forwards in requests) and at most one
+Content-Length, a parsable Via list whose top entry has a branch, CSeq method equal to the request
+method (§8.1.1.5; ACK and CANCEL carry their own method there too, §17.1.1.3, §9.1).
+
+Invariant: every accessor of a message returned by the parsers succeeds. Parsed headers always hold
+exactly one Content-Length, equal to the body length, so `parse_message(m.serialize()) == m`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Literal
+
+from autonat.proto.errors import DecodeError
+
+# The project's Via/param scanners live with the other SIP header helpers; reused, not duplicated.
+from autonat.proto.sdp import _match_via, _quoted_end, _scan_params, _skip_lws, add_received_rport
+
+__all__ = [
+    "KEEPALIVE",
+    "MAX_HEADER_LINES",
+    "MAX_LINE",
+    "MAX_TCP_MESSAGE",
+    "MAX_UDP_MESSAGE",
+    "MAX_VIA",
+    "Headers",
+    "KeepAlive",
+    "Request",
+    "Response",
+    "StreamParser",
+    "Via",
+    "canonical_name",
+    "make_response",
+    "parse_message",
+    "with_received",
+]
+
+MAX_UDP_MESSAGE = 64 * 1024
+"""Largest datagram decoded (a UDP datagram cannot be larger anyway)."""
+MAX_TCP_MESSAGE = 256 * 1024
+"""Largest message (head and body) accepted on a stream; beyond it the connection must be closed."""
+MAX_HEADER_LINES = 128
+"""Physical header lines (folded continuations included), start line not counted."""
+MAX_LINE = 8 * 1024
+"""Longest physical line, and longest header value after unfolding."""
+MAX_VIA = 32
+MAX_HEADER_VALUES = 256
+"""Header entries after splitting comma lists: bounds the work a line full of commas can cause."""
+_MAX_CSEQ = 2**31 - 1  # §8.1.1.5: the sequence number MUST be expressible as a 32-bit unsigned integer; < 2**31
+_MAX_FORWARDS = 255  # §20.22
+
+_COMPACT = {
+    "v": "Via",
+    "f": "From",
+    "t": "To",
+    "i": "Call-ID",
+    "m": "Contact",
+    "l": "Content-Length",
+    "c": "Content-Type",
+    "k": "Supported",
+    "e": "Content-Encoding",
+    "s": "Subject",
+    "o": "Event",  # RFC 6665
+    "u": "Allow-Events",  # RFC 6665
+    "r": "Refer-To",  # RFC 3515
+    "b": "Referred-By",  # RFC 3892
+    "x": "Session-Expires",  # RFC 4028
+}
+_KNOWN = (
+    "Accept",
+    "Accept-Encoding",
+    "Accept-Language",
+    "Alert-Info",
+    "Allow",
+    "Authentication-Info",
+    "Authorization",
+    "Call-ID",
+    "Call-Info",
+    "Contact",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Length",
+    "Content-Type",
+    "CSeq",
+    "Date",
+    "Error-Info",
+    "Expires",
+    "From",
+    "In-Reply-To",
+    "Max-Forwards",
+    "MIME-Version",
+    "Min-Expires",
+    "Organization",
+    "Priority",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
+    "Proxy-Require",
+    "Record-Route",
+    "Reply-To",
+    "Require",
+    "Retry-After",
+    "Route",
+    "Server",
+    "Subject",
+    "Supported",
+    "Timestamp",
+    "To",
+    "Unsupported",
+    "User-Agent",
+    "Via",
+    "Warning",
+    "WWW-Authenticate",
+    "Event",
+    "Allow-Events",
+    "Refer-To",
+    "Referred-By",
+    "Session-Expires",
+    "Min-SE",
+    "RSeq",
+    "RAck",
+    "Path",
+)
+_CANONICAL = {name.lower(): name for name in _KNOWN} | _COMPACT
+# Headers whose values are comma-separated lists of entries with parameters (§7.3.1, §20): stored one
+# entry per value so `get_all` sees each hop/contact. Token lists (Allow, Supported) stay as written.
+_LIST_HEADERS = frozenset(("Via", "Contact", "Route", "Record-Route", "Path"))
+# Headers a request (and, but Max-Forwards, a response) carries exactly once (§8.1.1, RFC 4475 §3.1.2.19).
+_SINGLE = ("To", "From", "Call-ID", "CSeq", "Max-Forwards", "Content-Length", "Content-Type")
+
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[!-~]+")  # scheme ":" then visible ASCII (§19.1, RFC 3986)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# After CRLF -> LF: any remaining CR is bare, and no other control character but HTAB belongs in a head.
+_BAD_CHAR = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]{1,10}")
+
+
+def _number(text: str) -> int | None:
+    """1*DIGIT as an int, leading zeros allowed (RFC 4475 §3.1.1.1 "0000139122385"), or None. At most
+    10 significant digits: every SIP number fits, and int() never sees a hostile 8 KiB string."""
+    significant = text.lstrip("0") or "0"
+    if text[:1].isdigit() and _DIGITS.fullmatch(significant):
+        return int(significant)
+    return None
+
+
+_REASONS = {
+    100: "Trying",
+    180: "Ringing",
+    181: "Call Is Being Forwarded",
+    182: "Queued",
+    183: "Session Progress",
+    200: "OK",
+    202: "Accepted",
+    300: "Multiple Choices",
+    301: "Moved Permanently",
+    302: "Moved Temporarily",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    413: "Request Entity Too Large",
+    415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme",
+    420: "Bad Extension",
+    421: "Extension Required",
+    423: "Interval Too Brief",
+    480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected",
+    483: "Too Many Hops",
+    484: "Address Incomplete",
+    486: "Busy Here",
+    487: "Request Terminated",
+    488: "Not Acceptable Here",
+    491: "Request Pending",
+    500: "Server Internal Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    504: "Server Time-out",
+    505: "Version Not Supported",
+    513: "Message Too Large",
+    600: "Busy Everywhere",
+    603: "Decline",
+    604: "Does Not Exist Anywhere",
+    606: "Not Acceptable",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The stored spelling of a header name: compact forms expanded (§7.3.3), known names in their
+    RFC spelling, others as written (names compare case-insensitively, §7.3.1)."""
+    return _CANONICAL.get(name.lower(), name)
+
+
+def _check_value(name: str, value: str) -> None:
+    """Builder-side check: a value must not break the header block (CR/LF injection)."""
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"{name!r} is not a valid header name")
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError(f"header {name} value contains CR, LF or NUL")
+
+
+# --------------------------------------------------------------------------------------------- headers
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    """An ordered multi-map of header fields (§7.3): `items` are (name, value) pairs in message order.
+
+    Names are stored by `canonical_name`, so lookups are case-insensitive and compact forms match their
+    long names. List headers (Via, Contact, Route, Record-Route, Path) hold one entry per comma-separated
+    value, in order. Values are stripped of surrounding whitespace and unfolded.
+    """
+
+    items: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, *pairs: tuple[str, str]) -> Headers:
+        """Headers built by hand: names canonicalized, values checked for CR/LF injection."""
+        checked = []
+        for name, value in pairs:
+            _check_value(name, value)
+            checked.append((canonical_name(name), value))
+        return cls(tuple(checked))
+
+    def get(self, name: str) -> str | None:
+        """The first value of `name`, or None."""
+        key = canonical_name(name).lower()
+        for item_name, value in self.items:
+            if item_name.lower() == key:
+                return value
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of `name`, in message order."""
+        key = canonical_name(name).lower()
+        return [value for item_name, value in self.items if item_name.lower() == key]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def with_header(self, name: str, value: str, *, first: bool = False) -> Headers:
+        """A copy with `name: value` appended (or, with `first`, put before everything: a new top Via)."""
+        _check_value(name, value)
+        item = (canonical_name(name), value)
+        return Headers((item, *self.items) if first else (*self.items, item))
+
+    def without(self, name: str) -> Headers:
+        """A copy without any `name` field."""
+        key = canonical_name(name).lower()
+        return Headers(tuple(item for item in self.items if item[0].lower() != key))
+
+    def replace(self, name: str, *values: str) -> Headers:
+        """A copy where `values` stand in place of every `name` field (at the first one's position, or
+        appended when there was none). No values removes the header."""
+        for value in values:
+            _check_value(name, value)
+        key = canonical_name(name).lower()
+        canonical = canonical_name(name)
+        result: list[tuple[str, str]] = []
+        placed = False
+        for item in self.items:
+            if item[0].lower() != key:
+                result.append(item)
+            elif not placed:
+                result.extend((canonical, value) for value in values)
+                placed = True
+        if not placed:
+            result.extend((canonical, value) for value in values)
+        return Headers(tuple(result))
+
+    def _replace_first(self, name: str, value: str) -> Headers:
+        """A copy where only the first `name` entry (the top Via) becomes `value`."""
+        key = canonical_name(name).lower()
+        items = list(self.items)
+        for index, (item_name, _) in enumerate(items):
+            if item_name.lower() == key:
+                items[index] = (item_name, value)
+                break
+        return Headers(tuple(items))
+
+
+# --------------------------------------------------------------------------------------------- Via
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """One via-parm (§20.42, RFC 3581): `SIP/2.0/<transport> <host>[:<port>];params`.
+
+    `transport` is upper-cased (UDP, TCP, TLS, SCTP, WS, WSS); `host` is the sent-by host without the
+    brackets of an IPv6 reference; `port` None when absent (5060, or 5061 for TLS). `params` keep their
+    order with lower-cased names; a flag parameter has value None, quoted values keep their quotes.
+    """
+
+    transport: str
+    host: str
+    port: int | None
+    params: tuple[tuple[str, str | None], ...]
+
+    def param(self, name: str) -> str | None:
+        """The value of parameter `name` ("" for a flag like `;rport`), or None when absent."""
+        key = name.lower()
+        for param_name, value in self.params:
+            if param_name == key:
+                return "" if value is None else value
+        return None
+
+    @property
+    def branch(self) -> str | None:
+        return self.param("branch")
+
+    @property
+    def has_magic_cookie(self) -> bool:
+        """§8.1.1.7: RFC 3261 branches start with z9hG4bK; without it, match transactions the RFC 2543 way."""
+        branch = self.branch
+        return branch is not None and branch.startswith("z9hG4bK")
+
+    @property
+    def received(self) -> str | None:
+        return self.param("received")
+
+    @property
+    def rport(self) -> int | Literal[""] | None:
+        """RFC 3581: None when absent, "" when requested (`;rport`), the port once a server filled it."""
+        value = self.param("rport")
+        if value is None:
+            return None
+        if value == "":
+            return ""
+        return int(value)  # checked to be 1-65535 by `parse`
+
+    @classmethod
+    def parse(cls, value: str) -> Via:
+        """One via-parm (a list header value already split at its commas), or DecodeError."""
+        match = _match_via(value)
+        protocol = "".join(match["protocol"].split()).split("/")
+        if len(protocol) != 3 or protocol[0].upper() != "SIP" or protocol[1] != "2.0":
+            raise DecodeError("Via protocol is not SIP/2.0")
+        transport = protocol[2].upper()
+        if not _TOKEN.fullmatch(transport):
+            raise DecodeError("Via transport is not a token")
+        host = match["host"]
+        if host.startswith("["):
+            try:
+                if ip_address(host[1:-1]).version != 6:
+                    raise DecodeError("Via brackets must hold an IPv6 address")
+            except ValueError:
+                raise DecodeError("Via brackets must hold an IPv6 address") from None
+            host = host[1:-1]
+        port: int | None = None
+        if match["port"] is not None:
+            port = _port(match["port"], "Via sent-by port")
+        scanned, end = _scan_params(value, match.end())
+        if _skip_lws(value, end) != len(value):
+            raise DecodeError("junk after the Via parameters")
+        params = tuple((p.name, None if p.value_start is None else value[p.value_start : p.value_end]) for p in scanned)
+        via = cls(transport, host, port, params)
+        rport = via.param("rport")
+        if rport:
+            _port(rport, "Via rport")
+        return via
+
+
+def _port(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) <= 0xFFFF):
+        raise DecodeError(f"{what} {text[:8]!r} is not 1-65535")
+    return int(text)
+
+
+# --------------------------------------------------------------------------------------------- messages
+
+
+def _name_addr_params(value: str, what: str) -> dict[str, str]:
+    """The header parameters of a From/To value (§20.20, §20.39): after `<uri>` in the name-addr form,
+    after the URI in the addr-spec form (where every `;` starts a header parameter, §20.10)."""
+    index = _skip_lws(value, 0)
+    cursor = index
+    uri_end = -1
+    while cursor < len(value):
+        char = value[cursor]
+        if char == '"':
+            cursor = _quoted_end(value, cursor)
+            continue
+        if char == "<":
+            close = value.find(">", cursor + 1)
+            if close < 0:
+                raise DecodeError(f"{what} header with an unclosed <")
+            uri, uri_end = value[cursor + 1 : close], close + 1
+            break
+        cursor += 1
+    if uri_end < 0:
+        cursor = index
+        while cursor < len(value) and value[cursor] not in "; \t":
+            cursor += 1
+        uri, uri_end = value[index:cursor], cursor
+    if not _URI.fullmatch(uri):
+        raise DecodeError(f"{what} header has no valid URI")
+    params, end = _scan_params(value, uri_end)
+    if _skip_lws(value, end) != len(value):
+        raise DecodeError(f"junk after the {what} header parameters")
+    result: dict[str, str] = {}
+    for p in params:
+        result.setdefault(p.name, "" if p.value_start is None else value[p.value_start : p.value_end])
+    return result
+
+
+class _Message:
+    """Accessors shared by requests and responses; they raise DecodeError on a hand-built message that
+    lacks what they read, never on a parsed one."""
+
+    __slots__ = ()
+    version: str
+    headers: Headers
+    body: bytes
+
+    def _required(self, name: str) -> str:
+        value = self.headers.get(name)
+        if value is None:
+            raise DecodeError(f"missing {name} header")
+        return value
+
+    def cseq(self) -> tuple[int, str]:
+        """§20.16: the sequence number and method."""
+        parts = self._required("CSeq").split()
+        number = _number(parts[0]) if len(parts) == 2 else None
+        if number is None or not _TOKEN.fullmatch(parts[1]):
+            raise DecodeError("CSeq is not <number> <method>")
+        if number > _MAX_CSEQ:
+            raise DecodeError("CSeq number is 2**31 or more")
+        return number, parts[1]
+
+    def call_id(self) -> str:
+        """§20.8: `word["@"word]`, compared byte for byte."""
+        value = self._required("Call-ID")
+        if not value or any(c in value for c in " \t"):
+            raise DecodeError("Call-ID is empty or contains whitespace")
+        return value
+
+    def vias(self) -> list[Via]:
+        """Every via-parm, top first (§20.42)."""
+        return [Via.parse(value) for value in self.headers.get_all("Via")]
+
+    def top_via(self) -> Via:
+        """The topmost via-parm, with its branch (§8.1.1.7, §17.2.3)."""
+        via = Via.parse(self._required("Via"))
+        if not via.branch:
+            raise DecodeError("top Via has no branch")
+        return via
+
+    def from_tag(self) -> str | None:
+        return _name_addr_params(self._required("From"), "From").get("tag") or None
+
+    def to_tag(self) -> str | None:
+        return _name_addr_params(self._required("To"), "To").get("tag") or None
+
+    def content_length(self) -> int:
+        """The body length; parsed messages have a Content-Length equal to it (§20.14)."""
+        return len(self.body)
+
+    def max_forwards(self) -> int | None:
+        """§20.22: 0-255, None when absent (responses)."""
+        value = self.headers.get("Max-Forwards")
+        if value is None:
+            return None
+        number = _number(value)
+        if number is None or number > _MAX_FORWARDS:
+            raise DecodeError("Max-Forwards is not 0-255")
+        return number
+
+    def _start_line(self) -> str:
+        raise NotImplementedError
+
+    def serialize(self) -> bytes:
+        """The wire form (§7): CRLF line endings, long header names, Content-Length from the body."""
+        lines = [self._start_line()]
+        length_written = False
+        for name, value in self.headers.items:
+            if name == "Content-Length":
+                if not length_written:
+                    lines.append(f"Content-Length: {len(self.body)}")
+                    length_written = True
+                continue
+            lines.append(f"{name}: {value}")
+        if not length_written:
+            lines.append(f"Content-Length: {len(self.body)}")
+        lines.extend(("", ""))
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + self.body
+
+
+@dataclass(frozen=True, slots=True)
+class Request(_Message):
+    """A request (§7.1): `method` is case-sensitive, `uri` the Request-URI as written."""
+
+    method: str
+    uri: str
+    version: str
+    headers: Headers
+    body: bytes = b""
+
+    def _start_line(self) -> str:
+        return f"{self.method} {self.uri} {self.version}"
+
+    def with_header(self, name: str, value: str, *, first: bool = False) -> Request:
+        return dataclasses.replace(self, headers=self.headers.with_header(name, value, first=first))
+
+    def replace(
+        self,
+        *,
+        method: str | None = None,
+        uri: str | None = None,
+        headers: Headers | None = None,
+        body: bytes | None = None,
+    ) -> Request:
+        return Request(
+            self.method if method is None else method,
+            self.uri if uri is None else uri,
+            self.version,
+            self.headers if headers is None else headers,
+            self.body if body is None else body,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Response(_Message):
+    """A response (§7.2): `status` 100-699, `reason` as written (may be empty)."""
+
+    status: int
+    reason: str
+    version: str
+    headers: Headers
+    body: bytes = b""
+
+    def _start_line(self) -> str:
+        return f"{self.version} {self.status} {self.reason}"
+
+    def with_header(self, name: str, value: str, *, first: bool = False) -> Response:
+        return dataclasses.replace(self, headers=self.headers.with_header(name, value, first=first))
+
+    def replace(
+        self,
+        *,
+        status: int | None = None,
+        reason: str | None = None,
+        headers: Headers | None = None,
+        body: bytes | None = None,
+    ) -> Response:
+        return Response(
+            self.status if status is None else status,
+            self.reason if reason is None else reason,
+            self.version,
+            self.headers if headers is None else headers,
+            self.body if body is None else body,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """A CRLF keep-alive (RFC 5626 §3.5.1): over a stream, answer with one CRLF (the pong)."""
+
+
+KEEPALIVE = KeepAlive()
+
+Message = Request | Response
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def _split_list(value: str) -> list[str]:
+    """Entries of a comma-separated list header; commas inside quotes or `<...>` do not count."""
+    if "," not in value:
+        return [value]
+    entries: list[str] = []
+    start = cursor = 0
+    while cursor < len(value):
+        char = value[cursor]
+        if char == '"':
+            cursor = _quoted_end(value, cursor)
+            continue
+        if char == "<":
+            close = value.find(">", cursor + 1)
+            if close < 0:
+                raise DecodeError("unclosed < in a list header")
+            cursor = close + 1
+            continue
+        if char == ",":
+            entries.append(value[start:cursor].strip(" \t"))
+            start = cursor + 1
+        cursor += 1
+    entries.append(value[start:].strip(" \t"))
+    if not all(entries):
+        raise DecodeError("empty entry in a comma-separated header")
+    return entries
+
+
+def _parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
+    """Start line and (canonical name, value) pairs of a head (everything before the empty line)."""
+    if head.count(b"\n") > MAX_HEADER_LINES:
+        raise DecodeError(f"more than {MAX_HEADER_LINES} header lines")
+    raw_lines = head.split(b"\n")
+    if max(map(len, raw_lines)) > MAX_LINE + 1:  # +1: the CR of a CRLF ending
+        raise DecodeError(f"line longer than {MAX_LINE} bytes")
+    text = head.decode("utf-8", "surrogateescape").replace("\r\n", "\n")
+    if _BAD_CHAR.search(text) or "\r" in text:
+        raise DecodeError("control character or bare CR in the message head")
+    lines = text.split("\n")
+    start = lines[0]
+    fields: list[list[str]] = []  # [name, value] so folded continuations can extend the value
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            # §7.3.1: a continuation of the previous header; the folding whitespace becomes one SP.
+            if not fields:
+                raise DecodeError("header continuation line before any header")
+            fields[-1][1] = (fields[-1][1] + " " + line.strip(" \t")).strip(" ")
+            if len(fields[-1][1]) > MAX_LINE:
+                raise DecodeError(f"header value longer than {MAX_LINE} bytes")
+            continue
+        name, colon, value = line.partition(":")
+        name = name.rstrip(" \t")  # HCOLON allows whitespace before the colon (§25.1)
+        if not colon or not _TOKEN.fullmatch(name):
+            raise DecodeError("malformed header line")
+        fields.append([canonical_name(name), value.strip(" \t")])
+    items: list[tuple[str, str]] = []
+    for name, value in fields:
+        if name in _LIST_HEADERS:
+            entries = _split_list(value)
+            if name == "Contact" and "*" in entries and len(entries) > 1:
+                raise DecodeError("Contact * combined with other contacts")  # §10.2.2
+            items.extend((name, entry) for entry in entries)
+        else:
+            items.append((name, value))
+        if len(items) > MAX_HEADER_VALUES:
+            raise DecodeError(f"more than {MAX_HEADER_VALUES} header values")
+    return start, items
+
+
+def _content_length(items: list[tuple[str, str]]) -> int | None:
+    values = [value for name, value in items if name == "Content-Length"]
+    if not values:
+        return None
+    number = _number(values[0])
+    if number is None:
+        raise DecodeError("Content-Length is not a number")
+    return number
+
+
+def _build(start: str, items: list[tuple[str, str]], body: bytes) -> Request | Response:
+    """The message of a parsed head and its body, validated (§7.1, §7.2, §8.1.1)."""
+    counts: dict[str, int] = {}
+    for name, _ in items:
+        counts[name] = counts.get(name, 0) + 1
+    for name in _SINGLE:
+        if counts.get(name, 0) > 1:
+            raise DecodeError(f"more than one {name} header")
+    if counts.get("Via", 0) > MAX_VIA:
+        raise DecodeError(f"more than {MAX_VIA} Via values")
+    # Normalize Content-Length to the body's length in decimal (validated equal by the callers), at its
+    # own position or appended, so that parse(serialize(m)) == m.
+    length = str(len(body))
+    if "Content-Length" in counts:
+        items = [(name, length if name == "Content-Length" else value) for name, value in items]
+    else:
+        items = [*items, ("Content-Length", length)]
+    headers = Headers(tuple(items))
+    message: Request | Response
+    if start[:4].upper() == "SIP/":
+        version, _, rest = start.partition(" ")
+        status, reason = rest[:3], rest[4:]
+        if version.upper() != "SIP/2.0":
+            raise DecodeError("unsupported SIP version")
+        if not (status.isascii() and status.isdigit()) or rest[3:4] not in ("", " ") or not 100 <= int(status) <= 699:
+            raise DecodeError("malformed status line")
+        message = Response(int(status), reason, "SIP/2.0", headers, body)
+    else:
+        parts = start.split(" ")
+        if len(parts) != 3:
+            raise DecodeError("malformed request line")
+        method, uri, version = parts
+        if not _TOKEN.fullmatch(method):
+            raise DecodeError("request method is not a token")
+        if not _URI.fullmatch(uri):
+            raise DecodeError("malformed Request-URI")
+        if version.upper() != "SIP/2.0":
+            raise DecodeError("unsupported SIP version")
+        message = Request(method, uri, "SIP/2.0", headers, body)
+    _validate(message)
+    return message
+
+
+def _validate(message: Request | Response) -> None:
+    """§8.1.1: the mandatory headers exist and parse; every Via parses."""
+    vias = message.vias()  # parsed once here: top_via() would parse the top entry a second time
+    if not vias:
+        raise DecodeError("missing Via header")
+    if not vias[0].branch:
+        raise DecodeError("top Via has no branch")
+    message.from_tag()
+    message.to_tag()
+    message.call_id()
+    _, method = message.cseq()
+    if isinstance(message, Request):
+        if message.headers.get("Max-Forwards") is None:
+            raise DecodeError("missing Max-Forwards header")
+        message.max_forwards()
+        if method != message.method:
+            raise DecodeError(f"CSeq method {method[:32]} does not match request method {message.method[:32]}")
+
+
+def _strip_leading_crlf(data: bytes) -> bytes:
+    index = 0
+    while index < len(data) and data[index] in b"\r\n":
+        index += 1
+    return data[index:]
+
+
+def parse_message(data: bytes) -> Request | Response | KeepAlive:
+    """One UDP datagram (§18.3): a request, a response, or `KEEPALIVE` for a datagram of CRLFs only.
+
+    Without Content-Length the body is the rest of the datagram; with it, a shorter datagram is an error
+    and extra bytes are discarded (§18.3).
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError("SIP datagram is not bytes")
+    if len(data) > MAX_UDP_MESSAGE:
+        raise DecodeError(f"SIP datagram larger than {MAX_UDP_MESSAGE} bytes")
+    if not data:
+        raise DecodeError("empty SIP datagram")
+    data = _strip_leading_crlf(bytes(data))  # §7.5
+    if not data:
+        return KEEPALIVE
+    match = _HEAD_END.search(data)
+    if match is None:
+        raise DecodeError("no empty line after the SIP headers")
+    start, items = _parse_head(data[: match.start()])
+    body = data[match.end() :]
+    length = _content_length(items)
+    if length is not None:
+        if length > len(body):
+            raise DecodeError("SIP datagram shorter than its Content-Length")
+        body = body[:length]
+    return _build(start, items, body)
+
+
+class StreamParser:
+    """SIP over a stream (TCP, TLS): bytes in, messages out, framed by Content-Length (§18.3).
+
+    Content-Length is required. A message over `max_message` bytes, a head that never ends, or any
+    malformed message raises DecodeError: the stream cannot be resynchronized, so the caller closes the
+    connection, and every later `feed` raises again. Buffered data stays under `max_message` bytes
+    between calls.
+    """
+
+    __slots__ = ("_buffer", "_failed", "_max_message", "_scanned")
+
+    def __init__(self, max_message: int = MAX_TCP_MESSAGE) -> None:
+        self._buffer = bytearray()
+        self._scanned = 0  # head bytes already searched for the empty line, so byte-wise feeds stay linear
+        self._max_message = max_message
+        self._failed: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Request | Response | KeepAlive]:
+        if self._failed is not None:
+            raise DecodeError(f"stream already failed: {self._failed}")
+        self._buffer += data
+        try:
+            return self._drain()
+        except DecodeError as error:
+            self._failed = error.reason
+            self._buffer.clear()
+            raise
+
+    def _drain(self) -> list[Request | Response | KeepAlive]:
+        buffer = self._buffer
+        out: list[Request | Response | KeepAlive] = []
+        offset = 0
+        while offset < len(buffer):
+            if buffer[offset] in b"\r\n":
+                end = offset
+                while end < len(buffer) and buffer[end] in b"\r\n":
+                    end += 1
+                run = bytes(buffer[offset:end])
+                if run.count(b"\n") >= 2:
+                    # A ping (double CRLF): report one per run, however long the run.
+                    if not out or out[-1] is not KEEPALIVE:
+                        out.append(KEEPALIVE)
+                    offset = end
+                    continue
+                if end == len(buffer):
+                    break  # maybe the first half of a ping: wait
+                offset = end  # a pong, or stray CRLF before a start line (§7.5)
+                self._scanned = 0
+                continue
+            search_from = max(offset, offset + self._scanned - 3)
+            match = _HEAD_END.search(buffer, search_from)
+            if match is None:
+                self._scanned = len(buffer) - offset
+                if self._scanned > self._max_message:
+                    raise DecodeError(f"SIP message head larger than {self._max_message} bytes")
+                if buffer.count(b"\n", offset) > MAX_HEADER_LINES + 1:
+                    raise DecodeError(f"more than {MAX_HEADER_LINES} header lines")
+                break
+            start, items = _parse_head(bytes(buffer[offset : match.start()]))
+            length = _content_length(items)
+            if length is None:
+                raise DecodeError("SIP message over a stream without Content-Length")
+            total = match.end() - offset + length
+            if total > self._max_message:
+                raise DecodeError(f"SIP message larger than {self._max_message} bytes")
+            if len(buffer) < match.end() + length:
+                # Wait for the body; the head will be parsed again, which costs less than keeping state.
+                self._scanned = match.start() - offset
+                break
+            body = bytes(buffer[match.end() : match.end() + length])
+            out.append(_build(start, items, body))
+            offset = match.end() + length
+            self._scanned = 0
+        del buffer[:offset]
+        return out
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def make_response(
+    request: Request,
+    status: int,
+    reason: str | None = None,
+    *,
+    to_tag: str | None = None,
+    extra_headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> Response:
+    """A response to `request` built per §8.2.6.
+
+    Copied in this order: every Via (in order, §8.2.6.2), From, To (with `;tag=to_tag` added when the
+    request's To has no tag; an existing tag is kept, §8.2.6.2), Call-ID, CSeq; then Timestamp for a
+    100 (§8.2.6.1) and Record-Route for 101-299 (§12.1.1, a dialog-creating response); then
+    `extra_headers` in order (any Content-Length among them is ignored: it is computed from `body`).
+    `reason` defaults to the RFC's phrase for the status.
+    """
+    if not 100 <= status <= 699:
+        raise ValueError(f"status {status} is not 100-699")
+    if reason is None:
+        reason = _REASONS.get(status, "")
+    if "\r" in reason or "\n" in reason:
+        raise ValueError("reason phrase contains CR or LF")
+    headers = request.headers
+    items: list[tuple[str, str]] = [("Via", value) for value in headers.get_all("Via")]
+    to_value = request._required("To")
+    if to_tag is not None:
+        if not _TOKEN.fullmatch(to_tag):
+            raise ValueError(f"to_tag {to_tag!r} is not a token")
+        if request.to_tag() is None:
+            to_value = f"{to_value};tag={to_tag}"
+    items += [
+        ("From", request._required("From")),
+        ("To", to_value),
+        ("Call-ID", request._required("Call-ID")),
+        ("CSeq", request._required("CSeq")),
+    ]
+    if status == 100:
+        items += [("Timestamp", value) for value in headers.get_all("Timestamp")]
+    elif 101 <= status <= 299:
+        items += [("Record-Route", value) for value in headers.get_all("Record-Route")]
+    for name, value in extra_headers:
+        _check_value(name, value)
+        if canonical_name(name) != "Content-Length":
+            items.append((canonical_name(name), value))
+    items.append(("Content-Length", str(len(body))))
+    return Response(status, reason, "SIP/2.0", Headers(tuple(items)), body)
+
+
+def with_received(request: Request, source_ip: str | IPv4Address | IPv6Address, source_port: int) -> Request:
+    """The request with its top Via marked for the return path (RFC 3581 §4, §18.2.1): `received` set to
+    the source address when it differs from the sent-by (or `rport` was asked for) and a bare `rport`
+    filled with the source port. Delegates to `autonat.proto.sdp.add_received_rport`."""
+    address = ip_address(source_ip) if isinstance(source_ip, str) else source_ip
+    top = request._required("Via")
+    return request.replace(headers=request.headers._replace_first("Via", add_received_rport(top, address, source_port)))
