@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Literal
+from typing import Literal, Self
 
 from autonat.proto.errors import DecodeError
 
@@ -448,6 +448,13 @@ class _Message:
     headers: Headers
     body: bytes
 
+    def with_header(self, name: str, value: str, *, first: bool = False) -> Self:
+        return dataclasses.replace(self, headers=self.headers.with_header(name, value, first=first))  # type: ignore[type-var]
+
+    def _changed(self, **changes: object) -> Self:
+        """A copy with the given fields changed; None means "keep"."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
+
     def _required(self, name: str) -> str:
         value = self.headers.get(name)
         if value is None:
@@ -535,9 +542,6 @@ class Request(_Message):
     def _start_line(self) -> str:
         return f"{self.method} {self.uri} {self.version}"
 
-    def with_header(self, name: str, value: str, *, first: bool = False) -> Request:
-        return dataclasses.replace(self, headers=self.headers.with_header(name, value, first=first))
-
     def replace(
         self,
         *,
@@ -546,13 +550,7 @@ class Request(_Message):
         headers: Headers | None = None,
         body: bytes | None = None,
     ) -> Request:
-        return Request(
-            self.method if method is None else method,
-            self.uri if uri is None else uri,
-            self.version,
-            self.headers if headers is None else headers,
-            self.body if body is None else body,
-        )
+        return self._changed(method=method, uri=uri, headers=headers, body=body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -568,9 +566,6 @@ class Response(_Message):
     def _start_line(self) -> str:
         return f"{self.version} {self.status} {self.reason}"
 
-    def with_header(self, name: str, value: str, *, first: bool = False) -> Response:
-        return dataclasses.replace(self, headers=self.headers.with_header(name, value, first=first))
-
     def replace(
         self,
         *,
@@ -579,13 +574,7 @@ class Response(_Message):
         headers: Headers | None = None,
         body: bytes | None = None,
     ) -> Response:
-        return Response(
-            self.status if status is None else status,
-            self.reason if reason is None else reason,
-            self.version,
-            self.headers if headers is None else headers,
-            self.body if body is None else body,
-        )
+        return self._changed(status=status, reason=reason, headers=headers, body=body)
 
 
 @dataclass(frozen=True, slots=True)
