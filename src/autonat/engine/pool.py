@@ -1,0 +1,128 @@
+"""RTP port pairs mapped before calls need them, so call set-up never waits on the router.
+
+SIP-NOTES: the RTP mapping must exist before the 200 OK leaves, because the caller's first RTP packet
+follows it at once. Asking the router at that moment costs a round trip at best and the whole deadline
+at worst, so the pool keeps `size` pairs (RTP on an even port, RTCP on the next one) mapped ahead;
+`take()` hands one out at once, `release()` deletes its mappings at hang-up, and the pool refills in
+the background. The mappings are ordinary engine mappings (owner "rtp-pool", "call:<id>" once taken):
+renewed, verified, journalled and cleaned after a crash like every other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from autonat.addresses import IPAddress
+from autonat.engine.engine import ManagedMapping, NatEngine, Wanted
+from autonat.proto.types import Transport
+
+log = logging.getLogger("autonat.pool")
+REFILL_RETRY = 5.0  # after a refill that could not complete (router busy, ports taken)
+
+
+@dataclass(frozen=True, slots=True)
+class RtpPorts:
+    """One call's media ports: local RTP/RTCP and what the router maps them to."""
+
+    rtp: int
+    rtcp: int
+    external_ip: IPAddress | None
+    external_rtp: int
+    external_rtcp: int
+
+
+class RtpPool:
+    def __init__(self, engine: NatEngine, ports: range, size: int = 4, transport: Transport = Transport.UDP) -> None:
+        if ports.step != 1 or len(ports) < 2:
+            raise ValueError("the RTP port range needs at least two consecutive ports")
+        if size < 1:
+            raise ValueError("the pool size must be at least 1")
+        self.engine = engine
+        self.transport = transport
+        self.size = size
+        self._free_pairs = [port for port in ports if port % 2 == 0 and port + 1 in ports]
+        self._ready: list[int] = []  # RTP ports whose pair is mapped and waiting for a call
+        self._in_use: dict[int, str] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._refill_forever())
+
+    async def stop(self) -> None:
+        """Stop refilling; the engine removes the mappings with everything else at its own stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def _mapping(self, port: int) -> ManagedMapping | None:
+        return self.engine.mappings.get((self.transport, port))
+
+    def _pair_active(self, port: int) -> bool:
+        return all((m := self._mapping(p)) is not None and m.state == "active" for p in (port, port + 1))
+
+    def take(self, call_id: str) -> RtpPorts | None:
+        """A mapped pair for a call, at once; None when the pool is empty (the caller may then map on
+        demand or answer 183 first)."""
+        while self._ready:
+            port = self._ready.pop(0)
+            if not self._pair_active(port):  # lost since it was mapped: let the refill replace it
+                self._free_pairs.append(port)
+                continue
+            self._in_use[port] = call_id
+            self._wake.set()
+            rtp, rtcp = self._mapping(port), self._mapping(port + 1)
+            assert rtp is not None and rtcp is not None and rtp.external_port and rtcp.external_port
+            for mapping in (rtp, rtcp):
+                mapping.wanted = Wanted(self.transport, mapping.wanted.internal_port, owner=f"call:{call_id}")
+            return RtpPorts(port, port + 1, rtp.external_ip, rtp.external_port, rtcp.external_port)
+        self._wake.set()
+        return None
+
+    async def release(self, ports: RtpPorts) -> None:
+        """Hang-up: remove the call's mappings from the router; the pair returns to the free list."""
+        self._in_use.pop(ports.rtp, None)
+        await asyncio.gather(
+            self.engine.delete(self.transport, ports.rtp), self.engine.delete(self.transport, ports.rtcp)
+        )
+        self._free_pairs.append(ports.rtp)
+        self._wake.set()
+
+    async def _refill_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            complete = await self._refill()
+            if complete:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(REFILL_RETRY):
+                        await self._wake.wait()
+
+    async def _refill(self) -> bool:
+        """Map pairs until `size` are ready; False if the router or the range could not provide them."""
+        if not await self.engine.wait_ready(timeout=REFILL_RETRY) or not self.engine.mapping_enabled:
+            return False
+        while len(self._ready) < self.size:
+            if not self._free_pairs:
+                log.warning("RTP port range exhausted: %d pairs in calls", len(self._in_use))
+                return False
+            port = self._free_pairs.pop(0)
+            added = await asyncio.gather(
+                *(self.engine.add(Wanted(self.transport, p, owner="rtp-pool")) for p in (port, port + 1))
+            )
+            if all(mapping.state == "active" for mapping in added):
+                self._ready.append(port)
+                continue
+            await asyncio.gather(*(self.engine.delete(self.transport, p) for p in (port, port + 1)))
+            self._free_pairs.append(port)
+            return False
+        return True
