@@ -74,3 +74,26 @@ def test_secure_mode_refusal_names_the_upnp_error(lab: Lab, state_dir: Path) -> 
 
 def test_deleting_an_absent_mapping_succeeds(lab: Lab, state_dir: Path) -> None:
     assert autonat(lab, state_dir, "map", "del", "7999", "udp", "--protocol", "upnp").returncode == 0
+
+
+def test_a_port_held_by_another_host_moves_our_mapping_elsewhere(lab: Lab, state_dir: Path) -> None:
+    # The router's own LAN address (another host, as far as miniupnpd is concerned) holds 7200/udp.
+    lab.run(
+        "router",
+        ["upnpc", "-u", lab.root_url, "-e", "other host", "-a", Lab.GATEWAY, "7200", "7200", "UDP", "600"],
+        timeout=20,
+        check=True,
+    )
+    try:
+        mapping = autonat_json(lab, state_dir, "map", "add", "7200", "udp", "--protocol", "upnp")
+        # 718 ConflictInMappingEntry -> AddAnyPortMapping (the IGD:2 SCPD lists it): the router picks the port.
+        assert mapping["external_port"] != 7200
+        assert listed(lab, "udp", mapping["external_port"])
+        assert autonat(lab, state_dir, "map", "del", "7200", "udp", "--protocol", "upnp").returncode == 0
+        assert not listed(lab, "udp", mapping["external_port"])
+        rows = autonat_json(lab, state_dir, "map", "list")
+        assert any(r["external_port"] == 7200 and r["internal_client"] == Lab.GATEWAY for r in rows), (
+            "not ours to delete"
+        )
+    finally:
+        lab.run("router", ["upnpc", "-u", lab.root_url, "-d", "7200", "UDP"], timeout=20)
