@@ -49,6 +49,7 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml.ElementTree
 from defusedxml import DefusedXmlException
 
+from autonat.addresses import NOT_PUBLIC_V4, NOT_PUBLIC_V6
 from autonat.errors import AutonatError
 from autonat.proto import netlink
 from autonat.proto.errors import DecodeError
@@ -332,19 +333,6 @@ def _parse_ip(ip: str | IPAddress) -> IPAddress:
 
 _RFC1918: Final = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 _RFC6598: Final = ("100.64.0.0/10",)
-# Not public, family by family; the same ranges as `autonat.addresses` so that wan.auto agrees with
-# `is_public` (FreeSWITCH's wan.auto forgets loopback, multicast and reserved space).
-_NOT_PUBLIC_V4: Final = (
-    "0.0.0.0/8",
-    *_RFC1918,
-    *_RFC6598,
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
-)
-_NOT_PUBLIC_V6: Final = ("::/128", "::1/128", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8")
-
 BUILTIN_NAMES: Final = (
     "rfc1918.auto",
     "rfc6598.auto",
@@ -386,8 +374,10 @@ def nat_auto(interfaces: Iterable[tuple[str, IPInterface]]) -> AclList:
 def builtin_lists(interfaces: Iterable[tuple[str, IPInterface]]) -> tuple[AclList, ...]:
     """Every `.auto` list, for a host with these interfaces (as `host_networks` returns them)."""
     interfaces = list(interfaces)
-    deny_v4 = [AclNode(False, ip_network(cidr)) for cidr in _NOT_PUBLIC_V4]
-    deny_v6 = [AclNode(False, ip_network(cidr)) for cidr in _NOT_PUBLIC_V6]
+    # The ranges `autonat.addresses.is_public` refuses, so wan.auto agrees with it (FreeSWITCH's
+    # wan.auto forgets loopback, multicast and reserved space).
+    deny_v4 = [AclNode(False, network) for network in NOT_PUBLIC_V4]
+    deny_v6 = [AclNode(False, network) for network in NOT_PUBLIC_V6]
     return (
         # FreeSWITCH 1.10 also allows fe80::/10 here; link-local is not RFC 1918 space (see localnet.auto).
         _static("rfc1918.auto", False, True, _RFC1918),

@@ -52,6 +52,12 @@ _V6_RANGES: tuple[tuple[IPv6Network, AddressKind], ...] = (
 )
 
 
+# Every range that is not public, family by family: the one list `is_public` and the ACL engine's
+# wan.auto lists are both built from, so they cannot disagree.
+NOT_PUBLIC_V4: tuple[IPv4Network, ...] = tuple(network for network, _ in _V4_RANGES)
+NOT_PUBLIC_V6: tuple[IPv6Network, ...] = tuple(network for network, _ in _V6_RANGES)
+
+
 def parse_address(text: str | IPAddress) -> IPAddress:
     """Parse an IP literal; IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes the IPv4 address it carries."""
     address = ipaddress.ip_address(text) if isinstance(text, str) else text
