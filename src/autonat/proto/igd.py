@@ -706,13 +706,17 @@ def delete_port_mapping(
     service_type: str, *, external_port: int, transport: Transport, remote_host: str = ""
 ) -> SoapRequest:
     """DeletePortMapping (WANIPConnection:1 and :2)."""
+    return SoapRequest("DeletePortMapping", service_type, _mapping_key(external_port, transport, remote_host))
+
+
+def _mapping_key(external_port: int, transport: Transport, remote_host: str) -> tuple[tuple[str, str], ...]:
+    """The three arguments that name one mapping (remote host, external port, protocol), in spec order."""
     _check_range("external_port", external_port, 0, _MAX_U16)
-    arguments = (
+    return (
         ("NewRemoteHost", remote_host),
         ("NewExternalPort", str(external_port)),
         ("NewProtocol", _protocol(transport)),
     )
-    return SoapRequest("DeletePortMapping", service_type, arguments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -733,13 +737,7 @@ def get_specific_port_mapping_entry(
     service_type: str, *, external_port: int, transport: Transport, remote_host: str = ""
 ) -> SoapRequest:
     """GetSpecificPortMappingEntry (WANIPConnection:1 and :2); read with `specific_entry_from`."""
-    _check_range("external_port", external_port, 0, _MAX_U16)
-    arguments = (
-        ("NewRemoteHost", remote_host),
-        ("NewExternalPort", str(external_port)),
-        ("NewProtocol", _protocol(transport)),
-    )
-    return SoapRequest("GetSpecificPortMappingEntry", service_type, arguments)
+    return SoapRequest("GetSpecificPortMappingEntry", service_type, _mapping_key(external_port, transport, remote_host))
 
 
 def _entry(
