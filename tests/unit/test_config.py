@@ -178,11 +178,8 @@ def test_the_token_stays_out_of_reprs(tmp_path: Path) -> None:
 def test_the_deploy_example_loads_cleanly() -> None:
     config = load_config(DEPLOY / "autonat.toml")
     assert config.warnings == ()
-    assert {(m.transport, m.port) for m in config.mappings} == {
-        (Transport.UDP, 5060),
-        (Transport.TCP, 5060),
-        (Transport.TCP, 5061),
-    }
+    assert config.mappings == ()  # the SIP profile maps its own ports
+    assert [name for name, service in config.sip_profiles if service.listen] == ["external"]
 
 
 def test_the_deploy_unit_runs_the_daemon_with_that_config() -> None:
@@ -845,3 +842,87 @@ def test_a_freeswitch_acl_conf_is_imported(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, text))
     assert [acl.name for acl in config.acls] == ["domains"]
     assert config.profiles[0].local_network_acl == "domains"
+
+
+# --- the SIP service: [sip], [[user]], listeners, dialplan, gateways ----------------------------------
+
+SIP_CONFIG = """
+[sip]
+realm = "lab"
+rtp-start-port = 20000
+rtp-end-port = 20099
+rtp-pool = 2
+t1 = 0.1
+rtp-timeout = 10
+
+[[user]]
+name = "105"
+password = "pw"
+
+[[profile]]
+name = "inner"
+sip-port = 5080
+
+[[profile.gateway]]
+name = "outer"
+proxy = "192.168.77.10"
+username = "200"
+password = "pw200"
+
+[[profile.extension]]
+match = "^\\\\*(\\\\d+)$"
+action = "gateway"
+gateway = "outer"
+
+[[profile.extension]]
+match = "9196"
+action = "echo"
+"""
+
+
+def test_sip_settings_users_gateways_and_dialplan_load(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, SIP_CONFIG))
+    assert config.sip.realm == "lab" and config.sip.users == (("105", "pw"),)
+    assert (config.sip.rtp_start_port, config.sip.rtp_end_port, config.sip.pool_size) == (20000, 20099, 2)
+    assert config.sip.t1 == 0.1 and config.sip.inactivity == 10
+    name, service = config.sip_profiles[0]
+    assert name == "inner" and service.listen and service.tcp
+    gateway = service.gateways[0]
+    assert (gateway.name, gateway.host, gateway.port, gateway.username) == ("outer", "192.168.77.10", 5060, "200")
+    assert "pw200" not in repr(gateway)
+    first, second = service.dialplan
+    assert first.target("*9196") == "9196" and first.gateway == "outer"
+    assert first.target("9196") is None and second.target("9196") == "9196"
+
+
+def test_without_extensions_the_default_dialplan_echoes_9196_and_rings_users(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[[profile]]\nname = "p"\n'))
+    ((_, service),) = config.sip_profiles
+    actions = {str(ext.action) for ext in service.dialplan}
+    assert actions == {"echo", "user"}
+    assert next(ext for ext in service.dialplan if str(ext.action) == "echo").target("9196") == "9196"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[sip]\nrtp-start-port = 30000\nrtp-end-port = 20000\n", "sip.rtp-end-port must be above rtp-start-port"),
+        ("[sip]\nt1 = 0\n", "sip.t1 must be 0.05..5 s"),
+        ('[[user]]\nname = "a b"\npassword = "x"\n', "user[1].name is required: 1-64 letters"),
+        ('[[user]]\nname = "105"\n', "user[1].password is required"),
+        ('[[profile]]\nname = "p"\n[[profile.extension]]\nmatch = "(("\n', "profile[1].extension[1].match is not a"),
+        (
+            '[[profile]]\nname = "p"\n[[profile.extension]]\nmatch = "1"\naction = "gateway"\ngateway = "nope"\n',
+            'must name a [[profile.gateway]] of this profile, not "nope"',
+        ),
+        (
+            '[[profile]]\nname = "p"\n[[profile.gateway]]\nname = "g"\nproxy = "pbx.example.org"\n',
+            "proxy must have an IP",
+        ),
+        ('[[profile]]\nname = "p"\n[[profile.gateway]]\nname = "g"\nproxy = "10.0.0.1"\n', "username is required"),
+        ('[[profile]]\nname = "p"\ntls-cert = "/no/such.pem"\n', "profile[1].tls-cert names no readable file"),
+        ('[[profile]]\nname = "p"\n[[profile.extension]]\nmatch = "1"\naction = "fax"\n', "must be one of echo"),
+    ],
+)
+def test_sip_mistakes_are_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in one_problem(write(tmp_path, text))

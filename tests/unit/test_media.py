@@ -6,7 +6,7 @@ import asyncio
 import socket
 from ipaddress import IPv4Address
 
-from autonat.sip.media import RtpEcho
+from autonat.service.media import RtpEcho
 
 LOOPBACK = IPv4Address("127.0.0.1")
 RTP = bytes([0x80, 0x00]) + b"\x00\x01" + b"\x00" * 8 + b"payload"
@@ -57,3 +57,40 @@ async def test_ends_itself_when_idle_or_too_old() -> None:
     await old.start()
     await asyncio.wait_for(old.ended.wait(), 2)
     assert old.stats.reason == "max duration"
+
+
+async def test_traffic_keeps_it_alive_and_close_frees_the_ports() -> None:
+    port = free_even_port()
+    echo = RtpEcho(LOOPBACK, port, inactivity=0.2)
+    await echo.start()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        peer.setblocking(False)
+        loop = asyncio.get_running_loop()
+        for _ in range(6):  # 0.48 s of packets, more than twice `inactivity`
+            await loop.sock_sendto(peer, RTP, ("127.0.0.1", port))
+            assert await asyncio.wait_for(loop.sock_recv(peer, 2048), 2) == RTP
+            await asyncio.sleep(0.08)
+    assert not echo.ended.is_set()
+    assert echo.stats.received == 6
+    await echo.close()
+    await echo.close()
+    assert echo.stats.reason == "closed"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+        a.bind(("127.0.0.1", port))
+        b.bind(("127.0.0.1", port + 1))
+
+
+async def test_start_failure_leaves_nothing_bound() -> None:
+    port = free_even_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", port + 1))
+        echo = RtpEcho(LOOPBACK, port)
+        try:
+            await echo.start()
+        except OSError:
+            pass
+        else:
+            raise AssertionError("start() bound a port that was in use")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind(("127.0.0.1", port))

@@ -504,8 +504,30 @@ def profile_status(name: str, socket_path: Path, as_json: bool) -> None:
         return
     click.echo(PROFILE_RULE)
     for key, value in status.items():
-        click.echo(f"{key:<24}{value}")
+        shown = value
+        if isinstance(value, dict):
+            shown = ", ".join(f"{k}={v['state'] if isinstance(v, dict) else v}" for k, v in value.items()) or "none"
+        click.echo(f"{key:<24}{shown}")
     click.echo(PROFILE_RULE)
+
+
+@cli.command()
+@socket_option
+@click.option("--json", "as_json", is_flag=True)
+def calls(socket_path: Path, as_json: bool) -> None:
+    """Live calls of the daemon's SIP service, with their legs and RTP ports (local and mapped)."""
+    result = control_call(socket_path, {"cmd": "calls"})
+    if as_json:
+        print_json(result)
+        return
+    click.echo("id,profile,kind,number,state,duration,peer,rtp_port,advertised,mapped")
+    for call in result:
+        for leg in call["legs"]:
+            click.echo(
+                f"{call['id']},{call['profile']},{call['kind']},{call['number']},{call['state']},{call['duration']},"
+                f"{leg['peer']},{leg['rtp_port']},{leg['advertised']},{str(leg['mapped']).lower()}"
+            )
+    click.echo(f"\n{len(result)} total.")
 
 
 @cli.command()

@@ -33,6 +33,7 @@ from autonat.errors import AutonatError
 from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME
 from autonat.proto.exchange import DEFAULT_DEADLINE
 from autonat.proto.types import Transport
+from autonat.service.settings import Action, Extension, GatewaySettings, SipProfileSettings, SipSettings
 from autonat.state import state_dir
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -109,6 +110,8 @@ class Config:
     warnings: tuple[str, ...] = ()
     acls: tuple[AclList, ...] = ()
     profiles: tuple[ProfileSettings, ...] = ()
+    sip: SipSettings = field(default_factory=SipSettings)
+    sip_profiles: tuple[tuple[str, SipProfileSettings], ...] = ()  # (profile name, its SIP service)
 
     def with_overrides(self, nonat: bool = False, nonatmap: bool = False) -> Config:
         """Apply the --nonat / --nonatmap command-line flags, which only ever switch things off."""
@@ -383,7 +386,8 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
     level = log.choice("level", _LOG_LEVELS, "info")
     log.finish()
     acls = _acls(top, report)
-    profiles = _profiles(top, report, {*BUILTIN_ACL_NAMES, *(acl.name for acl in acls)})
+    profiles, sip_profiles = _profiles(top, report, {*BUILTIN_ACL_NAMES, *(acl.name for acl in acls)})
+    sip = _sip(_section(top, "sip"), top, report)
     top.finish()
     report.raise_if_any()
 
@@ -391,7 +395,9 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
         report.warn(f"nat.enabled = false: the {len(mappings)} [[mapping]] entries are not made")
     elif mappings and not nat.mapping:
         report.warn(f"nat.mapping = false: the {len(mappings)} [[mapping]] entries are not made")
-    return Config(nat, mappings, control, journal, level, source, tuple(report.warnings), acls, profiles)
+    return Config(
+        nat, mappings, control, journal, level, source, tuple(report.warnings), acls, profiles, sip, sip_profiles
+    )
 
 
 def _section(top: _Table, key: str) -> _Table:
@@ -707,7 +713,8 @@ def _array_of_tables(top: _Table, key: str) -> list[tuple[str, _Table]]:
         top.wrong_type(key, f"an array of tables ([[{key}]])", value)
         return []
     return [
-        (f"{key}[{n}]", _Table(top.report, item, f"{key}[{n}]", is_section=False)) for n, item in enumerate(value, 1)
+        (top.name(f"{key}[{n}]"), _Table(top.report, item, top.name(f"{key}[{n}]"), is_section=False))
+        for n, item in enumerate(value, 1)
     ]
 
 
@@ -762,8 +769,11 @@ def _acls(top: _Table, report: _Report) -> tuple[AclList, ...]:
     return tuple(lists)
 
 
-def _profiles(top: _Table, report: _Report, acl_names: set[str]) -> tuple[ProfileSettings, ...]:
+def _profiles(
+    top: _Table, report: _Report, acl_names: set[str]
+) -> tuple[tuple[ProfileSettings, ...], tuple[tuple[str, SipProfileSettings], ...]]:
     profiles: list[ProfileSettings] = []
+    services: list[tuple[str, SipProfileSettings]] = []
     names: set[str] = set()
     for _, table in _array_of_tables(top, "profile"):
         mistakes = len(report.errors)
@@ -775,6 +785,7 @@ def _profiles(top: _Table, report: _Report, acl_names: set[str]) -> tuple[Profil
         ext_sip = _ext(table, "ext-sip-ip")
         ext_rtp = _ext(table, "ext-rtp-ip")
         acl = table.text("local-network-acl", "localnet.auto").strip()
+        service = _sip_profile(table, report)
         table.finish()
         if not name:
             table.error("name", "is required")
@@ -798,7 +809,122 @@ def _profiles(top: _Table, report: _Report, acl_names: set[str]) -> tuple[Profil
                     local_network_acl=None if acl.lower() == "none" else acl,
                 )
             )
-    return tuple(profiles)
+            services.append((name, service))
+    return tuple(profiles), tuple(services)
+
+
+_ACTIONS: Final = {"echo": Action.ECHO, "user": Action.USER, "gateway": Action.GATEWAY}
+_SIP_TRANSPORTS: Final = {"udp": "udp", "tcp": "tcp"}
+_USER_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+MAX_PATTERN_LENGTH: Final = 200
+
+
+def _sip_profile(table: _Table, report: _Report) -> SipProfileSettings:
+    """A profile's SIP service: listeners, TLS files, dialplan ([[profile.extension]]) and gateways."""
+    listen = table.flag("listen", True)
+    tcp = table.flag("tcp", True)
+    cert = table.text("tls-cert", "").strip()
+    key = table.text("tls-key", "").strip()
+    for label, path_text in (("tls-cert", cert), ("tls-key", key)):
+        if path_text and not Path(path_text).is_file():
+            table.error(label, f"names no readable file: {_quote(path_text)}")
+    gateways: list[GatewaySettings] = []
+    for _, gw in _array_of_tables(table, "gateway"):
+        name = gw.text("name", "").strip()
+        proxy = gw.text("proxy", "").strip()
+        transport = gw.choice("transport", _SIP_TRANSPORTS, "udp")
+        username = gw.text("username", "").strip()
+        password = gw.text("password", "")
+        domain = gw.text("domain", "").strip() or None
+        register = gw.flag("register", True)
+        expires = gw.integer("expires", 600, 60, 86400, " s")
+        retry = gw.number("retry", 30.0, 1.0, 3600.0, " s")
+        gw.finish()
+        if not name:
+            gw.error("name", "is required")
+        elif any(g.name == name for g in gateways):
+            gw.error("name", f"{_quote(name)} is used by another gateway of this profile")
+        parsed = _host_port(proxy if ":" in proxy.strip("[]") and not _is_ip(proxy) else f"{proxy}:5060")
+        if not proxy or isinstance(parsed, str):
+            gw.error("proxy", "is required (IP or IP:PORT)" if not proxy else str(parsed))
+            continue
+        if register and not username:
+            gw.error("username", "is required to register")
+        host, port = parsed
+        gateways.append(
+            GatewaySettings(name, host, port or 5060, transport, username, password, domain, register, expires, retry)
+        )
+    dialplan: list[Extension] = []
+    for _, ext in _array_of_tables(table, "extension"):
+        pattern_text = ext.text("match", "", max_length=MAX_PATTERN_LENGTH)
+        action = ext.choice("action", _ACTIONS, Action.ECHO)
+        gateway = ext.text("gateway", "").strip() or None
+        ext.finish()
+        if not pattern_text:
+            ext.error("match", 'is required (a regular expression for the number, e.g. "9196" or "^0(\\d+)$")')
+            continue
+        try:
+            pattern = re.compile(pattern_text.removeprefix("^").removesuffix("$"))
+        except re.error as exc:
+            ext.error("match", f"is not a regular expression: {exc}")
+            continue
+        if action is Action.GATEWAY and not any(g.name == gateway for g in gateways):
+            ext.error("gateway", f"must name a [[profile.gateway]] of this profile, not {_quote(gateway or '')}")
+            continue
+        dialplan.append(Extension(pattern, action, gateway))
+    extra = SipProfileSettings(listen, tcp, Path(cert) if cert else None, Path(key) if key else None)
+    return replace(extra, dialplan=tuple(dialplan) or extra.dialplan, gateways=tuple(gateways))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _sip(table: _Table, top: _Table, report: _Report) -> SipSettings:
+    """The [sip] table and the [[user]]s of the registrar."""
+    defaults = SipSettings()
+    realm = table.text("realm", defaults.realm).strip() or defaults.realm
+    start = table.integer("rtp-start-port", defaults.rtp_start_port, 1024, 65534)
+    end = table.integer("rtp-end-port", defaults.rtp_end_port, 1025, 65535)
+    if end <= start:
+        table.error("rtp-end-port", f"must be above rtp-start-port ({start})")
+    pool = table.integer("rtp-pool", defaults.pool_size, 1, 64, " pairs")
+    t1 = table.number("t1", defaults.t1, 0.05, 5.0, " s")
+    inactivity = table.number("rtp-timeout", defaults.inactivity, 1.0, 3600.0, " s")
+    max_duration = table.number("max-call-duration", defaults.max_duration, 10.0, 86400.0, " s")
+    max_calls = table.integer("max-calls", defaults.max_calls, 1, 100_000)
+    reply = table.flag("reply-to-source", defaults.reply_to_source)
+    table.finish()
+    users: list[tuple[str, str]] = []
+    for _, user in _array_of_tables(top, "user"):
+        name = user.text("name", "").strip()
+        password = user.text("password", "")
+        user.finish()
+        if not _USER_NAME.fullmatch(name):
+            user.error("name", "is required: 1-64 letters, digits, '_', '.', '-'")
+        elif any(n == name for n, _ in users):
+            user.error("name", f"{_quote(name)} is defined twice")
+        elif not password:
+            user.error("password", "is required")
+        else:
+            users.append((name, password))
+    return SipSettings(
+        realm=realm,
+        users=tuple(users),
+        rtp_start_port=start,
+        rtp_end_port=end,
+        pool_size=pool,
+        t1=t1,
+        t2=max(t1, defaults.t2),
+        inactivity=inactivity,
+        max_duration=max_duration,
+        max_calls=max_calls,
+        reply_to_source=reply,
+    )
 
 
 def _optional_ip(table: _Table, key: str) -> IPAddress | None:

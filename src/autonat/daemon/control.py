@@ -27,6 +27,7 @@ from autonat.daemon.profiles import ProfileManager
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.errors import AutonatError
 from autonat.proto.types import Transport
+from autonat.service.sip import SipService
 
 log = logging.getLogger("autonat.control")
 
@@ -62,9 +63,11 @@ class ControlServer:
         tcp: tuple[str, int] | None,
         token: str | None,
         profiles: ProfileManager | None = None,
+        sip: SipService | None = None,
     ) -> None:
         self.engine = engine
         self.profiles = profiles
+        self.sip = sip
         self.socket_path = socket_path
         self.tcp = tcp
         self.token = token
@@ -184,6 +187,10 @@ class ControlServer:
             return engine.status()
         if command in ("profile", "profiles", "advertise"):
             return self._profile_command(command, request)
+        if command == "calls":
+            return [] if self.sip is None else [call.describe() for call in {id(c): c for c in self.sip.calls}.values()]
+        if command == "registrations":
+            return [] if self.sip is None else self.sip.registrations()
         if not engine.settings.enabled and command in ("add", "del", "republish", "reinit", "mapping"):
             raise ControlError("NAT is disabled (--nonat)")
         if command == "add":
@@ -229,7 +236,10 @@ class ControlServer:
         if not isinstance(name, str):
             raise ControlError("name must be a profile name")
         if command == "profile":
-            return self.profiles.status(name)
+            status = self.profiles.status(name)
+            if self.sip is not None:
+                status.update(self.sip.status(name))
+            return status
         destination, media = request.get("destination"), request.get("media", False)
         if not isinstance(destination, str) or not isinstance(media, bool):
             raise ControlError("advertise needs destination (an IP) and media (true/false)")

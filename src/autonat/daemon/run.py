@@ -18,6 +18,8 @@ from autonat.daemon.control import ControlServer
 from autonat.daemon.profiles import ProfileManager
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.journal import Journal
+from autonat.service.sip import SipService
+from autonat.state import host_secret
 
 log = logging.getLogger("autonat")
 
@@ -41,12 +43,17 @@ async def run_daemon(config: Config) -> int:
     journal = Journal(config.journal_path) if config.nat.enabled else None
     engine = NatEngine(config.nat, journal)
     profiles = ProfileManager(config.profiles, AclSet.from_host(config.acls), engine)
-    control = ControlServer(engine, config.control.socket, config.control.tcp, config.control.token, profiles)
+    sip = (
+        SipService(config.sip, profiles, engine, dict(config.sip_profiles), host_secret()) if config.profiles else None
+    )
+    control = ControlServer(engine, config.control.socket, config.control.tcp, config.control.token, profiles, sip)
     try:
         await control.start()
         static = [Wanted(m.transport, m.port, m.external_port, m.sticky, m.owner) for m in config.mappings]
         await engine.start(static)
         await profiles.start()
+        if sip is not None:
+            await sip.start()
         log.info(
             "running: NAT %s, mapping %s, control socket %s",
             "enabled" if config.nat.enabled else "disabled (--nonat)",
@@ -62,6 +69,8 @@ async def run_daemon(config: Config) -> int:
     finally:
         await control.stop()
         log.debug("control channel closed")
+        if sip is not None:
+            await sip.stop()  # BYE to live calls, un-REGISTER, SIP and RTP mappings removed
         await profiles.stop()
         await engine.stop()
         log.debug("engine stopped")

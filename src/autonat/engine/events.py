@@ -22,6 +22,9 @@ class EventKind(enum.StrEnum):
     ROUTER_REBOOT = "router-reboot"
     DOUBLE_NAT = "double-nat"
     DISCOVERED = "discovered"
+    CALL_START = "call-start"
+    CALL_END = "call-end"
+    SIP_REGISTER = "sip-register"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ renewed, verified, journalled and cleaned after a crash like every other.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -34,16 +35,37 @@ class RtpPorts:
     external_rtcp: int
 
 
-class RtpPool:
-    def __init__(self, engine: NatEngine, ports: range, size: int = 4, transport: Transport = Transport.UDP) -> None:
+class PortPairs:
+    """The RTP range as even/odd pairs (RTP on the even port, RTCP on the next, RFC 3550 §11), shared by
+    the pool (pairs mapped on the router) and calls that need no mapping (peers on the local network)."""
+
+    def __init__(self, ports: range) -> None:
         if ports.step != 1 or len(ports) < 2:
             raise ValueError("the RTP port range needs at least two consecutive ports")
+        self._free = collections.deque(port for port in ports if port % 2 == 0 and port + 1 in ports)
+        self.total = len(self._free)
+
+    def acquire(self) -> int | None:
+        """The RTP port of a free pair, or None when every pair is in use."""
+        return self._free.popleft() if self._free else None
+
+    def release(self, port: int) -> None:
+        self._free.append(port)
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+
+class RtpPool:
+    def __init__(
+        self, engine: NatEngine, ports: range | PortPairs, size: int = 4, transport: Transport = Transport.UDP
+    ) -> None:
         if size < 1:
             raise ValueError("the pool size must be at least 1")
         self.engine = engine
         self.transport = transport
         self.size = size
-        self._free_pairs = [port for port in ports if port % 2 == 0 and port + 1 in ports]
+        self.pairs = ports if isinstance(ports, PortPairs) else PortPairs(ports)
         self._ready: list[int] = []  # RTP ports whose pair is mapped and waiting for a call
         self._in_use: dict[int, str] = {}
         self._wake = asyncio.Event()
@@ -75,7 +97,7 @@ class RtpPool:
         while self._ready:
             port = self._ready.pop(0)
             if not self._pair_active(port):  # lost since it was mapped: let the refill replace it
-                self._free_pairs.append(port)
+                self.pairs.release(port)
                 continue
             self._in_use[port] = call_id
             self._wake.set()
@@ -93,8 +115,27 @@ class RtpPool:
         await asyncio.gather(
             self.engine.delete(self.transport, ports.rtp), self.engine.delete(self.transport, ports.rtcp)
         )
-        self._free_pairs.append(ports.rtp)
+        self.pairs.release(ports.rtp)
         self._wake.set()
+
+    async def map_now(self, call_id: str) -> RtpPorts | None:
+        """A pair mapped on demand, for when the pool is empty: the caller waits for the router (the
+        latency the pool exists to avoid). None if no pair is free or the router refused."""
+        port = self.pairs.acquire()
+        if port is None:
+            return None
+        owner = f"call:{call_id}"
+        added = await asyncio.gather(
+            *(self.engine.add(Wanted(self.transport, p, owner=owner)) for p in (port, port + 1))
+        )
+        if not all(mapping.state == "active" and mapping.external_port for mapping in added):
+            await asyncio.gather(*(self.engine.delete(self.transport, p) for p in (port, port + 1)))
+            self.pairs.release(port)
+            return None
+        self._in_use[port] = call_id
+        rtp, rtcp = added
+        assert rtp.external_port and rtcp.external_port
+        return RtpPorts(port, port + 1, rtp.external_ip, rtp.external_port, rtcp.external_port)
 
     async def _refill_forever(self) -> None:
         while True:
@@ -112,10 +153,10 @@ class RtpPool:
         if not await self.engine.wait_ready(timeout=REFILL_RETRY) or not self.engine.mapping_enabled:
             return False
         while len(self._ready) < self.size:
-            if not self._free_pairs:
+            port = self.pairs.acquire()
+            if port is None:
                 log.warning("RTP port range exhausted: %d pairs in calls", len(self._in_use))
                 return False
-            port = self._free_pairs.pop(0)
             added = await asyncio.gather(
                 *(self.engine.add(Wanted(self.transport, p, owner="rtp-pool")) for p in (port, port + 1))
             )
@@ -123,6 +164,6 @@ class RtpPool:
                 self._ready.append(port)
                 continue
             await asyncio.gather(*(self.engine.delete(self.transport, p) for p in (port, port + 1)))
-            self._free_pairs.append(port)
+            self.pairs.release(port)
             return False
         return True

@@ -13,7 +13,7 @@ from autonat.engine.engine import NatEngine
 from autonat.engine.journal import Journal
 from autonat.engine.pool import RtpPool
 from autonat.engine.settings import NatSettings
-from autonat.sip.media import RtpEcho
+from autonat.service.media import RtpEcho
 
 
 async def main() -> None:

@@ -1,0 +1,388 @@
+"""A SIP registrar, sans-IO (RFC 3261 §10.3).
+
+`Registrar.handle` takes a parsed REGISTER and returns the response to send; bindings live in memory and
+expire by the caller's clock (`expire`, `timer`). Authentication is HTTP Digest (`autonat.sip.digest`)
+against a fixed user table.
+
+Order of checks, chosen so nothing about the user table leaks before authentication:
+1. Authorization (§10.3 step 3, §22.4): credentials for our realm are required; none, unparsable ones,
+   or a nonce we did not issue -> 401 with a fresh challenge (a phone holding a nonce from before a
+   restart simply re-authenticates); a correct response on an expired nonce -> 401 with stale=true;
+   anything else wrong (bad password, unknown user, replayed nonce count) -> 403.
+2. Require (§10.3 step 2): we support no extensions -> 420 with Unsupported.
+3. The AOR (To, §10.3 steps 4-5): a user we do not know -> 404; a user other than the authenticated
+   one -> 403.
+4. Contacts (§10.3 steps 6-7), all validated before any binding changes, so a request either applies
+   completely or not at all: malformed -> 400, more than `MAX_CONTACTS` -> 400, `*` only alone and
+   with `Expires: 0`, an interval in 0 < e < min_expires -> 423 with Min-Expires, an older CSeq on the
+   same Call-ID -> 500 with Retry-After.
+5. 200 listing every live binding of the user with its remaining time (§10.3 step 8).
+
+Not done: the Request-URI domain check (§10.3 step 1; one realm serves any domain name), the Path
+extension, GRUU, and outbound (RFC 5626) flows: the NAT rule here is simpler - a binding keeps the
+`source` the REGISTER came from, and the phone is reached there, not at its Contact.
+
+Retransmissions are the transaction layer's business: a retransmitted REGISTER reaching `handle` again
+repeats its nonce count and is refused (403) as a replay.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from autonat.proto.errors import DecodeError
+from autonat.proto.sdp import _quoted_end, _scan_params, _skip_lws
+from autonat.sip.digest import Credentials, DigestServer, Verdict, parse_credentials
+from autonat.sip.message import Request, Response, make_response
+
+__all__ = ["MAX_CONTACTS", "MAX_URI", "Binding", "Registrar"]
+
+MAX_CONTACTS = 10
+"""Contact entries per REGISTER; more is refused with 400."""
+MAX_URI = 1024
+"""Longest Contact URI stored."""
+MAX_AUTHORIZATION = 8
+"""Authorization headers looked at per request (§22.4 allows one per realm)."""
+_MAX_DELTA = 2**32 - 1  # §20.19, §10.2.1.1: larger values are taken as 2**32-1
+_DIGITS = re.compile(r"[0-9]+")
+# scheme ":" then visible ASCII without the characters that delimit a name-addr (§19.1, §20.10)
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[!#-;=?-~]+")
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One registered contact of `user` (§10.3 step 7).
+
+    `contact` is the Contact URI as sent, without `<>`; `source` is where the REGISTER came from
+    (transport and address or connection, opaque here). Behind a NAT the Contact usually names a
+    private address, so calls go to `source`.
+    """
+
+    user: str
+    contact: str
+    expires_at: float
+    call_id: str
+    cseq: int
+    source: Hashable
+
+    def remaining(self, now: float) -> int:
+        """Whole seconds left, rounded up (a live binding never shows 0), 0 once expired."""
+        left = round(self.expires_at - now, 3)  # to the ms, so float noise cannot round 3600 up to 3601
+        return math.ceil(left) if left > 0 else 0
+
+    def live(self, now: float) -> bool:
+        return self.expires_at > now
+
+
+def _reason(text: str) -> str:
+    """A one-line, printable reason phrase of bounded length."""
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return f"Bad Request: {cleaned[:120]}"
+
+
+def _delta_seconds(text: str, what: str) -> int:
+    """delta-seconds (§25.1), capped at 2**32-1 (§10.2.1.1)."""
+    text = text.strip(" \t")
+    if not _DIGITS.fullmatch(text):
+        raise DecodeError(f"{what} is not a number of seconds")
+    significant = text.lstrip("0") or "0"
+    return _MAX_DELTA if len(significant) > 10 else min(int(significant), _MAX_DELTA)
+
+
+def _split_entries(value: str) -> list[str]:
+    """Comma-separated entries of one Contact value (the codec splits parsed messages already; a
+    hand-built message may not be)."""
+    entries: list[str] = []
+    start = cursor = 0
+    while cursor < len(value):
+        char = value[cursor]
+        if char == '"':
+            cursor = _quoted_end(value, cursor)
+            continue
+        if char == "<":
+            close = value.find(">", cursor + 1)
+            if close < 0:
+                raise DecodeError("unclosed < in Contact")
+            cursor = close + 1
+            continue
+        if char == ",":
+            entries.append(value[start:cursor].strip(" \t"))
+            start = cursor + 1
+        cursor += 1
+    entries.append(value[start:].strip(" \t"))
+    if not all(entries):
+        raise DecodeError("empty Contact entry")
+    return entries
+
+
+def _name_addr(value: str, what: str) -> tuple[str, dict[str, str | None]]:
+    """The URI and header parameters of a name-addr or addr-spec (§20.10: in the addr-spec form every
+    `;` starts a header parameter). Parameter names lower-cased; a flag has the value None."""
+    index = _skip_lws(value, 0)
+    cursor = index
+    uri_start = uri_end = -1
+    while cursor < len(value):
+        char = value[cursor]
+        if char == '"':
+            cursor = _quoted_end(value, cursor)
+            continue
+        if char == "<":
+            close = value.find(">", cursor + 1)
+            if close < 0:
+                raise DecodeError(f"{what} with an unclosed <")
+            uri_start, uri_end = cursor + 1, close
+            cursor = close + 1
+            break
+        if char == ";":
+            break
+        cursor += 1
+    if uri_start < 0:
+        cursor = index
+        while cursor < len(value) and value[cursor] not in "; \t":
+            cursor += 1
+        uri_start, uri_end = index, cursor
+    uri = value[uri_start:uri_end]
+    if len(uri) > MAX_URI:
+        raise DecodeError(f"{what} URI longer than {MAX_URI} characters")
+    if not _URI.fullmatch(uri):
+        raise DecodeError(f"{what} has no valid URI")
+    params, end = _scan_params(value, cursor)
+    if _skip_lws(value, end) != len(value):
+        raise DecodeError(f"junk after the {what} parameters")
+    result: dict[str, str | None] = {}
+    for param in params:
+        if param.name in result:
+            raise DecodeError(f"{what} repeats a parameter")
+        result[param.name] = None if param.value_start is None else value[param.value_start : param.value_end]
+    return uri, result
+
+
+def _sip_parts(uri: str) -> tuple[str, str, str] | None:
+    """(scheme lower-cased, user part percent-decoded, the rest) of a sip:/sips: URI, else None."""
+    scheme, _, rest = uri.partition(":")
+    if scheme.lower() not in ("sip", "sips"):
+        return None
+    head, _, _ = rest.partition(";")
+    head, _, _ = head.partition("?")
+    userinfo, at, _ = head.rpartition("@")
+    user = unquote(userinfo.partition(":")[0]) if at else ""
+    return scheme.lower(), user, rest[len(userinfo) + len(at) :]
+
+
+def _uri_key(uri: str) -> str:
+    """A comparison key approximating §19.1.4: scheme, host and parameters compare case-insensitively,
+    parameter order does not matter, the user part compares after percent-decoding. Two spellings
+    this treats as different only cost an extra binding, bounded by max_bindings_per_user."""
+    scheme, _, rest = uri.partition(":")
+    main, question, headers = rest.partition("?")
+    address, *params = main.split(";")
+    userinfo, at, hostport = address.rpartition("@")
+    normalized_params = ";".join(sorted(param.lower() for param in params))
+    return f"{scheme.lower()}:{unquote(userinfo)}{at}{hostport.lower()};{normalized_params}{question}{headers}"
+
+
+class Registrar:
+    """Bindings of the users in `users` (name -> password; the mapping is read on each request, so a
+    caller may update it in place).
+
+    At most `max_bindings_per_user` bindings per user: a REGISTER that would add more replaces the
+    user's oldest bindings (least recently registered or refreshed), so a phone that re-installs with a
+    new Contact is never locked out by its own stale bindings.
+    """
+
+    def __init__(
+        self,
+        users: Mapping[str, str],
+        server: DigestServer,
+        *,
+        min_expires: int = 60,
+        max_expires: int = 3600,
+        default_expires: int = 3600,
+        max_bindings_per_user: int = 5,
+    ) -> None:
+        if not 0 <= min_expires <= default_expires <= max_expires or max_expires < 1:
+            raise ValueError("need 0 <= min_expires <= default_expires <= max_expires and max_expires >= 1")
+        if max_bindings_per_user < 1:
+            raise ValueError("max_bindings_per_user must be at least 1")
+        self._users = users
+        self._server = server
+        self._min_expires = min_expires
+        self._max_expires = max_expires
+        self._default_expires = default_expires
+        self._max_bindings = max_bindings_per_user
+        # user -> (contact key -> binding), oldest registration first
+        self._bindings: dict[str, dict[str, Binding]] = {}
+        self._expired: list[Binding] = []  # dropped by `handle`, still to be reported by `expire`
+
+    # ----------------------------------------------------------------------------------------- queries
+
+    def lookup(self, user: str, now: float) -> list[Binding]:
+        """The user's unexpired bindings, newest first."""
+        return [binding for binding in reversed(self._bindings.get(user, {}).values()) if binding.live(now)]
+
+    def bindings(self, now: float) -> list[Binding]:
+        """Every unexpired binding, user by user, newest first within a user."""
+        return [binding for user in self._bindings for binding in self.lookup(user, now)]
+
+    def count(self, now: float) -> int:
+        return sum(binding.live(now) for per_user in self._bindings.values() for binding in per_user.values())
+
+    def timer(self) -> float | None:
+        """The earliest expiry time of any binding, None when there is none."""
+        return min(
+            (binding.expires_at for per_user in self._bindings.values() for binding in per_user.values()),
+            default=None,
+        )
+
+    def expire(self, now: float) -> list[Binding]:
+        """Drop expired bindings and return them (also those `handle` dropped since the last call)."""
+        dropped, self._expired = self._expired, []
+        for user in list(self._bindings):
+            dropped += self._purge(user, now)
+        return dropped
+
+    def _purge(self, user: str, now: float) -> list[Binding]:
+        per_user = self._bindings.get(user)
+        if per_user is None:
+            return []
+        dropped = [binding for binding in per_user.values() if not binding.live(now)]
+        if dropped:
+            live = {key: binding for key, binding in per_user.items() if binding.live(now)}
+            if live:
+                self._bindings[user] = live
+            else:
+                del self._bindings[user]
+        return dropped
+
+    # ----------------------------------------------------------------------------------------- REGISTER
+
+    def handle(self, request: Request, now: float, source: Hashable, *, to_tag: str) -> Response:
+        """The response to a REGISTER (§10.3), after applying it. Never raises for anything a peer can
+        send: malformed headers give 400. A request that is not REGISTER is a caller's error
+        (ValueError); the request must come from the codec (it guarantees To, From, Call-ID, CSeq)."""
+        if request.method != "REGISTER":
+            raise ValueError(f"Registrar.handle got a {request.method[:32]} request")
+        try:
+            return self._handle(request, now, source, to_tag)
+        except DecodeError as error:
+            return make_response(request, 400, _reason(error.reason), to_tag=to_tag)
+
+    def _challenge(self, request: Request, now: float, to_tag: str, *, stale: bool = False) -> Response:
+        value = self._server.challenge(now, stale=stale).header_value()
+        return make_response(request, 401, to_tag=to_tag, extra_headers=[("WWW-Authenticate", value)])
+
+    def _credentials(self, request: Request) -> Credentials | None:
+        """The first parsable credentials for our realm with a nonce we issued (§22.4: a request may
+        carry one Authorization per realm; others are not for us)."""
+        for value in request.headers.get_all("Authorization")[:MAX_AUTHORIZATION]:
+            try:
+                credentials = parse_credentials(value)
+            except DecodeError:
+                continue
+            if credentials.realm == self._server.realm and self._server.nonce_issued_at(credentials.nonce) is not None:
+                return credentials
+        return None
+
+    def _handle(self, request: Request, now: float, source: Hashable, to_tag: str) -> Response:
+        credentials = self._credentials(request)
+        if credentials is None:
+            return self._challenge(request, now, to_tag)
+        user = credentials.username
+        verdict = self._server.verify(credentials, method=request.method, password=self._users.get(user), now=now)
+        if verdict is Verdict.STALE:
+            return self._challenge(request, now, to_tag, stale=True)
+        if verdict is not Verdict.OK:
+            return make_response(request, 403, to_tag=to_tag)
+
+        required = [token.strip(" \t") for value in request.headers.get_all("Require") for token in value.split(",")]
+        required = [token for token in required if token]
+        if required:
+            if not all(_TOKEN.fullmatch(token) for token in required):
+                raise DecodeError("malformed Require header")
+            return make_response(request, 420, to_tag=to_tag, extra_headers=[("Unsupported", ", ".join(required))])
+
+        to_value = request.headers.get("To")
+        if to_value is None:
+            raise DecodeError("missing To header")
+        parts = _sip_parts(_name_addr(to_value, "To")[0])
+        if parts is None or parts[1] not in self._users:
+            return make_response(request, 404, to_tag=to_tag)
+        if parts[1] != user:
+            return make_response(request, 403, to_tag=to_tag)
+
+        call_id = request.call_id()
+        cseq, _ = request.cseq()
+        expires_values = request.headers.get_all("Expires")
+        if len(expires_values) > 1:
+            raise DecodeError("more than one Expires header")
+        header_expires = _delta_seconds(expires_values[0], "Expires") if expires_values else None
+
+        entries = [entry for value in request.headers.get_all("Contact") for entry in _split_entries(value)]
+        if len(entries) > MAX_CONTACTS:
+            raise DecodeError(f"more than {MAX_CONTACTS} contacts")
+        self._expired += self._purge(user, now)
+        if not entries:
+            return self._ok(request, user, now, to_tag)  # a query (§10.3 step 8)
+        current = self._bindings.get(user, {})
+        if "*" in entries:
+            # §10.3 step 6: "*" alone with Expires: 0 removes every binding, unless one of them came with
+            # the same Call-ID and a CSeq at least as high.
+            if len(entries) != 1 or header_expires != 0:
+                raise DecodeError("Contact * needs Expires: 0 and no other contact")
+            if any(b.call_id == call_id and cseq <= b.cseq for b in current.values()):
+                return self._out_of_order(request, to_tag)
+            self._bindings.pop(user, None)
+            return self._ok(request, user, now, to_tag)
+
+        changes: list[tuple[str, str, int]] = []  # (key, uri, expires)
+        too_brief = False
+        for entry in entries:
+            uri, params = _name_addr(entry, "Contact")
+            if _sip_parts(uri) is None:
+                raise DecodeError("Contact URI is not sip: or sips:")
+            if "expires" in params:
+                param = params["expires"]
+                if param is None:
+                    raise DecodeError("Contact expires parameter without a value")
+                expires = _delta_seconds(param, "Contact expires")
+            elif header_expires is not None:
+                expires = header_expires
+            else:
+                expires = self._default_expires
+            if 0 < expires < self._min_expires:
+                too_brief = True
+            changes.append((_uri_key(uri), uri, min(expires, self._max_expires)))
+        if too_brief:
+            extra = [("Min-Expires", str(self._min_expires))]
+            return make_response(request, 423, to_tag=to_tag, extra_headers=extra)
+        # §10.3 step 7: the same Call-ID with a CSeq not higher than the stored one aborts the whole
+        # request. Checked against the committed bindings, so a contact listed twice is not its own rival.
+        for key, _, _ in changes:
+            existing = current.get(key)
+            if existing is not None and existing.call_id == call_id and cseq <= existing.cseq:
+                return self._out_of_order(request, to_tag)
+        updated = dict(current)
+        for key, uri, expires in changes:
+            updated.pop(key, None)  # re-inserted at the end: the newest binding
+            if expires > 0:
+                updated[key] = Binding(user, uri, now + expires, call_id, cseq, source)
+        while len(updated) > self._max_bindings:
+            del updated[next(iter(updated))]
+        if updated:
+            self._bindings[user] = updated
+        else:
+            self._bindings.pop(user, None)
+        return self._ok(request, user, now, to_tag)
+
+    def _out_of_order(self, request: Request, to_tag: str) -> Response:
+        extra = [("Retry-After", "1")]
+        return make_response(request, 500, "Out-of-Order REGISTER", to_tag=to_tag, extra_headers=extra)
+
+    def _ok(self, request: Request, user: str, now: float, to_tag: str) -> Response:
+        contacts = [("Contact", f"<{b.contact}>;expires={b.remaining(now)}") for b in self.lookup(user, now)]
+        return make_response(request, 200, to_tag=to_tag, extra_headers=contacts)

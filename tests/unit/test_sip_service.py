@@ -1,0 +1,370 @@
+"""The SIP service end to end on loopback (NAT disabled): echo test, ACK timeout, registrar + bridging.
+
+The real-router versions of these calls (mapped ports, SIPp from the internet host) are in
+tests/lab/test_sip_calls.py; here the service runs in-process so every path is fast and exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+
+import pytest
+
+from autonat.acl import AclSet
+from autonat.advertise import ProfileSettings
+from autonat.daemon.profiles import ProfileManager
+from autonat.engine.engine import NatEngine
+from autonat.engine.events import EventKind
+from autonat.engine.settings import NatSettings
+from autonat.service.settings import SipProfileSettings, SipSettings
+from autonat.service.sip import SipService
+from autonat.sip import client as sipclient
+from autonat.sip.digest import client_authorization, parse_challenge
+from autonat.sip.message import Request, Response, make_response, parse_message
+from autonat.sip.session import first_audio
+
+LOOPBACK = "127.0.0.1"
+OFFER = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    "m=audio {port} RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+    "m=video {port2} RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n"
+)
+RTP = bytes([0x80, 8]) + b"\x00\x01" + b"\x00" * 8 + b"payload" * 20
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+class Phone(asyncio.DatagramProtocol):
+    """A minimal UDP user agent: sends requests, collects what arrives, answers BYE/INVITE on request."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[Request | Response] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        message = parse_message(data)
+        assert not isinstance(message, type(None))
+        if isinstance(message, Request | Response):
+            self.inbox.put_nowait(message)
+
+    def send(self, message: Request | Response, port: int) -> None:
+        assert self.transport is not None
+        self.transport.sendto(message.serialize(), (LOOPBACK, port))
+
+    async def expect(self, what: str, timeout: float = 3.0) -> Request | Response:
+        """The next message whose method (requests) or status (responses) is `what`; others are skipped."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.inbox.get()
+                if isinstance(message, Request) and message.method == what:
+                    return message
+                if isinstance(message, Response) and str(message.status) == what:
+                    return message
+
+
+@dataclass
+class Rig:
+    service: SipService
+    engine: NatEngine
+    port: int
+    phones: list[Phone] = field(default_factory=list)
+
+    async def phone(self) -> Phone:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_datagram_endpoint(Phone, local_addr=(LOOPBACK, 0))
+        self.phones.append(protocol)
+        return protocol
+
+    def invite(self, phone: Phone, number: str, *, media_port: int, call_id: str | None = None) -> Request:
+        return sipclient.make_request(
+            "INVITE",
+            f"sip:{number}@{LOOPBACK}:{self.port}",
+            from_uri=f"sip:caller@{LOOPBACK}",
+            from_tag=sipclient.new_tag(),
+            to_uri=f"sip:{number}@{LOOPBACK}",
+            call_id=call_id or sipclient.new_call_id(LOOPBACK),
+            cseq=1,
+            via_host=LOOPBACK,
+            via_port=phone.port,
+            transport="udp",
+            contact=f"sip:caller@{LOOPBACK}:{phone.port}",
+            body=OFFER.format(port=media_port, port2=media_port + 2).encode(),
+            content_type="application/sdp",
+        )
+
+
+@contextlib.asynccontextmanager
+async def running(t1: float = 0.05, users: tuple[tuple[str, str], ...] = (("105", "pw105"),)) -> AsyncIterator[Rig]:
+    port = free_port()
+    start = free_port() & ~1
+    settings = SipSettings(
+        users=users, rtp_start_port=start, rtp_end_port=start + 11, t1=t1, t2=max(t1, 4 * t1), inactivity=2.0
+    )
+    profile = ProfileSettings(name="test", sip_ip=ip_address(LOOPBACK), sip_port=port)
+    engine = NatEngine(NatSettings(enabled=False), None)
+    await engine.start()
+    profiles = ProfileManager((profile,), AclSet(), engine)
+    service = SipService(settings, profiles, engine, {"test": SipProfileSettings()}, b"k" * 32)
+    await service.start()
+    rig = Rig(service, engine, port)
+    try:
+        yield rig
+    finally:
+        for phone in rig.phones:
+            if phone.transport is not None:
+                phone.transport.close()
+        await service.stop()
+        await engine.stop()
+
+
+def ack_for(invite: Request, ok: Response, phone: Phone) -> Request:
+    return sipclient.ack_for_2xx(invite, ok, branch=sipclient.new_branch())
+
+
+async def media_socket() -> tuple[asyncio.DatagramTransport, asyncio.Queue[tuple[bytes, tuple[str, int]]], int]:
+    got: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    class Media(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            got.put_nowait((data, addr))
+
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(Media, local_addr=(LOOPBACK, 0))
+    return transport, got, transport.get_extra_info("sockname")[1]
+
+
+async def test_echo_call_answers_with_sdp_echoes_rtp_and_ends_on_bye() -> None:
+    async with running() as rig:
+        phone = await rig.phone()
+        media, got, media_port = await media_socket()
+        invite = rig.invite(phone, "9196", media_port=media_port)
+        phone.send(invite, rig.port)
+        ok = await phone.expect("200")
+        assert isinstance(ok, Response) and ok.to_tag()
+        answer = first_audio(ok.body.decode())
+        assert answer is not None and str(answer.address) == LOOPBACK
+        assert answer.formats == ("8", "0", "101")
+        assert "m=video 0 " in ok.body.decode()  # the second stream is declined, the stream count kept
+        assert ok.headers.get("Contact") == f"<sip:9196@{LOOPBACK}:{rig.port}>"
+        phone.send(ack_for(invite, ok, phone), rig.port)
+        for _ in range(5):
+            media.sendto(RTP, (LOOPBACK, answer.port))
+        echoed = [await asyncio.wait_for(got.get(), 2) for _ in range(5)]
+        assert all(data == RTP for data, _ in echoed)
+        assert [c.describe()["state"] for c in rig.service.calls] == ["answered"]
+        bye = sipclient.make_request(
+            "BYE",
+            f"sip:9196@{LOOPBACK}:{rig.port}",
+            from_uri=f"sip:caller@{LOOPBACK}",
+            from_tag=invite.from_tag() or "",
+            to_uri=f"sip:9196@{LOOPBACK}",
+            to_tag=ok.to_tag(),
+            call_id=invite.call_id(),
+            cseq=2,
+            via_host=LOOPBACK,
+            via_port=phone.port,
+            transport="udp",
+        )
+        phone.send(bye, rig.port)
+        assert isinstance(await phone.expect("200"), Response)
+        await asyncio.sleep(0.1)
+        assert rig.service.calls == []
+        assert len(rig.service.pairs) == rig.service.pairs.total  # the RTP pair is back
+        media.close()
+
+
+async def test_a_caller_that_never_acks_gets_bye_after_64_t1_and_the_ports_come_back() -> None:
+    async with running(t1=0.05) as rig:
+        phone = await rig.phone()
+        invite = rig.invite(phone, "9196", media_port=free_port())
+        phone.send(invite, rig.port)
+        first = await phone.expect("200")
+        retransmitted = await phone.expect("200", timeout=1.0)
+        assert retransmitted.serialize() == first.serialize()
+        bye = await phone.expect("BYE", timeout=64 * 0.05 + 2)
+        assert isinstance(bye, Request)
+        assert bye.call_id() == invite.call_id() and bye.to_tag() == invite.from_tag()
+        assert bye.uri == f"sip:caller@{LOOPBACK}:{phone.port}"
+        phone.send(make_response(bye, 200), rig.port)
+        await asyncio.sleep(0.1)
+        assert rig.service.calls == []
+        assert len(rig.service.pairs) == rig.service.pairs.total
+
+
+async def test_unknown_number_404_no_offer_488_and_options_200() -> None:
+    async with running() as rig:
+        phone = await rig.phone()
+        invite = rig.invite(phone, "no/such", media_port=free_port())
+        phone.send(invite, rig.port)
+        assert isinstance(await phone.expect("404"), Response)
+        empty = rig.invite(phone, "9196", media_port=free_port()).replace(body=b"")
+        phone.send(empty, rig.port)
+        assert isinstance(await phone.expect("488"), Response)
+        options = sipclient.make_request(
+            "OPTIONS",
+            f"sip:{LOOPBACK}:{rig.port}",
+            from_uri="sip:x@127.0.0.1",
+            from_tag="t",
+            to_uri=f"sip:{LOOPBACK}",
+            call_id="o1",
+            cseq=1,
+            via_host=LOOPBACK,
+            via_port=phone.port,
+            transport="udp",
+        )
+        phone.send(options, rig.port)
+        ok = await phone.expect("200")
+        assert "INVITE" in (ok.headers.get("Allow") or "")
+
+
+async def register(rig: Rig, phone: Phone, user: str, password: str) -> Response:
+    call_id = sipclient.new_call_id(LOOPBACK)
+    tag = sipclient.new_tag()
+
+    def build(cseq: int, auth: str | None) -> Request:
+        return sipclient.make_request(
+            "REGISTER",
+            f"sip:{LOOPBACK}:{rig.port}",
+            from_uri=f"sip:{user}@{LOOPBACK}",
+            from_tag=tag,
+            to_uri=f"sip:{user}@{LOOPBACK}",
+            call_id=call_id,
+            cseq=cseq,
+            via_host="10.9.9.9",  # a private Contact/Via, as behind a NAT: we must answer the source
+            via_port=5062,
+            transport="udp",
+            contact=f"sip:{user}@10.9.9.9:5062",
+            extra_headers=[("Expires", "300")] + ([("Authorization", auth)] if auth else []),
+        )
+
+    phone.send(build(1, None), rig.port)
+    challenge = await phone.expect("401")
+    header = challenge.headers.get("WWW-Authenticate")
+    assert header is not None
+    auth = client_authorization(
+        parse_challenge(header),
+        method="REGISTER",
+        uri=f"sip:{LOOPBACK}:{rig.port}",
+        username=user,
+        password=password,
+        cnonce="abc",
+    )
+    phone.send(build(2, auth), rig.port)
+    async with asyncio.timeout(3):
+        while True:
+            reply = await phone.inbox.get()
+            if isinstance(reply, Response) and reply.status >= 200:
+                return reply
+
+
+async def test_registration_needs_the_right_password() -> None:
+    async with running() as rig:
+        phone = await rig.phone()
+        wrong = await register(rig, phone, "105", "nope")
+        assert wrong.status == 403
+        right = await register(rig, phone, "105", "pw105")
+        assert right.status == 200
+        assert rig.service.registrations()[0]["user"] == "105"
+
+
+async def test_a_call_to_a_registered_user_is_bridged_with_media_relayed_both_ways() -> None:
+    async with running() as rig:
+        callee = await rig.phone()
+        assert (await register(rig, callee, "105", "pw105")).status == 200
+        caller = await rig.phone()
+        caller_media, caller_got, caller_media_port = await media_socket()
+        callee_media, callee_got, callee_media_port = await media_socket()
+        events = rig.engine.events.subscribe()
+        first_event = asyncio.ensure_future(anext(events))
+        invite = rig.invite(caller, "105", media_port=caller_media_port)
+        caller.send(invite, rig.port)
+        # The callee is rung at the source of its REGISTER (not its private Contact).
+        incoming = await callee.expect("INVITE")
+        assert isinstance(incoming, Request)
+        assert incoming.uri == "sip:105@10.9.9.9:5062"
+        offer = first_audio(incoming.body.decode())
+        assert offer is not None and offer.port != caller_media_port  # anchored on the relay
+        callee.send(make_response(incoming, 180, to_tag="callee"), rig.port)
+        assert isinstance(await caller.expect("180"), Response)
+        answer_sdp = OFFER.format(port=callee_media_port, port2=callee_media_port + 2).encode()
+        ok_b = make_response(
+            incoming,
+            200,
+            to_tag="callee",
+            extra_headers=[("Contact", f"<sip:105@{LOOPBACK}:{callee.port}>"), ("Content-Type", "application/sdp")],
+            body=answer_sdp,
+        )
+        callee.send(ok_b, rig.port)
+        ack_b = await callee.expect("ACK")
+        assert isinstance(ack_b, Request) and ack_b.to_tag() == "callee"
+        ok_a = await caller.expect("200")
+        assert isinstance(ok_a, Response)
+        answer = first_audio(ok_a.body.decode())
+        assert answer is not None and answer.port != callee_media_port
+        caller.send(ack_for(invite, ok_a, caller), rig.port)
+        # Media both ways through the relay.
+        caller_media.sendto(RTP, (LOOPBACK, answer.port))
+        data, _ = await asyncio.wait_for(callee_got.get(), 2)
+        assert data == RTP
+        callee_media.sendto(RTP[:12] + b"back", (LOOPBACK, offer.port))
+        data, _ = await asyncio.wait_for(caller_got.get(), 2)
+        assert data == RTP[:12] + b"back"
+        assert (await asyncio.wait_for(first_event, 2)).kind is EventKind.CALL_START
+        # The caller hangs up: the callee gets a BYE, the relay and ports are released.
+        bye = sipclient.make_request(
+            "BYE",
+            f"sip:105@{LOOPBACK}:{rig.port}",
+            from_uri=f"sip:caller@{LOOPBACK}",
+            from_tag=invite.from_tag() or "",
+            to_uri=f"sip:105@{LOOPBACK}",
+            to_tag=ok_a.to_tag(),
+            call_id=invite.call_id(),
+            cseq=2,
+            via_host=LOOPBACK,
+            via_port=caller.port,
+            transport="udp",
+        )
+        caller.send(bye, rig.port)
+        assert isinstance(await caller.expect("200"), Response)
+        bye_b = await callee.expect("BYE")
+        assert isinstance(bye_b, Request) and bye_b.call_id() == incoming.call_id()
+        callee.send(make_response(bye_b, 200), rig.port)
+        await asyncio.sleep(0.1)
+        assert rig.service.calls == []
+        assert len(rig.service.pairs) == rig.service.pairs.total
+        caller_media.close()
+        callee_media.close()
+        await events.aclose()
+
+
+async def test_calling_an_unregistered_user_is_480_and_an_unknown_one_404() -> None:
+    async with running() as rig:
+        phone = await rig.phone()
+        phone.send(rig.invite(phone, "105", media_port=free_port()), rig.port)
+        assert isinstance(await phone.expect("480"), Response)
+        phone.send(rig.invite(phone, "106", media_port=free_port()), rig.port)
+        assert isinstance(await phone.expect("404"), Response)
+
+
+@pytest.mark.parametrize("garbage", [b"\x00" * 100, b"INVITE nonsense\r\n\r\n", b"SIP/2.0 200 OK\r\n\r\n"])
+async def test_garbage_is_counted_and_the_service_keeps_answering(garbage: bytes) -> None:
+    async with running() as rig:
+        phone = await rig.phone()
+        assert phone.transport is not None
+        phone.transport.sendto(garbage, (LOOPBACK, rig.port))
+        invite = rig.invite(phone, "no-such", media_port=free_port())
+        phone.send(invite, rig.port)
+        assert isinstance(await phone.expect("404"), Response)
