@@ -49,12 +49,9 @@ done
 step "autonat map list: the router's whole table (empty again)"
 lan "$autonat" map list
 
-step "The daemon: SIP ports 5060 udp+tcp and a profile with ext-sip-ip = auto-nat"
+step "The daemon: a SIP profile with ext-sip-ip = auto-nat (it maps its SIP ports 5060 udp+tcp itself)"
 mkdir -p "$AUTONAT_STATE_DIR"
 cat > "$AUTONAT_STATE_DIR/autonat.toml" <<CONFIG
-[[mapping]]
-port = 5060
-transport = "both"
 [[profile]]
 name = "external"
 ext-sip-ip = "auto-nat"
@@ -72,6 +69,16 @@ for _ in $(seq 50); do [ -S "$AUTONAT_STATE_DIR/control.sock" ] && break; sleep 
 sleep 0.5
 "$autonat" nat_map status --socket "$AUTONAT_STATE_DIR/control.sock"
 "$autonat" profile status external --socket "$AUTONAT_STATE_DIR/control.sock" | grep -E "Ext-SIP-IP|Ext-RTP-IP|^URL"
+
+step "The test call: SIPp on the internet host dials the echo test 9196 at the router's public address"
+for _ in $(seq 50); do
+    "$autonat" calls --socket "$AUTONAT_STATE_DIR/control.sock" >/dev/null 2>&1 && break; sleep 0.1
+done
+sleep 1  # the RTP pool maps its first pairs
+(cd "$AUTONAT_STATE_DIR" && wan sipp -sn uac -s 9196 203.0.113.1:5060 -i 203.0.113.100 -m 1 -nostdin \
+    -timeout 20 -timeout_error -trace_msg >/dev/null 2>&1) || { echo "the test call FAILED"; exit 1; }
+echo "call completed: INVITE, 200 OK, ACK, BYE through the NAT"
+grep -A12 "SIP/2.0 200 OK" "$AUTONAT_STATE_DIR"/uac_*_messages.log | grep -m3 -E "^Contact|^c=|^m=audio" || true
 
 step "The router's WAN address changes: the profile follows, nothing restarts"
 "$autonat" lab --prefix "$prefix" fault set-wan-ip 203.0.113.2

@@ -10,8 +10,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # miniupnpd-nftables: the real router; miniupnpc/natpmpc: independent reference clients;
-# stun-server: lets miniupnpd learn its WAN address; socat/tcpdump: lab traffic checks.
-packages=(iproute2 nftables miniupnpd-nftables miniupnpc natpmpc stun-server socat tcpdump procps util-linux)
+# stun-server: lets miniupnpd learn its WAN address; socat/tcpdump: lab traffic checks;
+# sip-tester: SIPp, the reference SIP caller/phone of the lab tests (tests/lab/sipp/).
+packages=(iproute2 nftables miniupnpd-nftables miniupnpc natpmpc stun-server socat tcpdump sip-tester
+          procps util-linux)
 if ! command -v python3 >/dev/null || ! python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     packages+=(python3 python3-venv python3-pip)
 fi

@@ -24,6 +24,7 @@ ext-rtp-ip = "auto-nat"
 
 [[profile]]
 name = "stunned"
+sip-port = 5070
 ext-rtp-ip = "stun:203.0.113.100"
 ext-sip-ip = "stun:203.0.113.100:3478"
 local-network-acl = "none"

@@ -810,6 +810,17 @@ def _profiles(
                 )
             )
             services.append((name, service))
+    listeners: dict[tuple[str, int], str] = {}
+    for profile, (_, service) in zip(profiles, services, strict=True):
+        ports = [profile.sip_port] + ([profile.tls_sip_port] if profile.tls_sip_port and service.tls_cert else [])
+        for port in ports if service.listen else []:
+            where = (str(profile.sip_ip or "default"), port)
+            if where in listeners:
+                report.error(
+                    f"profile {_quote(profile.name)} listens on port {port} like profile {_quote(listeners[where])}:"
+                    " give one of them another sip-port (or listen = false)"
+                )
+            listeners[where] = profile.name
     return tuple(profiles), tuple(services)
 
 
@@ -892,7 +903,7 @@ def _sip(table: _Table, top: _Table, report: _Report) -> SipSettings:
     end = table.integer("rtp-end-port", defaults.rtp_end_port, 1025, 65535)
     if end <= start:
         table.error("rtp-end-port", f"must be above rtp-start-port ({start})")
-    pool = table.integer("rtp-pool", defaults.pool_size, 1, 64, " pairs")
+    pool = table.integer("rtp-pool", defaults.pool_size, 0, 64, " pairs (0: map each call's ports on demand)")
     t1 = table.number("t1", defaults.t1, 0.05, 5.0, " s")
     inactivity = table.number("rtp-timeout", defaults.inactivity, 1.0, 3600.0, " s")
     max_duration = table.number("max-call-duration", defaults.max_duration, 10.0, 86400.0, " s")

@@ -60,8 +60,8 @@ class RtpPool:
     def __init__(
         self, engine: NatEngine, ports: range | PortPairs, size: int = 4, transport: Transport = Transport.UDP
     ) -> None:
-        if size < 1:
-            raise ValueError("the pool size must be at least 1")
+        if size < 0:
+            raise ValueError("the pool size must be 0 or more")
         self.engine = engine
         self.transport = transport
         self.size = size
@@ -72,7 +72,8 @@ class RtpPool:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._refill_forever())
+        if self.size:  # size 0: nothing mapped ahead, every call maps on demand (map_now)
+            self._task = asyncio.get_running_loop().create_task(self._refill_forever())
 
     async def stop(self) -> None:
         """Stop refilling; the engine removes the mappings with everything else at its own stop."""

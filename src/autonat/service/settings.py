@@ -71,7 +71,7 @@ class SipSettings:
     users: tuple[tuple[str, str], ...] = ()  # (name, password)
     rtp_start_port: int = 16384
     rtp_end_port: int = 32767
-    pool_size: int = 4  # RTP/RTCP pairs mapped ahead of calls
+    pool_size: int = 4  # RTP/RTCP pairs mapped ahead of calls; 0: mapped on demand (answering waits)
     t1: float = 0.5
     t2: float = 4.0
     inactivity: float = 30.0  # RTP silence that ends a call (lost BYE)

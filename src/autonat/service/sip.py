@@ -210,6 +210,7 @@ class SipProfile:
         self._registration_clocks: dict[str, _Clock] = {}  # by gateway name
         self._b_gateways: dict[str, GatewaySettings | None] = {}  # b-leg Call-ID -> its gateway
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sip_mappings: list[tuple[Transport, int]] = []
         self._events: asyncio.Task[None] | None = None
         self.transport: SipTransport | None = None
         self.local_ip: IPAddress | None = None
@@ -255,6 +256,9 @@ class SipProfile:
                 port = self.settings.tls_sip_port if transport == "tls" else self.settings.sip_port
                 assert port is not None
                 kind = Transport.UDP if transport == "udp" else Transport.TCP
+                if (kind, port) in engine.mappings:
+                    continue  # a [[mapping]] of the user's own: keep its settings, and leave it at stop
+                self._sip_mappings.append((kind, port))
                 self._spawn(engine.add(Wanted(kind, port, owner=f"sip:{self.name}")))
         for gateway in self.extra.gateways:
             if gateway.register:
@@ -290,13 +294,10 @@ class SipProfile:
             clock.cancel()
         if self.transport is not None:
             await self.transport.stop()
-        engine = self.service.engine
-        if self._maps_sip() and engine.settings.enabled and engine.settings.mapping:
-            for transport in self._mapped_transports():
-                port = self.settings.tls_sip_port if transport == "tls" else self.settings.sip_port
-                assert port is not None
-                with contextlib.suppress(Exception):
-                    await engine.delete(Transport.UDP if transport == "udp" else Transport.TCP, port)
+        for kind, port in self._sip_mappings:
+            with contextlib.suppress(Exception):
+                await self.service.engine.delete(kind, port)
+        self._sip_mappings.clear()
 
     async def _follow_address(self) -> None:
         """A new external address reaches gateways' Contact at once (no restart, no dropped call)."""
@@ -769,18 +770,10 @@ class SipProfile:
         self._start_request(self._in_dialog(leg, "BYE"), leg.peer)
 
     def _send_cancel(self, leg: Leg) -> None:
-        invite = leg.invite
-        assert invite is not None and self.transport is not None
-        cancel = invite.replace(
-            method="CANCEL",
-            headers=invite.headers.replace("CSeq", f"{invite.cseq()[0]} CANCEL")
-            .without("Content-Type")
-            .without("Contact")
-            .without("Authorization")
-            .without("Proxy-Authorization"),
-            body=b"",
-        )
-        self._start_request(cancel, leg.peer)
+        """§9.1: the client table holds the CANCEL back until the INVITE got a provisional response."""
+        assert leg.invite is not None
+        for item in self._send_client(self.client.cancel(leg.invite, self._now()), leg.peer):
+            self._client_event(item)
 
     # ------------------------------------------------------------------------------------- bridging
     async def _bridge_user(self, call: Call, user: str) -> None:
