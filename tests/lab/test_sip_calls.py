@@ -107,19 +107,22 @@ def test_echo_call_from_the_internet(healthy_lab: Lab, tmp_path: Path, started: 
     lab = healthy_lab
     daemon = start_service(lab, tmp_path, started)
     wait_external(daemon)
-    with count_rtp(lab, "wan", CALLER_MEDIA, local_ip=Lab.WAN_HOST) as rtp, start_sipp(
-        lab,
-        "wan",
-        "uac_call",
-        f"{Lab.ROUTER_WAN}:5060",
-        transport=transport,  # type: ignore[arg-type]
-        local_ip=Lab.WAN_HOST,
-        media_port=CALLER_MEDIA,
-        variables={"expect_ip": Lab.ROUTER_WAN, "hold_ms": "3000"},
-        calls=1,
-        service="9196",
-        workdir=tmp_path,
-    ) as sipp:
+    with (
+        count_rtp(lab, "wan", CALLER_MEDIA, local_ip=Lab.WAN_HOST) as rtp,
+        start_sipp(
+            lab,
+            "wan",
+            "uac_call",
+            f"{Lab.ROUTER_WAN}:5060",
+            transport=transport,  # type: ignore[arg-type]
+            local_ip=Lab.WAN_HOST,
+            media_port=CALLER_MEDIA,
+            variables={"expect_ip": Lab.ROUTER_WAN, "hold_ms": "3000"},
+            calls=1,
+            service="9196",
+            workdir=tmp_path,
+        ) as sipp,
+    ):
         live = eventually(lambda: control(daemon, "calls"), 10, "the call is up")
         leg = live[0]["legs"][0]
         assert leg["mapped"] is True and leg["advertised"].startswith(f"{Lab.ROUTER_WAN}:")
@@ -144,19 +147,22 @@ def test_a_lan_caller_gets_the_local_address_and_no_mapping(
     daemon = start_service(lab, tmp_path, started)
     wait_external(daemon)
     before = {(m["proto"], m["port"]) for m in daemon.status()["mappings"]}
-    with count_rtp(lab, "lan", CALLER_MEDIA, local_ip=Lab.LAN_ADDRESS) as rtp, start_sipp(
-        lab,
-        "lan",
-        "uac_call",
-        f"{Lab.LAN_ADDRESS}:5060",
-        local_ip=Lab.LAN_ADDRESS,
-        local_port=5070,
-        media_port=CALLER_MEDIA,
-        variables={"expect_ip": Lab.LAN_ADDRESS, "hold_ms": "2000"},
-        calls=1,
-        service="9196",
-        workdir=tmp_path,
-    ) as sipp:
+    with (
+        count_rtp(lab, "lan", CALLER_MEDIA, local_ip=Lab.LAN_ADDRESS) as rtp,
+        start_sipp(
+            lab,
+            "lan",
+            "uac_call",
+            f"{Lab.LAN_ADDRESS}:5060",
+            local_ip=Lab.LAN_ADDRESS,
+            local_port=5070,
+            media_port=CALLER_MEDIA,
+            variables={"expect_ip": Lab.LAN_ADDRESS, "hold_ms": "2000"},
+            calls=1,
+            service="9196",
+            workdir=tmp_path,
+        ) as sipp,
+    ):
         live = eventually(lambda: control(daemon, "calls"), 10, "the call is up")
         leg = live[0]["legs"][0]
         assert leg["mapped"] is False and leg["advertised"].startswith(f"{Lab.LAN_ADDRESS}:")
