@@ -11,8 +11,9 @@ fi
 
 # miniupnpd-nftables: the real router; miniupnpc/natpmpc: independent reference clients;
 # stun-server: lets miniupnpd learn its WAN address; socat/tcpdump: lab traffic checks;
-# sip-tester: SIPp, the reference SIP caller/phone of the lab tests (tests/lab/sipp/).
-packages=(iproute2 nftables miniupnpd-nftables miniupnpc natpmpc stun-server socat tcpdump sip-tester
+# sip-tester: SIPp, the reference SIP caller/phone of the lab tests (tests/lab/sipp/);
+# openssl: a throw-away certificate for the SIP-over-TLS test.
+packages=(iproute2 nftables miniupnpd-nftables miniupnpc natpmpc stun-server socat tcpdump sip-tester openssl
           procps util-linux)
 if ! command -v python3 >/dev/null || ! python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     packages+=(python3 python3-venv python3-pip)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +28,7 @@ from autonat.service.settings import SipProfileSettings, SipSettings
 from autonat.service.sip import SipService
 from autonat.sip import client as sipclient
 from autonat.sip.digest import client_authorization, parse_challenge
-from autonat.sip.message import Request, Response, make_response, parse_message
+from autonat.sip.message import Request, Response, StreamParser, make_response, parse_message
 from autonat.sip.session import first_audio
 
 LOOPBACK = "127.0.0.1"
@@ -108,17 +111,31 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def running(t1: float = 0.05, users: tuple[tuple[str, str], ...] = (("105", "pw105"),)) -> AsyncIterator[Rig]:
+async def running(
+    t1: float = 0.05,
+    users: tuple[tuple[str, str], ...] = (("105", "pw105"),),
+    *,
+    tls: tuple[Path, Path] | None = None,
+    max_calls: int = 1000,
+) -> AsyncIterator[Rig]:
     port = free_port()
     start = free_port() & ~1
     settings = SipSettings(
-        users=users, rtp_start_port=start, rtp_end_port=start + 11, t1=t1, t2=max(t1, 4 * t1), inactivity=2.0
+        users=users,
+        rtp_start_port=start,
+        rtp_end_port=start + 11,
+        t1=t1,
+        t2=max(t1, 4 * t1),
+        inactivity=2.0,
+        max_calls=max_calls,
     )
-    profile = ProfileSettings(name="test", sip_ip=ip_address(LOOPBACK), sip_port=port)
+    tls_port = free_port(socket.SOCK_STREAM) if tls else None
+    profile = ProfileSettings(name="test", sip_ip=ip_address(LOOPBACK), sip_port=port, tls_sip_port=tls_port)
     engine = NatEngine(NatSettings(enabled=False), None)
     await engine.start()
     profiles = ProfileManager((profile,), AclSet(), engine)
-    service = SipService(settings, profiles, engine, {"test": SipProfileSettings()}, b"k" * 32)
+    extra = SipProfileSettings(tls_cert=tls[0], tls_key=tls[1]) if tls else SipProfileSettings()
+    service = SipService(settings, profiles, engine, {"test": extra}, b"k" * 32)
     await service.start()
     rig = Rig(service, engine, port)
     try:
@@ -368,3 +385,163 @@ async def test_garbage_is_counted_and_the_service_keeps_answering(garbage: bytes
         invite = rig.invite(phone, "no-such", media_port=free_port())
         phone.send(invite, rig.port)
         assert isinstance(await phone.expect("404"), Response)
+
+
+class StreamPhone:
+    """A SIP phone over one TCP (or TLS) connection, framing with the codec's StreamParser."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.parser = StreamParser()
+        self.pending: list[Request | Response] = []
+        self.port = writer.get_extra_info("sockname")[1]
+
+    def send(self, message: Request | Response) -> None:
+        self.writer.write(message.serialize())
+
+    async def expect(self, what: str, timeout: float = 3.0) -> Request | Response:
+        async with asyncio.timeout(timeout):
+            while True:
+                while self.pending:
+                    message = self.pending.pop(0)
+                    if (isinstance(message, Request) and message.method == what) or (
+                        isinstance(message, Response) and str(message.status) == what
+                    ):
+                        return message
+                data = await self.reader.read(65536)
+                assert data, "connection closed"
+                self.pending += [m for m in self.parser.feed(data) if isinstance(m, Request | Response)]
+
+
+def stream_invite(rig: Rig, phone: StreamPhone, transport: str, port: int) -> Request:
+    return sipclient.make_request(
+        "INVITE",
+        f"sip:9196@{LOOPBACK}:{port};transport={transport}",
+        from_uri=f"sip:caller@{LOOPBACK}",
+        from_tag=sipclient.new_tag(),
+        to_uri=f"sip:9196@{LOOPBACK}",
+        call_id=sipclient.new_call_id(LOOPBACK),
+        cseq=1,
+        via_host=LOOPBACK,
+        via_port=phone.port,
+        transport=transport,
+        contact=f"sip:caller@{LOOPBACK}:{phone.port};transport={transport}",
+        body=OFFER.format(port=free_port(), port2=free_port()).encode(),
+        content_type="application/sdp",
+    )
+
+
+async def echo_over_stream(rig: Rig, phone: StreamPhone, transport: str, port: int) -> None:
+    invite = stream_invite(rig, phone, transport, port)
+    phone.send(invite)
+    ok = await phone.expect("200")
+    assert isinstance(ok, Response)
+    assert (ok.headers.get("Contact") or "").endswith(f":{port};transport={transport}>")
+    phone.send(sipclient.ack_for_2xx(invite, ok, branch=sipclient.new_branch()))
+    await asyncio.sleep(0.3)  # over a reliable transport the 200 is not retransmitted
+    assert not [m for m in phone.pending if isinstance(m, Response) and m.status == 200]
+    bye = sipclient.make_request(
+        "BYE",
+        f"sip:9196@{LOOPBACK}:{port}",
+        from_uri=f"sip:caller@{LOOPBACK}",
+        from_tag=invite.from_tag() or "",
+        to_uri=f"sip:9196@{LOOPBACK}",
+        to_tag=ok.to_tag(),
+        call_id=invite.call_id(),
+        cseq=2,
+        via_host=LOOPBACK,
+        via_port=phone.port,
+        transport=transport,
+    )
+    phone.send(bye)
+    assert isinstance(await phone.expect("200"), Response)
+
+
+async def test_echo_call_over_tcp_is_answered_on_the_same_connection() -> None:
+    async with running() as rig:
+        reader, writer = await asyncio.open_connection(LOOPBACK, rig.port)
+        phone = StreamPhone(reader, writer)
+        writer.write(b"\r\n\r\n")  # RFC 5626 ping: answered with a pong, nothing else
+        await echo_over_stream(rig, phone, "tcp", rig.port)
+        writer.close()
+        await asyncio.sleep(0.05)
+        assert rig.service.calls == []
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+async def test_echo_call_over_tls(certificate: tuple[Path, Path]) -> None:
+    async with running(tls=certificate) as rig:
+        profile = rig.service.sip_profiles["test"]
+        assert profile.transport is not None and profile.transport.transports == ("udp", "tcp", "tls")
+        port = profile.settings.tls_sip_port
+        assert port is not None
+        context = ssl.create_default_context(cafile=str(certificate[0]))
+        context.check_hostname = False
+        reader, writer = await asyncio.open_connection(LOOPBACK, port, ssl=context)
+        await echo_over_stream(rig, StreamPhone(reader, writer), "tls", port)
+        writer.close()
+
+
+async def test_cancel_before_the_answer_gets_487() -> None:
+    async with running() as rig:
+        callee = await rig.phone()
+        assert (await register(rig, callee, "105", "pw105")).status == 200
+        caller = await rig.phone()
+        invite = rig.invite(caller, "105", media_port=free_port())
+        caller.send(invite, rig.port)
+        incoming = await callee.expect("INVITE")
+        assert isinstance(incoming, Request)
+        callee.send(make_response(incoming, 180, to_tag="ringing"), rig.port)
+        await caller.expect("180")
+        cancel = invite.replace(
+            method="CANCEL",
+            headers=invite.headers.replace("CSeq", "1 CANCEL").without("Content-Type").without("Contact"),
+            body=b"",
+        )
+        caller.send(cancel, rig.port)
+        assert isinstance(await caller.expect("487"), Response)
+        forwarded = await callee.expect("CANCEL")  # the callee stops ringing too
+        assert isinstance(forwarded, Request) and forwarded.call_id() == incoming.call_id()
+        await asyncio.sleep(0.1)
+        assert rig.service.calls == []
+        assert len(rig.service.pairs) == rig.service.pairs.total
+
+
+async def test_beyond_max_calls_new_calls_get_503() -> None:
+    async with running(max_calls=1) as rig:
+        phone = await rig.phone()
+        phone.send(rig.invite(phone, "9196", media_port=free_port()), rig.port)
+        await phone.expect("200")
+        phone.send(rig.invite(phone, "9196", media_port=free_port()), rig.port)
+        busy = await phone.expect("503")
+        assert busy.headers.get("Retry-After") == "5"
+
+
+async def test_rtp_silence_ends_the_call_with_a_bye() -> None:
+    async with running() as rig:  # inactivity 2 s
+        phone = await rig.phone()
+        invite = rig.invite(phone, "9196", media_port=free_port())
+        phone.send(invite, rig.port)
+        ok = await phone.expect("200")
+        assert isinstance(ok, Response)
+        phone.send(ack_for(invite, ok, phone), rig.port)
+        bye = await phone.expect("BYE", timeout=5)
+        assert isinstance(bye, Request) and bye.call_id() == invite.call_id()
+        phone.send(make_response(bye, 200), rig.port)
+        await asyncio.sleep(0.1)
+        assert rig.service.calls == []
