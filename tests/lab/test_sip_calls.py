@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from autonat.lab import Lab
-from tests.lab.cli_helpers import listed
+from tests.lab.cli_helpers import AUTONAT, listed
 from tests.lab.daemon_helpers import Daemon, request, write_config
 from tests.lab.sipp import SippResult, count_rtp, run_sipp, start_sipp
 
@@ -167,11 +167,18 @@ def test_a_lan_caller_gets_the_local_address_and_no_mapping(
         leg = live[0]["legs"][0]
         assert leg["mapped"] is False and leg["advertised"].startswith(f"{Lab.LAN_ADDRESS}:")
         during = {(m["proto"], m["port"]) for m in daemon.status()["mappings"]}
+        shown = lab.run("lan", [AUTONAT, "calls", "--socket", str(daemon.socket_path)], timeout=20)
+        assert shown.returncode == 0, shown.stderr
+        row = shown.stdout.splitlines()[1].split(",")
+        assert row[1:4] == ["external", "echo", "9196"] and row[-1] == "false", shown.stdout
         result = sipp.wait(timeout=30)
     assert result.ok, result.describe()
     assert during == before, "a LAN call created a mapping"
     assert not listed(lab, "udp", answer_port(result))
     assert rtp.count.sent > 0 and rtp.count.received > 0, rtp.count
+    status = lab.run("lan", [AUTONAT, "profile", "status", "external", "--socket", str(daemon.socket_path)], timeout=20)
+    rows = {line[:24].strip(): line[24:] for line in status.stdout.splitlines() if line and not line.startswith("=")}
+    assert rows["CALLS-IN"] == "1" and rows["Live-Calls"] == "0", status.stdout
 
 
 def test_a_caller_that_never_acks_gets_a_bye_and_the_mapping_is_released(

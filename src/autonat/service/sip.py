@@ -534,7 +534,8 @@ class SipProfile:
         to_tag = sipclient.new_tag()
         call_id = invite.call_id()
         if call_id in self.calls:
-            return  # a second INVITE for the same call with a new branch: ignore (loop or fork)
+            self._reply(invite, 482, to_tag=to_tag)  # §8.2.2.2: a merged request (a loop or a fork)
+            return
         if len(self.service.calls) >= self.service.settings.max_calls:
             self.failed_calls += 1
             self._reply(invite, 503, to_tag=to_tag, extra_headers=[("Retry-After", "5")])
@@ -571,6 +572,9 @@ class SipProfile:
     async def _answer_echo(self, call: Call) -> None:
         leg = call.a
         media = await self._media_for(leg.peer.ip, leg.call_id)
+        if call.ended:  # cancelled while the router mapped the ports
+            await self._release_media(media)
+            return
         if media is None:
             self._fail(call, 503, "no RTP ports free")
             return
@@ -585,6 +589,9 @@ class SipProfile:
             await echo.start()
         except OSError as exc:
             self._fail(call, 503, f"RTP port {media.local_port}: {exc}")
+            return
+        if call.ended:
+            await echo.close()
             return
         call.media = echo
         self._watch_media(call, echo.ended)
@@ -818,6 +825,10 @@ class SipProfile:
     ) -> None:
         media_a = await self._media_for(call.a.peer.ip, call.a.call_id)
         media_b = await self._media_for(peer.ip, call.a.call_id + "-b")
+        if call.ended:  # cancelled while the router mapped the ports
+            await self._release_media(media_a)
+            await self._release_media(media_b)
+            return
         if media_a is None or media_b is None:
             await self._release_media(media_a)
             await self._release_media(media_b)
@@ -838,6 +849,10 @@ class SipProfile:
         except OSError as exc:
             await self._release_media(media_b)
             self._fail(call, 503, f"RTP relay: {exc}")
+            return
+        if call.ended:  # hung up meanwhile: its leg-a ports are already released
+            await relay.close()
+            await self._release_media(media_b)
             return
         call.media = relay
         self._watch_media(call, relay.ended)
