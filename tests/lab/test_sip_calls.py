@@ -138,6 +138,12 @@ def test_echo_call_from_the_internet(healthy_lab: Lab, tmp_path: Path, started: 
     eventually(lambda: not listed(lab, "udp", external), 2.0, "RTP mapping removed after the BYE")
     assert time.monotonic() - ended <= 2.0
     assert control(daemon, "calls") == []
+    # The profile's own SIP mappings: made at start, removed when the daemon stops.
+    sip = {(m["proto"], m["port"]) for m in daemon.status()["mappings"] if m["owner"] == "sip:external"}
+    assert sip == {("udp", 5060), ("tcp", 5060)}
+    assert listed(lab, "udp", 5060) and listed(lab, "tcp", 5060)
+    daemon.stop()
+    assert not listed(lab, "udp", 5060) and not listed(lab, "tcp", 5060)
 
 
 def test_a_lan_caller_gets_the_local_address_and_no_mapping(
