@@ -447,7 +447,22 @@ def test_table_timer_heap_stays_small_under_retransmissions() -> None:
     table.send_response(invite, make_response(invite, 486, to_tag="t1"), 0.0)
     for i in range(1000):
         table.receive_request(invite, i * 0.001)
-    assert len(table._heap) <= 3
+    assert len(table._timers._heap) <= 3
     fired = drive(table, 100)
     assert sum(isinstance(a, AckTimeout) for _, a in fired) == 1
-    assert len(table) == 0 and table._heap == []
+    assert len(table) == 0 and table._timers._heap == [] and len(table._timers) == 0
+
+
+def test_timer_heap_reschedules_unschedules_and_pops_in_order() -> None:
+    from autonat.sip.timerheap import TimerHeap
+
+    heap: TimerHeap[str] = TimerHeap()
+    heap.set("a", 5.0)
+    heap.set("b", 1.0)
+    heap.set("a", 0.5)  # moved earlier: the old entry is skipped when it surfaces
+    heap.set("c", 3.0)
+    heap.set("c", None)
+    assert heap.next() == 0.5 and len(heap) == 2
+    assert heap.pop_due(0.4) is None
+    assert [heap.pop_due(10.0), heap.pop_due(10.0), heap.pop_due(10.0)] == ["a", "b", None]
+    assert heap.next() is None and len(heap) == 0

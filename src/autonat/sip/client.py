@@ -31,7 +31,6 @@ Deliberate choices:
 from __future__ import annotations
 
 import enum
-import heapq
 import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from autonat.proto.errors import DecodeError
 from autonat.proto.sdp import _contact_uri_span, _hostport, _scan_params
 from autonat.sip.message import Headers, Request, Response, Via
+from autonat.sip.timerheap import TimerHeap
 from autonat.sip.transaction import DEFAULT_MAX_TRANSACTIONS, Timers
 
 __all__ = [
@@ -531,9 +531,7 @@ class ClientTransactionTable:
     proceeding_timeout: float = DEFAULT_PROCEEDING_TIMEOUT
     transactions: dict[tuple[str, str], ClientTransaction] = field(default_factory=dict)
     _pending_cancels: dict[tuple[str, str], Request] = field(default_factory=dict)
-    _heap: list[tuple[float, int, tuple[str, str]]] = field(default_factory=list)
-    _scheduled: dict[tuple[str, str], float] = field(default_factory=dict)
-    _seq: int = 0
+    _timers: TimerHeap[tuple[str, str]] = field(default_factory=TimerHeap)
 
     def __len__(self) -> int:
         return len(self.transactions)
@@ -616,35 +614,22 @@ class ClientTransactionTable:
         return True
 
     def timer(self) -> float | None:
-        while self._heap:
-            when, _, key = self._heap[0]
-            if self._scheduled.get(key) == when:
-                return when
-            heapq.heappop(self._heap)
-        return None
+        return self._timers.next()
 
     def handle_timer(self, now: float) -> list[ClientAction]:
         actions: list[ClientAction] = []
-        while (when := self.timer()) is not None and when <= now:
-            _, _, key = heapq.heappop(self._heap)
-            del self._scheduled[key]
+        while (key := self._timers.pop_due(now)) is not None:
             tx = self.transactions[key]
             actions += self._after(tx, tx.handle_timer(now))
         return actions
 
     def _after(self, tx: ClientTransaction, actions: list[ClientAction]) -> list[ClientAction]:
         key = tx.key
-        when = tx.timer()
-        if tx.terminated or when is None:
-            self._scheduled.pop(key, None)
-            if tx.terminated:
-                self._pending_cancels.pop(key, None)
-                if self.transactions.get(key) is tx:
-                    del self.transactions[key]
-        elif self._scheduled.get(key) != when:
-            self._scheduled[key] = when
-            self._seq += 1
-            heapq.heappush(self._heap, (when, self._seq, key))
+        self._timers.set(key, None if tx.terminated else tx.timer())
+        if tx.terminated:
+            self._pending_cancels.pop(key, None)
+            if self.transactions.get(key) is tx:
+                del self.transactions[key]
         return actions
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "canonical_name",
     "make_response",
     "parse_message",
+    "split_list",
     "with_received",
 ]
 
@@ -590,7 +591,7 @@ Message = Request | Response
 # --------------------------------------------------------------------------------------------- parsing
 
 
-def _split_list(value: str) -> list[str]:
+def split_list(value: str) -> list[str]:
     """Entries of a comma-separated list header; commas inside quotes or `<...>` do not count."""
     if "," not in value:
         return [value]
@@ -647,7 +648,7 @@ def _parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
     items: list[tuple[str, str]] = []
     for name, value in fields:
         if name in _LIST_HEADERS:
-            entries = _split_list(value)
+            entries = split_list(value)
             if name == "Contact" and "*" in entries and len(entries) > 1:
                 raise DecodeError("Contact * combined with other contacts")  # §10.2.2
             items.extend((name, entry) for entry in entries)

@@ -37,7 +37,7 @@ from urllib.parse import unquote
 from autonat.proto.errors import DecodeError
 from autonat.proto.sdp import _quoted_end, _scan_params, _skip_lws
 from autonat.sip.digest import Credentials, DigestServer, Verdict, parse_credentials
-from autonat.sip.message import Request, Response, make_response
+from autonat.sip.message import Request, Response, make_response, split_list
 
 __all__ = ["MAX_CONTACTS", "MAX_URI", "Binding", "Registrar"]
 
@@ -92,32 +92,6 @@ def _delta_seconds(text: str, what: str) -> int:
         raise DecodeError(f"{what} is not a number of seconds")
     significant = text.lstrip("0") or "0"
     return _MAX_DELTA if len(significant) > 10 else min(int(significant), _MAX_DELTA)
-
-
-def _split_entries(value: str) -> list[str]:
-    """Comma-separated entries of one Contact value (the codec splits parsed messages already; a
-    hand-built message may not be)."""
-    entries: list[str] = []
-    start = cursor = 0
-    while cursor < len(value):
-        char = value[cursor]
-        if char == '"':
-            cursor = _quoted_end(value, cursor)
-            continue
-        if char == "<":
-            close = value.find(">", cursor + 1)
-            if close < 0:
-                raise DecodeError("unclosed < in Contact")
-            cursor = close + 1
-            continue
-        if char == ",":
-            entries.append(value[start:cursor].strip(" \t"))
-            start = cursor + 1
-        cursor += 1
-    entries.append(value[start:].strip(" \t"))
-    if not all(entries):
-        raise DecodeError("empty Contact entry")
-    return entries
 
 
 def _name_addr(value: str, what: str) -> tuple[str, dict[str, str | None]]:
@@ -322,7 +296,7 @@ class Registrar:
             raise DecodeError("more than one Expires header")
         header_expires = _delta_seconds(expires_values[0], "Expires") if expires_values else None
 
-        entries = [entry for value in request.headers.get_all("Contact") for entry in _split_entries(value)]
+        entries = [entry for value in request.headers.get_all("Contact") for entry in split_list(value)]
         if len(entries) > MAX_CONTACTS:
             raise DecodeError(f"more than {MAX_CONTACTS} contacts")
         self._expired += self._purge(user, now)

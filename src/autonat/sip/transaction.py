@@ -27,12 +27,12 @@ Deliberate choices:
 from __future__ import annotations
 
 import enum
-import heapq
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from autonat.proto.errors import DecodeError
 from autonat.sip.message import Request, Response, make_response
+from autonat.sip.timerheap import TimerHeap
 
 __all__ = [
     "DEFAULT_MAX_TRANSACTIONS",
@@ -446,9 +446,7 @@ class TransactionTable:
     timers: Timers = Timers()
     max_transactions: int = DEFAULT_MAX_TRANSACTIONS
     transactions: dict[TransactionKey, ServerTransaction] = field(default_factory=dict)
-    _heap: list[tuple[float, int, TransactionKey]] = field(default_factory=list)
-    _scheduled: dict[TransactionKey, float] = field(default_factory=dict)
-    _seq: int = 0
+    _timers: TimerHeap[TransactionKey] = field(default_factory=TimerHeap)
 
     def __len__(self) -> int:
         return len(self.transactions)
@@ -489,18 +487,11 @@ class TransactionTable:
         return self._after(tx, tx.send_response(response, now))
 
     def timer(self) -> float | None:
-        while self._heap:
-            when, _, key = self._heap[0]
-            if self._scheduled.get(key) == when:
-                return when
-            heapq.heappop(self._heap)
-        return None
+        return self._timers.next()
 
     def handle_timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
-        while (when := self.timer()) is not None and when <= now:
-            _, _, key = heapq.heappop(self._heap)
-            del self._scheduled[key]
+        while (key := self._timers.pop_due(now)) is not None:
             tx = self.transactions[key]
             actions += self._after(tx, tx.handle_timer(now))
         return actions
@@ -508,13 +499,7 @@ class TransactionTable:
     def _after(self, tx: ServerTransaction, actions: list[Action]) -> list[Action]:
         key = tx.key
         assert key is not None
-        when = tx.timer()
-        if tx.terminated or when is None:
-            self._scheduled.pop(key, None)
-            if tx.terminated:
-                self.transactions.pop(key, None)
-        elif self._scheduled.get(key) != when:
-            self._scheduled[key] = when
-            self._seq += 1
-            heapq.heappush(self._heap, (when, self._seq, key))
+        self._timers.set(key, None if tx.terminated else tx.timer())
+        if tx.terminated:
+            self.transactions.pop(key, None)
         return actions
