@@ -152,6 +152,24 @@ def ack_for(invite: Request, ok: Response, phone: Phone) -> Request:
     return sipclient.ack_for_2xx(invite, ok, branch=sipclient.new_branch())
 
 
+def caller_bye(invite: Request, ok: Response, *, port: int, via_port: int, transport: str = "udp") -> Request:
+    """The caller's BYE in the dialog its INVITE and our 200 made (§15.1.1)."""
+    number = (invite.uri.split(":", 1)[1]).split("@", 1)[0]
+    return sipclient.make_request(
+        "BYE",
+        f"sip:{number}@{LOOPBACK}:{port}",
+        from_uri=f"sip:caller@{LOOPBACK}",
+        from_tag=invite.from_tag() or "",
+        to_uri=f"sip:{number}@{LOOPBACK}",
+        to_tag=ok.to_tag(),
+        call_id=invite.call_id(),
+        cseq=2,
+        via_host=LOOPBACK,
+        via_port=via_port,
+        transport=transport,
+    )
+
+
 async def media_socket() -> tuple[asyncio.DatagramTransport, asyncio.Queue[tuple[bytes, tuple[str, int]]], int]:
     got: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
 
@@ -182,19 +200,7 @@ async def test_echo_call_answers_with_sdp_echoes_rtp_and_ends_on_bye() -> None:
         echoed = [await asyncio.wait_for(got.get(), 2) for _ in range(5)]
         assert all(data == RTP for data, _ in echoed)
         assert [c.describe()["state"] for c in rig.service.calls] == ["answered"]
-        bye = sipclient.make_request(
-            "BYE",
-            f"sip:9196@{LOOPBACK}:{rig.port}",
-            from_uri=f"sip:caller@{LOOPBACK}",
-            from_tag=invite.from_tag() or "",
-            to_uri=f"sip:9196@{LOOPBACK}",
-            to_tag=ok.to_tag(),
-            call_id=invite.call_id(),
-            cseq=2,
-            via_host=LOOPBACK,
-            via_port=phone.port,
-            transport="udp",
-        )
+        bye = caller_bye(invite, ok, port=rig.port, via_port=phone.port, transport="udp")
         phone.send(bye, rig.port)
         assert isinstance(await phone.expect("200"), Response)
         await asyncio.sleep(0.1)
@@ -341,19 +347,7 @@ async def test_a_call_to_a_registered_user_is_bridged_with_media_relayed_both_wa
         assert data == RTP[:12] + b"back"
         assert (await asyncio.wait_for(first_event, 2)).kind is EventKind.CALL_START
         # The caller hangs up: the callee gets a BYE, the relay and ports are released.
-        bye = sipclient.make_request(
-            "BYE",
-            f"sip:105@{LOOPBACK}:{rig.port}",
-            from_uri=f"sip:caller@{LOOPBACK}",
-            from_tag=invite.from_tag() or "",
-            to_uri=f"sip:105@{LOOPBACK}",
-            to_tag=ok_a.to_tag(),
-            call_id=invite.call_id(),
-            cseq=2,
-            via_host=LOOPBACK,
-            via_port=caller.port,
-            transport="udp",
-        )
+        bye = caller_bye(invite, ok_a, port=rig.port, via_port=caller.port, transport="udp")
         caller.send(bye, rig.port)
         assert isinstance(await caller.expect("200"), Response)
         bye_b = await callee.expect("BYE")
@@ -440,19 +434,7 @@ async def echo_over_stream(rig: Rig, phone: StreamPhone, transport: str, port: i
     phone.send(sipclient.ack_for_2xx(invite, ok, branch=sipclient.new_branch()))
     await asyncio.sleep(0.3)  # over a reliable transport the 200 is not retransmitted
     assert not [m for m in phone.pending if isinstance(m, Response) and m.status == 200]
-    bye = sipclient.make_request(
-        "BYE",
-        f"sip:9196@{LOOPBACK}:{port}",
-        from_uri=f"sip:caller@{LOOPBACK}",
-        from_tag=invite.from_tag() or "",
-        to_uri=f"sip:9196@{LOOPBACK}",
-        to_tag=ok.to_tag(),
-        call_id=invite.call_id(),
-        cseq=2,
-        via_host=LOOPBACK,
-        via_port=phone.port,
-        transport=transport,
-    )
+    bye = caller_bye(invite, ok, port=port, via_port=phone.port, transport=transport)
     phone.send(bye)
     assert isinstance(await phone.expect("200"), Response)
 
