@@ -204,7 +204,7 @@ async def test_echo_call_answers_with_sdp_echoes_rtp_and_ends_on_bye() -> None:
         phone.send(bye, rig.port)
         assert isinstance(await phone.expect("200"), Response)
         await asyncio.sleep(0.1)
-        assert rig.service.calls == []
+        assert rig.service.calls == [] and rig.service.active_calls == 0
         assert len(rig.service.pairs) == rig.service.pairs.total  # the RTP pair is back
         media.close()
 
@@ -223,7 +223,7 @@ async def test_a_caller_that_never_acks_gets_bye_after_64_t1_and_the_ports_come_
         assert bye.uri == f"sip:caller@{LOOPBACK}:{phone.port}"
         phone.send(make_response(bye, 200), rig.port)
         await asyncio.sleep(0.1)
-        assert rig.service.calls == []
+        assert rig.service.calls == [] and rig.service.active_calls == 0
         assert len(rig.service.pairs) == rig.service.pairs.total
 
 
@@ -354,7 +354,7 @@ async def test_a_call_to_a_registered_user_is_bridged_with_media_relayed_both_wa
         assert isinstance(bye_b, Request) and bye_b.call_id() == incoming.call_id()
         callee.send(make_response(bye_b, 200), rig.port)
         await asyncio.sleep(0.1)
-        assert rig.service.calls == []
+        assert rig.service.calls == [] and rig.service.active_calls == 0
         assert len(rig.service.pairs) == rig.service.pairs.total
         caller_media.close()
         callee_media.close()
@@ -447,7 +447,7 @@ async def test_echo_call_over_tcp_is_answered_on_the_same_connection() -> None:
         await echo_over_stream(rig, phone, "tcp", rig.port)
         writer.close()
         await asyncio.sleep(0.05)
-        assert rig.service.calls == []
+        assert rig.service.calls == [] and rig.service.active_calls == 0
 
 
 @pytest.fixture(scope="module")
@@ -500,7 +500,7 @@ async def test_cancel_before_the_answer_gets_487() -> None:
         forwarded = await callee.expect("CANCEL")  # the callee stops ringing too
         assert isinstance(forwarded, Request) and forwarded.call_id() == incoming.call_id()
         await asyncio.sleep(0.1)
-        assert rig.service.calls == []
+        assert rig.service.calls == [] and rig.service.active_calls == 0
         assert len(rig.service.pairs) == rig.service.pairs.total
 
 
@@ -526,4 +526,4 @@ async def test_rtp_silence_ends_the_call_with_a_bye() -> None:
         assert isinstance(bye, Request) and bye.call_id() == invite.call_id()
         phone.send(make_response(bye, 200), rig.port)
         await asyncio.sleep(0.1)
-        assert rig.service.calls == []
+        assert rig.service.calls == [] and rig.service.active_calls == 0

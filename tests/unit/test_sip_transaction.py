@@ -388,6 +388,28 @@ def test_table_bound_gives_503() -> None:
     assert table.receive_request(extra, 100) == [Deliver(extra)]
 
 
+def test_a_full_table_drops_the_oldest_answered_transaction_before_refusing() -> None:
+    table = TransactionTable(max_transactions=3)
+    answered = [request("OPTIONS", branch=f"z9hG4bK-a{i}") for i in range(2)]
+    for number, options in enumerate(answered):
+        table.receive_request(options, number * 0.1)
+        table.send_response(options, make_response(options, 200), number * 0.1)  # Completed: lingering
+    waiting = request("OPTIONS", branch="z9hG4bK-w")
+    table.receive_request(waiting, 0.2)  # not answered yet: never dropped
+    fresh = request("OPTIONS", branch="z9hG4bK-new")
+    assert table.receive_request(fresh, 0.3) == [Deliver(fresh)]
+    assert table.get(answered[0]) is None and table.get(answered[1]) is not None and table.evicted == 1
+    newer = request("OPTIONS", branch="z9hG4bK-newer")
+    assert table.receive_request(newer, 0.4) == [Deliver(newer)]
+    assert table.get(answered[1]) is None and table.get(waiting) is not None
+    last = request("OPTIONS", branch="z9hG4bK-last")
+    refused = table.receive_request(last, 0.5)  # three transactions all waiting for the TU
+    assert len(refused) == 1 and isinstance(refused[0], Transmit) and refused[0].response.status == 503
+    assert len(table) == 3
+    drive(table, 100)
+    assert len(table) == 0 and len(table._lingering) == 0 and len(table._timers) == 0
+
+
 # --------------------------------------------------------------------------------------------- property
 
 EVENTS = st.lists(

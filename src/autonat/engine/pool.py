@@ -22,6 +22,7 @@ from autonat.proto.types import Transport
 
 log = logging.getLogger("autonat.pool")
 REFILL_RETRY = 5.0  # after a refill that could not complete (router busy, ports taken)
+REFILL_DELAY = 0.2  # after a take(), before refilling
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,9 @@ class RtpPool:
                 self.pairs.release(port)
                 continue
             self._in_use[port] = call_id
-            self._wake.set()
+            # Refill after the answer has left: the refill writes the journal (an fsync) and talks to the
+            # router on this event loop, which would otherwise delay the very 200 OK the pool exists for.
+            asyncio.get_running_loop().call_later(REFILL_DELAY, self._wake.set)
             rtp, rtcp = self._mapping(port), self._mapping(port + 1)
             assert rtp is not None and rtcp is not None and rtp.external_port and rtcp.external_port
             for mapping in (rtp, rtcp):

@@ -129,6 +129,7 @@ class SipService:
         )
         self.pairs = PortPairs(range(settings.rtp_start_port, settings.rtp_end_port + 1))
         self.pool: RtpPool | None = None
+        self.active_calls = 0
         self.sip_profiles: dict[str, SipProfile] = {}
         for name, extra in profile_settings.items():
             if extra.listen:
@@ -536,7 +537,7 @@ class SipProfile:
         if call_id in self.calls:
             self._reply(invite, 482, to_tag=to_tag)  # §8.2.2.2: a merged request (a loop or a fork)
             return
-        if len(self.service.calls) >= self.service.settings.max_calls:
+        if self.service.active_calls >= self.service.settings.max_calls:
             self.failed_calls += 1
             self._reply(invite, 503, to_tag=to_tag, extra_headers=[("Retry-After", "5")])
             return
@@ -559,6 +560,7 @@ class SipProfile:
         leg = Leg.from_invite(invite, peer, to_tag, self._sip_address(peer.ip))
         call = Call(kind=str(extension.action), number=number, a=leg, profile=self.name)
         self.calls[call_id] = call
+        self.service.active_calls += 1
         self.service.engine.events.publish(
             EventKind.CALL_START, profile=self.name, call=call.id, number=number, app=call.kind, source=str(peer)
         )
@@ -726,6 +728,7 @@ class SipProfile:
             return
         call.ended = True
         call.end_reason = reason
+        self.service.active_calls -= 1
         for leg in call.legs():
             self.calls.pop(leg.call_id, None)
             self._b_gateways.pop(leg.call_id, None)

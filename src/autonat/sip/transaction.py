@@ -27,6 +27,7 @@ Deliberate choices:
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -162,6 +163,9 @@ class State(enum.Enum):
     COMPLETED = "Completed"
     CONFIRMED = "Confirmed"
     TERMINATED = "Terminated"
+
+
+_LINGERING = frozenset({State.ACCEPTED, State.COMPLETED, State.CONFIRMED})  # answered; only absorbing
 
 
 class ServerTransaction:
@@ -441,12 +445,20 @@ class Uas2xxRetransmitter:
 @dataclass(slots=True)
 class TransactionTable:
     """Finds or creates server transactions (§17.2.3), absorbs retransmissions, forgets terminated ones,
-    and refuses new ones beyond `max_transactions` with 503 (§21.5.4) so a flood cannot eat memory."""
+    and holds at most `max_transactions` so a flood cannot eat memory (about 3.3 KB each).
+
+    When full, the oldest *lingering* transaction (answered: Completed, Confirmed or Accepted, kept only
+    to absorb retransmissions for 64*T1) is dropped to make room; only when every transaction is still
+    waiting for the TU is a new request refused with 503 (§21.5.4). Without that, a sustained call rate
+    above max_transactions / (2 * 64*T1) -- 156 calls/s with the defaults -- would be refused although the
+    CPU has room: every call keeps its INVITE and its BYE transaction lingering for 32 s."""
 
     timers: Timers = Timers()
     max_transactions: int = DEFAULT_MAX_TRANSACTIONS
     transactions: dict[TransactionKey, ServerTransaction] = field(default_factory=dict)
     _timers: TimerHeap[TransactionKey] = field(default_factory=TimerHeap)
+    _lingering: OrderedDict[TransactionKey, None] = field(default_factory=OrderedDict)
+    evicted: int = 0
 
     def __len__(self) -> int:
         return len(self.transactions)
@@ -475,7 +487,12 @@ class TransactionTable:
             if request.method == "ACK":
                 return [Deliver(request)]
             if len(self.transactions) >= self.max_transactions:
-                return [Transmit(make_response(request, 503, extra_headers=[("Retry-After", "5")]), destination)]
+                if not self._lingering:
+                    return [Transmit(make_response(request, 503, extra_headers=[("Retry-After", "5")]), destination)]
+                oldest, _ = self._lingering.popitem(last=False)
+                self.transactions.pop(oldest, None)
+                self._timers.set(oldest, None)
+                self.evicted += 1
             kind = InviteServerTransaction if request.method == "INVITE" else NonInviteServerTransaction
             tx = kind(request, now, reliable=reliable, timers=self.timers, destination=destination, key=key)
             self.transactions[key] = tx
@@ -502,4 +519,7 @@ class TransactionTable:
         self._timers.set(key, None if tx.terminated else tx.timer())
         if tx.terminated:
             self.transactions.pop(key, None)
+            self._lingering.pop(key, None)
+        elif tx.state in _LINGERING and key not in self._lingering:
+            self._lingering[key] = None
         return actions
