@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ log = logging.getLogger("autonat.sip")
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_IDLE_TIMEOUT = 900.0  # > the longest registration refresh we grant (3600 s / 2 ... phones ping sooner)
 CONNECT_TIMEOUT = 5.0
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +179,11 @@ class SipTransport:
         try:
             udp, _ = await loop.create_datagram_endpoint(lambda: _Datagram(self), local_addr=(self.host, self.port))
             self._udp = udp
+            sock = udp.get_extra_info("socket")
+            with contextlib.suppress(OSError):
+                # A burst of INVITEs must queue, not drop: the kernel default (~200 KiB) overflows near
+                # 700 calls/s; the kernel caps this at net.core.rmem_max.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
             if self.tcp:
                 self._servers.append(
                     await loop.create_server(lambda: _Stream(self, "tcp"), self.host, self.port, reuse_address=True)
