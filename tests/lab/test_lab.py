@@ -374,3 +374,22 @@ def test_cli_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert res.exit_code == 1
     assert res.output.strip() == "Error: missing program stund: install the Debian package stun-server"
     assert not Path("/run/autonat-lab", f"n{os.getpid()}.lock").exists()
+
+
+def test_the_gateway_mac_stays_when_router2_comes_and_goes(healthy_lab: Lab) -> None:
+    # A bridge takes its ports' lowest MAC unless given one: the lan hosts' ARP caches would then point at
+    # a MAC that left with router2 (packets to the gateway silently dropped for up to ~30 s).
+    lab = healthy_lab
+
+    def gateway_mac() -> str:
+        return lab.run("router", ["cat", "/sys/class/net/br0/address"], check=True).stdout.strip()
+
+    before = gateway_mac()
+    lab.set_double_nat(True)
+    try:
+        assert gateway_mac() == before
+    finally:
+        lab.set_double_nat(False)
+    assert gateway_mac() == before
+    reply = lab.probe_natpmp(timeout=2)  # the lan host reaches the gateway at once
+    assert reply is not None and reply.address == Lab.ROUTER_WAN

@@ -552,7 +552,11 @@ class Lab:
         )
 
     def _bridge(self, host: str, address: str, ports: list[str]) -> None:
-        self._ip(host, "link", "add", "name", BRIDGE, "type", "bridge", "mcast_snooping", "0")
+        # A fixed MAC: a bridge otherwise takes the lowest MAC among its ports, so adding and removing
+        # router2's port (double NAT on/off) changed the gateway's MAC under the LAN hosts' ARP caches,
+        # and the lan host's packets went to a MAC nobody had for up to ~30 s (seen as STUN timeouts).
+        mac = "02:00:5e:10:00:01" if host == "router" else "02:00:5e:10:00:02"
+        self._ip(host, "link", "add", "name", BRIDGE, "address", mac, "type", "bridge", "mcast_snooping", "0")
         for port in ports:
             self._ip(host, "link", "set", port, "master", BRIDGE)
             self._ip(host, "link", "set", port, "up")
