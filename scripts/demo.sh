@@ -78,7 +78,7 @@ sleep 1  # the RTP pool maps its first pairs
 (cd "$AUTONAT_STATE_DIR" && wan sipp -sn uac -s 9196 203.0.113.1:5060 -i 203.0.113.100 -m 1 -nostdin \
     -timeout 20 -timeout_error -trace_msg >/dev/null 2>&1) || { echo "the test call FAILED"; exit 1; }
 echo "call completed: INVITE, 200 OK, ACK, BYE through the NAT"
-grep -A12 "SIP/2.0 200 OK" "$AUTONAT_STATE_DIR"/uac_*_messages.log | grep -m3 -E "^Contact|^c=|^m=audio" || true
+grep -m1 -A25 "SIP/2.0 200 OK" "$AUTONAT_STATE_DIR"/uac_*_messages.log | grep -E "^Contact|^c=|^m=audio" || true
 
 step "The router's WAN address changes: the profile follows, nothing restarts"
 "$autonat" lab --prefix "$prefix" fault set-wan-ip 203.0.113.2
@@ -90,4 +90,4 @@ kill -TERM "$daemon"
 wait "$daemon" || true
 lan upnpc -u http://192.168.77.1:5000/rootDesc.xml -l | grep -E '^ *[0-9]+ (UDP|TCP)' || echo "(router table empty)"
 
-step "done: router found, public address learnt, holes opened and closed with PCP, NAT-PMP and UPnP, and a daemon's mappings and profile kept right through an address change"
+step "done: router found, public address learnt, holes opened and closed with PCP, NAT-PMP and UPnP, a test call answered through the NAT, and a daemon's mappings and profile kept right through an address change"
