@@ -1,3 +1,4 @@
+# ruff: noqa: S106  (test credentials)
 """The SIP service end to end on loopback (NAT disabled): echo test, ACK timeout, registrar + bridging.
 
 The real-router versions of these calls (mapped ports, SIPp from the internet host) are in
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 import subprocess
@@ -527,3 +529,96 @@ async def test_rtp_silence_ends_the_call_with_a_bye() -> None:
         phone.send(make_response(bye, 200), rig.port)
         await asyncio.sleep(0.1)
         assert rig.service.calls == [] and rig.service.active_calls == 0
+
+
+async def test_gateway_registration_and_an_outbound_call_with_digest_on_both() -> None:
+    """A provider on loopback challenges our REGISTER (401) and our INVITE (407); the call dialled as
+    0<number> goes out through it with the credentials, and its answer reaches the caller."""
+    from autonat.service.settings import Action, Extension, GatewaySettings
+    from autonat.sip.digest import DigestServer, Verdict, parse_credentials
+
+    loop = asyncio.get_running_loop()
+    _, provider = await loop.create_datagram_endpoint(Phone, local_addr=(LOOPBACK, 0))
+    provider_media, _, provider_media_port = await media_socket()
+    digest = DigestServer("provider", b"p" * 32)
+    gateway = GatewaySettings("prov", LOOPBACK, provider.port, username="200", password="pw200", expires=300)
+    extra = SipProfileSettings(
+        dialplan=(Extension(re.compile(r"0(\d+)"), Action.GATEWAY, "prov"),), gateways=(gateway,)
+    )
+
+    def authorized(request: Request, header: str) -> bool:
+        value = request.headers.get(header)
+        if value is None:
+            return False
+        verdict = digest.verify(parse_credentials(value), method=request.method, password="pw200", now=loop.time())
+        return verdict is Verdict.OK
+
+    port = free_port()
+    start = free_port() & ~1
+    settings = SipSettings(rtp_start_port=start, rtp_end_port=start + 11, t1=0.05, t2=0.2, inactivity=5.0)
+    profile = ProfileSettings(name="test", sip_ip=ip_address(LOOPBACK), sip_port=port)
+    engine = NatEngine(NatSettings(enabled=False), None)
+    await engine.start()
+    service = SipService(settings, ProfileManager((profile,), AclSet(), engine), engine, {"test": extra}, b"k" * 32)
+    await service.start()
+    stopped = False
+    try:
+        register = await provider.expect("REGISTER")
+        assert isinstance(register, Request) and register.headers.get("Authorization") is None
+        challenge = digest.challenge(loop.time()).header_value()
+        provider.send(make_response(register, 401, extra_headers=[("WWW-Authenticate", challenge)]), port)
+        register = await provider.expect("REGISTER")
+        assert isinstance(register, Request) and authorized(register, "Authorization")
+        provider.send(make_response(register, 200, to_tag="reg"), port)
+        await asyncio.sleep(0.05)
+        status = service.status("test")
+        assert status["Gateways"] == {"prov": {"state": "REGED", "status": 200}}
+
+        caller = Phone()
+        transport, _ = await loop.create_datagram_endpoint(lambda: caller, local_addr=(LOOPBACK, 0))
+        rig = Rig(service, engine, port)
+        invite = rig.invite(caller, "0123", media_port=free_port())
+        caller.send(invite, port)
+        outgoing = await provider.expect("INVITE")
+        assert isinstance(outgoing, Request) and outgoing.uri == f"sip:123@{LOOPBACK}:{provider.port}"
+        challenge = digest.challenge(loop.time()).header_value()
+        provider.send(
+            make_response(outgoing, 407, to_tag="p1", extra_headers=[("Proxy-Authenticate", challenge)]), port
+        )
+        ack = await provider.expect("ACK")  # §17.1.1.3: the 407 is acknowledged by the transaction
+        assert isinstance(ack, Request) and ack.cseq() == (outgoing.cseq()[0], "ACK")
+        retried = await provider.expect("INVITE")
+        assert isinstance(retried, Request) and authorized(retried, "Proxy-Authorization")
+        assert retried.call_id() == outgoing.call_id() and retried.cseq()[0] == outgoing.cseq()[0] + 1
+        answer = OFFER.format(port=provider_media_port, port2=provider_media_port + 2).encode()
+        provider.send(
+            make_response(
+                retried,
+                200,
+                to_tag="p2",
+                extra_headers=[
+                    ("Contact", f"<sip:123@{LOOPBACK}:{provider.port}>"),
+                    ("Content-Type", "application/sdp"),
+                ],
+                body=answer,
+            ),
+            port,
+        )
+        assert isinstance(await provider.expect("ACK"), Request)
+        ok = await caller.expect("200")
+        assert isinstance(ok, Response) and first_audio(ok.body.decode()) is not None
+        assert service.sip_profiles["test"].calls_out == 1
+        transport.close()
+        await service.stop()
+        stopped = True
+        bye = await provider.expect("BYE")  # the live call is hung up at shutdown ...
+        assert isinstance(bye, Request) and bye.call_id() == outgoing.call_id()
+        unregister = await provider.expect("REGISTER")  # ... and the registration removed (§10.2.2)
+        assert isinstance(unregister, Request) and unregister.headers.get("Expires") == "0"
+    finally:
+        if provider.transport is not None:
+            provider.transport.close()
+        provider_media.close()
+        if not stopped:
+            await service.stop()
+        await engine.stop()
