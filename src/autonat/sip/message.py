@@ -28,6 +28,7 @@ exactly one Content-Length, equal to the body length, so `parse_message(m.serial
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -368,33 +369,47 @@ class Via:
     @classmethod
     def parse(cls, value: str) -> Via:
         """One via-parm (a list header value already split at its commas), or DecodeError."""
-        match = _match_via(value)
-        protocol = "".join(match["protocol"].split()).split("/")
-        if len(protocol) != 3 or protocol[0].upper() != "SIP" or protocol[1] != "2.0":
-            raise DecodeError("Via protocol is not SIP/2.0")
-        transport = protocol[2].upper()
-        if not _TOKEN.fullmatch(transport):
-            raise DecodeError("Via transport is not a token")
-        host = match["host"]
-        if host.startswith("["):
-            try:
-                if ip_address(host[1:-1]).version != 6:
-                    raise DecodeError("Via brackets must hold an IPv6 address")
-            except ValueError:
-                raise DecodeError("Via brackets must hold an IPv6 address") from None
-            host = host[1:-1]
-        port: int | None = None
-        if match["port"] is not None:
-            port = _port(match["port"], "Via sent-by port")
-        scanned, end = _scan_params(value, match.end())
-        if _skip_lws(value, end) != len(value):
-            raise DecodeError("junk after the Via parameters")
-        params = tuple((p.name, None if p.value_start is None else value[p.value_start : p.value_end]) for p in scanned)
-        via = cls(transport, host, port, params)
-        rport = via.param("rport")
-        if rport:
-            _port(rport, "Via rport")
-        return via
+        if len(value) <= _CACHED_VALUE:
+            return _parse_via_cached(value)
+        return _parse_via(value)
+
+
+def _parse_via(value: str) -> Via:
+    """Via.parse without the cache."""
+    match = _match_via(value)
+    protocol = "".join(match["protocol"].split()).split("/")
+    if len(protocol) != 3 or protocol[0].upper() != "SIP" or protocol[1] != "2.0":
+        raise DecodeError("Via protocol is not SIP/2.0")
+    transport = protocol[2].upper()
+    if not _TOKEN.fullmatch(transport):
+        raise DecodeError("Via transport is not a token")
+    host = match["host"]
+    if host.startswith("["):
+        try:
+            if ip_address(host[1:-1]).version != 6:
+                raise DecodeError("Via brackets must hold an IPv6 address")
+        except ValueError:
+            raise DecodeError("Via brackets must hold an IPv6 address") from None
+        host = host[1:-1]
+    port: int | None = None
+    if match["port"] is not None:
+        port = _port(match["port"], "Via sent-by port")
+    scanned, end = _scan_params(value, match.end())
+    if _skip_lws(value, end) != len(value):
+        raise DecodeError("junk after the Via parameters")
+    params = tuple((p.name, None if p.value_start is None else value[p.value_start : p.value_end]) for p in scanned)
+    via = Via(transport, host, port, params)
+    rport = via.param("rport")
+    if rport:
+        _port(rport, "Via rport")
+    return via
+
+
+# Parsed header values are immutable, so one parse can serve every access to the same text: a message's
+# Via and tags are read by the codec, the transaction layer and the service, and retransmissions repeat them.
+# Only short values are cached, so hostile 8 KiB lines cannot fill memory (4096 x 512 chars at most).
+_CACHED_VALUE = 512
+_parse_via_cached = functools.lru_cache(maxsize=4096)(_parse_via)
 
 
 def _port(text: str, what: str) -> int:
@@ -404,6 +419,18 @@ def _port(text: str, what: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------- messages
+
+
+def _tag(value: str, what: str) -> str | None:
+    """The `tag` parameter of a From/To value (§19.3), None when absent or empty."""
+    if len(value) <= _CACHED_VALUE:
+        return _tag_cached(value, what)
+    return _name_addr_params(value, what).get("tag") or None
+
+
+@functools.lru_cache(maxsize=4096)
+def _tag_cached(value: str, what: str) -> str | None:
+    return _name_addr_params(value, what).get("tag") or None
 
 
 def _name_addr_params(value: str, what: str) -> dict[str, str]:
@@ -491,10 +518,10 @@ class _Message:
         return via
 
     def from_tag(self) -> str | None:
-        return _name_addr_params(self._required("From"), "From").get("tag") or None
+        return _tag(self._required("From"), "From")
 
     def to_tag(self) -> str | None:
-        return _name_addr_params(self._required("To"), "To").get("tag") or None
+        return _tag(self._required("To"), "To")
 
     def content_length(self) -> int:
         """The body length; parsed messages have a Content-Length equal to it (§20.14)."""
