@@ -32,7 +32,7 @@ log = logging.getLogger("autonat.sip")
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_IDLE_TIMEOUT = 900.0  # > the longest registration refresh we grant (3600 s / 2 ... phones ping sooner)
 CONNECT_TIMEOUT = 5.0
-UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+UDP_RECEIVE_BUFFER = 1024 * 1024  # ~0.5 s of INVITEs at 700/s; more only delays past T1 (bufferbloat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +182,7 @@ class SipTransport:
             sock = udp.get_extra_info("socket")
             with contextlib.suppress(OSError):
                 # A burst of INVITEs must queue, not drop: the kernel default (~200 KiB) overflows near
-                # 700 calls/s; the kernel caps this at net.core.rmem_max.
+                # 700 calls/s. The kernel caps this at net.core.rmem_max.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
             if self.tcp:
                 self._servers.append(
