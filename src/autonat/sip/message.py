@@ -56,6 +56,7 @@ __all__ = [
     "canonical_name",
     "make_response",
     "parse_message",
+    "parse_name_addr",
     "split_list",
     "with_received",
 ]
@@ -433,12 +434,13 @@ def _tag_cached(value: str, what: str) -> str | None:
     return _name_addr_params(value, what).get("tag") or None
 
 
-def _name_addr_params(value: str, what: str) -> dict[str, str]:
-    """The header parameters of a From/To value (§20.20, §20.39): after `<uri>` in the name-addr form,
-    after the URI in the addr-spec form (where every `;` starts a header parameter, §20.10)."""
+def parse_name_addr(value: str, what: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """The URI and header parameters of a name-addr or addr-spec value (§20.10, §20.20, §20.39): the URI
+    inside `<...>`, or, in the addr-spec form, up to the first `;` (every `;` then starts a header
+    parameter). Parameter names lower-cased, in order; a flag has the value None. DecodeError otherwise."""
     index = _skip_lws(value, 0)
     cursor = index
-    uri_end = -1
+    uri_start = uri_end = -1
     while cursor < len(value):
         char = value[cursor]
         if char == '"':
@@ -448,22 +450,31 @@ def _name_addr_params(value: str, what: str) -> dict[str, str]:
             close = value.find(">", cursor + 1)
             if close < 0:
                 raise DecodeError(f"{what} header with an unclosed <")
-            uri, uri_end = value[cursor + 1 : close], close + 1
+            uri_start, uri_end = cursor + 1, close
+            cursor = close + 1
+            break
+        if char == ";":
             break
         cursor += 1
-    if uri_end < 0:
+    if uri_start < 0:
         cursor = index
         while cursor < len(value) and value[cursor] not in "; \t":
             cursor += 1
-        uri, uri_end = value[index:cursor], cursor
+        uri_start, uri_end = index, cursor
+    uri = value[uri_start:uri_end]
     if not _URI.fullmatch(uri):
         raise DecodeError(f"{what} header has no valid URI")
-    params, end = _scan_params(value, uri_end)
+    params, end = _scan_params(value, cursor)
     if _skip_lws(value, end) != len(value):
         raise DecodeError(f"junk after the {what} header parameters")
+    return uri, [(p.name, None if p.value_start is None else value[p.value_start : p.value_end]) for p in params]
+
+
+def _name_addr_params(value: str, what: str) -> dict[str, str]:
+    """The header parameters of a From/To value, the first of each name, a flag as ""."""
     result: dict[str, str] = {}
-    for p in params:
-        result.setdefault(p.name, "" if p.value_start is None else value[p.value_start : p.value_end])
+    for name, param in parse_name_addr(value, what)[1]:
+        result.setdefault(name, "" if param is None else param)
     return result
 
 

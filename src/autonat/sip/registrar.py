@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from autonat.proto.errors import DecodeError
-from autonat.proto.sdp import _quoted_end, _scan_params, _skip_lws
 from autonat.sip.digest import Credentials, DigestServer, Verdict, parse_credentials
-from autonat.sip.message import Request, Response, make_response, split_list
+from autonat.sip.message import Request, Response, make_response, parse_name_addr, split_list
 
 __all__ = ["MAX_CONTACTS", "MAX_URI", "Binding", "Registrar"]
 
@@ -95,44 +94,14 @@ def _delta_seconds(text: str, what: str) -> int:
 
 
 def _name_addr(value: str, what: str) -> tuple[str, dict[str, str | None]]:
-    """The URI and header parameters of a name-addr or addr-spec (§20.10: in the addr-spec form every
-    `;` starts a header parameter). Parameter names lower-cased; a flag has the value None."""
-    index = _skip_lws(value, 0)
-    cursor = index
-    uri_start = uri_end = -1
-    while cursor < len(value):
-        char = value[cursor]
-        if char == '"':
-            cursor = _quoted_end(value, cursor)
-            continue
-        if char == "<":
-            close = value.find(">", cursor + 1)
-            if close < 0:
-                raise DecodeError(f"{what} with an unclosed <")
-            uri_start, uri_end = cursor + 1, close
-            cursor = close + 1
-            break
-        if char == ";":
-            break
-        cursor += 1
-    if uri_start < 0:
-        cursor = index
-        while cursor < len(value) and value[cursor] not in "; \t":
-            cursor += 1
-        uri_start, uri_end = index, cursor
-    uri = value[uri_start:uri_end]
+    """The codec's name-addr parse, plus the registrar's limits: a URI of at most MAX_URI characters and
+    no repeated parameter (a binding's expires must be unambiguous)."""
+    uri, params = parse_name_addr(value, what)
     if len(uri) > MAX_URI:
         raise DecodeError(f"{what} URI longer than {MAX_URI} characters")
-    if not _URI.fullmatch(uri):
-        raise DecodeError(f"{what} has no valid URI")
-    params, end = _scan_params(value, cursor)
-    if _skip_lws(value, end) != len(value):
-        raise DecodeError(f"junk after the {what} parameters")
-    result: dict[str, str | None] = {}
-    for param in params:
-        if param.name in result:
-            raise DecodeError(f"{what} repeats a parameter")
-        result[param.name] = None if param.value_start is None else value[param.value_start : param.value_end]
+    result = dict(params)
+    if len(result) != len(params):
+        raise DecodeError(f"{what} repeats a parameter")
     return uri, result
 
 
