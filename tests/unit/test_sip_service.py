@@ -622,3 +622,40 @@ async def test_gateway_registration_and_an_outbound_call_with_digest_on_both() -
         if not stopped:
             await service.stop()
         await engine.stop()
+
+
+async def test_a_re_invite_is_answered_with_the_same_media_and_its_200_resent_until_the_ack() -> None:
+    async with running(t1=0.05) as rig:
+        phone = await rig.phone()
+        invite = rig.invite(phone, "9196", media_port=free_port())
+        phone.send(invite, rig.port)
+        ok = await phone.expect("200")
+        assert isinstance(ok, Response)
+        phone.send(ack_for(invite, ok, phone), rig.port)
+        reinvite = sipclient.make_request(
+            "INVITE",
+            f"sip:9196@{LOOPBACK}:{rig.port}",
+            from_uri=f"sip:caller@{LOOPBACK}",
+            from_tag=invite.from_tag() or "",
+            to_uri=f"sip:9196@{LOOPBACK}",
+            to_tag=ok.to_tag(),
+            call_id=invite.call_id(),
+            cseq=2,
+            via_host=LOOPBACK,
+            via_port=phone.port,
+            transport="udp",
+            body=invite.body,
+            content_type="application/sdp",
+        )
+        phone.send(reinvite, rig.port)
+        first = await phone.expect("200")
+        assert first.cseq() == (2, "INVITE") and first.body == ok.body  # the media stays where it is
+        again = await phone.expect("200", timeout=1.0)  # no ACK yet: resent (§13.3.1.4)
+        assert again.cseq() == (2, "INVITE")
+        phone.send(ack_for(reinvite, first, phone), rig.port)
+        await asyncio.sleep(0.5)
+        while not phone.inbox.empty():  # what was already on its way before the ACK arrived
+            phone.inbox.get_nowait()
+        await asyncio.sleep(0.5)
+        assert phone.inbox.empty(), "the 200 was still resent after the ACK"
+        assert [call.describe()["state"] for call in rig.service.calls] == ["answered"]

@@ -124,7 +124,6 @@ class Call:
     ended: bool = False
     end_reason: str | None = None
     media: Any = None  # RtpEcho | RtpRelay
-    retransmitter: Any = None  # Uas2xxRetransmitter of leg a's 200
     auth_tried: bool = False
 
     def legs(self) -> list[Leg]:

@@ -206,7 +206,7 @@ class SipProfile:
         self._destinations: collections.OrderedDict[str, Peer] = collections.OrderedDict()
         self._server_clock = _Clock(self.server.timer, self._server_timer)
         self._client_clock = _Clock(self.client.timer, self._client_timer)
-        self._retransmit_clocks: dict[str, _Clock] = {}
+        self._retransmitters: dict[tuple[str, int], tuple[Uas2xxRetransmitter, _Clock]] = {}  # (Call-ID, CSeq)
         self._registrations: dict[str, tuple[GatewaySettings, OutboundRegistration]] = {}  # by Call-ID
         self._registration_clocks: dict[str, _Clock] = {}  # by gateway name
         self._b_gateways: dict[str, GatewaySettings | None] = {}  # b-leg Call-ID -> its gateway
@@ -291,7 +291,7 @@ class SipProfile:
                 await task
         self._server_clock.cancel()
         self._client_clock.cancel()
-        for clock in [*self._retransmit_clocks.values(), *self._registration_clocks.values()]:
+        for clock in [*(c for _, c in self._retransmitters.values()), *self._registration_clocks.values()]:
             clock.cancel()
         if self.transport is not None:
             await self.transport.stop()
@@ -631,46 +631,52 @@ class SipProfile:
         leg.answered = True
         call.answered_at = time.time()
         self._respond(leg.invite, response)
+        self._retransmit_2xx(call, leg, leg.invite, response)
+
+    def _retransmit_2xx(self, call: Call, leg: Leg, invite: Request, response: Response) -> None:
+        """§13.3.1.4, for the initial INVITE and every re-INVITE alike: resend our 2xx until the ACK;
+        none after 64*T1 -> BYE and release the call."""
         retransmitter = Uas2xxRetransmitter(
-            leg.invite,
-            response,
-            self._now(),
-            reliable=leg.peer.reliable,
-            timers=self.service.timers,
-            destination=leg.peer,
+            invite, response, self._now(), reliable=leg.peer.reliable, timers=self.service.timers, destination=leg.peer
         )
-        call.retransmitter = retransmitter
-        clock = _Clock(retransmitter.timer, lambda now: self._retransmit(call, retransmitter, now))
-        self._retransmit_clocks[call.id] = clock
+        key = (leg.call_id, invite.cseq()[0])
+        clock = _Clock(retransmitter.timer, lambda now: self._retransmit(call, leg, key, now))
+        self._retransmitters[key] = (retransmitter, clock)
         clock.update()
 
-    def _retransmit(self, call: Call, retransmitter: Uas2xxRetransmitter, now: float) -> None:
+    def _stop_retransmitting(self, key: tuple[str, int]) -> None:
+        entry = self._retransmitters.pop(key, None)
+        if entry is not None:
+            entry[1].cancel()
+
+    def _retransmit(self, call: Call, leg: Leg, key: tuple[str, int], now: float) -> None:
         assert self.transport is not None
+        retransmitter, _ = self._retransmitters[key]
         for action in retransmitter.handle_timer(now):
             if isinstance(action, Transmit):
-                self.transport.send(action.response, call.a.peer)
+                self.transport.send(action.response, leg.peer)
             elif isinstance(action, AckTimeout):
                 log.warning(
                     "call %s: no ACK for our 200 OK from %s after %g s: BYE",
                     call.id,
-                    call.a.peer,
+                    leg.peer,
                     self.service.timers.timeout,
                 )
                 self._hangup(call, "ack timeout", send_bye=True)
         if retransmitter.done:
-            clock = self._retransmit_clocks.pop(call.id, None)
-            if clock is not None:
-                clock.cancel()
+            self._stop_retransmitting(key)
 
     def _on_ack(self, ack: Request) -> None:
-        call = self.calls.get(safe_call_id(ack) or "")
-        if call is None:
+        try:
+            key = (ack.call_id(), ack.cseq()[0])
+        except DecodeError:
             return
-        if call.retransmitter is not None and call.retransmitter.receive_ack(ack):
-            call.a.acked = True
-            clock = self._retransmit_clocks.pop(call.id, None)
-            if clock is not None:
-                clock.cancel()
+        entry = self._retransmitters.get(key)
+        if entry is not None and entry[0].receive_ack(ack):
+            self._stop_retransmitting(key)
+            call = self.calls.get(key[0])
+            if call is not None and key[0] == call.a.call_id:
+                call.a.acked = True
 
     def _on_reinvite(self, invite: Request) -> None:
         call = self.calls.get(safe_call_id(invite) or "")
@@ -681,14 +687,10 @@ class SipProfile:
         assert leg is not None
         # Media stays anchored where it is: answer with what we offered before (session refresh, hold).
         contact = self._contact(leg.sip_address, call.number or "autonat", leg.peer.transport)
-        self._reply(
-            invite,
-            200,
-            extra_headers=[("Contact", contact), ("Content-Type", "application/sdp")]
-            if leg.local_sdp
-            else [("Contact", contact)],
-            body=leg.local_sdp,
-        )
+        headers = [("Contact", contact)] + ([("Content-Type", "application/sdp")] if leg.local_sdp else [])
+        response = make_response(invite, 200, to_tag=leg.local_tag, extra_headers=headers, body=leg.local_sdp)
+        self._respond(invite, response)
+        self._retransmit_2xx(call, leg, invite, response)
 
     def _on_bye(self, bye: Request) -> None:
         call = self.calls.get(safe_call_id(bye) or "")
@@ -738,9 +740,9 @@ class SipProfile:
                 self._send_bye(leg)  # an established dialog (our 2xx sent, or theirs received)
             elif not leg.uas and leg.invite is not None and not leg.answered:
                 self._send_cancel(leg)  # still ringing: §9.1
-        clock = self._retransmit_clocks.pop(call.id, None)
-        if clock is not None:
-            clock.cancel()
+        legs = {leg.call_id for leg in call.legs()}
+        for key in [key for key in self._retransmitters if key[0] in legs]:
+            self._stop_retransmitting(key)
         log.info("call %s (%s %s) ended: %s", call.id, call.kind, call.number, reason)
         self.service.engine.events.publish(EventKind.CALL_END, profile=self.name, call=call.id, reason=reason)
         self._spawn(self._release(call))
