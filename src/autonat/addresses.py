@@ -58,6 +58,11 @@ NOT_PUBLIC_V4: tuple[IPv4Network, ...] = tuple(network for network, _ in _V4_RAN
 NOT_PUBLIC_V6: tuple[IPv6Network, ...] = tuple(network for network, _ in _V6_RANGES)
 
 
+def uri_host(address: IPAddress) -> str:
+    """An address as the host part of a URI: IPv6 in brackets (RFC 3986 §3.2.2, RFC 3261 §25.1)."""
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
 def parse_address(text: str | IPAddress) -> IPAddress:
     """Parse an IP literal; IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes the IPv4 address it carries."""
     address = ipaddress.ip_address(text) if isinstance(text, str) else text

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Any
 
-from autonat.addresses import IPAddress, parse_address
+from autonat.addresses import IPAddress, parse_address, uri_host
 
 DEFAULT_STUN_PORT = 3478
 MAX_HOST_LENGTH = 253
@@ -48,6 +48,11 @@ class ExtValue:
     address: IPAddress | None = None  # IP, or the fallback of autonat:IP
     host: str | None = None  # stun:/host: name (or IP literal)
     port: int | None = None  # stun: port
+
+    @property
+    def from_router(self) -> bool:
+        """`auto-nat` and `autonat:IP` take the router's external address: the router is ours to map on."""
+        return self.kind in (ExtKind.AUTO_NAT, ExtKind.AUTONAT_OR)
 
     @property
     def needs_lookup(self) -> bool:
@@ -203,8 +208,8 @@ def profile_status(
     sip_ip = settings.sip_ip or local
     rtp_ip = settings.rtp_ip or sip_ip
     advertised = sip.address or sip_ip
-    host = f"[{advertised}]" if advertised.version == 6 else str(advertised)
-    bind = f"[{sip_ip}]" if sip_ip.version == 6 else str(sip_ip)
+    host = uri_host(advertised)
+    bind = uri_host(sip_ip)
     status: dict[str, Any] = {
         "Name": settings.name,
         "Auto-NAT": "true" if auto_nat else "false",

@@ -122,10 +122,7 @@ class ProfileManager:
         profile = self.get(name)
         local = profile.sip_ip or self.local_address()
         rtp_local = profile.rtp_ip or local
-        auto_nat = any(
-            v is not None and v.kind in (ExtKind.AUTO_NAT, ExtKind.AUTONAT_OR)
-            for v in (profile.ext_sip_ip, profile.ext_rtp_ip)
-        )
+        auto_nat = any(v is not None and v.from_router for v in (profile.ext_sip_ip, profile.ext_rtp_ip))
         return profile_status(
             profile,
             local=local,

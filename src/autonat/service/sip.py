@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from autonat.addresses import IPAddress
-from autonat.advertise import ExtKind, ProfileSettings
+from autonat.addresses import IPAddress, uri_host
+from autonat.advertise import ProfileSettings
 from autonat.daemon.profiles import ProfileManager
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.events import EventKind
@@ -141,10 +141,7 @@ class SipService:
         return [call for profile in self.sip_profiles.values() for call in profile.calls.values()]
 
     def _wants_pool(self) -> bool:
-        return self.engine.settings.enabled and any(
-            p.settings.ext_rtp_ip is not None and p.settings.ext_rtp_ip.kind in (ExtKind.AUTO_NAT, ExtKind.AUTONAT_OR)
-            for p in self.sip_profiles.values()
-        )
+        return self.engine.settings.enabled and any(p.external_media for p in self.sip_profiles.values())
 
     async def start(self) -> None:
         """Bind every profile (an OSError names the profile), then map SIP ports and fill the pool in the
@@ -252,8 +249,9 @@ class SipProfile:
             ",".join(self.transport.transports),
         )
         engine = self.service.engine
-        if engine.settings.enabled and engine.settings.mapping and self._maps_sip():
-            for transport in self._mapped_transports():
+        ext_sip = self.settings.ext_sip_ip
+        if engine.settings.enabled and engine.settings.mapping and ext_sip is not None and ext_sip.from_router:
+            for transport in self.transport.transports:
                 port = self.settings.tls_sip_port if transport == "tls" else self.settings.sip_port
                 assert port is not None
                 kind = Transport.UDP if transport == "udp" else Transport.TCP
@@ -264,15 +262,8 @@ class SipProfile:
         for gateway in self.extra.gateways:
             if gateway.register:
                 self._start_registration(gateway)
-        self._events = asyncio.get_running_loop().create_task(self._follow_address())
-
-    def _maps_sip(self) -> bool:
-        ext = self.settings.ext_sip_ip
-        return ext is not None and ext.kind in (ExtKind.AUTO_NAT, ExtKind.AUTONAT_OR)
-
-    def _mapped_transports(self) -> list[str]:
-        assert self.transport is not None
-        return list(self.transport.transports)
+        if self._registrations:  # only gateway registrations follow the address (calls read it per call)
+            self._events = asyncio.get_running_loop().create_task(self._follow_address())
 
     async def stop(self) -> None:
         if self._events is not None:
@@ -355,28 +346,32 @@ class SipProfile:
     def _sip_address(self, peer_ip: str) -> IPAddress:
         return self.service.profiles.advertise(self.name, peer_ip, media=False)
 
-    def _contact(self, address: IPAddress, user: str, transport: str) -> str:
-        host = f"[{address}]" if address.version == 6 else str(address)
+    def _contact_uri(self, address: IPAddress, user: str, transport: str) -> str:
         port = self.settings.tls_sip_port if transport == "tls" else self.settings.sip_port
         suffix = "" if transport == "udp" else f";transport={transport}"
-        return f"<sip:{user}@{host}:{port}{suffix}>"
+        return f"sip:{user}@{uri_host(address)}:{port}{suffix}"
+
+    def _contact(self, address: IPAddress, user: str, transport: str) -> str:
+        """The Contact header value: our URI for that peer, in brackets."""
+        return f"<{self._contact_uri(address, user, transport)}>"
 
     def _rtp_ip(self) -> IPAddress:
         local = self.settings.rtp_ip or self.local_ip
         assert local is not None, "the profile is not started"
         return local
 
-    def _external_media(self) -> bool:
+    @property
+    def external_media(self) -> bool:
+        """ext-rtp-ip takes the router's address, so media ports for peers outside are mapped on it."""
         ext = self.settings.ext_rtp_ip
-        return ext is not None and ext.kind in (ExtKind.AUTO_NAT, ExtKind.AUTONAT_OR)
+        return ext is not None and ext.from_router
 
     async def _media_for(self, peer_ip: str, call_id: str) -> MediaPorts | None:
         """Ports for one leg: from the pool (mapped) when the peer gets our external address and the
         router is ours to map, else an unmapped pair."""
         service = self.service
         advertised = service.profiles.advertise(self.name, peer_ip, media=True)
-        local_rtp = self.settings.rtp_ip or self.local_ip
-        if advertised != local_rtp and self._external_media() and service.pool is not None:
+        if advertised != self._rtp_ip() and self.external_media and service.pool is not None:
             ports = service.pool.take(call_id) or await service.pool.map_now(call_id)
             if ports is not None:
                 address = ports.external_ip or advertised
@@ -433,8 +428,9 @@ class SipProfile:
     def _reply(self, request: Request, status: int, reason: str | None = None, **kw: Any) -> None:
         self._respond(request, make_response(request, status, reason, **kw))
 
-    def _send_client(self, actions: Iterable[Any], peer: Peer | None = None) -> list[Response | TimedOut]:
-        """Perform client-transaction actions; return what the TU must handle."""
+    def _run_client(self, actions: Iterable[Any], peer: Peer | None = None) -> None:
+        """Perform client-transaction actions: send (to `peer`, or where that branch went before) and hand
+        responses and timeouts to `_client_event`."""
         assert self.transport is not None
         handed: list[Response | TimedOut] = []
         for action in actions:
@@ -452,20 +448,18 @@ class SipProfile:
             elif isinstance(action, TimedOut):
                 handed.append(action)
         self._client_clock.update()
-        return handed
+        for item in handed:
+            self._client_event(item)
 
     def _start_request(self, request: Request, peer: Peer) -> None:
-        actions = self.client.start(request, self._now(), reliable=peer.reliable)
-        for item in self._send_client(actions, peer):
-            self._client_event(item)
+        self._run_client(self.client.start(request, self._now(), reliable=peer.reliable), peer)
 
     # ------------------------------------------------------------------------------------- timers
     def _server_timer(self, now: float) -> None:
         self._perform(self.server.handle_timer(now))
 
     def _client_timer(self, now: float) -> None:
-        for item in self._send_client(self.client.handle_timer(now)):
-            self._client_event(item)
+        self._run_client(self.client.handle_timer(now))
 
     # ------------------------------------------------------------------------------------- receiving
     def _on_message(self, message: Request | Response, peer: Peer) -> None:
@@ -479,8 +473,7 @@ class SipProfile:
                 actions = self.client.receive_response(message, self._now())
             except DecodeError:
                 return
-            for item in self._send_client(actions):
-                self._client_event(item)
+            self._run_client(actions)
             return
         request = message
         try:
@@ -512,12 +505,10 @@ class SipProfile:
         elif method == "REGISTER":
             response = self.service.registrar.handle(request, self._now(), peer, to_tag=sipclient.new_tag())
             if response.status == 200:
-                log.info("REGISTER %s from %s: 200", user_of(uri_of(request.headers.get("To") or "")), peer)
+                user = user_of(uri_of(request.headers.get("To") or ""))
+                log.info("REGISTER %s from %s: 200", user, peer)
                 self.service.engine.events.publish(
-                    EventKind.SIP_REGISTER,
-                    profile=self.name,
-                    user=user_of(uri_of(request.headers.get("To") or "")),
-                    source=str(peer),
+                    EventKind.SIP_REGISTER, profile=self.name, user=user, source=str(peer)
                 )
             self._respond(request, response)
             if self.service._registrar_clock is not None:
@@ -784,8 +775,7 @@ class SipProfile:
     def _send_cancel(self, leg: Leg) -> None:
         """§9.1: the client table holds the CANCEL back until the INVITE got a provisional response."""
         assert leg.invite is not None
-        for item in self._send_client(self.client.cancel(leg.invite, self._now()), leg.peer):
-            self._client_event(item)
+        self._run_client(self.client.cancel(leg.invite, self._now()), leg.peer)
 
     # ------------------------------------------------------------------------------------- bridging
     async def _bridge_user(self, call: Call, user: str) -> None:
@@ -877,7 +867,7 @@ class SipProfile:
         sip_address = self._sip_address(peer.ip)
         caller = user_of(call.a.remote_uri) or "autonat"
         from_user = from_user or caller
-        host = f"[{sip_address}]" if sip_address.version == 6 else str(sip_address)
+        host = uri_host(sip_address)
         leg = Leg(
             peer=peer,
             call_id=sipclient.new_call_id(host),
@@ -913,7 +903,7 @@ class SipProfile:
             via_host=str(leg.sip_address),
             via_port=self.settings.sip_port,
             transport=leg.peer.transport,
-            contact=uri_of(self._contact(leg.sip_address, user_of(leg.local_uri) or "autonat", leg.peer.transport)),
+            contact=self._contact_uri(leg.sip_address, user_of(leg.local_uri) or "autonat", leg.peer.transport),
             extra_headers=extra,
             body=leg.local_sdp,
             content_type="application/sdp",
@@ -1005,7 +995,7 @@ class SipProfile:
     # ------------------------------------------------------------------------------------- gateways
     def _registration_contact(self, gateway: GatewaySettings) -> tuple[str, str]:
         address = self._sip_address(gateway.host)
-        return str(address), uri_of(self._contact(address, gateway.username or "autonat", gateway.transport))
+        return str(address), self._contact_uri(address, gateway.username or "autonat", gateway.transport)
 
     def _start_registration(self, gateway: GatewaySettings) -> None:
         domain = gateway.domain or gateway.host
