@@ -101,3 +101,13 @@ def test_hostile_offers_give_an_sdp_or_none(lines: list[str], newline: str) -> N
         assert len(answered) == len(offered)  # RFC 3264 §6: one answer stream per offered stream
         assert [m.port for m in parse_sdp_addresses(answer).media if m.port] == [20000]
         assert [m.port for m in parse_sdp_addresses(anchored).media if m.port] == [20000]
+
+
+def test_the_rtcp_attribute_follows_the_accepted_stream_not_an_earlier_declined_one() -> None:
+    offer = "v=0\r\nc=IN IP4 10.0.0.5\r\nm=audio 0 RTP/AVP 0\r\nm=audio 4000 RTP/AVP 8\r\n"
+    answer = echo_answer(offer, address=OURS, port=20000, rtcp_port=31001, session_id=1)
+    assert answer is not None
+    lines = answer.split("\r\n")
+    assert lines[lines.index("m=audio 20000 RTP/AVP 8") + 1] == "a=rtcp:31001"
+    summary = parse_sdp_addresses(answer)
+    assert summary.media[0].rtcp is None and summary.media[1].rtcp is not None

@@ -86,11 +86,13 @@ def echo_answer(offer: str, *, address: IPAddress, port: int, rtcp_port: int, se
     media_index = -1
     accepted = False
     mux = False
+    audio_line = 0
     for line in _lines(offer):
         if line.startswith("m="):
             media_index += 1
             accepted = media_index == audio.index
             if accepted:
+                audio_line = len(out)
                 out.append(f"m=audio {port} {audio.proto} {' '.join(audio.formats)}")
             else:
                 name, _, rest = line[2:].partition(" ")
@@ -102,7 +104,7 @@ def echo_answer(offer: str, *, address: IPAddress, port: int, rtcp_port: int, se
             mux = mux or line.startswith("a=rtcp-mux")
     if not mux and rtcp_port != port + 1:
         # RFC 3605 §2.1: say where RTCP goes when it is not RTP port + 1 (the router may map it elsewhere).
-        out.insert(out.index(next(line for line in out if line.startswith("m=audio"))) + 1, f"a=rtcp:{rtcp_port}")
+        out.insert(audio_line + 1, f"a=rtcp:{rtcp_port}")
     out.append("a=sendrecv")
     return "\r\n".join(out) + "\r\n"
 
