@@ -128,18 +128,25 @@ class RtpPool:
         port = self.pairs.acquire()
         if port is None:
             return None
-        owner = f"call:{call_id}"
-        added = await asyncio.gather(
-            *(self.engine.add(Wanted(self.transport, p, owner=owner)) for p in (port, port + 1))
-        )
-        if not all(mapping.state == "active" and mapping.external_port for mapping in added):
-            await asyncio.gather(*(self.engine.delete(self.transport, p) for p in (port, port + 1)))
-            self.pairs.release(port)
+        added = await self._map_pair(port, f"call:{call_id}")
+        if added is None:
             return None
         self._in_use[port] = call_id
         rtp, rtcp = added
         assert rtp.external_port and rtcp.external_port
         return RtpPorts(port, port + 1, rtp.external_ip, rtp.external_port, rtcp.external_port)
+
+    async def _map_pair(self, port: int, owner: str) -> tuple[ManagedMapping, ManagedMapping] | None:
+        """Map `port` and `port + 1` together; if the router grants not both, unmap them and give the pair
+        back to the range (a call needs RTP and RTCP alike)."""
+        rtp, rtcp = await asyncio.gather(
+            *(self.engine.add(Wanted(self.transport, p, owner=owner)) for p in (port, port + 1))
+        )
+        if all(mapping.state == "active" and mapping.external_port for mapping in (rtp, rtcp)):
+            return rtp, rtcp
+        await asyncio.gather(*(self.engine.delete(self.transport, p) for p in (port, port + 1)))
+        self.pairs.release(port)
+        return None
 
     async def _refill_forever(self) -> None:
         while True:
@@ -161,13 +168,7 @@ class RtpPool:
             if port is None:
                 log.warning("RTP port range exhausted: %d pairs in calls", len(self._in_use))
                 return False
-            added = await asyncio.gather(
-                *(self.engine.add(Wanted(self.transport, p, owner="rtp-pool")) for p in (port, port + 1))
-            )
-            if all(mapping.state == "active" for mapping in added):
-                self._ready.append(port)
-                continue
-            await asyncio.gather(*(self.engine.delete(self.transport, p) for p in (port, port + 1)))
-            self.pairs.release(port)
-            return False
+            if await self._map_pair(port, "rtp-pool") is None:
+                return False
+            self._ready.append(port)
         return True
