@@ -12,9 +12,10 @@ fi
 # miniupnpd-nftables: the real router; miniupnpc/natpmpc: independent reference clients;
 # stun-server: lets miniupnpd learn its WAN address; socat/tcpdump: lab traffic checks;
 # sip-tester: SIPp, the reference SIP caller/phone of the lab tests (tests/lab/sipp/);
-# openssl: a throw-away certificate for the SIP-over-TLS test.
+# openssl: a throw-away certificate for the SIP-over-TLS test; sipvicious: the scanner/password cracker
+# that sweeps port 5060 on the internet (abuse tests); fail2ban: fail2ban-regex checks the shipped filter.
 packages=(iproute2 nftables miniupnpd-nftables miniupnpc natpmpc stun-server socat tcpdump sip-tester openssl
-          procps util-linux)
+          procps util-linux sipvicious fail2ban)
 if ! command -v python3 >/dev/null || ! python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     packages+=(python3 python3-venv python3-pip)
 fi

@@ -17,14 +17,16 @@ from autonat.lab import Lab
 from tests.lab.cli_helpers import AUTONAT
 
 
-def write_config(directory: Path, *, mappings: str = "", nat: str = "", extra: str = "") -> Path:
+def write_config(
+    directory: Path, *, mappings: str = "", nat: str = "", extra: str = "", log_level: str = "debug"
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "autonat.toml"
     path.write_text(
         f"[nat]\n{nat}\n{mappings}\n{extra}\n"
         f'[control]\nsocket = "{directory / "control.sock"}"\n'
         f'[journal]\npath = "{directory / "journal.sqlite"}"\n'
-        '[log]\nlevel = "debug"\n'
+        f'[log]\nlevel = "{log_level}"\n'
     )
     return path
 

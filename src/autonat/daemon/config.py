@@ -28,12 +28,19 @@ from urllib.parse import urlsplit
 from autonat.acl import AclError, AclList, AclSet, parse_acl_conf_xml
 from autonat.addresses import IPAddress, parse_address
 from autonat.advertise import ExtKind, ExtValue, ProfileSettings, parse_ext_value
-from autonat.engine.settings import DEFAULT_UPNP_LEASE, NatSettings, ProtocolName
+from autonat.engine.settings import DEFAULT_MAX_LEASE, DEFAULT_UPNP_LEASE, NatSettings, ProtocolName
 from autonat.errors import AutonatError
 from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME
 from autonat.proto.exchange import DEFAULT_DEADLINE
 from autonat.proto.types import Transport
-from autonat.service.settings import Action, Extension, GatewaySettings, SipProfileSettings, SipSettings
+from autonat.service.settings import (
+    Action,
+    Extension,
+    GatewaySettings,
+    SipProfileSettings,
+    SipSettings,
+    compile_pattern,
+)
 from autonat.state import state_dir
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -415,6 +422,7 @@ def _section(top: _Table, key: str) -> _Table:
 
 def _nat(table: _Table) -> NatConfig:
     seconds = " seconds"
+    lease = table.integer("lease", DEFAULT_LIFETIME, MIN_LEASE, MAX_LIFETIME, seconds)
     config = NatConfig(
         enabled=table.flag("enabled", True),
         mapping=table.flag("mapping", True),
@@ -422,14 +430,18 @@ def _nat(table: _Table) -> NatConfig:
         gateway=_gateway(table),
         interface=_interface(table),
         root_url=_root_url(table),
-        lease=table.integer("lease", DEFAULT_LIFETIME, MIN_LEASE, MAX_LIFETIME, seconds),
+        lease=lease,
         upnp_lease=table.integer("upnp_lease", DEFAULT_UPNP_LEASE, MIN_LEASE, MAX_LIFETIME, seconds),
         verify_interval=table.integer("verify_interval", 60, 1, MAX_INTERVAL, seconds),
         external_ip_interval=table.integer("external_ip_interval", 60, 1, MAX_INTERVAL, seconds),
         timeout=table.number("timeout", DEFAULT_DEADLINE, 0.05, 60, seconds),
         shutdown_timeout=table.number("shutdown_timeout", 2.0, 0.1, 60, seconds),
         stun=_stun(table),
+        map_rate=table.number("map_rate", 10.0, 0, 1000, " new mappings a second (0: no limit)"),
+        max_lease=table.integer("max_lease", max(DEFAULT_MAX_LEASE, lease), MIN_LEASE, MAX_LIFETIME, seconds),
     )
+    if config.max_lease < config.lease:
+        table.error("max_lease", f"must be at least lease ({config.lease}): a lease we ask for is never too long")
     table.finish()
     return config
 
@@ -834,6 +846,7 @@ def _sip_profile(table: _Table, report: _Report) -> SipProfileSettings:
     """A profile's SIP service: listeners, TLS files, dialplan ([[profile.extension]]) and gateways."""
     listen = table.flag("listen", True)
     tcp = table.flag("tcp", True)
+    max_media = table.integer("max-media-calls", 0, 0, 10_000, " (0: only the [sip] cap)")
     cert = table.text("tls-cert", "").strip()
     key = table.text("tls-key", "").strip()
     for label, path_text in (("tls-cert", cert), ("tls-key", key)):
@@ -875,16 +888,21 @@ def _sip_profile(table: _Table, report: _Report) -> SipProfileSettings:
             ext.error("match", 'is required (a regular expression for the number, e.g. "9196" or "^0(\\d+)$")')
             continue
         try:
-            pattern = re.compile(pattern_text.removeprefix("^").removesuffix("$"))
-        except re.error as exc:
-            ext.error("match", f"is not a regular expression: {exc}")
+            pattern = compile_pattern(pattern_text.removeprefix("^").removesuffix("$"))
+        except ValueError as exc:
+            ext.error("match", f"is not a usable regular expression: {exc}")
             continue
         if action is Action.GATEWAY and not any(g.name == gateway for g in gateways):
             ext.error("gateway", f"must name a [[profile.gateway]] of this profile, not {_quote(gateway or '')}")
             continue
         dialplan.append(Extension(pattern, action, gateway))
     extra = SipProfileSettings(listen, tcp, Path(cert) if cert else None, Path(key) if key else None)
-    return replace(extra, dialplan=tuple(dialplan) or extra.dialplan, gateways=tuple(gateways))
+    return replace(
+        extra,
+        dialplan=tuple(dialplan) or extra.dialplan,
+        gateways=tuple(gateways),
+        max_media_calls=max_media or None,
+    )
 
 
 def _is_ip(text: str) -> bool:
@@ -908,6 +926,13 @@ def _sip(table: _Table, top: _Table, report: _Report) -> SipSettings:
     inactivity = table.number("rtp-timeout", defaults.inactivity, 1.0, 3600.0, " s")
     max_duration = table.number("max-call-duration", defaults.max_duration, 10.0, 86400.0, " s")
     max_calls = table.integer("max-calls", defaults.max_calls, 1, 100_000)
+    max_media = table.integer("max-media-calls", defaults.max_media_calls, 1, 10_000)
+    source_rate = table.number(
+        "source-call-rate", defaults.source_call_rate, 0, 10_000, " new calls a second (0: no limit)"
+    )
+    source_burst = table.number("source-call-burst", defaults.source_call_burst, 1, 10_000, " calls")
+    source_calls = table.integer("source-max-calls", defaults.source_max_calls, 1, 100_000)
+    refill = table.number("rtp-pool-refill-rate", defaults.pool_refill_rate, 0, 1000, " pairs a second (0: no limit)")
     reply = table.flag("reply-to-source", defaults.reply_to_source)
     table.finish()
     users: list[tuple[str, str]] = []
@@ -934,6 +959,11 @@ def _sip(table: _Table, top: _Table, report: _Report) -> SipSettings:
         inactivity=inactivity,
         max_duration=max_duration,
         max_calls=max_calls,
+        max_media_calls=max_media,
+        source_call_rate=source_rate,
+        source_call_burst=source_burst,
+        source_max_calls=source_calls,
+        pool_refill_rate=refill,
         reply_to_source=reply,
     )
 

@@ -6,6 +6,14 @@ What it promises, and how:
 - Every mapping is journalled *before* it is requested and forgotten only *after* the router
   confirmed its deletion, so a crash (even SIGKILL) leaves nothing in the router we no longer own:
   at the next start, leftovers are deleted, or adopted when still wanted.
+- One object per (transport, internal port) for as long as anything may exist on the router under
+  that key: a mapping being deleted stays here (state "removing", `doomed`) until the router
+  confirmed, and a delete that failed is retried with back-off while the daemon runs, until the router
+  confirms or the lease has certainly run out. Asking for the key again revives the same object. (Two
+  objects for one key was how, under an INVITE flood, a late delete removed the journal row of a newer
+  mapping of the same port and 267 mappings outlived the daemon unjournalled.)
+- New mappings reach the router at most `map_rate` a second (renewals and re-creations after a router
+  reboot are not new holes and are not held back).
 - Finite leases, renewed per RFC 6887 §11.2.1, and a verification of every mapping each
   `verify_interval`: PCP/NAT-PMP re-send the idempotent MAP (which also re-installs rules a router
   silently flushed), UPnP asks GetSpecificPortMappingEntry and re-adds what is gone.
@@ -37,6 +45,7 @@ from autonat.engine.events import EventBus, EventKind
 from autonat.engine.journal import Journal, JournalEntry
 from autonat.engine.settings import NatSettings
 from autonat.errors import AutonatError
+from autonat.limits import TokenBucket
 from autonat.mapper import MappingRequest, PortMapper
 from autonat.proto.types import Transport
 
@@ -47,6 +56,8 @@ MappingKey = tuple[Transport, int]
 T = TypeVar("T")
 DISCOVERY_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 FAILED_RETRY = (2.0, 5.0, 15.0, 30.0, 60.0)
+REMOVE_RETRY = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)  # a delete the router did not confirm, tried again
+EXPIRY_MARGIN = 60.0  # past the lease's end by this much, a router has certainly dropped the mapping
 RENEWAL_SHARE = 0.04  # at most 4 % of the mappings refreshed in any one second ...
 MIN_REFRESHES_PER_SECOND = 5  # ... but never fewer than this, so small sets are not slowed down
 CONCURRENCY = 16  # router requests in flight at once: enough for bursts, gentle on small routers
@@ -67,7 +78,7 @@ class Wanted:
 @dataclass(eq=False)
 class ManagedMapping:
     wanted: Wanted
-    state: str = "pending"  # pending | active | failed | disabled
+    state: str = "pending"  # pending | active | failed | disabled | removing
     protocol: str | None = None
     external_ip: IPAddress | None = None
     external_port: int | None = None
@@ -82,6 +93,9 @@ class ManagedMapping:
     heap_seq: int = 0  # the scheduler's current queue entry for this mapping
     journalled: tuple[Any, ...] | None = None  # what the journal holds for it, to skip rewrites
     asked_via: str | None = None  # protocol of the last request sent, answered or not
+    asked_until: float | None = None  # wall clock: where the lease of the last request would end if granted
+    doomed: bool = False  # no longer wanted: being deleted, kept until the router confirms
+    removal_failures: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -90,9 +104,22 @@ class ManagedMapping:
 
     @property
     def due_at(self) -> float:
-        if self.state == "active":
+        if self.state == "active" and not self.doomed:
             return min(self.next_renewal, self.next_verify)
-        return self.next_renewal  # pending/failed: when the next attempt is allowed
+        return self.next_renewal  # pending/failed: when the next attempt is allowed; removing: the next delete
+
+    @property
+    def maybe_on_router(self) -> bool:
+        """Something may exist on the router for it: granted, or asked for (the answer may have been lost)."""
+        return self.protocol is not None or self.asked_via is not None
+
+    def certainly_gone(self, now_wall: float) -> bool:
+        """The lease of whatever we may have on the router has run out (by a margin): nothing to delete
+        any more. A permanent lease (0) never runs out."""
+        if self.protocol is not None and self.expires_wall is None:
+            return False  # granted permanent
+        ends = [end for end in (self.expires_wall, self.asked_until) if end is not None]
+        return bool(ends) and now_wall > max(ends) + EXPIRY_MARGIN
 
     def to_dict(self) -> dict[str, Any]:
         transport, port = self.key
@@ -102,7 +129,7 @@ class ManagedMapping:
             "proto_num": 0 if transport is Transport.UDP else 1,  # FreeSWITCH's numbering
             "sticky": self.wanted.sticky,
             "owner": self.wanted.owner,
-            "state": self.state,
+            "state": "removing" if self.doomed else self.state,
             "protocol": self.protocol,
             "external_ip": None if self.external_ip is None else str(self.external_ip),
             "external_port": self.external_port,
@@ -146,6 +173,8 @@ class NatEngine:
         self._seq = 0
         self._recent: collections.deque[float] = collections.deque()  # refresh starts, last second
         self._loop = asyncio.get_running_loop()
+        # A call needs two mappings (RTP, RTCP) at once; a burst smaller than that would starve it.
+        self._new_holes = TokenBucket(settings.map_rate, max(4.0, settings.map_rate))
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -174,13 +203,33 @@ class NatEngine:
         self._close_listeners()
         if self.session is not None:
             # Asked-for but unanswered ones too: the router may have made them before we stopped listening.
-            doomed = [m for m in self.mappings.values() if not m.wanted.sticky and m.asked_via is not None]
+            doomed = [m for m in self.mappings.values() if (m.doomed or not m.wanted.sticky) and m.maybe_on_router]
+            for mapping in doomed:
+                mapping.doomed = True
+            # Tombstoned first, in one transaction: whatever the deadline leaves undone, the next start deletes.
+            self._tombstone(doomed)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.shutdown_timeout):
                     await asyncio.gather(*(self._limited(self._remove(m)) for m in doomed), return_exceptions=True)
+            left = [m for m in doomed if self.mappings.get(m.key) is m]
+            if left:
+                log.warning(
+                    "%d mapping(s) not confirmed deleted within %g s; the journal keeps them and the next start"
+                    " deletes them",
+                    len(left),
+                    self.settings.shutdown_timeout,
+                )
             self.session.close()
             self.session = None
         self.state = "stopped"
+
+    def _tombstone(self, mappings: list[ManagedMapping]) -> None:
+        if self.journal is None or not mappings:
+            return
+        keys = [(self.gateway or "", m.key[0], m.key[1]) for m in mappings]
+        self.journal.tombstone_many(keys, time.time())
+        for mapping in mappings:
+            mapping.journalled = None
 
     async def _limited(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """At most CONCURRENCY router requests in flight: a burst of a thousand datagrams overflows the
@@ -325,10 +374,10 @@ class NatEngine:
                 if seq != mapping.heap_seq or mapping.busy or self.mappings.get(mapping.key) is not mapping:
                     heapq.heappop(self._heap)  # superseded, or running (requeued when done), or deleted
                     continue
-                if not self.mapping_enabled or mapping.state == "disabled":
+                if not mapping.doomed and (not self.mapping_enabled or mapping.state == "disabled"):
                     heapq.heappop(self._heap)
                     continue
-                if mapping.state == "active":
+                if mapping.state == "active" and not mapping.doomed:
                     if len(self._recent) >= cap:
                         wake_at = self._recent[0] + 1.0  # full: nothing more starts before a slot frees
                         break
@@ -365,27 +414,44 @@ class NatEngine:
         try:
             async with self._slots:
                 now = self._loop.time()
-                if mapping.state == "active" and now < mapping.next_renewal and mapping.protocol == "upnp":
+                if mapping.doomed:
+                    await self._remove(mapping)
+                elif mapping.state == "active" and now < mapping.next_renewal and mapping.protocol == "upnp":
                     await self._verify_upnp(mapping)
                 else:
                     await self._establish(mapping)
         finally:
             mapping.busy = False
-            self._schedule(mapping)
+            if self.mappings.get(mapping.key) is mapping:
+                self._schedule(mapping)
 
     # --- operations ------------------------------------------------------------------------------
 
     def _lease_for(self, protocol: str) -> int:
         return self.settings.upnp_lease if protocol == "upnp" else self.settings.lease
 
-    async def _establish(self, mapping: ManagedMapping) -> None:
-        """Create or refresh one mapping: journal first, then the router."""
-        if self.session is None or not self.mapping_enabled or mapping.key not in self.mappings:
-            return
+    def map_budget(self) -> float:
+        """How many new mappings may go to the router right now (`map_rate`): a caller that cannot wait
+        (a call being answered) checks this instead of queueing behind the limit."""
+        return self._new_holes.available(self._loop.time())
+
+    async def _establish(self, mapping: ManagedMapping) -> float:
+        """Create or refresh one mapping: journal first, then the router. Returns 0, or the seconds to
+        wait when a new mapping was held back by `map_rate` (it stays pending and is retried then)."""
+        if self.session is None or not self.mapping_enabled:
+            return 0.0
         async with mapping.lock:
+            if mapping.doomed or self.mappings.get(mapping.key) is not mapping:
+                return 0.0  # deleted meanwhile: never re-create what is being removed
             mapper = self._mapper()
             wanted = mapping.wanted
             lease = self._lease_for(mapper.name)
+            if not mapping.maybe_on_router:  # a new hole, not a refresh: within the rate towards the router
+                now = self._loop.time()
+                if not self._new_holes.take(now):
+                    delay = self._new_holes.wait(now)
+                    mapping.next_renewal = now + delay
+                    return delay
             # A refresh of what is already journalled writes nothing: renewals must not cost an fsync each.
             journal_key = (mapper.name, self.gateway, wanted)
             if self.journal is not None and mapping.journalled != journal_key:
@@ -394,13 +460,14 @@ class NatEngine:
                 wanted.transport, wanted.internal_port, mapping.external_port or wanted.external_port, lease
             )
             now = self._loop.time()
+            mapping.asked_until = time.time() + lease  # a lost answer may still have (re)started a lease
             mapping.asked_via = mapper.name
             try:
                 granted = await mapper.add(request)
             except AutonatError as exc:
                 self._failed(mapping, exc, now)
                 self._check_reboot()
-                return
+                return 0.0
             first = mapping.state != "active" or mapping.protocol != mapper.name
             moved = mapping.external_port not in (None, granted.external_port)
             mapping.state = "active"
@@ -430,6 +497,7 @@ class NatEngine:
             else:
                 self.events.publish(EventKind.NAT_RENEW, **data)
         self._check_reboot()
+        return 0.0
 
     def _journal_granted(self, mapping: ManagedMapping, protocol: str, external_port: int, lease: int) -> None:
         assert self.journal is not None
@@ -507,28 +575,60 @@ class NatEngine:
             await self._mapper(protocol).delete(transport, internal_port)
 
     async def _remove(self, mapping: ManagedMapping) -> bool:
-        """Tombstone in the journal, delete on the router, then forget. False if the router failed us."""
+        """Tombstone in the journal, delete on the router, then forget. False if the router did not
+        confirm: the mapping stays (state "removing") and the scheduler tries again after a back-off,
+        until the router confirms or the lease has certainly run out."""
         transport, port = mapping.key
         async with mapping.lock:
-            if self.journal is not None:
-                self.journal.tombstone(self.gateway or "", transport, port, time.time())
+            if not mapping.doomed or self.mappings.get(mapping.key) is not mapping:
+                return True  # revived by add() while we waited, or already forgotten
+            if self.journal is not None and mapping.journalled is not None:
+                with contextlib.suppress(KeyError):  # no row: never journalled, so never asked for
+                    self.journal.tombstone(self.gateway or "", transport, port, time.time())
+                mapping.journalled = None
             protocol = mapping.protocol or mapping.asked_via
-            if protocol is not None and self.session is not None:
-                try:
-                    await self._delete_on_router(protocol, transport, port, mapping.external_port)
-                except AutonatError as exc:
-                    mapping.last_error = str(exc)
-                    log.warning("could not delete %s %d: %s (retried at next start)", transport, port, exc)
-                    return False
-                holes.info("closed %s %s:%d via %s", transport, self.session.location.local_address, port, protocol)
+            if protocol is not None:
+                if mapping.certainly_gone(time.time()):
+                    holes.info(
+                        "closed %s %d via %s: its lease ran out before the router confirmed a delete",
+                        transport,
+                        port,
+                        protocol,
+                    )
+                else:
+                    error = await self._delete_and_log(mapping, protocol)
+                    if error is not None:
+                        self._retry_removal(mapping, error)
+                        return False
             if self.journal is not None:
                 self.journal.remove(self.gateway or "", transport, port)
-            mapping.journalled = None
+            del self.mappings[mapping.key]
             self.events.publish(EventKind.NAT_DEL, port=port, proto=str(transport), owner=mapping.wanted.owner)
-            mapping.state = "pending"
-            mapping.protocol = mapping.asked_via = None
-            mapping.external_port = None
             return True
+
+    async def _delete_and_log(self, mapping: ManagedMapping, protocol: str) -> str | None:
+        """Delete on the router and log the closed hole; the error, one line, when the router did not confirm."""
+        transport, port = mapping.key
+        if self.session is None:
+            return "no router session"
+        try:
+            await self._delete_on_router(protocol, transport, port, mapping.external_port)
+        except AutonatError as exc:
+            return str(exc)
+        holes.info("closed %s %s:%d via %s", transport, self.session.location.local_address, port, protocol)
+        return None
+
+    def _retry_removal(self, mapping: ManagedMapping, error: str) -> None:
+        mapping.state = "removing"
+        mapping.last_error = error
+        mapping.removal_failures += 1
+        delay = REMOVE_RETRY[min(mapping.removal_failures - 1, len(REMOVE_RETRY) - 1)]
+        mapping.next_renewal = self._loop.time() + delay * (0.9 + 0.2 * self._rand())
+        transport, port = mapping.key
+        log.warning("could not delete %s %d: %s (retrying in %.0f s)", transport, port, error, delay)
+        # _service requeues it when it was the caller; delete() and stop() callers are not the scheduler.
+        if not mapping.busy:
+            self._schedule(mapping)
 
     # --- noticing changes ------------------------------------------------------------------------
 
@@ -668,29 +768,57 @@ class NatEngine:
     # --- commands (nat_map verbs) --------------------------------------------------------------
 
     async def add(self, wanted: Wanted, wait: float | None = None) -> ManagedMapping:
-        """Want a mapping; with the router known, wait (up to `wait` s) for its first result."""
+        """Want a mapping; with the router known, wait (up to `wait` s) for its first result. A mapping
+        still being deleted under the same key is wanted again instead (the one object for that key)."""
         key = (wanted.transport, wanted.internal_port)
         mapping = self.mappings.get(key)
-        if mapping is None or mapping.wanted != wanted:
-            if mapping is not None:
-                mapping.wanted = wanted
-            else:
-                mapping = ManagedMapping(wanted, next_renewal=self._loop.time())
-                self.mappings[key] = mapping
+        if mapping is None:
+            mapping = ManagedMapping(wanted, next_renewal=self._loop.time())
+            self.mappings[key] = mapping
+        else:
+            mapping.wanted = wanted
+            if mapping.doomed:
+                mapping.doomed = False
+                mapping.removal_failures = 0
+                mapping.state = "pending" if mapping.state == "removing" else mapping.state
+                mapping.next_renewal = self._loop.time()
         if self.session is not None and self.mapping_enabled:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait if wait is not None else self.settings.timeout * 3):
-                    await self._establish(mapping)
-        self._schedule(mapping)
+                    while (delay := await self._establish(mapping)) > 0:
+                        await asyncio.sleep(delay)  # held back by map_rate: the timeout bounds the wait
+        if self.mappings.get(key) is mapping:
+            self._schedule(mapping)
         return mapping
 
+    def relabel(self, transport: Transport, internal_port: int, owner: str) -> None:
+        """Give a mapping a new owner (a pooled RTP pair taken by a call); journalled at its next refresh."""
+        mapping = self.mappings.get((transport, internal_port))
+        if mapping is not None and not mapping.doomed:
+            old = mapping.wanted
+            mapping.wanted = Wanted(transport, internal_port, old.external_port, old.sticky, owner)
+
     async def delete(self, transport: Transport, internal_port: int) -> bool:
-        mapping = self.mappings.pop((transport, internal_port), None)
-        if mapping is None:
-            return False
-        await self._remove(mapping)
+        """Stop wanting a mapping and delete it on the router. Returns False if there is no such mapping;
+        True once the delete is decided: if the router does not confirm it at once, the engine keeps
+        trying in the background (the journal keeps it tombstoned meanwhile)."""
+        mapping = self.mappings.get((transport, internal_port))
+        if mapping is None or mapping.doomed:
+            return mapping is not None
+        mapping.doomed = True
+        if not mapping.maybe_on_router:
+            if self.journal is not None and mapping.journalled is not None:
+                self.journal.remove(self.gateway or "", transport, internal_port)
+            del self.mappings[mapping.key]
+            return True
+        await self._limited(self._remove(mapping))
         self._poke()
         return True
+
+    @property
+    def removing(self) -> int:
+        """Mappings decided deleted whose deletion the router has not confirmed yet."""
+        return sum(m.doomed for m in self.mappings.values())
 
     async def republish(self) -> None:
         """Re-send every mapping now (FreeSWITCH's `nat_map republish`)."""
@@ -706,7 +834,8 @@ class NatEngine:
         if old is not None:
             old.close()
         for mapping in self.mappings.values():
-            mapping.state = "pending" if mapping.state != "disabled" else mapping.state
+            if mapping.state != "disabled" and not mapping.doomed:
+                mapping.state = "pending"
         await self._start_listeners()
         await self.republish()
         return probe
@@ -718,14 +847,35 @@ class NatEngine:
             return
         if not enabled:
             self.mapping_enabled = False  # first, so the scheduler does not re-make what we remove
-            mapped = [m for m in self.mappings.values() if m.asked_via is not None]
-            await asyncio.gather(*(self._limited(self._remove(m)) for m in mapped))
+            mapped = [m for m in self.mappings.values() if m.maybe_on_router and not m.doomed]
+            await asyncio.gather(*(self._limited(self._unmap_kept(m)) for m in mapped))
             return
         self.mapping_enabled = True
         now = self._loop.time()
         for mapping in self.mappings.values():
             mapping.next_renewal = now
         self._reschedule_all()
+
+    async def _unmap_kept(self, mapping: ManagedMapping) -> None:
+        """`mapping disable`: delete on the router but keep wanting it. On failure it stays mapped (and
+        listed as such); the user sees the error in its status."""
+        transport, port = mapping.key
+        async with mapping.lock:
+            protocol = mapping.protocol or mapping.asked_via
+            if protocol is None or mapping.doomed:
+                return
+            error = await self._delete_and_log(mapping, protocol)
+            if error is not None:
+                mapping.last_error = error
+                log.warning("could not delete %s %d: %s", transport, port, error)
+                return
+            if self.journal is not None:
+                self.journal.remove(self.gateway or "", transport, port)
+            mapping.journalled = None
+            self.events.publish(EventKind.NAT_DEL, port=port, proto=str(transport), owner=mapping.wanted.owner)
+            mapping.state = "pending"
+            mapping.protocol = mapping.asked_via = mapping.asked_until = None
+            mapping.external_port = None
 
     def status(self) -> dict[str, Any]:
         return {

@@ -6,6 +6,12 @@ at worst, so the pool keeps `size` pairs (RTP on an even port, RTCP on the next 
 `take()` hands one out at once, `release()` deletes its mappings at hang-up, and the pool refills in
 the background. The mappings are ordinary engine mappings (owner "rtp-pool", "call:<id>" once taken):
 renewed, verified, journalled and cleaned after a crash like every other.
+
+Bounded under a flood of calls: the pool refills at most `refill_rate` pairs a second, and `map_now`
+maps on demand only while the engine's `map_rate` allows (else it returns None at once and the call is
+refused without a new hole). A pair whose delete the router did not confirm goes back to the range at
+once: the engine keeps the one mapping object for that port, retries its delete, and simply wants it
+again if a later call takes the port.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 
 from autonat.addresses import IPAddress
 from autonat.engine.engine import ManagedMapping, NatEngine, Wanted
+from autonat.limits import TokenBucket
 from autonat.proto.types import Transport
 
 log = logging.getLogger("autonat.pool")
@@ -59,11 +66,20 @@ class PortPairs:
 
 class RtpPool:
     def __init__(
-        self, engine: NatEngine, ports: range | PortPairs, size: int = 4, transport: Transport = Transport.UDP
+        self,
+        engine: NatEngine,
+        ports: range | PortPairs,
+        size: int = 4,
+        transport: Transport = Transport.UDP,
+        *,
+        refill_rate: float = 2.0,
     ) -> None:
         if size < 0:
             raise ValueError("the pool size must be 0 or more")
+        if refill_rate < 0:
+            raise ValueError("the refill rate must be 0 (no limit) or more")
         self.engine = engine
+        self._refills = TokenBucket(refill_rate, max(1.0, refill_rate))
         self.transport = transport
         self.size = size
         self.pairs = ports if isinstance(ports, PortPairs) else PortPairs(ports)
@@ -108,13 +124,14 @@ class RtpPool:
             rtp, rtcp = self._mapping(port), self._mapping(port + 1)
             assert rtp is not None and rtcp is not None and rtp.external_port and rtcp.external_port
             for mapping in (rtp, rtcp):
-                mapping.wanted = Wanted(self.transport, mapping.wanted.internal_port, owner=f"call:{call_id}")
+                self.engine.relabel(self.transport, mapping.wanted.internal_port, f"call:{call_id}")
             return RtpPorts(port, port + 1, rtp.external_ip, rtp.external_port, rtcp.external_port)
         self._wake.set()
         return None
 
     async def release(self, ports: RtpPorts) -> None:
-        """Hang-up: remove the call's mappings from the router; the pair returns to the free list."""
+        """Hang-up: remove the call's mappings from the router; the pair returns to the free list (a delete
+        the router did not confirm is the engine's to retry)."""
         self._in_use.pop(ports.rtp, None)
         await asyncio.gather(
             self.engine.delete(self.transport, ports.rtp), self.engine.delete(self.transport, ports.rtcp)
@@ -124,7 +141,10 @@ class RtpPool:
 
     async def map_now(self, call_id: str) -> RtpPorts | None:
         """A pair mapped on demand, for when the pool is empty: the caller waits for the router (the
-        latency the pool exists to avoid). None if no pair is free or the router refused."""
+        latency the pool exists to avoid). None if no pair is free, the router refused, or `map_rate`
+        allows no new mapping now (a flood must not turn into holes; the call is refused instead)."""
+        if self.engine.map_budget() < 2:
+            return None
         port = self.pairs.acquire()
         if port is None:
             return None
@@ -160,10 +180,14 @@ class RtpPool:
                         await self._wake.wait()
 
     async def _refill(self) -> bool:
-        """Map pairs until `size` are ready; False if the router or the range could not provide them."""
+        """Map pairs until `size` are ready, at most `refill_rate` pairs a second; False if the router or the
+        range could not provide them."""
         if not await self.engine.wait_ready(timeout=REFILL_RETRY) or not self.engine.mapping_enabled:
             return False
+        loop = asyncio.get_running_loop()
         while len(self._ready) < self.size:
+            while not self._refills.take(loop.time()):
+                await asyncio.sleep(self._refills.wait(loop.time()))
             port = self.pairs.acquire()
             if port is None:
                 log.warning("RTP port range exhausted: %d pairs in calls", len(self._in_use))

@@ -10,6 +10,7 @@ from autonat.proto.exchange import DEFAULT_DEADLINE
 
 ProtocolName = Literal["auto", "pcp", "natpmp", "upnp"]
 DEFAULT_UPNP_LEASE: Final = 3600
+DEFAULT_MAX_LEASE: Final = 86400  # a day: longer grants are taken as this (a 2**32-1 s lease is a router bug)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,3 +35,7 @@ class NatSettings:
     timeout: float = DEFAULT_DEADLINE
     shutdown_timeout: float = 2.0
     stun: str | None = None  # "stun:host[:port]": cross-check the router's external address (double NAT)
+    map_rate: float = 10.0  # new mappings a second towards the router (0: no limit); refreshes are not held back
+    max_lease: int = (
+        DEFAULT_MAX_LEASE  # a NAT-PMP/PCP grant longer than this is taken as this (and renewed accordingly)
+    )

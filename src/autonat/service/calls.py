@@ -17,6 +17,7 @@ from autonat.addresses import IPAddress
 from autonat.engine.pool import RtpPorts
 from autonat.proto.errors import DecodeError
 from autonat.service.transport import Peer
+from autonat.sip.admission import Refusal, Ticket
 from autonat.sip.message import Request, Response
 
 _URI_IN_BRACKETS = re.compile(r"<([^>]*)>")
@@ -125,6 +126,8 @@ class Call:
     end_reason: str | None = None
     media: Any = None  # RtpEcho | RtpRelay
     auth_tried: bool = False
+    ticket: Ticket | None = None  # what admission granted it (released at hang-up)
+    refusal: Refusal | None = None  # why its media could not be had (a cap), answered with 503 + Retry-After
 
     def legs(self) -> list[Leg]:
         return [self.a] if self.b is None else [self.a, self.b]

@@ -4,9 +4,11 @@ gateways (`[[profile.extension]]`, `[[profile.gateway]]`). Validated by autonat.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
+
+import re2
 
 
 class Action(enum.StrEnum):
@@ -15,12 +17,43 @@ class Action(enum.StrEnum):
     GATEWAY = "gateway"  # call out through a gateway
 
 
+class Pattern(Protocol):
+    """A compiled dialplan pattern (google-re2's `_Regexp`)."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    @property
+    def groups(self) -> int: ...
+
+    def fullmatch(self, text: str) -> Any: ...
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is our one-line config error, not a line on stderr
+_RE2_OPTIONS.max_mem = 1 << 20  # a pattern whose automaton needs more than 1 MiB is refused
+
+
+def compile_pattern(text: str) -> Pattern:
+    """A dialplan pattern, compiled by RE2: matching takes time linear in the number's length whatever the
+    pattern (a number is untrusted input, and `(a+)+$` must not be a way to stall the service). Patterns
+    RE2 cannot run in linear time (backreferences, lookaround) are refused: ValueError, one line."""
+    try:
+        compiled: Pattern = re2.compile(text, options=_RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        if "escape" in reason or "perl operator" in reason:
+            reason += " (patterns run on RE2, in linear time: no backreferences, no lookaround)"
+        raise ValueError(reason) from None
+    return compiled
+
+
 @dataclass(frozen=True, slots=True)
 class Extension:
-    """FreeSWITCH-style: the destination number must match `pattern` (a regular expression, searched with
-    re.fullmatch); the number dialled onwards is the first group when there is one, else the number."""
+    """FreeSWITCH-style: the destination number must match `pattern` (a regular expression, whole number);
+    the number dialled onwards is the first group when there is one, else the number."""
 
-    pattern: re.Pattern[str]
+    pattern: Pattern
     action: Action
     gateway: str | None = None
 
@@ -28,12 +61,13 @@ class Extension:
         match = self.pattern.fullmatch(number)
         if match is None:
             return None
-        return match.group(1) if match.re.groups and match.group(1) is not None else number
+        first = match.group(1) if self.pattern.groups else None
+        return first if isinstance(first, str) else number
 
 
 DEFAULT_DIALPLAN = (
-    Extension(re.compile("9196"), Action.ECHO),
-    Extension(re.compile(r"[A-Za-z0-9_.\-]{1,64}"), Action.USER),
+    Extension(compile_pattern("9196"), Action.ECHO),
+    Extension(compile_pattern(r"[A-Za-z0-9_.\-]{1,64}"), Action.USER),
 )
 
 
@@ -61,6 +95,7 @@ class SipProfileSettings:
     tls_key: Path | None = None
     dialplan: tuple[Extension, ...] = DEFAULT_DIALPLAN
     gateways: tuple[GatewaySettings, ...] = ()
+    max_media_calls: int | None = None  # calls at once with mapped media on this profile (None: the global cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +112,11 @@ class SipSettings:
     inactivity: float = 30.0  # RTP silence that ends a call (lost BYE)
     max_duration: float = 4 * 3600.0
     max_calls: int = 1000
+    max_media_calls: int = 64  # calls at once whose RTP ports are mapped on the router (2 holes each, 4 bridged)
+    source_call_rate: float = 5.0  # new calls a second from one source address (0: no limit) ...
+    source_call_burst: float = 10.0  # ... with up to this many at once
+    source_max_calls: int = 16  # calls at once from one source address
+    pool_refill_rate: float = 2.0  # RTP pairs a second mapped to refill the pool
     reply_to_source: bool = True  # NAT rule: answer the packet's source even without rport
     min_expires: int = 60
     max_expires: int = 3600

@@ -13,6 +13,10 @@ What each profile does (issue "The test call"):
 
 Media ports for a peer outside come from the RTP pool (mapped ahead, so the 200 OK never waits on the
 router); peers on the local network get an unmapped pair from the same range.
+
+Bounded under a flood (autonat.sip.admission): a new call is admitted within the global, per-source and
+per-profile caps, or refused with 503 + Retry-After before it costs a mapping; refusals are summed up in
+one log line per interval.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from autonat.service.media import RtpEcho, RtpRelay
 from autonat.service.settings import Action, GatewaySettings, SipProfileSettings, SipSettings
 from autonat.service.transport import Peer, SipTransport
 from autonat.sip import client as sipclient
+from autonat.sip.admission import Admission, AdmissionLimits, Refusal, Ticket
 from autonat.sip.client import (
     ClientTransactionTable,
     DeliverResponse,
@@ -129,12 +134,25 @@ class SipService:
         )
         self.pairs = PortPairs(range(settings.rtp_start_port, settings.rtp_end_port + 1))
         self.pool: RtpPool | None = None
-        self.active_calls = 0
+        self.admission = Admission(
+            AdmissionLimits(
+                max_calls=settings.max_calls,
+                max_media_calls=settings.max_media_calls,
+                source_rate=settings.source_call_rate,
+                source_burst=settings.source_call_burst,
+                source_calls=settings.source_max_calls,
+            )
+        )
+        self._admission_clock: _Clock | None = None
         self.sip_profiles: dict[str, SipProfile] = {}
         for name, extra in profile_settings.items():
             if extra.listen:
                 self.sip_profiles[name] = SipProfile(self, profiles.get(name), extra)
         self._registrar_clock: _Clock | None = None
+
+    @property
+    def active_calls(self) -> int:
+        return self.admission.calls
 
     @property
     def calls(self) -> list[Call]:
@@ -157,10 +175,23 @@ class SipService:
                 await profile.stop()
             raise
         if self._wants_pool() and self.engine.settings.mapping:
-            self.pool = RtpPool(self.engine, self.pairs, size=self.settings.pool_size)
+            self.pool = RtpPool(
+                self.engine, self.pairs, size=self.settings.pool_size, refill_rate=self.settings.pool_refill_rate
+            )
             await self.pool.start()
         self._registrar_clock = _Clock(self.registrar.timer, self._expire_registrations)
         self._registrar_clock.update()
+        self._admission_clock = _Clock(self.admission.timer, self._log_refusals)
+
+    def _log_refusals(self, now: float) -> None:
+        line = self.admission.summary(now)
+        if line is not None:
+            log.warning("%s", line)
+
+    def refused(self, now: float) -> None:
+        """A call was refused by a cap: the summary of refusals goes out at the end of its interval."""
+        if self._admission_clock is not None:
+            self._admission_clock.update()
 
     def _expire_registrations(self, now: float) -> None:
         for binding in self.registrar.expire(now):
@@ -171,6 +202,9 @@ class SipService:
             await profile.stop()
         if self._registrar_clock is not None:
             self._registrar_clock.cancel()
+        if self._admission_clock is not None:
+            self._log_refusals(float("inf"))  # what was refused since the last summary
+            self._admission_clock.cancel()
         if self.pool is not None:
             await self.pool.stop()
 
@@ -335,6 +369,8 @@ class SipProfile:
                 for gateway, reg in self._registrations.values()
             },
             "Transports": ",".join(self.transport.transports),
+            "Media-Calls": self.service.admission.profile_media_calls(self.name),
+            "Refused-Calls": {str(refusal): count for refusal, count in self.service.admission.refused.items()},
             "SIP-Messages": {
                 "received": self.transport.stats.received,
                 "sent": self.transport.stats.sent,
@@ -366,17 +402,24 @@ class SipProfile:
         ext = self.settings.ext_rtp_ip
         return ext is not None and ext.from_router
 
-    async def _media_for(self, peer_ip: str, call_id: str) -> MediaPorts | None:
+    async def _media_for(self, call: Call, peer_ip: str, call_id: str) -> MediaPorts | None:
         """Ports for one leg: from the pool (mapped) when the peer gets our external address and the
-        router is ours to map, else an unmapped pair."""
+        router is ours to map, else an unmapped pair. None when no ports can be had; `call.refusal` then
+        says which cap refused them (the call is answered 503 with Retry-After)."""
         service = self.service
         advertised = service.profiles.advertise(self.name, peer_ip, media=True)
         if advertised != self._rtp_ip() and self.external_media and service.pool is not None:
+            assert call.ticket is not None
+            now = self._now()
+            call.refusal = service.admission.admit_media(call.ticket, self.extra.max_media_calls, now)
+            if call.refusal is not None:
+                return None
             ports = service.pool.take(call_id) or await service.pool.map_now(call_id)
-            if ports is not None:
-                address = ports.external_ip or advertised
-                return MediaPorts(ports.rtp, address, ports.external_rtp, ports.external_rtcp, ports)
-            log.warning("call %s: no RTP mapping available; advertising unmapped ports", call_id)
+            if ports is None:
+                call.refusal = service.admission.no_mapping(call.ticket, now)
+                return None
+            address = ports.external_ip or advertised
+            return MediaPorts(ports.rtp, address, ports.external_rtp, ports.external_rtcp, ports)
         port = service.pairs.acquire()
         if port is None:
             return None
@@ -495,7 +538,7 @@ class SipProfile:
             self._on_ack(request)
         elif method == "INVITE":
             if request.to_tag() is None:
-                self._spawn(self._new_call(request, peer))
+                self._new_call(request, peer)
             else:
                 self._on_reinvite(request)
         elif method == "BYE":
@@ -521,17 +564,35 @@ class SipProfile:
             self._reply(request, 405, extra_headers=[("Allow", ALLOW)])
 
     # ------------------------------------------------------------------------------------- calls
-    async def _new_call(self, invite: Request, peer: Peer) -> None:
+    def _new_call(self, invite: Request, peer: Peer) -> None:
         self.calls_in += 1
         to_tag = sipclient.new_tag()
         call_id = invite.call_id()
         if call_id in self.calls:
             self._reply(invite, 482, to_tag=to_tag)  # §8.2.2.2: a merged request (a loop or a fork)
             return
-        if self.service.active_calls >= self.service.settings.max_calls:
-            self.failed_calls += 1
-            self._reply(invite, 503, to_tag=to_tag, extra_headers=[("Retry-After", "5")])
+        admission = self.service.admission
+        ticket = admission.admit(peer.ip, self.name, self._now())
+        if isinstance(ticket, Refusal):
+            self._refuse(invite, ticket, to_tag)
             return
+        admitted = False
+        try:
+            admitted = self._start_call(invite, peer, to_tag, ticket)
+        finally:
+            if not admitted:
+                admission.release(ticket)
+
+    def _refuse(self, invite: Request, refusal: Refusal, to_tag: str) -> None:
+        """A cap said no: 503 with Retry-After (RFC 3261 §21.5.4), costing no mapping and no log line of its
+        own (the admission summary counts it)."""
+        self.failed_calls += 1
+        self._reply(invite, 503, to_tag=to_tag, extra_headers=[("Retry-After", str(refusal.retry_after))])
+        self.service.refused(self._now())
+
+    def _start_call(self, invite: Request, peer: Peer, to_tag: str, ticket: Ticket) -> bool:
+        """Route the admitted INVITE; True once a call holds the ticket (released at its hang-up)."""
+        call_id = invite.call_id()
         number = user_of(invite.uri) or ""
         route = None
         for extension in self.extra.dialplan:
@@ -542,34 +603,34 @@ class SipProfile:
         if route is None:
             self.failed_calls += 1
             self._reply(invite, 404, to_tag=to_tag)
-            return
+            return False
         if first_audio(invite.body.decode("utf-8", "replace")) is None:
             self.failed_calls += 1
             self._reply(invite, 488, to_tag=to_tag)  # no offer (or no audio): we answer offers only
-            return
+            return False
         extension, target = route
         leg = Leg.from_invite(invite, peer, to_tag, self._sip_address(peer.ip))
-        call = Call(kind=str(extension.action), number=number, a=leg, profile=self.name)
+        call = Call(kind=str(extension.action), number=number, a=leg, profile=self.name, ticket=ticket)
         self.calls[call_id] = call
-        self.service.active_calls += 1
         self.service.engine.events.publish(
             EventKind.CALL_START, profile=self.name, call=call.id, number=number, app=call.kind, source=str(peer)
         )
         if extension.action is Action.ECHO:
-            await self._answer_echo(call)
+            self._spawn(self._answer_echo(call))
         elif extension.action is Action.USER:
-            await self._bridge_user(call, target)
+            self._spawn(self._bridge_user(call, target))
         else:
-            await self._bridge_gateway(call, target, extension.gateway or "")
+            self._spawn(self._bridge_gateway(call, target, extension.gateway or ""))
+        return True
 
     async def _answer_echo(self, call: Call) -> None:
         leg = call.a
-        media = await self._media_for(leg.peer.ip, leg.call_id)
+        media = await self._media_for(call, leg.peer.ip, leg.call_id)
         if call.ended:  # cancelled while the router mapped the ports
             await self._release_media(media)
             return
         if media is None:
-            self._fail(call, 503, "no RTP ports free")
+            self._fail(call, 503, "no RTP ports free" if call.refusal is None else f"over {call.refusal}")
             return
         leg.media = media
         echo = RtpEcho(
@@ -713,7 +774,10 @@ class SipProfile:
     def _fail(self, call: Call, status: int, reason: str | None) -> None:
         self.failed_calls += 1
         if call.a.invite is not None and not call.a.answered:
-            self._reply(call.a.invite, status, reason, to_tag=call.a.local_tag)
+            extra = [] if call.refusal is None else [("Retry-After", str(call.refusal.retry_after))]
+            self._reply(call.a.invite, status, reason, to_tag=call.a.local_tag, extra_headers=extra)
+        if call.refusal is not None:
+            self.service.refused(self._now())
         self._hangup(call, reason or f"failed {status}", send_bye=False)
 
     def _hangup(self, call: Call, reason: str, *, send_bye: bool, skip: Leg | None = None) -> None:
@@ -721,7 +785,8 @@ class SipProfile:
             return
         call.ended = True
         call.end_reason = reason
-        self.service.active_calls -= 1
+        if call.ticket is not None:
+            self.service.admission.release(call.ticket)
         for leg in call.legs():
             self.calls.pop(leg.call_id, None)
             self._b_gateways.pop(leg.call_id, None)
@@ -818,8 +883,8 @@ class SipProfile:
         from_user: str | None,
         gateway: GatewaySettings | None = None,
     ) -> None:
-        media_a = await self._media_for(call.a.peer.ip, call.a.call_id)
-        media_b = await self._media_for(peer.ip, call.a.call_id + "-b")
+        media_a = await self._media_for(call, call.a.peer.ip, call.a.call_id)
+        media_b = None if media_a is None else await self._media_for(call, peer.ip, call.a.call_id + "-b")
         if call.ended:  # cancelled while the router mapped the ports
             await self._release_media(media_a)
             await self._release_media(media_b)
@@ -827,7 +892,7 @@ class SipProfile:
         if media_a is None or media_b is None:
             await self._release_media(media_a)
             await self._release_media(media_b)
-            self._fail(call, 503, "no RTP ports free")
+            self._fail(call, 503, "no RTP ports free" if call.refusal is None else f"over {call.refusal}")
             return
         call.a.media = media_a
         local_rtp = self._rtp_ip()

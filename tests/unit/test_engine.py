@@ -1,0 +1,225 @@
+"""The engine's bookkeeping of holes, against an in-process router that keeps a table (tests/fakes).
+
+The promise under test: nothing we asked the router for outlives its lease unknown to the journal, a
+delete the router did not confirm is retried while the daemon runs, and a stop that cannot finish
+leaves tombstones the next start deletes. (Real-router versions: tests/lab/test_abuse.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autonat.engine import engine as engine_module
+from autonat.engine.engine import NatEngine, Wanted
+from autonat.engine.journal import Journal
+from autonat.engine.settings import NatSettings
+from autonat.proto.types import Transport
+from tests.fakes.fake_session import FakeSession, factory_for
+
+UDP = Transport.UDP
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No multicast listeners (the fake router has no network), and delete retries in milliseconds."""
+
+    async def no_listener(*_: Any) -> Any:
+        raise OSError("no network in unit tests")
+
+    monkeypatch.setattr(engine_module.watch, "listen_announcements", no_listener)
+    monkeypatch.setattr(engine_module.watch, "listen_notify", no_listener)
+    monkeypatch.setattr(engine_module, "REMOVE_RETRY", (0.01, 0.02, 0.05))
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def started_engine(session: FakeSession, journal: Journal | None, **settings: Any) -> NatEngine:
+    return NatEngine(NatSettings(protocol="pcp", **settings), journal, session_factory=factory_for(session))
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[tuple[NatEngine, FakeSession, Journal]]:
+    session = FakeSession()
+    journal = Journal(tmp_path / "journal.sqlite")
+    engine = started_engine(session, journal, map_rate=0)
+    await engine.start()
+    assert await engine.wait_ready(2)
+    try:
+        yield engine, session, journal
+    finally:
+        await engine.stop()
+        journal.close()
+
+
+def journalled(journal: Journal) -> dict[int, bool]:
+    """internal port -> desired, for every journal row."""
+    return {entry.internal_port: entry.desired for entry in journal.entries()}
+
+
+async def test_a_delete_the_router_does_not_confirm_is_retried_until_it_is(
+    rig: tuple[NatEngine, FakeSession, Journal],
+) -> None:
+    engine, session, journal = rig
+    await engine.add(Wanted(UDP, 16000))
+    assert (UDP, 16000) in session.pcp.table
+    session.pcp.fail_deletes = True
+    assert await engine.delete(UDP, 16000) is True
+    mapping = engine.mappings[(UDP, 16000)]  # kept: the router may still hold it
+    assert mapping.doomed and engine.status()["mappings"][0]["state"] == "removing"
+    assert journalled(journal) == {16000: False}  # tombstoned: a crash now still deletes it at the next start
+    tries = session.pcp.deletes
+    await until(lambda: session.pcp.deletes >= tries + 2)  # retried in the background, with back-off
+    assert (UDP, 16000) in session.pcp.table and (UDP, 16000) in engine.mappings
+    session.pcp.fail_deletes = False
+    await until(lambda: (UDP, 16000) not in engine.mappings)
+    assert (UDP, 16000) not in session.pcp.table
+    assert journalled(journal) == {}
+    assert engine.removing == 0
+
+
+async def test_wanting_a_port_again_while_its_delete_is_pending_revives_the_one_mapping(
+    rig: tuple[NatEngine, FakeSession, Journal],
+) -> None:
+    engine, session, journal = rig
+    first = await engine.add(Wanted(UDP, 16002, owner="call:a"))
+    session.pcp.fail_deletes = True
+    await engine.delete(UDP, 16002)
+    again = await engine.add(Wanted(UDP, 16002, owner="call:b"))
+    assert again is first and not again.doomed and again.state == "active"
+    assert journalled(journal) == {16002: True}
+    session.pcp.fail_deletes = False
+    await asyncio.sleep(0.2)  # no stale retry may delete what is wanted again
+    assert (UDP, 16002) in session.pcp.table and journalled(journal) == {16002: True}
+
+
+async def test_churn_never_leaves_a_router_mapping_outside_the_journal(tmp_path: Path) -> None:
+    """Calls come and go on a small port range while deletes fail at random: at every step, whatever the
+    router holds for us has a journal row; after stop and a restart on the same journal, nothing is left."""
+    session = FakeSession()
+    session.pcp.delay = 0.001
+    journal = Journal(tmp_path / "journal.sqlite")
+    engine = started_engine(session, journal, map_rate=0, shutdown_timeout=5)
+    await engine.start()
+    assert await engine.wait_ready(2)
+    rng = random.Random(7)
+    ports = [16000 + 2 * i for i in range(12)]
+    live: set[int] = set()
+
+    def check() -> None:
+        rows = journalled(journal)
+        for transport, port in session.pcp.table:
+            assert port in rows, f"router holds {transport} {port}, the journal does not"
+
+    async def call(port: int) -> None:
+        await asyncio.gather(engine.add(Wanted(UDP, port, owner="call")), engine.add(Wanted(UDP, port + 1)))
+        await asyncio.sleep(rng.random() * 0.01)
+        await asyncio.gather(engine.delete(UDP, port), engine.delete(UDP, port + 1))
+
+    tasks: list[asyncio.Task[None]] = []
+    for step in range(300):
+        session.pcp.fail_deletes = rng.random() < 0.3
+        port = rng.choice(ports)
+        if port not in live:
+            live.add(port)
+            task = asyncio.ensure_future(call(port))
+            task.add_done_callback(lambda _, port=port: live.discard(port))
+            tasks.append(task)
+        await asyncio.sleep(0.002)
+        if step % 20 == 0:
+            check()
+    await asyncio.gather(*tasks)
+    check()
+    session.pcp.fail_deletes = False
+    await engine.stop()
+    assert session.pcp.table == {}
+    assert journalled(journal) == {}
+    journal.close()
+
+
+async def test_stop_tombstones_what_the_router_would_not_delete_and_the_next_start_deletes_it(
+    tmp_path: Path,
+) -> None:
+    session = FakeSession()
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    engine = started_engine(session, journal, map_rate=0, shutdown_timeout=0.3)
+    await engine.start()
+    assert await engine.wait_ready(2)
+    for port in (16010, 16011, 16012):
+        await engine.add(Wanted(UDP, port))
+    await engine.add(Wanted(UDP, 5060, sticky=True))
+    session.pcp.fail_deletes = True
+    started = time.monotonic()
+    await engine.stop()
+    assert time.monotonic() - started < 1.5  # bounded by shutdown_timeout, not by the retries
+    assert journalled(journal) == {5060: True, 16010: False, 16011: False, 16012: False}
+    journal.close()
+
+    session.pcp.fail_deletes = False
+    journal = Journal(path)
+    engine = started_engine(session, journal, map_rate=0)
+    await engine.start()
+    assert await engine.wait_ready(2)
+    await until(lambda: set(session.pcp.table) == {(UDP, 5060)})
+    assert journalled(journal) == {5060: True}
+    await engine.stop()
+    journal.close()
+
+
+async def test_a_request_whose_answer_was_lost_is_deleted_at_stop(tmp_path: Path) -> None:
+    session = FakeSession()
+    journal = Journal(tmp_path / "journal.sqlite")
+    engine = started_engine(session, journal, map_rate=0, timeout=0.2)
+    await engine.start()
+    assert await engine.wait_ready(2)
+    session.pcp.lose_add_answers = True
+    mapping = await engine.add(Wanted(UDP, 16020))
+    assert mapping.state == "failed" and (UDP, 16020) in session.pcp.table  # made, though we never heard
+    assert journalled(journal) == {16020: True}
+    await engine.stop()
+    assert session.pcp.table == {} and journalled(journal) == {}
+
+
+async def test_a_removal_is_given_up_only_once_the_lease_has_certainly_run_out(
+    rig: tuple[NatEngine, FakeSession, Journal],
+) -> None:
+    engine, session, journal = rig
+    mapping = await engine.add(Wanted(UDP, 16030))
+    session.pcp.fail_deletes = True
+    await engine.delete(UDP, 16030)
+    await asyncio.sleep(0.1)
+    assert (UDP, 16030) in engine.mappings  # the lease (7200 s) is far from over: keep trying
+    assert mapping.expires_wall is not None and mapping.asked_until is not None
+    mapping.expires_wall = mapping.asked_until = time.time() - engine_module.EXPIRY_MARGIN - 1
+    await until(lambda: (UDP, 16030) not in engine.mappings)
+    assert journalled(journal) == {}
+
+
+async def test_new_mappings_reach_the_router_at_most_map_rate_a_second(tmp_path: Path) -> None:
+    session = FakeSession()
+    engine = started_engine(session, None, map_rate=20)
+    await engine.start()
+    assert await engine.wait_ready(2)
+    started = time.monotonic()
+    for port in range(17000, 17040):
+        await engine.add(Wanted(UDP, port), wait=0)
+    assert len(session.pcp.table) <= 20 + 1  # the burst, not forty
+    assert engine.map_budget() < 1
+    await until(lambda: len(session.pcp.table) == 40, timeout=5)
+    assert time.monotonic() - started >= 0.9  # the other twenty waited for tokens (20 a second)
+    before = session.pcp.adds
+    await engine.republish()  # refreshes are not new holes: not held back
+    assert session.pcp.adds == before + 40
+    await engine.stop()
