@@ -6,7 +6,8 @@ ever see `PortMapper`; whether PCP, NAT-PMP or UPnP IGD is underneath is a detai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol
 
@@ -16,6 +17,12 @@ IPAddress = IPv4Address | IPv6Address
 
 DEFAULT_LIFETIME = 7200  # RFC 6886 §3.3 recommends 7200 s; finite leases always (never "permanent")
 MAX_LIFETIME = 604800  # one week: longer than any router grants; beyond it a typo, not a wish
+MAX_GRANTED_LIFETIME = 86400
+"""Longest NAT-PMP/PCP grant believed (the default `max_lifetime`): a day. RFC 6886 §3.3 and RFC 6887
+§15 let the server pick the lifetime; a 4,294,967,295 s grant would never be renewed (§11.2.1 renews
+at half of it) and would outlive, on paper, a router that forgot it long ago."""
+
+holes = logging.getLogger("autonat.holes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,3 +115,27 @@ class PortMapper(Protocol):
     async def delete(self, transport: Transport, internal_port: int) -> None:
         """Remove our mapping of `internal_port`; deleting one that is not there is success."""
         ...
+
+
+def check_max_lifetime(max_lifetime: int) -> int:
+    """`max_lifetime` as given, or ValueError: a cap below one second is a caller bug."""
+    if isinstance(max_lifetime, bool) or not isinstance(max_lifetime, int) or max_lifetime < 1:
+        raise ValueError(f"max_lifetime must be a positive number of seconds, not {max_lifetime!r}")
+    return max_lifetime
+
+
+def cap_grant(mapping: Mapping, max_lifetime: int) -> Mapping:
+    """A NAT-PMP/PCP grant longer than `max_lifetime` is treated as `max_lifetime`, so it is renewed
+    on that schedule; logged as a warning, since the router still holds it for what it said."""
+    if mapping.lifetime <= max_lifetime:
+        return mapping
+    holes.warning(
+        "router granted a %d s lease for %s %s:%d via %s; treating it as %d s (renewed accordingly)",
+        mapping.lifetime,
+        mapping.transport,
+        mapping.external_ip or "?",
+        mapping.external_port,
+        mapping.protocol,
+        max_lifetime,
+    )
+    return replace(mapping, lifetime=max_lifetime)

@@ -98,6 +98,27 @@ def fakenet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeNet]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The fixed cost of one CLI process here: interpreter start, imports, one refused connection."""
+
+    seconds: float
+    max_rss_kb: int
+
+
+@pytest.fixture(scope="session")
+def baseline(fakenet: FakeNet) -> Baseline:
+    """Measured with nothing listening (the gateway answers the connection with a reset), best of
+    three, so a hostile scenario's time and memory can be judged beyond what any run costs."""
+    runs = [
+        fakenet.autonat("probe", "--protocol", "upnp", "--root-url", f"http://{GATEWAY}:5999/rootDesc.xml", "--json")
+        for _ in range(3)
+    ]
+    for run in runs:
+        assert run.code == 7 and "Connect call failed" in run.stderr, run.stderr
+    return Baseline(min(run.seconds for run in runs), max(run.max_rss_kb for run in runs))
+
+
 @dataclass
 class RunningIgd:
     log: Path

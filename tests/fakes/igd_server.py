@@ -206,6 +206,9 @@ class FakeIgd:
             elif self.scenario == "drip":
                 await self.drip(writer)
                 return
+            elif self.scenario in HOSTILE:
+                await HOSTILE[self.scenario](writer)
+                return
             else:
                 status, payload = 200, description(self.address)
         elif path == "/WANIPCn.xml":
@@ -234,6 +237,63 @@ class FakeIgd:
             writer.write(bytes([byte]))
             await writer.drain()
             await asyncio.sleep(1.0)
+
+
+async def huge_header_line(writer: asyncio.StreamWriter) -> None:
+    """100 MB of one header line that never ends (measured on main: 46.7 s and 231 MB)."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nX-Junk: ")
+    chunk = b"A" * 65536
+    for _ in range(100 * 1024 * 1024 // len(chunk)):
+        writer.write(chunk)
+        await writer.drain()
+
+
+async def header_drip(writer: asyncio.StreamWriter) -> None:
+    """A valid start, then one header byte every 50 ms: each read is quick, the head never ends."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nX-Drip: ")
+    for _ in range(1200):  # 60 s at most: the test kills us long before
+        writer.write(b"A")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+async def chunked_drip(writer: asyncio.StreamWriter) -> None:
+    """A chunked body of one-byte chunks, one every 50 ms."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(1200):
+        writer.write(b"1\r\n<\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+async def chunked_flood(writer: asyncio.StreamWriter) -> None:
+    """10 MB of one-byte chunks: under the decoded-body cap for long, never under the wire cap."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"1\r\nA\r\n" * 10000
+    for _ in range(10 * 1024 * 1024 // len(chunk)):
+        writer.write(chunk)
+        await writer.drain()
+
+
+async def many_headers(writer: asyncio.StreamWriter) -> None:
+    """200 short header lines: well under the byte cap, over the count cap."""
+    writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 200 + b"Content-Length: 0\r\n\r\n")
+    await writer.drain()
+
+
+async def hang(writer: asyncio.StreamWriter) -> None:
+    """Accept, read the request, never answer."""
+    await asyncio.sleep(60)
+
+
+HOSTILE = {
+    "huge_header_line": huge_header_line,
+    "header_drip": header_drip,
+    "chunked_drip": chunked_drip,
+    "chunked_flood": chunked_flood,
+    "many_headers": many_headers,
+    "hang": hang,
+}
 
 
 class SsdpResponder(asyncio.DatagramProtocol):

@@ -25,6 +25,7 @@ class FakeRouter(asyncio.DatagramProtocol):
     natpmp_only: bool = False
     silent: bool = False
     pcp_silent: bool = False
+    granted_lifetime: int | None = None  # grant this instead of what was asked (deletes stay 0)
     script: Reply | None = None
     received: list[bytes] = field(default_factory=list)
     transport: asyncio.DatagramTransport | None = None
@@ -60,7 +61,7 @@ class FakeRouter(asyncio.DatagramProtocol):
                     self.now_epoch(),
                     request.internal_port,
                     0 if request.lifetime == 0 else external,
-                    request.lifetime,
+                    self.grant(request.lifetime),
                 ).encode()
             ]
         if self.natpmp_only:
@@ -80,7 +81,11 @@ class FakeRouter(asyncio.DatagramProtocol):
                 request.map.external_port or request.map.internal_port,
                 self.external,
             )
-        return pcp.Response(2, request.opcode, result, request.lifetime, self.now_epoch(), map_data, ()).encode()
+        lifetime = self.grant(request.lifetime)
+        return pcp.Response(2, request.opcode, result, lifetime, self.now_epoch(), map_data, ()).encode()
+
+    def grant(self, asked: int) -> int:
+        return asked if asked == 0 or self.granted_lifetime is None else self.granted_lifetime
 
 
 async def start_fake_router(**kwargs: Any) -> tuple[FakeRouter, int]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from autonat.lab import Lab
 from tests.lab.cli_helpers import autonat, autonat_json, listed, reaches_lan
 
 pytestmark = pytest.mark.lab
+IGD_SERVER = str(Path(__file__).parents[1] / "fakes" / "igd_server.py")
 
 
 def test_probe_lists_upnp_with_root_url_and_device(lab: Lab, state_dir: Path) -> None:
@@ -97,3 +101,37 @@ def test_a_port_held_by_another_host_moves_our_mapping_elsewhere(lab: Lab, state
         )
     finally:
         lab.run("router", ["upnpc", "-u", lab.root_url, "-d", "7200", "UDP"], timeout=20)
+
+
+def test_a_hostile_neighbour_neither_wins_nor_hides_why_it_was_discarded(lab: Lab, state_dir: Path) -> None:
+    """A host on the LAN (here: beside us on the lan host, our address as its LOCATION) answers SSDP too
+    and serves a 100 MB header line. The real router still wins; with the router silent, the one-line
+    error names the neighbour's offence, within the deadline."""
+    log = state_dir.parent / "neighbour.log"
+    neighbour = lab.popen(
+        "lan",
+        [sys.executable, IGD_SERVER, "huge_header_line", Lab.LAN_ADDRESS, str(log)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    hostile = f"http://{Lab.LAN_ADDRESS}:{Lab.HTTP_PORT}/rootDesc.xml"
+    try:
+        assert neighbour.stdout is not None and neighbour.stdout.readline().strip() == "ready"
+        data = autonat_json(lab, state_dir, "probe", "--protocol", "upnp")
+        upnp = data["protocols"]["upnp"]
+        assert upnp["available"] is True and upnp["root_url"] == lab.root_url
+        outcomes = {candidate["location"]: candidate["outcome"] for candidate in upnp["candidates"]}
+        assert outcomes[lab.root_url] == "usable"
+        assert outcomes.get(hostile, "failed") in ("failed", "unfinished")  # never chosen, whenever it answered
+        lab.stop_router()
+        started = time.monotonic()
+        result = autonat(lab, state_dir, "probe", "--protocol", "upnp", "--timeout", "2")
+        assert time.monotonic() - started < 2 * 1.1 + 1  # the deadline +10 %, plus the process's start
+        assert result.returncode == 7
+        [line] = result.stderr.strip().splitlines()
+        assert f"router's reply headers from {hostile} exceed 16384 bytes" in line, line
+    finally:
+        neighbour.kill()
+        neighbour.wait(timeout=10)
+        lab.start_router()

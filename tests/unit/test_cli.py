@@ -6,6 +6,7 @@ before any I/O, and the "dead router" is an address on loopback where nothing li
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -61,3 +62,15 @@ def test_help_and_version_exit_zero(tmp_path: Path) -> None:
     assert run("--version", tmp_path=tmp_path).stdout.startswith("autonat, version")
     result = run("map", "add", "--help", tmp_path=tmp_path)
     assert result.returncode == 0 and "--external-port" in result.stdout
+
+
+def test_probe_json_lists_the_igd_candidates_even_when_none_answered(tmp_path: Path) -> None:
+    # Nothing answers SSDP on loopback: no candidate, and the one line says so within the deadline.
+    result = run(
+        "probe", "--gateway", "127.0.0.1", "--protocol", "upnp", "--timeout", "0.5", "--json", tmp_path=tmp_path
+    )
+    assert result.returncode == 7
+    [line] = result.stderr.strip().splitlines()
+    assert line.endswith("(upnp: no usable IGD answered SSDP within 0.5 s)")
+    upnp = json.loads(result.stdout)["protocols"]["upnp"]
+    assert upnp["candidates"] == [] and upnp["available"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address
@@ -14,9 +15,9 @@ from autonat.aio.channel import DatagramChannel
 from autonat.aio.natpmp import NatPmpClient
 from autonat.aio.pcp import PcpClient
 from autonat.aio.route import RouterLocation
-from autonat.aio.router import RouterSession, reply_key
+from autonat.aio.router import ProtocolChoice, RouterSession, reply_key
 from autonat.errors import RouterRefused, RouterTimeout
-from autonat.mapper import MappingRequest
+from autonat.mapper import MAX_GRANTED_LIFETIME, MappingRequest
 from autonat.proto import natpmp, pcp
 from autonat.proto.types import Transport
 from tests.fakes.pcp_natpmp_router import start_fake_router
@@ -227,4 +228,52 @@ async def test_many_exchanges_in_flight_are_each_answered_once() -> None:
     results = await asyncio.gather(*(pcp_client.add(MappingRequest(Transport.UDP, p)) for p in range(20000, 20500)))
     assert sorted(m.internal_port for m in results) == list(range(20000, 20500))
     assert not channel.drops
+    channel.close()
+
+
+# --- lease cap: a grant above max_lifetime is treated as max_lifetime, with a warning ----------------
+
+HUGE = 0xFFFFFFFF  # 4,294,967,295 s: 136 years
+
+
+@pytest.mark.parametrize("protocol", ["natpmp", "pcp"])
+async def test_a_huge_grant_is_treated_as_a_day_with_a_warning(
+    protocol: ProtocolChoice, session_factory: list[RouterSession], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, port = await start_fake_router(granted_lifetime=HUGE)
+    session = await open_session(port, session_factory)
+    with caplog.at_level(logging.INFO, logger="autonat.holes"):
+        mapping = await session.add(MappingRequest(Transport.UDP, 5060, lifetime=7200), protocol)
+    assert mapping.lifetime == MAX_GRANTED_LIFETIME == 86400
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == (
+        f"router granted a {HUGE} s lease for udp 203.0.113.1:5060 via {protocol}; treating it as 86400 s"
+        " (renewed accordingly)"
+    )
+    assert "lease 86400 s" in caplog.records[-1].getMessage()  # the "opened" line reports the cap
+
+
+@pytest.mark.parametrize("protocol", ["natpmp", "pcp"])
+async def test_the_cap_is_the_session_s_max_lifetime_and_grants_below_it_are_kept(
+    protocol: ProtocolChoice, session_factory: list[RouterSession], caplog: pytest.LogCaptureFixture
+) -> None:
+    router, port = await start_fake_router(granted_lifetime=3601)
+    location = RouterLocation(LOOPBACK, LOOPBACK, "lo")
+    session = RouterSession(location, await DatagramChannel.open(LOOPBACK), 2.0, server_port=port, max_lifetime=3600)
+    session_factory.append(session)
+    with caplog.at_level(logging.WARNING, logger="autonat.holes"):
+        capped = await session.add(MappingRequest(Transport.UDP, 5060, lifetime=600), protocol)
+        router.granted_lifetime = 3600
+        kept = await session.add(MappingRequest(Transport.UDP, 5062, lifetime=600), protocol)
+    assert (capped.lifetime, kept.lifetime) == (3600, 3600)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+async def test_a_cap_below_one_second_is_refused_before_any_socket() -> None:
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="max_lifetime must be a positive number of seconds"):
+            await RouterSession.open(gateway="127.0.0.1", max_lifetime=bad)
+    channel = await DatagramChannel.open(LOOPBACK, reply_key)
+    with pytest.raises(ValueError, match="max_lifetime"):
+        PcpClient(channel, LOOPBACK, LOOPBACK, b"s" * 32, max_lifetime=0)
     channel.close()

@@ -1,4 +1,5 @@
-"""SSDP codec (UPnP DA 1.1 §1): M-SEARCH, search responses, NOTIFY, and the LOCATION SSRF guard."""
+"""SSDP codec (UPnP DA 1.1 §1): M-SEARCH, search responses, NOTIFY, and the LOCATION SSRF guard; then
+what the search hands on (aio/ssdp.py) and how discovery reports its candidates (aio/upnp.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from autonat.aio import http as aio_http
+from autonat.aio import ssdp as aio_ssdp
+from autonat.aio.route import RouterLocation
+from autonat.aio.upnp import Candidate, _reasons
 from autonat.proto import ssdp
 from autonat.proto.errors import DecodeError
 from autonat.proto.ssdp import Location, Notify, SearchResponse
@@ -448,3 +453,102 @@ def test_arbitrary_locations_only_decode_error(text: str) -> None:
 def test_msearch_parses_as_msearch(target: str, mx: int) -> None:
     with pytest.raises(DecodeError, match="not a response"):
         ssdp.parse_datagram(ssdp.build_msearch(target, mx))
+
+
+# --- the asyncio side: what a search hands on (aio/ssdp.py), and what discovery reports (aio/upnp.py) ---
+
+WHERE = RouterLocation(GATEWAY, IPv4Address("192.168.77.10"), "eth0", LAN)
+
+
+def _reply(location: str) -> bytes:
+    return MINIUPNPD_RESPONSE.replace(b"http://192.168.77.1:5000/rootDesc.xml", location.encode("latin-1"))
+
+
+def _offered(protocol: aio_ssdp._SearchProtocol) -> list[aio_ssdp.Found | aio_ssdp.Refused]:
+    offered = []
+    while not protocol.found.empty():
+        offered.append(protocol.found.get_nowait())
+    return offered
+
+
+async def test_a_refused_location_is_handed_on_with_its_reason_once() -> None:
+    protocol = aio_ssdp._SearchProtocol(WHERE)
+    for _ in range(3):  # every search target and retransmission draws the same answer
+        protocol.datagram_received(_reply("http://127.0.0.1:5000/rootDesc.xml"), ("192.168.77.1", 1900))
+        protocol.datagram_received(MINIUPNPD_RESPONSE, ("192.168.77.1", 1900))
+    refused, found = _offered(protocol)
+    assert isinstance(refused, aio_ssdp.Refused) and isinstance(found, aio_ssdp.Found)
+    assert refused.location == "http://127.0.0.1:5000/rootDesc.xml" and "127.0.0.1" in refused.reason
+    assert str(refused.responder) == "192.168.77.1"
+    assert found.location.url == "http://192.168.77.1:5000/rootDesc.xml"
+    assert sum(count for reason, count in protocol.drops.items() if "LOCATION" in reason) == 1
+
+
+async def test_what_one_host_and_all_hosts_can_offer_is_bounded() -> None:
+    protocol = aio_ssdp._SearchProtocol(WHERE)
+    for port in range(2000, 2100):
+        protocol.datagram_received(_reply(f"http://192.168.77.66:{port}/d.xml"), ("192.168.77.66", 1900))
+    assert len(_offered(protocol)) == aio_ssdp.MAX_LOCATIONS_PER_RESPONDER
+    for host in range(100, 200):  # forged source addresses, one LOCATION each
+        protocol.datagram_received(_reply(f"http://192.168.77.{host}:80/d.xml"), (f"192.168.77.{host}", 1900))
+    assert len(_offered(protocol)) == aio_ssdp.MAX_CANDIDATES - aio_ssdp.MAX_LOCATIONS_PER_RESPONDER
+    assert protocol.drops["too many LOCATIONs offered; the rest ignored"] == 96 + 88
+
+
+async def test_a_location_another_host_points_at_the_gateway_is_fetched_once() -> None:
+    protocol = aio_ssdp._SearchProtocol(WHERE)
+    protocol.datagram_received(MINIUPNPD_RESPONSE, ("192.168.77.1", 1900))
+    protocol.datagram_received(MINIUPNPD_RESPONSE, ("192.168.77.66", 1900))
+    assert len(_offered(protocol)) == 1
+
+
+@given(st.lists(st.tuples(st.integers(1, 254), st.binary(max_size=200)), max_size=60))
+@settings(max_examples=150)
+def test_whatever_is_offered_the_search_hands_on_a_bounded_printable_list(offers: list[tuple[int, bytes]]) -> None:
+    protocol = aio_ssdp._SearchProtocol(WHERE)
+    for host, location in offers:
+        reply = MINIUPNPD_RESPONSE.replace(b"http://192.168.77.1:5000/rootDesc.xml", location)
+        protocol.datagram_received(reply, (f"192.168.77.{host}", 1900))
+    offered = _offered(protocol)
+    assert len(offered) <= aio_ssdp.MAX_CANDIDATES
+    for item in offered:
+        if isinstance(item, aio_ssdp.Refused):
+            assert item.location.isprintable() and "\n" not in item.reason
+        else:
+            assert item.location.host in (item.responder, GATEWAY)
+
+
+@given(st.text(max_size=300))
+def test_untrusted_text_is_quoted_on_one_line(text: str) -> None:
+    shown = aio_ssdp.printable(text)
+    assert len(shown) <= aio_ssdp.SHOWN_LOCATION + 3
+    assert len(shown.splitlines()) <= 1 and shown.isprintable()
+
+
+def test_an_unfinished_candidate_names_the_exchange_that_stalled() -> None:
+    candidate = Candidate("http://192.168.77.1:5000/rootDesc.xml", "192.168.77.1", started=10.0)
+    done = aio_http.Progress("http://192.168.77.1:5000/rootDesc.xml", 1000, phase=aio_http.DONE)
+    stalled = aio_http.Progress("http://192.168.77.1:5000/ctl", 1000, phase=aio_http.WAITING)
+    candidate.trace += [done, stalled]
+    candidate.unfinished(12.04)
+    assert candidate.to_dict() == {
+        "location": "http://192.168.77.1:5000/rootDesc.xml",
+        "responder": "192.168.77.1",
+        "outcome": "unfinished",
+        "reason": "http://192.168.77.1:5000/ctl: connected, request sent, no reply, unfinished after 2.0 s",
+    }
+    candidate.unfinished(20.0)  # settled once: a later cut-off changes nothing
+    assert "after 2.0 s" in candidate.reason
+
+
+def test_the_error_names_the_first_few_candidates_and_counts_the_rest() -> None:
+    candidates = [Candidate(f"http://192.168.77.{n}:80/d.xml", f"192.168.77.{n}", 0.0) for n in range(2, 8)]
+    candidates[0].settle("refused", "LOCATION points to 127.0.0.1: loopback")
+    candidates[1].settle("usable", "fine")
+    for candidate in candidates[2:]:
+        candidate.settle("failed", f"router's description from {candidate.location} is unusable")
+    text = _reasons(candidates)
+    assert text.startswith(" (192.168.77.2 offered LOCATION http://192.168.77.2:80/d.xml, refused: LOCATION points")
+    assert "fine" not in text and text.endswith("; and 2 more)")
+    assert "http://192.168.77.4:80/d.xml: router's" not in text  # the location is named once, not twice
+    assert _reasons([]) == ""

@@ -6,6 +6,21 @@ us wait past a total deadline (a server that drips one byte a second defeats per
 us read an unbounded header or body, or redirect us elsewhere. It reads no proxy settings from the
 environment: router traffic goes to the router.
 
+The caps hold on partial input, as bytes arrive, because llhttp reports a header only once it is
+complete and httptools meanwhile accumulates the partial value itself (by concatenation: quadratic).
+A header line that never ends was therefore never capped: measured on a LAN host answering SSDP with
+a 100 MB header line, `probe --timeout 2` ran 46.7 s and grew to 231 MB. So:
+
+- the head (status line, headers, blank line) may take at most `MAX_HEADER_SIZE` bytes of the wire,
+  counted as they are fed: the parser never sees more than that before the headers are complete;
+- at most `MAX_HEADERS` header lines (trailers included);
+- the body is capped by the caller's `max_body` in decoded bytes, and on the wire (chunk framing and
+  trailers included) at twice that beyond the read that ended the head, so a reply of one-byte
+  chunks or an endless chunk extension cannot stream forever under the body cap;
+- one deadline covers connect, send and every read. asyncio's timeout only fires when the task
+  suspends, and `sock_recv` returns without suspending while data is ready, so the loop also checks
+  the clock after every read: a sender that keeps the socket full cannot starve the timer.
+
 Why not a full client library: one connection per request is all a router needs (miniupnpd closes
 after every reply), and the layers cost more than the router does. Measured in the lab for one SOAP
 POST: raw blocking socket 0.12 ms, this module 0.23 ms, h11 over asyncio streams 0.55 ms, httpx
@@ -24,9 +39,24 @@ import httptools
 from autonat.errors import RouterRefused, RouterTimeout
 
 MAX_HEADER_SIZE = 16 * 1024
+"""The whole head of a reply, as h11 and node.js (`--max-http-header-size`, 16 KiB) bound it; a
+router's head is a few hundred bytes."""
+
+MAX_HEADERS = 100
+"""Header lines per reply: Apache httpd's `LimitRequestFields` default (node.js allows 2000, for
+browsers' cookie piles); miniupnpd sends 6."""
+
+BODY_WIRE_FACTOR = 2
+"""The body may take `max_body * BODY_WIRE_FACTOR` bytes on the wire: room for chunk framing and
+trailers, never an unbounded stream of framing around a capped body."""
+
 CONNECT_TIMEOUT = 1.0  # a router on the LAN accepts in a millisecond; the total deadline still applies
 READ_SIZE = 65536
 USER_AGENT = "autonat UPnP/1.1"
+
+# How far an exchange got; the timeout message says where it stalled (a hang, a drip, a full socket).
+CONNECTING, SENDING, WAITING, HEAD, BODY = "connecting", "sending", "waiting", "head", "body"
+DONE, FAILED = "done", "failed"
 
 
 class RouterHttpError(RouterRefused):
@@ -42,31 +72,42 @@ class HttpReply:
     body: bytes
 
 
-@dataclass
-class _Reply:
-    """httptools' callback target: collects one response, enforcing the caps as bytes arrive."""
+@dataclass(slots=True)
+class Progress:
+    """One exchange: httptools' callback target, enforcing the caps as bytes arrive, and a record of
+    how far it got (read by a caller whose own deadline ends it first, e.g. SSDP discovery)."""
 
     url: str
     max_body: int
-    header_bytes: int = 0
+    phase: str = CONNECTING
+    head_bytes: int = 0  # wire bytes fed while the head was incomplete
+    body_wire_bytes: int = 0  # wire bytes fed after it
+    headers: int = 0
     content_length: int | None = None
+    chunked: bool = False
     headers_done: bool = False
     complete: bool = False
     body: bytearray = field(default_factory=bytearray)
 
+    # --- httptools callbacks (an exception raised here aborts feed_data) -------------------------
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > MAX_HEADER_SIZE:
-            raise RouterHttpError(f"router's reply headers from {self.url} exceed {MAX_HEADER_SIZE} bytes")
-        if name.lower() == b"content-length" and value.strip().isdigit():
+        self.headers += 1
+        if self.headers > MAX_HEADERS:
+            raise RouterHttpError(f"router's reply from {self.url} has more than {MAX_HEADERS} header lines")
+        name = name.lower()
+        if name == b"content-length" and value.strip().isdigit():
             self.content_length = int(value)
             if self.content_length > self.max_body:
                 raise RouterHttpError(
                     f"router's reply from {self.url} is {self.content_length} bytes, over the {self.max_body} cap"
                 )
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            self.chunked = True
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        self.phase = BODY
 
     def on_body(self, chunk: bytes) -> None:
         self.body += chunk
@@ -75,6 +116,61 @@ class _Reply:
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self.phase = DONE
+
+    # --- feeding ----------------------------------------------------------------------------------
+
+    def feed(self, parser: httptools.HttpResponseParser, data: bytes | memoryview) -> None:
+        """Feed one read, counting it against the head cap until the head is complete and against
+        the body's wire cap after; the parser never holds more than the caps allow."""
+        if not self.headers_done:
+            self.phase = HEAD
+            room = MAX_HEADER_SIZE - self.head_bytes
+            if len(data) <= room:
+                self.head_bytes += len(data)
+                _feed(parser, data, self.url)
+                if not self.headers_done and self.head_bytes >= MAX_HEADER_SIZE:
+                    raise RouterHttpError(f"router's reply headers from {self.url} exceed {MAX_HEADER_SIZE} bytes")
+                return
+            # More than the head may still take: feed only that much; the rest only if the head ended in it.
+            view = memoryview(data)
+            self.head_bytes = MAX_HEADER_SIZE
+            _feed(parser, view[:room], self.url)
+            if not self.headers_done:
+                raise RouterHttpError(f"router's reply headers from {self.url} exceed {MAX_HEADER_SIZE} bytes")
+            data = view[room:]
+        self.body_wire_bytes += len(data)
+        if self.body_wire_bytes > self.max_body * BODY_WIRE_FACTOR:
+            raise RouterHttpError(
+                f"router's reply from {self.url} exceeds {self.max_body * BODY_WIRE_FACTOR} bytes on the wire"
+                " (chunk framing and trailers included)"
+            )
+        _feed(parser, data, self.url)
+
+    def stalled(self) -> str:
+        """Where the exchange stood when its time ran out, in words."""
+        if self.phase == CONNECTING:
+            return "connection not accepted"
+        if self.phase == SENDING:
+            return "request not taken"
+        if self.phase == WAITING:
+            return "connected, request sent, no reply"
+        if not self.headers_done:
+            return f"reply headers incomplete ({self.head_bytes} bytes)"
+        of = f" of {self.content_length}" if self.content_length is not None else ""
+        return f"reply body incomplete ({len(self.body)}{of} bytes)"
+
+
+def _feed(parser: httptools.HttpResponseParser, data: bytes | memoryview, url: str) -> None:
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserCallbackError as exc:
+        cause = exc.__context__
+        raise cause if isinstance(cause, RouterHttpError) else RouterHttpError(str(exc)) from None
+    except httptools.HttpParserUpgrade:
+        raise RouterHttpError(f"router tried to upgrade the connection for {url}") from None
+    except httptools.HttpParserError as exc:
+        raise RouterHttpError(f"router sent malformed HTTP for {url}: {exc}") from None
 
 
 def _serialize(method: str, target: str, host: str, headers: dict[str, str], content: bytes) -> bytes:
@@ -99,27 +195,41 @@ async def request(
     deadline: float,
     headers: dict[str, str] | None = None,
     content: bytes = b"",
+    trace: list[Progress] | None = None,
 ) -> HttpReply:
-    """One request on a fresh connection, within `deadline` seconds in all; errors are one line."""
+    """One request on a fresh connection, within `deadline` seconds in all; errors are one line.
+
+    `trace`, if given, gets this exchange's `Progress` appended at the start, so a caller that
+    cancels it (its own deadline came first) can still say how far it got.
+    """
     parts = urlsplit(url)
     if parts.scheme != "http" or parts.hostname is None:
         raise RouterHttpError(f"refusing to fetch {url}: only http URLs to the router")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     payload = _serialize(method, target, parts.netloc, headers or {}, content)
+    progress = Progress(url, max_body)
+    if trace is not None:
+        trace.append(progress)
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(deadline):
-            return await _exchange((parts.hostname, parts.port or 80), payload, url, max_body)
+            return await _exchange((parts.hostname, parts.port or 80), payload, progress, loop.time() + deadline)
     except TimeoutError:
-        raise RouterTimeout(f"router did not answer {url} within {deadline:g} s") from None
+        stalled, progress.phase = progress.stalled(), FAILED
+        raise RouterTimeout(f"router did not answer {url} within {deadline:g} s ({stalled})") from None
     except OSError as exc:
+        progress.phase = FAILED
         raise RouterHttpError(f"HTTP to {url} failed: {exc.strerror or exc}") from None
+    except RouterHttpError:
+        progress.phase = FAILED
+        raise
 
 
-async def _exchange(address: tuple[str, int], payload: bytes, url: str, max_body: int) -> HttpReply:
+async def _exchange(address: tuple[str, int], payload: bytes, progress: Progress, end: float) -> HttpReply:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    reply = _Reply(url, max_body)
-    parser = httptools.HttpResponseParser(reply)
+    url = progress.url
+    parser = httptools.HttpResponseParser(progress)
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
         try:
@@ -129,24 +239,21 @@ async def _exchange(address: tuple[str, int], payload: bytes, url: str, max_body
             raise RouterHttpError(
                 f"router did not accept a connection for {url} within {CONNECT_TIMEOUT:g} s"
             ) from None
+        progress.phase = SENDING
         await loop.sock_sendall(sock, payload)
-        while not reply.complete:
+        progress.phase = WAITING
+        while not progress.complete:
             data = await loop.sock_recv(sock, READ_SIZE)
             if not data:
                 # A reply without Content-Length or chunking ends when the router closes.
-                if reply.headers_done and reply.content_length is None:
+                if progress.headers_done and progress.content_length is None and not progress.chunked:
+                    progress.phase = DONE
                     break
                 raise RouterHttpError(f"router closed the connection for {url} before the reply was complete")
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserCallbackError as exc:
-                cause = exc.__context__
-                raise cause if isinstance(cause, RouterHttpError) else RouterHttpError(str(exc)) from None
-            except httptools.HttpParserUpgrade:
-                raise RouterHttpError(f"router tried to upgrade the connection for {url}") from None
-            except httptools.HttpParserError as exc:
-                raise RouterHttpError(f"router sent malformed HTTP for {url}: {exc}") from None
+            progress.feed(parser, data)
+            if loop.time() >= end:
+                raise TimeoutError  # the socket never ran dry, so asyncio's timer never got its turn
     status = parser.get_status_code()
     if 300 <= status < 400:
         raise RouterHttpError(f"router redirected {url} elsewhere; redirects are refused")
-    return HttpReply(status, bytes(reply.body))
+    return HttpReply(status, bytes(progress.body))

@@ -8,7 +8,14 @@ from ipaddress import IPv4Address, IPv6Address
 
 from autonat.aio.channel import DatagramChannel
 from autonat.errors import RouterNotFound, RouterRefused, RouterTimeout
-from autonat.mapper import Mapping, MappingRequest, ProtocolStatus
+from autonat.mapper import (
+    MAX_GRANTED_LIFETIME,
+    Mapping,
+    MappingRequest,
+    ProtocolStatus,
+    cap_grant,
+    check_max_lifetime,
+)
 from autonat.proto import natpmp
 from autonat.proto.epoch import EpochTracker
 from autonat.proto.errors import DecodeError
@@ -66,12 +73,14 @@ class NatPmpClient:
         *,
         deadline: float = DEFAULT_DEADLINE,
         port: int = natpmp.SERVER_PORT,
+        max_lifetime: int = MAX_GRANTED_LIFETIME,
     ) -> None:
         self._channel = channel
         self._gateway = gateway
         self._local = local_address
         self._deadline = deadline
         self._port = port
+        self._max_lifetime = check_max_lifetime(max_lifetime)
         self._what = f"NAT-PMP at {gateway}:{port}"
         self.epochs = EpochTracker("natpmp")
         self.router_rebooted = False
@@ -158,7 +167,7 @@ class NatPmpClient:
             external: IPv4Address | None = (await address_task).external_address
         except (RouterTimeout, RouterRefused):
             external = None  # the mapping exists; an unknown address is reported, not fatal
-        return Mapping(
+        mapping = Mapping(
             protocol=NAME,
             transport=request.transport,
             internal_address=self._local,
@@ -168,6 +177,7 @@ class NatPmpClient:
             lifetime=reply.lifetime,
             epoch=reply.epoch,
         )
+        return cap_grant(mapping, self._max_lifetime)
 
     async def delete(self, transport: Transport, internal_port: int) -> None:
         """RFC 6886 §3.4: lifetime 0 and external port 0 remove our mapping of `internal_port`."""

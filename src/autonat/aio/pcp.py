@@ -9,7 +9,14 @@ from ipaddress import IPv4Address, IPv6Address
 from autonat.addresses import is_public
 from autonat.aio.channel import DatagramChannel
 from autonat.errors import NotPublic, RouterNotFound, RouterRefused, RouterTimeout
-from autonat.mapper import Mapping, MappingRequest, ProtocolStatus
+from autonat.mapper import (
+    MAX_GRANTED_LIFETIME,
+    Mapping,
+    MappingRequest,
+    ProtocolStatus,
+    cap_grant,
+    check_max_lifetime,
+)
 from autonat.proto import pcp
 from autonat.proto.epoch import EpochTracker
 from autonat.proto.errors import DecodeError
@@ -59,6 +66,7 @@ class PcpClient:
         *,
         deadline: float = DEFAULT_DEADLINE,
         port: int = pcp.SERVER_PORT,
+        max_lifetime: int = MAX_GRANTED_LIFETIME,
     ) -> None:
         self._channel = channel
         self._gateway = gateway
@@ -66,6 +74,7 @@ class PcpClient:
         self._secret = secret
         self._deadline = deadline
         self._port = port
+        self._max_lifetime = check_max_lifetime(max_lifetime)
         self._what = f"PCP at {gateway}:{port}"
         self.epochs = EpochTracker("pcp")
         self.router_rebooted = False
@@ -145,7 +154,7 @@ class PcpClient:
             )
         )
         assert isinstance(reply, pcp.Response) and reply.map is not None
-        return Mapping(
+        mapping = Mapping(
             protocol=NAME,
             transport=request.transport,
             internal_address=self._local,
@@ -155,6 +164,7 @@ class PcpClient:
             lifetime=reply.lifetime,
             epoch=reply.epoch,
         )
+        return cap_grant(mapping, self._max_lifetime)
 
     async def delete(self, transport: Transport, internal_port: int) -> None:
         """RFC 6887 §15: MAP with lifetime 0 and the mapping's nonce.

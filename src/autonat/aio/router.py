@@ -21,7 +21,14 @@ from autonat.aio.pcp import PcpClient
 from autonat.aio.route import RouterLocation, locate_router
 from autonat.aio.upnp import UpnpClient
 from autonat.errors import ProtocolUnavailable
-from autonat.mapper import Mapping, MappingRequest, PortMapper, ProtocolStatus
+from autonat.mapper import (
+    MAX_GRANTED_LIFETIME,
+    Mapping,
+    MappingRequest,
+    PortMapper,
+    ProtocolStatus,
+    check_max_lifetime,
+)
 from autonat.proto import natpmp, pcp
 from autonat.proto.exchange import DEFAULT_DEADLINE
 from autonat.proto.natpmp import SERVER_PORT
@@ -80,14 +87,21 @@ class RouterSession:
         deadline: float,
         server_port: int = SERVER_PORT,
         root_url: str | None = None,
+        *,
+        max_lifetime: int = MAX_GRANTED_LIFETIME,
     ) -> None:
         self.location = location
         self.channel = channel
         self.deadline = deadline
         gateway, local = location.gateway, location.local_address
         secret = host_secret()
-        self.natpmp = NatPmpClient(channel, gateway, local, deadline=deadline, port=server_port)
-        self.pcp = PcpClient(channel, gateway, local, secret, deadline=deadline, port=server_port)
+        # NAT-PMP/PCP grants above `max_lifetime` are treated as `max_lifetime` (mapper.cap_grant).
+        self.natpmp = NatPmpClient(
+            channel, gateway, local, deadline=deadline, port=server_port, max_lifetime=max_lifetime
+        )
+        self.pcp = PcpClient(
+            channel, gateway, local, secret, deadline=deadline, port=server_port, max_lifetime=max_lifetime
+        )
         self.upnp = UpnpClient(location, secret, deadline=deadline, root_url=root_url)
         self.last_probe: ProbeResult | None = None
 
@@ -98,10 +112,14 @@ class RouterSession:
         interface: str | None = None,
         deadline: float = DEFAULT_DEADLINE,
         root_url: str | None = None,
+        *,
+        max_lifetime: int = MAX_GRANTED_LIFETIME,
     ) -> RouterSession:
+        """`max_lifetime`: the longest NAT-PMP/PCP grant believed; longer ones are treated as it."""
+        check_max_lifetime(max_lifetime)  # before a socket is opened
         location = locate_router(gateway, interface)
         channel = await DatagramChannel.open(location.local_address, reply_key)
-        return cls(location, channel, deadline, root_url=root_url)
+        return cls(location, channel, deadline, root_url=root_url, max_lifetime=max_lifetime)
 
     async def __aenter__(self) -> RouterSession:
         return self

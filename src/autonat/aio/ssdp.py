@@ -4,6 +4,11 @@ miniupnpc waits out the whole MX window (2 s); FreeSWITCH up to 12 s. We send th
 the gateway (which answers in about a millisecond) and to the multicast group at once, retransmit a
 few times in case of loss, and hand every new, safe LOCATION to the caller as it arrives, so the
 caller can stop as soon as one IGD is usable.
+
+Anything on the LAN can answer, so what one host can make us do is bounded: at most
+`MAX_LOCATIONS_PER_RESPONDER` distinct LOCATIONs from one address and `MAX_CANDIDATES` in all are
+handed on (each costs the caller a TCP connection), and a refused LOCATION is handed on too, as a
+`Refused` with its reason, so the caller can say why discovery found nothing usable.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from autonat.proto.errors import DecodeError
 # When to (re)send the search burst, in seconds from the start; unicast replies come back in ~1 ms.
 SEARCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)  # the first burst goes out at once
 MULTICAST_TTL = 2  # one router hop beyond us is plenty; never flood further (UPnP DA §1.1.2 suggests 2)
+# A real IGD serves one root description (miniupnpd answers every search target with rootDesc.xml);
+# a host offering more is probing us. Each LOCATION handed on costs the caller a connection.
+MAX_LOCATIONS_PER_RESPONDER = 4
+MAX_CANDIDATES = 16  # fetched or refused, in all: source addresses of UDP replies are easily forged
+SHOWN_LOCATION = 100  # characters of a refused LOCATION quoted in a report
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +46,29 @@ class Found:
     server: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A search response whose LOCATION was refused (never fetched), and why."""
+
+    location: str  # as received, shortened and made printable: it is untrusted text
+    responder: IPv4Address | IPv6Address
+    reason: str
+
+
+def printable(text: str, limit: int = SHOWN_LOCATION) -> str:
+    """Untrusted text fit for a one-line report: at most `limit` characters, no line breaks
+    (Latin-1 decoding can yield U+0085, which `str.splitlines` breaks on) or other controls."""
+    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
 class _SearchProtocol(asyncio.DatagramProtocol):
     def __init__(self, where: RouterLocation) -> None:
         self.where = where
-        self.found: asyncio.Queue[Found] = asyncio.Queue()
-        self.seen: set[str] = set()
+        self.found: asyncio.Queue[Found | Refused] = asyncio.Queue()
+        self.seen: set[tuple[str, str]] = set()  # (responder, LOCATION as received)
+        self.urls: set[str] = set()  # validated LOCATIONs handed on: each is fetched once
+        self.per_responder: Counter[str] = Counter()
         self.drops: Counter[str] = Counter()
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -49,6 +77,18 @@ class _SearchProtocol(asyncio.DatagramProtocol):
             message = ssdp.parse_datagram(data)
             if not isinstance(message, ssdp.SearchResponse):
                 raise DecodeError("a NOTIFY, not a search response")
+        except (DecodeError, ValueError) as exc:
+            self.drops[str(exc)] += 1
+            return
+        key = (str(responder), message.location)
+        if key in self.seen:
+            return  # every search target draws the same answer again: not news
+        if len(self.seen) >= MAX_CANDIDATES or self.per_responder[key[0]] >= MAX_LOCATIONS_PER_RESPONDER:
+            self.drops["too many LOCATIONs offered; the rest ignored"] += 1
+            return
+        self.seen.add(key)
+        self.per_responder[key[0]] += 1
+        try:
             location = ssdp.validate_location(
                 message.location,
                 responder=responder,
@@ -57,9 +97,10 @@ class _SearchProtocol(asyncio.DatagramProtocol):
             )
         except (DecodeError, ValueError) as exc:
             self.drops[str(exc)] += 1
+            self.found.put_nowait(Refused(printable(message.location), responder, str(exc)))
             return
-        if location.url not in self.seen:
-            self.seen.add(location.url)
+        if location.url not in self.urls:
+            self.urls.add(location.url)
             self.found.put_nowait(Found(location, responder, message.search_target, message.server))
 
     def error_received(self, exc: Exception) -> None:

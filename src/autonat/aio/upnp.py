@@ -17,14 +17,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
 from autonat.addresses import is_public
 from autonat.aio import http
 from autonat.aio.route import RouterLocation
-from autonat.aio.ssdp import Found, search
+from autonat.aio.ssdp import Found, Refused, search
 from autonat.errors import NotPublic, ProtocolUnavailable, RouterRefused, RouterTimeout
 from autonat.mapper import Mapping, MappingRequest, ProtocolStatus
 from autonat.proto import igd, ssdp
@@ -38,6 +38,52 @@ MAX_ATTEMPTS = 8  # distinct external ports tried on conflicts before giving up
 MAX_LISTED = 4096  # GetGenericPortMappingEntry walk bound, whatever the router claims
 COLLECT_WINDOW = 0.15  # after the first usable IGD, how long other (better ranked) ones may answer
 FAILED_WINDOW = 0.5  # after the first unusable IGD, how long another one may still turn up
+SHOWN_REASONS = 3  # candidates named in the one-line error; `probe --json` lists them all
+
+# What became of a discovery candidate.
+INSPECTING, USABLE, FAILED, REFUSED, UNFINISHED = "inspecting", "usable", "failed", "refused", "unfinished"
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One IGD candidate of a discovery and what became of it, so that a discovery that found
+    nothing usable can say why: a refused LOCATION, an oversized or malformed reply, a hang, a drip.
+    `trace` collects the HTTP exchanges made for it, to tell where an unfinished one stalled."""
+
+    location: str
+    responder: str
+    started: float
+    outcome: str = INSPECTING
+    reason: str = ""
+    trace: list[http.Progress] = field(default_factory=list)
+
+    def settle(self, outcome: str, reason: str) -> None:
+        self.outcome, self.reason = outcome, reason
+
+    def unfinished(self, now: float) -> None:
+        """Cut off by the deadline (or the window after another candidate settled)."""
+        if self.outcome != INSPECTING:
+            return
+        stalled = next((p for p in self.trace if p.phase not in (http.DONE, http.FAILED)), None)
+        where = self.location if stalled is None else f"{stalled.url}: {stalled.stalled()}"
+        self.settle(UNFINISHED, f"{where}, unfinished after {now - self.started:.1f} s")
+
+    def line(self) -> str:
+        if self.outcome == REFUSED:
+            return f"{self.responder} offered LOCATION {self.location}, refused: {self.reason}"
+        return self.reason if self.location in self.reason else f"{self.location}: {self.reason}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"location": self.location, "responder": self.responder, "outcome": self.outcome, "reason": self.reason}
+
+
+def _reasons(candidates: list[Candidate]) -> str:
+    """` (first reason; second; and N more)` for the one-line error, or nothing."""
+    failed = [candidate.line() for candidate in candidates if candidate.outcome != USABLE]
+    if not failed:
+        return ""
+    more = f"; and {len(failed) - SHOWN_REASONS} more" if len(failed) > SHOWN_REASONS else ""
+    return f" ({'; '.join(failed[:SHOWN_REASONS])}{more})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +112,10 @@ class Igd:
         else:
             quality = 2
         return quality, 0 if self.responder == gateway else 1
+
+    def summary(self) -> str:
+        state = "connection status unknown" if self.status is None else self.status.connection_status
+        return f"{self.service.service_type}, {state}, external address {self.external_ip or 'unknown'}"
 
     def details(self) -> dict[str, Any]:
         root = self.description.root
@@ -117,16 +167,19 @@ class UpnpClient:
         self._igd: Igd | None = None
         self.tag = derive_nonce(secret, "upnp-tag", size=4).hex()
         self.drops: dict[str, int] = {}
+        self.candidates: list[Candidate] = []  # of the last discovery
 
     # --- discovery ---------------------------------------------------------------------------------
 
-    async def _fetch(self, url: str, limit: int) -> bytes:
-        reply = await http.request("GET", url, max_body=limit, deadline=self._deadline)
+    async def _fetch(self, url: str, limit: int, trace: list[http.Progress] | None = None) -> bytes:
+        reply = await http.request("GET", url, max_body=limit, deadline=self._deadline, trace=trace)
         if reply.status != 200:
             raise RouterRefused(f"router answered HTTP {reply.status} for {url}", protocol=NAME, code=reply.status)
         return reply.body
 
-    async def soap(self, service: igd.Service, request: igd.SoapRequest) -> dict[str, str]:
+    async def soap(
+        self, service: igd.Service, request: igd.SoapRequest, *, trace: list[http.Progress] | None = None
+    ) -> dict[str, str]:
         """One SOAP action; UpnpError for a fault, RouterRefused/RouterTimeout for transport trouble."""
         reply = await http.request(
             "POST",
@@ -135,6 +188,7 @@ class UpnpClient:
             deadline=self._deadline,
             headers=request.headers(),
             content=request.body(),
+            trace=trace,
         )
         try:
             return igd.parse_soap_response(reply.body, request, reply.status)
@@ -143,11 +197,11 @@ class UpnpClient:
                 f"router's {request.action} reply is malformed: {exc.reason}", protocol=NAME, code=reply.status
             ) from None
 
-    async def _inspect(self, found: Found) -> Igd:
+    async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
         """Description -> connection services (best first) -> the first connected one, with its SCPD."""
         try:
             description = igd.parse_device_description(
-                await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE), found.location.url
+                await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE, trace), found.location.url
             )
         except DecodeError as exc:
             raise RouterRefused(f"router's description is unusable: {exc.reason}", protocol=NAME, code=0) from None
@@ -156,31 +210,35 @@ class UpnpClient:
             raise ProtocolUnavailable(f"{found.location.url} describes no WAN connection service")
         best: Igd | None = None
         for service in services:
-            candidate = await self._inspect_service(found, description, service)
+            candidate = await self._inspect_service(found, description, service, trace)
             if candidate.connected:
                 return candidate
             best = best or candidate
         assert best is not None
         return best
 
-    async def _inspect_service(self, found: Found, description: igd.DeviceDescription, service: igd.Service) -> Igd:
+    async def _inspect_service(
+        self, found: Found, description: igd.DeviceDescription, service: igd.Service, trace: list[http.Progress]
+    ) -> Igd:
         async def actions() -> frozenset[str]:
             if not service.scpd_url:
                 return frozenset()
             try:
-                return igd.parse_scpd(await self._fetch(service.scpd_url, igd.MAX_DESCRIPTION_SIZE))
+                return igd.parse_scpd(await self._fetch(service.scpd_url, igd.MAX_DESCRIPTION_SIZE, trace))
             except (DecodeError, RouterRefused, RouterTimeout):
                 return frozenset()  # an unreadable SCPD only costs us the IGD:2 extras
 
         async def status() -> igd.StatusInfo | None:
             try:
-                return igd.status_info_from(await self.soap(service, igd.get_status_info(service.service_type)))
+                return igd.status_info_from(
+                    await self.soap(service, igd.get_status_info(service.service_type), trace=trace)
+                )
             except (igd.UpnpError, DecodeError, RouterRefused):
                 return None
 
         async def external() -> IPv4Address | None:
             try:
-                outputs = await self.soap(service, igd.get_external_ip_address(service.service_type))
+                outputs = await self.soap(service, igd.get_external_ip_address(service.service_type), trace=trace)
                 return igd.external_ip_from(outputs)
             except (igd.UpnpError, DecodeError):
                 return None
@@ -189,18 +247,18 @@ class UpnpClient:
         return Igd(found.location.url, str(found.responder), description, service, supported, address, state)
 
     async def discover(self) -> Igd:
-        """The best IGD: `root_url` if given, else SSDP, returning once the best one is certain."""
+        """The best IGD: `root_url` if given, else SSDP, returning once the best one is certain.
+
+        Within the deadline in all. What became of every candidate (refused LOCATION, failed or
+        unfinished inspection) is kept in `candidates`, and the error names the first few.
+        """
         if self._igd is not None:
             return self._igd
-        try:
-            async with asyncio.timeout(self._deadline):
-                if self._root_url is not None:
-                    self._igd = await self._inspect(self._given_root())
-                else:
-                    self._igd = await self._search()
-        except TimeoutError:
-            what = self._root_url or "SSDP"
-            raise RouterTimeout(f"no usable IGD answered {what} within {self._deadline:g} s") from None
+        self.candidates = []
+        if self._root_url is not None:
+            self._igd = await self._inspect_root(self._given_root())
+        else:
+            self._igd = await self._search()
         return self._igd
 
     def _given_root(self) -> Found:
@@ -215,47 +273,82 @@ class UpnpClient:
             raise ProtocolUnavailable(f"--root-url refused: {exc.reason}") from None
         return Found(location, self._location.gateway, "root-url", None)
 
+    async def _inspect_root(self, found: Found) -> Igd:
+        loop = asyncio.get_running_loop()
+        candidate = Candidate(found.location.url, str(found.responder), loop.time())
+        self.candidates.append(candidate)
+        try:
+            async with asyncio.timeout(self._deadline):
+                igd_found = await self._inspect(found, candidate.trace)
+        except TimeoutError:
+            candidate.unfinished(loop.time())
+            raise RouterTimeout(
+                f"no usable IGD answered {self._root_url} within {self._deadline:g} s ({candidate.line()})"
+            ) from None
+        except (RouterRefused, RouterTimeout, ProtocolUnavailable) as exc:
+            candidate.settle(FAILED, str(exc))
+            raise
+        candidate.settle(USABLE, igd_found.summary())
+        return igd_found
+
     async def _search(self) -> Igd:
         gateway = str(self._location.gateway)
         usable: list[Igd] = []
-        failures: list[str] = []
-        inspections: set[asyncio.Future[Igd]] = set()
-        window_end: float | None = None
+        inspections: dict[asyncio.Future[Igd], Candidate] = {}
         loop = asyncio.get_running_loop()
+        end = loop.time() + self._deadline
+        window_end = end  # the deadline, or sooner once a candidate settled (see the windows above)
         async with search(self._location) as searching:
-            next_found: asyncio.Future[Found] = asyncio.ensure_future(searching.found.get())
+            next_found: asyncio.Future[Found | Refused] = asyncio.ensure_future(searching.found.get())
             try:
                 while True:
-                    timeout = None if window_end is None else max(0.0, window_end - loop.time())
                     waiting: set[asyncio.Future[Any]] = {next_found, *inspections}
+                    timeout = max(0.0, window_end - loop.time())
                     done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                     if not done:
-                        break  # the collection window closed
+                        break  # the collection window closed, or the deadline came
                     for task in done:
                         if task is next_found:
-                            inspections.add(asyncio.ensure_future(self._inspect(next_found.result())))
+                            offered = next_found.result()
                             next_found = asyncio.ensure_future(searching.found.get())
+                            if isinstance(offered, Refused):
+                                self.candidates.append(
+                                    Candidate(
+                                        offered.location, str(offered.responder), loop.time(), REFUSED, offered.reason
+                                    )
+                                )
+                                window_end = min(window_end, loop.time() + FAILED_WINDOW)
+                                continue
+                            candidate = Candidate(offered.location.url, str(offered.responder), loop.time())
+                            self.candidates.append(candidate)
+                            inspections[asyncio.ensure_future(self._inspect(offered, candidate.trace))] = candidate
                             continue
-                        inspections.discard(task)
+                        candidate = inspections.pop(task)
                         try:
-                            candidate: Igd = task.result()
+                            found: Igd = task.result()
                         except (RouterRefused, RouterTimeout, ProtocolUnavailable) as exc:
                             # A broken IGD need not cost the whole deadline: others get a window.
-                            failures.append(str(exc))
-                            window_end = window_end or loop.time() + FAILED_WINDOW
+                            candidate.settle(FAILED, str(exc))
+                            window_end = min(window_end, loop.time() + FAILED_WINDOW)
                             continue
-                        if candidate.rank(gateway) == (0, 0):
-                            return candidate  # cannot be beaten: stop at once
-                        usable.append(candidate)
-                        window_end = window_end or loop.time() + COLLECT_WINDOW
+                        candidate.settle(USABLE, found.summary())
+                        if found.rank(gateway) == (0, 0):
+                            return found  # cannot be beaten: stop at once
+                        usable.append(found)
+                        window_end = min(window_end, loop.time() + COLLECT_WINDOW)
             finally:
                 next_found.cancel()
-                for task in inspections:
+                now = loop.time()
+                for task, candidate in inspections.items():
                     task.cancel()
+                    candidate.unfinished(now)
                 self.drops = dict(searching.drops)
         if usable:
             return min(usable, key=lambda candidate: candidate.rank(gateway))
-        raise ProtocolUnavailable("no usable IGD answered" + (f" ({failures[0]})" if failures else ""))
+        reasons = _reasons(self.candidates)
+        if loop.time() >= end:
+            raise RouterTimeout(f"no usable IGD answered SSDP within {self._deadline:g} s{reasons}")
+        raise ProtocolUnavailable(f"no usable IGD answered SSDP{reasons}")
 
     async def probe(self) -> ProtocolStatus:
         started = time.perf_counter()
@@ -263,9 +356,14 @@ class UpnpClient:
             found = await self.discover()
         except (RouterRefused, RouterTimeout, ProtocolUnavailable, DecodeError) as exc:
             return ProtocolStatus(
-                NAME, available=False, reason=str(exc), elapsed_ms=(time.perf_counter() - started) * 1000
+                NAME,
+                available=False,
+                reason=str(exc),
+                elapsed_ms=(time.perf_counter() - started) * 1000,
+                details={"candidates": [candidate.to_dict() for candidate in self.candidates]},
             )
         elapsed = (time.perf_counter() - started) * 1000
+        candidates = {"candidates": [candidate.to_dict() for candidate in self.candidates]}
         if found.external_ip is None or not found.connected:
             state = found.status.connection_status if found.status else "unknown"
             return ProtocolStatus(
@@ -273,7 +371,7 @@ class UpnpClient:
                 available=False,
                 reason=f"IGD found but it has no usable WAN address (status {state}: not connected or double NAT)",
                 elapsed_ms=elapsed,
-                details=found.details(),
+                details=found.details() | candidates,
             )
         return ProtocolStatus(
             NAME,
@@ -281,7 +379,7 @@ class UpnpClient:
             reason=f"IGD answered ({found.service.service_type.rsplit(':', 2)[-2]})",
             external_ip=found.external_ip,
             elapsed_ms=elapsed,
-            details=found.details(),
+            details=found.details() | candidates,
         )
 
     # --- mappings ----------------------------------------------------------------------------------

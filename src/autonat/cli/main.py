@@ -122,6 +122,11 @@ def _print_probe(result: ProbeResult) -> None:
                 f"          {details['friendly_name']} ({details['manufacturer']} {details['model_name']})"
                 f" at {details['root_url']}"
             )
+        if not status.available:
+            # Why each IGD candidate was discarded: the one-line reason names only the first few.
+            for candidate in status.details.get("candidates", []):
+                where = f"{candidate['location']} from {candidate['responder']}"
+                click.echo(f"          {candidate['outcome']}: {where}: {candidate['reason']}")
     click.echo(f"Probe time:     {result.elapsed_ms:.1f} ms")
 
 
