@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import threading
@@ -296,4 +297,72 @@ def test_after_loss_on_the_lan_link_the_router_holds_exactly_the_wanted_set(
     print(
         f"\nloss: {status['CALLS-IN']} calls in, {failed_deletes} delete attempts failed and were retried;"
         f" router == wanted {took:.1f} s after the loss was lifted"
+    )
+
+
+PASSWORD = "sunshine-201"  # noqa: S105 (a test credential) the 201st guess of the dictionary, where svcrack found it on an unguarded registrar
+
+
+def test_a_password_dictionary_is_throttled_logged_for_fail2ban_and_the_right_password_still_works(
+    healthy_lab: Lab, tmp_path: Path, started: list[Daemon]
+) -> None:
+    lab = healthy_lab
+    directory = tmp_path / "daemon"
+    users = f'[[user]]\nname = "105"\npassword = "{PASSWORD}"\n'
+    daemon = start_daemon(lab, directory, started, extra=DEFAULT_PROFILE + users)
+    settled(daemon, lab)
+    words = [f"guess{i:03d}" for i in range(1, 301)]
+    words.insert(200, PASSWORD)  # 300 wrong passwords, the right one at 201
+    dictionary = tmp_path / "dictionary.txt"
+    dictionary.write_text("\n".join(words) + "\n")
+    started_at = time.monotonic()
+    crack = lab.run(
+        "wan",
+        [
+            *("svcrack", "-u", "105", "-d", str(dictionary), "-p", "5060"),
+            *("-b", Lab.WAN_HOST, "-x", Lab.WAN_HOST, "--maximumtime", "3", Lab.ROUTER_WAN),
+        ],
+        timeout=120,
+    )
+    cracked_in = time.monotonic() - started_at
+    assert PASSWORD not in crack.stdout + crack.stderr, f"svcrack found the password:\n{crack.stdout}"
+    auth = control(daemon, "profile", name="external")["Auth"]
+    assert auth["failures"] == 5 and auth["bans"] == 1, auth  # throttled after the threshold (5)
+    assert auth["dropped_banned"] >= 100, auth  # the rest of the dictionary went unanswered
+
+    # The right password from another internet address registers at once.
+    registered = run_sipp(
+        lab,
+        "wan",
+        "uac_register",
+        f"{Lab.ROUTER_WAN}:5060",
+        local_ip=Lab.WAN_HOST2,
+        local_port=5072,
+        media_port=CALLER_MEDIA,
+        variables={"user": "105"},
+        auth=("105", PASSWORD),
+        timeout=10,
+        workdir=tmp_path / "register",
+    )
+    assert registered.ok, registered.describe()
+    assert control(daemon, "registrations")[0]["source"].startswith(f"udp:{Lab.WAN_HOST2}")
+
+    # One parseable line per failure, and fail2ban's own tool, with the filter we ship, matches them.
+    log = (directory / "daemon.log").read_text()
+    lines = [line for line in log.splitlines() if "autonat-auth-failure" in line]
+    assert len(lines) == auth["failures"]
+    assert all(f"source={Lab.WAN_HOST}:" in line and 'user="105"' in line for line in lines), lines
+    filter_file = Path(__file__).parents[2] / "deploy" / "fail2ban" / "filter.d" / "autonat.conf"
+    checked = subprocess.run(
+        ["fail2ban-regex", str(directory / "daemon.log"), str(filter_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert re.search(rf"^Failregex: {len(lines)} total", checked.stdout, re.M), checked.stdout
+    print(
+        f"\nsvcrack: {len(words)} guesses in {cracked_in:.1f} s; {auth['failures']} answered 403 before the ban,"
+        f" {auth['dropped_banned']} dropped unanswered; fail2ban-regex matched {len(lines)}"
     )

@@ -244,15 +244,17 @@ def test_a_registered_phone_is_rung_from_the_internet_and_media_flows_both_ways(
         registered = eventually(lambda: control(daemon, "registrations"), 10, "phone 105 registered")
         assert registered[0]["user"] == "105"
         assert f"{Lab.WAN_HOST2}" in registered[0]["source"]  # reached at the REGISTER's source
+        # auth-calls (the default): ringing a user needs a [[user]]'s credentials; SIPp answers our 407.
         caller = run_sipp(
             lab,
             "wan",
-            "uac_call",
+            "uac_auth_call",
             f"{Lab.ROUTER_WAN}:5060",
             local_ip=Lab.WAN_HOST,
             media_port=CALLER_MEDIA,
             variables={"expect_ip": Lab.ROUTER_WAN, "hold_ms": "3000"},
             service="105",
+            auth=("200", "pw200"),
             workdir=tmp_path,
         )
         phone_result = phone.wait(timeout=30)
@@ -278,6 +280,7 @@ rtp-timeout = 120
 name = "inner"
 ext-sip-ip = "auto-nat"
 ext-rtp-ip = "auto-nat"
+auth-calls = false  # the inner PBX's own LAN phone calls out without an account (auth-calls: test_abuse)
 
 [[profile.gateway]]
 name = "outer"

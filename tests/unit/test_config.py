@@ -922,7 +922,79 @@ def test_without_extensions_the_default_dialplan_echoes_9196_and_rings_users(tmp
         ('[[profile]]\nname = "p"\n[[profile.gateway]]\nname = "g"\nproxy = "10.0.0.1"\n', "username is required"),
         ('[[profile]]\nname = "p"\ntls-cert = "/no/such.pem"\n', "profile[1].tls-cert names no readable file"),
         ('[[profile]]\nname = "p"\n[[profile.extension]]\nmatch = "1"\naction = "fax"\n', "must be one of echo"),
+        (
+            '[[profile]]\nname = "p"\n[[profile.extension]]\nmatch = "(1)\\\\1"\n',
+            "match is not a usable regular expression: invalid escape sequence: \\1 (patterns run on RE2",
+        ),
+        (
+            '[[profile]]\nname = "p"\n[[profile.extension]]\nmatch = "(?=1)1"\n',
+            "no backreferences, no lookaround",
+        ),
+        ("[sip]\nmax-media-calls = 0\n", "sip.max-media-calls must be 1..10000"),
+        ("[sip]\nsource-call-rate = -1\n", "sip.source-call-rate must be 0..10000 new calls a second (0: no limit)"),
+        ("[sip]\nsource-max-calls = 0\n", "sip.source-max-calls must be 1..100000"),
+        ("[sip]\nrtp-pool-refill-rate = 5000\n", "sip.rtp-pool-refill-rate must be 0..1000 pairs a second"),
+        ('[[profile]]\nname = "p"\nmax-media-calls = -3\n', "profile[1].max-media-calls must be 0..10000"),
+        ("[nat]\nmap_rate = 1e9\n", "nat.map_rate must be 0..1000 new mappings a second"),
+        ("[nat]\nmax_lease = 60\n", "nat.max_lease must be 120..604800 seconds"),
+        ("[nat]\nlease = 7200\nmax_lease = 3600\n", "nat.max_lease must be at least lease (7200)"),
     ],
 )
 def test_sip_mistakes_are_one_line(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in one_problem(write(tmp_path, text))
+
+
+def test_a_pattern_that_backtracks_in_a_backtracking_engine_runs_in_linear_time(tmp_path: Path) -> None:
+    """`(a+)+$` takes Python's re seconds on 30 characters; RE2 answers at once, for any number."""
+    import time
+
+    config = load_config(write(tmp_path, '[[profile]]\nname = "p"\n[[profile.extension]]\nmatch = "(a+)+$"\n'))
+    (_, service), *_ = config.sip_profiles
+    extension = service.dialplan[0]
+    started = time.perf_counter()
+    assert extension.target("a" * 5000 + "b") is None
+    assert extension.target("aaaa") == "aaaa"
+    assert time.perf_counter() - started < 0.5  # Python's re: 2**5000 steps
+
+
+def test_caps_load_with_their_values_and_defaults(tmp_path: Path) -> None:
+    text = (
+        "[nat]\nmap_rate = 0\nmax_lease = 3600\nlease = 600\n"
+        "[sip]\nmax-media-calls = 8\nsource-call-rate = 0.5\nsource-call-burst = 2\nsource-max-calls = 3\n"
+        "rtp-pool-refill-rate = 1\n"
+        '[[profile]]\nname = "p"\nmax-media-calls = 2\n[[profile]]\nname = "q"\nsip-port = 5070\n'
+    )
+    config = load_config(write(tmp_path, text))
+    assert (config.nat.map_rate, config.nat.max_lease) == (0, 3600)
+    sip = config.sip
+    assert (sip.max_media_calls, sip.source_call_rate, sip.source_call_burst, sip.source_max_calls) == (8, 0.5, 2, 3)
+    assert sip.pool_refill_rate == 1
+    assert dict(config.sip_profiles)["p"].max_media_calls == 2
+    assert dict(config.sip_profiles)["q"].max_media_calls is None  # 0 / absent: only the [sip] cap
+    defaults = load_config(write(tmp_path, "[nat]\nlease = 172800\n", "big.toml")).nat
+    assert defaults.max_lease == 172800  # never below the lease asked for
+
+
+def test_the_defaults_the_deploy_example_shows_are_the_real_ones(tmp_path: Path) -> None:
+    """Every `# key = value` of [nat] and [sip] in deploy/autonat.toml, uncommented, changes nothing."""
+    import re as regex
+
+    from autonat.engine.settings import NatSettings
+    from autonat.service.settings import SipSettings
+
+    lines: list[str] = []
+    section = None
+    for line in (DEPLOY / "autonat.toml").read_text().splitlines():
+        header = regex.fullmatch(r"#?\s*(\[\[?)([\w.]+)\]\]?\s*", line)
+        if header:
+            section = header[2] if header[1] == "[" else None  # [[array]]s are not [nat] / [sip]
+            if section in ("nat", "sip"):
+                lines.append(f"[{section}]")
+            continue
+        setting = regex.match(r"# ([a-z_-]+) = (\S+)", line)
+        if section in ("nat", "sip") and setting and setting[1] != "stun":
+            lines.append(f"{setting[1]} = {setting[2]}")
+    assert len(lines) > 25, lines
+    config = load_config(write(tmp_path, "\n".join(lines) + "\n"))
+    assert config.nat == NatSettings()
+    assert config.sip == SipSettings()

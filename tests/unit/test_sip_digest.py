@@ -18,8 +18,10 @@ from autonat.sip import digest
 from autonat.sip.digest import (
     Algorithm,
     Challenge,
+    Check,
     Credentials,
     DigestServer,
+    Failure,
     Verdict,
     client_authorization,
     compute_response,
@@ -385,6 +387,79 @@ def test_replay_memory_drops_expired_nonces() -> None:
     later = _answer(server, T0 + 100)
     assert server.verify(later, method="REGISTER", password="secret", now=T0 + 100) is Verdict.OK
     assert len(server._seen) == 1
+
+
+def test_check_says_why() -> None:
+    """The reason is for the server's log; the verdict (what the wire sees) is FAILED for all of them."""
+    from dataclasses import replace
+
+    server = DigestServer("example.org", SECRET)
+    good = _answer(server, T0)
+    cases = [
+        (good, "other", Check(Verdict.FAILED, Failure.WRONG_PASSWORD)),
+        (good, None, Check(Verdict.FAILED, Failure.UNKNOWN_USER)),
+        (replace(good, realm="evil"), "secret", Check(Verdict.FAILED, Failure.UNUSABLE)),
+        (replace(good, algorithm=Algorithm.SHA256), "secret", Check(Verdict.FAILED, Failure.UNUSABLE)),
+        (replace(good, nonce="n" * 32), "secret", Check(Verdict.FAILED, Failure.UNUSABLE)),
+        (replace(good, qop=None), "secret", Check(Verdict.FAILED, Failure.UNUSABLE)),
+        (good, "secret", Check(Verdict.OK)),
+        (good, "secret", Check(Verdict.FAILED, Failure.REPLAY)),
+    ]
+    for credentials, password, expected in cases:
+        assert server.check(credentials, method="REGISTER", password=password, now=T0) == expected
+    assert server.check(_answer(server, T0), method="REGISTER", password="secret", now=T0 + 301) == Check(Verdict.STALE)
+    # An unknown user with an expired nonce is still an unknown user, not "stale".
+    stale = _answer(server, T0, cnonce="c9")
+    assert server.check(stale, method="REGISTER", password=None, now=T0 + 301).failure is Failure.UNKNOWN_USER
+
+
+def test_unknown_user_and_wrong_password_cost_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same timing class: both compute exactly one response and compare it; nothing returns early on
+    the user name."""
+    server = DigestServer("example.org", SECRET)
+    calls: list[str] = []
+    real = digest.compute_response
+
+    def counting(algorithm: Algorithm, **kwargs: str | None) -> str:
+        calls.append(str(kwargs["password"]))
+        return real(algorithm, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(digest, "compute_response", counting)
+    credentials = _answer(server, T0)
+    calls.clear()
+    assert server.verify(credentials, method="REGISTER", password="wrong", now=T0) is Verdict.FAILED
+    assert server.verify(credentials, method="REGISTER", password=None, now=T0) is Verdict.FAILED
+    assert calls == ["wrong", ""]
+
+
+def test_nonces_are_bound_to_the_client() -> None:
+    server = DigestServer("example.org", SECRET)
+    nonce = server.challenge(T0, client="203.0.113.7").nonce
+    assert server.nonce_issued_at(nonce, client="203.0.113.7") == int(T0 * 1000)
+    assert server.nonce_issued_at(nonce, client="203.0.113.8") is None
+    assert server.nonce_issued_at(nonce) is None
+    # Without a client the nonce is the one of before (same MAC input): nothing changes for old callers.
+    assert server.challenge(T0).nonce == server.challenge(T0, client="").nonce
+    assert server.challenge(T0).nonce != nonce
+    challenge = parse_challenge(server.challenge(T0, client="2001:db8::1").header_value())
+    value = client_authorization(
+        challenge, method="INVITE", uri="sip:105@example.org", username="105", password="pw", cnonce="c"
+    )
+    credentials = parse_credentials(value)
+    moved = server.check(credentials, method="INVITE", password="pw", now=T0, client="2001:db8::2")
+    assert moved == Check(Verdict.FAILED, Failure.UNUSABLE)
+    assert server.verify(credentials, method="INVITE", password="pw", now=T0, client="2001:db8::1") is Verdict.OK
+
+
+def test_failures_leave_no_trace() -> None:
+    """A flood of fresh nonces with wrong passwords (or unknown users) stores nothing: only verified
+    responses enter the nonce-count memory."""
+    server = DigestServer("example.org", SECRET)
+    for index in range(2000):
+        credentials = _answer(server, T0 + index * 0.001, password="guess", cnonce=f"c{index}")
+        password = "secret" if index % 2 else None
+        assert server.verify(credentials, method="REGISTER", password=password, now=T0 + 2) is Verdict.FAILED
+    assert len(server._seen) == 0
 
 
 def test_server_arguments() -> None:

@@ -119,6 +119,9 @@ async def running(
     *,
     tls: tuple[Path, Path] | None = None,
     max_calls: int = 1000,
+    auth_calls: bool = False,
+    source_call_rate: float = 0.0,
+    auth_failures: int = 5,
 ) -> AsyncIterator[Rig]:
     port = free_port()
     start = free_port() & ~1
@@ -130,13 +133,16 @@ async def running(
         t2=max(t1, 4 * t1),
         inactivity=2.0,
         max_calls=max_calls,
+        source_call_rate=source_call_rate,
+        auth_failures=auth_failures,
     )
     tls_port = free_port(socket.SOCK_STREAM) if tls else None
     profile = ProfileSettings(name="test", sip_ip=ip_address(LOOPBACK), sip_port=port, tls_sip_port=tls_port)
     engine = NatEngine(NatSettings(enabled=False), None)
     await engine.start()
     profiles = ProfileManager((profile,), AclSet(), engine)
-    extra = SipProfileSettings(tls_cert=tls[0], tls_key=tls[1]) if tls else SipProfileSettings()
+    certificate, key = tls or (None, None)
+    extra = SipProfileSettings(tls_cert=certificate, tls_key=key, auth_calls=auth_calls)
     service = SipService(settings, profiles, engine, {"test": extra}, b"k" * 32)
     await service.start()
     rig = Rig(service, engine, port)
@@ -363,13 +369,102 @@ async def test_a_call_to_a_registered_user_is_bridged_with_media_relayed_both_wa
         await events.aclose()
 
 
-async def test_calling_an_unregistered_user_is_480_and_an_unknown_one_404() -> None:
+async def test_an_unregistered_user_and_an_unknown_one_get_the_same_answer() -> None:
+    """Anything else (480 vs 404 before) tells a caller which user names exist."""
     async with running() as rig:
         phone = await rig.phone()
         phone.send(rig.invite(phone, "105", media_port=free_port()), rig.port)
-        assert isinstance(await phone.expect("480"), Response)
+        offline = await phone.expect("404")
         phone.send(rig.invite(phone, "106", media_port=free_port()), rig.port)
-        assert isinstance(await phone.expect("404"), Response)
+        unknown = await phone.expect("404")
+        assert offline.reason == unknown.reason and offline.headers.get("Retry-After") is None
+
+
+async def authenticated(phone: Phone, invite: Request, port: int, user: str, password: str) -> Request:
+    """Send `invite`, take its 407 challenge (ACKed, §17.1.1.3) and send it again with Proxy-Authorization."""
+    phone.send(invite, port)
+    challenge = await phone.expect("407")
+    assert isinstance(challenge, Response)
+    phone.send(sipclient.ack_for_non2xx(invite, challenge), port)
+    header = challenge.headers.get("Proxy-Authenticate")
+    assert header is not None
+    credentials = client_authorization(
+        parse_challenge(header), method="INVITE", uri=invite.uri, username=user, password=password, cnonce="c1"
+    )
+    cseq = invite.cseq()[0] + 1
+    via = (invite.headers.get("Via") or "").replace("branch=", "branch=z9hG4bKa")  # a new transaction
+    again = invite.replace(
+        headers=invite.headers.replace("CSeq", f"{cseq} INVITE")
+        .replace("Via", via)
+        .with_header("Proxy-Authorization", credentials)
+    )
+    phone.send(again, port)
+    return again
+
+
+async def test_calls_to_users_need_digest_auth_and_the_answer_tells_nothing_about_names() -> None:
+    async with running(auth_calls=True, users=(("105", "pw105"), ("106", "pw106"))) as rig:
+        callee = await rig.phone()
+        assert (await register(rig, callee, "105", "pw105")).status == 200
+        caller = await rig.phone()
+        for number in ("105", "106", "no-such-user"):  # registered, offline, unknown: all challenged alike
+            caller.send(rig.invite(caller, number, media_port=free_port()), rig.port)
+            challenge = await caller.expect("407")
+            assert (challenge.headers.get("Proxy-Authenticate") or "").startswith("Digest ")
+        assert callee.inbox.empty()  # nobody was rung without credentials
+        wrong = await authenticated(caller, rig.invite(caller, "105", media_port=free_port()), rig.port, "106", "no")
+        assert isinstance(await caller.expect("403"), Response) and wrong.method == "INVITE"
+        right = await authenticated(caller, rig.invite(caller, "105", media_port=free_port()), rig.port, "106", "pw106")
+        incoming = await callee.expect("INVITE")  # authenticated: the callee rings
+        assert isinstance(incoming, Request) and right.headers.get("Proxy-Authorization")
+        # An authenticated caller still cannot tell an offline user from an unknown one.
+        for number in ("106", "no-such-user"):
+            await authenticated(caller, rig.invite(caller, number, media_port=free_port()), rig.port, "106", "pw106")
+            assert isinstance(await caller.expect("404"), Response)
+
+
+async def test_failed_logins_are_logged_for_fail2ban_and_the_source_is_banned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(auth_failures=3) as rig:
+        phone = await rig.phone()
+        caplog.set_level("INFO", logger="autonat")
+        for _ in range(3):
+            assert (await register(rig, phone, "105", "guess")).status == 403
+        lines = [r.getMessage() for r in caplog.records if r.name == "autonat.auth"]
+        assert len(lines) == 3
+        assert all(
+            re.fullmatch(
+                r"autonat-auth-failure time=\S+ source=127\.0\.0\.1:\d+ method=REGISTER"
+                r' reason=wrong-password user="105"',
+                line,
+            )
+            for line in lines
+        ), lines
+        assert any("banned 127.0.0.1" in r.getMessage() for r in caplog.records)
+        # Banned: the right password from the same source now gets no answer at all ...
+        with pytest.raises(TimeoutError):
+            await register(rig, phone, "105", "pw105")
+        assert rig.service.dropped_banned >= 1
+        # ... while the echo test, and everybody else, go on (the ban is on new requests of that source).
+        assert rig.service.guard.stats.bans == 1
+
+
+async def test_one_source_over_its_call_rate_gets_503_with_retry_after() -> None:
+    async with running(source_call_rate=1.0) as rig:  # burst 10 (the default)
+        phone = await rig.phone()
+        answers = []
+        for _ in range(14):
+            phone.send(rig.invite(phone, "no-such", media_port=free_port()), rig.port)
+        async with asyncio.timeout(5):
+            while len(answers) < 14:
+                message = await phone.inbox.get()
+                if isinstance(message, Response) and message.status >= 200:
+                    answers.append(message)
+        statuses = sorted(m.status for m in answers)
+        assert statuses.count(404) == 10 and statuses.count(503) == 4, statuses
+        assert all(m.headers.get("Retry-After") == "2" for m in answers if m.status == 503)
+        assert rig.service.admission.refused
 
 
 @pytest.mark.parametrize("garbage", [b"\x00" * 100, b"INVITE nonsense\r\n\r\n", b"SIP/2.0 200 OK\r\n\r\n"])
@@ -482,7 +577,7 @@ async def test_echo_call_over_tls(certificate: tuple[Path, Path]) -> None:
 
 
 async def test_cancel_before_the_answer_gets_487() -> None:
-    async with running() as rig:
+    async with running(auth_calls=False) as rig:
         callee = await rig.phone()
         assert (await register(rig, callee, "105", "pw105")).status == 200
         caller = await rig.phone()
@@ -534,7 +629,7 @@ async def test_rtp_silence_ends_the_call_with_a_bye() -> None:
 async def test_gateway_registration_and_an_outbound_call_with_digest_on_both() -> None:
     """A provider on loopback challenges our REGISTER (401) and our INVITE (407); the call dialled as
     0<number> goes out through it with the credentials, and its answer reaches the caller."""
-    from autonat.service.settings import Action, Extension, GatewaySettings
+    from autonat.service.settings import Action, Extension, GatewaySettings, compile_pattern
     from autonat.sip.digest import DigestServer, Verdict, parse_credentials
 
     loop = asyncio.get_running_loop()
@@ -543,7 +638,7 @@ async def test_gateway_registration_and_an_outbound_call_with_digest_on_both() -
     digest = DigestServer("provider", b"p" * 32)
     gateway = GatewaySettings("prov", LOOPBACK, provider.port, username="200", password="pw200", expires=300)
     extra = SipProfileSettings(
-        dialplan=(Extension(re.compile(r"0(\d+)"), Action.GATEWAY, "prov"),), gateways=(gateway,)
+        dialplan=(Extension(compile_pattern(r"0(\d+)"), Action.GATEWAY, "prov"),), gateways=(gateway,)
     )
 
     def authorized(request: Request, header: str) -> bool:
@@ -555,7 +650,9 @@ async def test_gateway_registration_and_an_outbound_call_with_digest_on_both() -
 
     port = free_port()
     start = free_port() & ~1
-    settings = SipSettings(rtp_start_port=start, rtp_end_port=start + 11, t1=0.05, t2=0.2, inactivity=5.0)
+    settings = SipSettings(
+        users=(("105", "pw105"),), rtp_start_port=start, rtp_end_port=start + 11, t1=0.05, t2=0.2, inactivity=5.0
+    )
     profile = ProfileSettings(name="test", sip_ip=ip_address(LOOPBACK), sip_port=port)
     engine = NatEngine(NatSettings(enabled=False), None)
     await engine.start()
@@ -577,8 +674,8 @@ async def test_gateway_registration_and_an_outbound_call_with_digest_on_both() -
         caller = Phone()
         transport, _ = await loop.create_datagram_endpoint(lambda: caller, local_addr=(LOOPBACK, 0))
         rig = Rig(service, engine, port)
-        invite = rig.invite(caller, "0123", media_port=free_port())
-        caller.send(invite, port)
+        # auth-calls (the default): nobody calls out through the provider on our account without credentials.
+        await authenticated(caller, rig.invite(caller, "0123", media_port=free_port()), port, "105", "pw105")
         outgoing = await provider.expect("INVITE")
         assert isinstance(outgoing, Request) and outgoing.uri == f"sip:123@{LOOPBACK}:{provider.port}"
         challenge = digest.challenge(loop.time()).header_value()

@@ -847,6 +847,8 @@ def _sip_profile(table: _Table, report: _Report) -> SipProfileSettings:
     listen = table.flag("listen", True)
     tcp = table.flag("tcp", True)
     max_media = table.integer("max-media-calls", 0, 0, 10_000, " (0: only the [sip] cap)")
+    auth_calls = table.flag("auth-calls", True)
+    auth_echo = table.flag("auth-echo", False)
     cert = table.text("tls-cert", "").strip()
     key = table.text("tls-key", "").strip()
     for label, path_text in (("tls-cert", cert), ("tls-key", key)):
@@ -902,6 +904,8 @@ def _sip_profile(table: _Table, report: _Report) -> SipProfileSettings:
         dialplan=tuple(dialplan) or extra.dialplan,
         gateways=tuple(gateways),
         max_media_calls=max_media or None,
+        auth_calls=auth_calls,
+        auth_echo=auth_echo,
     )
 
 
@@ -933,6 +937,12 @@ def _sip(table: _Table, top: _Table, report: _Report) -> SipSettings:
     source_burst = table.number("source-call-burst", defaults.source_call_burst, 1, 10_000, " calls")
     source_calls = table.integer("source-max-calls", defaults.source_max_calls, 1, 100_000)
     refill = table.number("rtp-pool-refill-rate", defaults.pool_refill_rate, 0, 1000, " pairs a second (0: no limit)")
+    auth_failures = table.integer("auth-failures", defaults.auth_failures, 1, 1000, " failures")
+    auth_window = table.number("auth-window", defaults.auth_window, 1, 86400, " s")
+    auth_ban = table.number("auth-ban", defaults.auth_ban, 1, 86400, " s")
+    auth_max_ban = table.number("auth-max-ban", max(defaults.auth_max_ban, auth_ban), 1, 7 * 86400, " s")
+    if auth_max_ban < auth_ban:
+        table.error("auth-max-ban", f"must be at least auth-ban ({auth_ban:g})")
     reply = table.flag("reply-to-source", defaults.reply_to_source)
     table.finish()
     users: list[tuple[str, str]] = []
@@ -964,6 +974,10 @@ def _sip(table: _Table, top: _Table, report: _Report) -> SipSettings:
         source_call_burst=source_burst,
         source_max_calls=source_calls,
         pool_refill_rate=refill,
+        auth_failures=auth_failures,
+        auth_window=auth_window,
+        auth_ban=auth_ban,
+        auth_max_ban=auth_max_ban,
         reply_to_source=reply,
     )
 

@@ -31,9 +31,10 @@ def configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-    # Every hole opened or closed is logged whatever the level (it is the security record).
-    holes = logging.getLogger("autonat.holes")
-    holes.setLevel(logging.INFO)
+    # Every hole opened or closed is logged whatever the level (it is the security record), and so is
+    # every failed authentication (fail2ban's input: deploy/fail2ban).
+    for record in ("autonat.holes", "autonat.auth"):
+        logging.getLogger(record).setLevel(logging.INFO)
 
 
 async def run_daemon(config: Config) -> int:

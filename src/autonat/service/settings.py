@@ -96,6 +96,8 @@ class SipProfileSettings:
     dialplan: tuple[Extension, ...] = DEFAULT_DIALPLAN
     gateways: tuple[GatewaySettings, ...] = ()
     max_media_calls: int | None = None  # calls at once with mapped media on this profile (None: the global cap)
+    auth_calls: bool = True  # INVITEs to users and gateways need digest auth of a [[user]] (FreeSWITCH's auth-calls)
+    auth_echo: bool = False  # the echo test needs it too (it is open by default: the test call from anywhere)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,10 @@ class SipSettings:
     source_call_burst: float = 10.0  # ... with up to this many at once
     source_max_calls: int = 16  # calls at once from one source address
     pool_refill_rate: float = 2.0  # RTP pairs a second mapped to refill the pool
+    auth_failures: int = 5  # failed authentications from one source within auth_window that ban it ...
+    auth_window: float = 60.0
+    auth_ban: float = 60.0  # ... for this long, doubling with each ban after it ...
+    auth_max_ban: float = 3600.0  # ... up to this
     reply_to_source: bool = True  # NAT rule: answer the packet's source even without rport
     min_expires: int = 60
     max_expires: int = 3600

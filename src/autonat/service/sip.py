@@ -17,6 +17,12 @@ router); peers on the local network get an unmapped pair from the same range.
 Bounded under a flood (autonat.sip.admission): a new call is admitted within the global, per-source and
 per-profile caps, or refused with 503 + Retry-After before it costs a mapping; refusals are summed up in
 one log line per interval.
+
+Guessing passwords does not pay (autonat.sip.guard): REGISTERs, and INVITEs to users and gateways
+(`auth-calls`; the echo test with `auth-echo`), need digest authentication; every failure is logged in
+one line fail2ban reads ("autonat.auth"), and a source that keeps failing is banned: its requests that
+would start something new are dropped unanswered, for longer each time. Unknown users and wrong
+passwords get the same 403, and an unknown callee the same 404 as an offline one.
 """
 
 from __future__ import annotations
@@ -54,8 +60,9 @@ from autonat.sip.client import (
     TimedOut,
 )
 from autonat.sip.digest import DigestServer, client_authorization, parse_challenge
+from autonat.sip.guard import AuthGuard, failure_line, source_key
 from autonat.sip.message import Request, Response, make_response, with_received
-from autonat.sip.registrar import Registrar
+from autonat.sip.registrar import AuthFailure, Registrar
 from autonat.sip.session import anchor_sdp, echo_answer, first_audio
 from autonat.sip.transaction import (
     AckTimeout,
@@ -67,6 +74,7 @@ from autonat.sip.transaction import (
 )
 
 log = logging.getLogger("autonat.sip")
+auth_log = logging.getLogger("autonat.auth")  # one line per failed authentication: fail2ban's input
 
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, REGISTER, INFO, UPDATE"
 SERVER = "autonat"
@@ -144,6 +152,14 @@ class SipService:
             )
         )
         self._admission_clock: _Clock | None = None
+        self.guard = AuthGuard(
+            threshold=settings.auth_failures,
+            window=settings.auth_window,
+            ban=settings.auth_ban,
+            max_ban=max(settings.auth_ban, settings.auth_max_ban),
+        )
+        self._guard_clock: _Clock | None = None
+        self.dropped_banned = 0  # requests from banned sources, dropped unanswered
         self.sip_profiles: dict[str, SipProfile] = {}
         for name, extra in profile_settings.items():
             if extra.listen:
@@ -182,6 +198,8 @@ class SipService:
         self._registrar_clock = _Clock(self.registrar.timer, self._expire_registrations)
         self._registrar_clock.update()
         self._admission_clock = _Clock(self.admission.timer, self._log_refusals)
+        self._guard_clock = _Clock(self.guard.timer, self.guard.expire)
+        self._guard_clock.update()
 
     def _log_refusals(self, now: float) -> None:
         line = self.admission.summary(now)
@@ -205,8 +223,35 @@ class SipService:
         if self._admission_clock is not None:
             self._log_refusals(float("inf"))  # what was refused since the last summary
             self._admission_clock.cancel()
+        if self._guard_clock is not None:
+            self._guard_clock.cancel()
         if self.pool is not None:
             await self.pool.stop()
+
+    def auth_failed(self, failure: AuthFailure, peer: Peer, now: float) -> None:
+        """One failed authentication: its log line (for fail2ban), counted against the source and the user."""
+        auth_log.warning(
+            "%s",
+            failure_line(
+                wall=time.time(),
+                ip=peer.ip,
+                port=peer.port,
+                method=failure.method,
+                reason=str(failure.reason),
+                user=failure.user,
+            ),
+        )
+        ban = self.guard.failed(peer.ip, failure.user, now)
+        if ban is not None:
+            log.warning(
+                "banned %s for %.0f s after failed authentications (strike %d%s)",
+                ban.source,
+                ban.seconds,
+                ban.strike,
+                ", a targeted user" if ban.targeted else "",
+            )
+        if self._guard_clock is not None:
+            self._guard_clock.update()
 
     def status(self, name: str) -> dict[str, Any]:
         profile = self.sip_profiles.get(name)
@@ -370,6 +415,7 @@ class SipProfile:
             },
             "Transports": ",".join(self.transport.transports),
             "Media-Calls": self.service.admission.profile_media_calls(self.name),
+            "Auth": {**self.service.guard.stats.as_dict(), "dropped_banned": self.service.dropped_banned},
             "Refused-Calls": {str(refusal): count for refusal, count in self.service.admission.refused.items()},
             "SIP-Messages": {
                 "received": self.transport.stats.received,
@@ -520,6 +566,8 @@ class SipProfile:
             return
         request = message
         try:
+            if self._banned(request, peer):
+                return
             if peer.transport == "udp":
                 request = with_received(request, peer.ip, peer.port)
             forwards = request.max_forwards()
@@ -531,6 +579,19 @@ class SipProfile:
             )
         except DecodeError as exc:
             log.debug("dropping a request from %s: %s", peer, exc)
+
+    def _banned(self, request: Request, peer: Peer) -> bool:
+        """A banned source starts nothing new: its requests outside a dialog are dropped unanswered (an
+        answer would only tell a password guesser to move on), before any parsing or transaction. ACK and
+        CANCEL still pass, so what it started before the ban ends cleanly."""
+        if request.method in ("ACK", "CANCEL"):
+            return False
+        if self.service.guard.refused(peer.ip, self._now()) is None:
+            return False
+        if request.to_tag() is not None and safe_call_id(request) in self.calls:
+            return False  # in a dialog it already had
+        self.service.dropped_banned += 1
+        return True
 
     def _deliver(self, request: Request, peer: Peer) -> None:
         method = request.method
@@ -546,7 +607,13 @@ class SipProfile:
         elif method == "CANCEL":
             self._on_cancel(request)
         elif method == "REGISTER":
-            response = self.service.registrar.handle(request, self._now(), peer, to_tag=sipclient.new_tag())
+            now = self._now()
+            outcome = self.service.registrar.handle(request, now, peer, to_tag=sipclient.new_tag(), client=peer.ip)
+            response = outcome.response
+            if outcome.failure is not None:
+                self.service.auth_failed(outcome.failure, peer, now)
+            elif outcome.user is not None:
+                self.service.guard.succeeded(peer.ip, outcome.user, now)
             if response.status == 200:
                 user = user_of(uri_of(request.headers.get("To") or ""))
                 log.info("REGISTER %s from %s: 200", user, peer)
@@ -572,7 +639,8 @@ class SipProfile:
             self._reply(invite, 482, to_tag=to_tag)  # §8.2.2.2: a merged request (a loop or a fork)
             return
         admission = self.service.admission
-        ticket = admission.admit(peer.ip, self.name, self._now())
+        # Per source as the guard counts one: an IPv6 host picks any address of its /64 at will.
+        ticket = admission.admit(source_key(peer.ip), self.name, self._now())
         if isinstance(ticket, Refusal):
             self._refuse(invite, ticket, to_tag)
             return
@@ -609,6 +677,8 @@ class SipProfile:
             self._reply(invite, 488, to_tag=to_tag)  # no offer (or no audio): we answer offers only
             return False
         extension, target = route
+        if not self._authorized(invite, peer, extension.action, to_tag):
+            return False
         leg = Leg.from_invite(invite, peer, to_tag, self._sip_address(peer.ip))
         call = Call(kind=str(extension.action), number=number, a=leg, profile=self.name, ticket=ticket)
         self.calls[call_id] = call
@@ -622,6 +692,27 @@ class SipProfile:
         else:
             self._spawn(self._bridge_gateway(call, target, extension.gateway or ""))
         return True
+
+    def _authorized(self, invite: Request, peer: Peer, action: Action, to_tag: str) -> bool:
+        """FreeSWITCH's `auth-calls`: an INVITE ringing a user or leaving through a gateway must carry
+        digest credentials of a [[user]] (407 challenge, §22.3); the echo test too with `auth-echo`. Every
+        such INVITE is challenged whether or not the callee exists, so the answer tells nothing about
+        user names. False when the INVITE was answered here (challenge or 403)."""
+        needed = self.extra.auth_echo if action is Action.ECHO else self.extra.auth_calls
+        if not needed:
+            return True
+        now = self._now()
+        outcome = self.service.registrar.authenticate(invite, now, to_tag=to_tag, client=peer.ip)
+        if outcome.ok:
+            assert outcome.user is not None
+            self.service.guard.succeeded(peer.ip, outcome.user, now)
+            return True
+        if outcome.failure is not None:
+            self.service.auth_failed(outcome.failure, peer, now)
+        assert outcome.response is not None
+        self.failed_calls += 1
+        self._respond(invite, outcome.response)
+        return False
 
     async def _answer_echo(self, call: Call) -> None:
         leg = call.a
@@ -846,7 +937,9 @@ class SipProfile:
     async def _bridge_user(self, call: Call, user: str) -> None:
         bindings = self.service.registrar.lookup(user, self._now())
         if not bindings:
-            self._fail(call, 480 if user in dict(self.service.settings.users) else 404, None)
+            # The same answer for a user who does not exist and one who is offline (as FreeSWITCH answers
+            # USER_NOT_REGISTERED): anything else lets a caller enumerate the user names.
+            self._fail(call, 404, None)
             return
         binding = bindings[0]
         peer = binding.source if isinstance(binding.source, Peer) else None

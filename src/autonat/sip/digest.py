@@ -2,7 +2,9 @@
 
 Client side: `parse_challenge` reads a WWW-Authenticate / Proxy-Authenticate value and
 `client_authorization` answers it (qop=auth when offered, RFC 2069 style otherwise). Server side:
-`DigestServer` issues stateless nonces and checks `Credentials` read by `parse_credentials`.
+`DigestServer` issues stateless nonces (optionally bound to the client's address) and checks
+`Credentials` read by `parse_credentials`; `check` also says why a check failed (`Failure`, for the
+server's log: the peer must see the same answer for every failure).
 
 Supported: algorithms MD5 and SHA-256 (RFC 7616 §3.4.2, RFC 8760 §2.3), qop "auth". Not supported, and
 refused by the parsers with DecodeError: the "-sess" variants, SHA-512-256, a challenge that offers only
@@ -20,6 +22,7 @@ DecodeError.
 from __future__ import annotations
 
 import base64
+import collections
 import enum
 import hashlib
 import hmac
@@ -36,8 +39,10 @@ __all__ = [
     "REPLAY_CACHE_SIZE",
     "Algorithm",
     "Challenge",
+    "Check",
     "Credentials",
     "DigestServer",
+    "Failure",
     "Verdict",
     "client_authorization",
     "compute_response",
@@ -387,6 +392,28 @@ class Verdict(enum.Enum):
     FAILED = "failed"
 
 
+class Failure(enum.StrEnum):
+    """Why `DigestServer.check` said FAILED. For the server's own log only: on the wire every failure
+    must get the same answer, or the difference tells an attacker which user names exist."""
+
+    WRONG_PASSWORD = "wrong-password"  # noqa: S105 (a reason, not a password)
+    """A nonce we issued, but the response does not match the user's password."""
+    UNKNOWN_USER = "unknown-user"
+    """No such user (the response was computed all the same, so this takes as long as a wrong password)."""
+    REPLAY = "replay"
+    """A right response whose nonce count is not above the last one accepted (RFC 2617 §3.2.2)."""
+    UNUSABLE = "unusable-credentials"
+    """Another realm or algorithm, a nonce we did not issue (for this client), or no qop=auth."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """`DigestServer.check`'s answer: the verdict, and with FAILED the reason."""
+
+    verdict: Verdict
+    failure: Failure | None = None
+
+
 _MAX_MS = 2**64 - 1
 
 
@@ -401,12 +428,24 @@ def _to_ms(now: float) -> int:
     return int(now * 1000)
 
 
+def _client_bytes(client: str) -> bytes:
+    return client.encode("utf-8", "surrogatepass")
+
+
 class DigestServer:
     """Digest verification with stateless nonces (RFC 2617 §3.2.1 "nonce" suggests exactly this).
 
-    nonce = urlsafe-base64(issue time in ms, 8 bytes big-endian || HMAC-SHA256(secret, time)[:16]),
-    32 characters. Nothing is stored per challenge, so challenging floods cost no memory; a nonce from
-    another `secret` (e.g. before a restart with a new secret) fails the HMAC.
+    nonce = urlsafe-base64(issue time in ms, 8 bytes big-endian || HMAC-SHA256(secret, time ||
+    client)[:16]), 32 characters. Nothing is stored per challenge, so challenging floods cost no memory;
+    a nonce from another `secret` (e.g. before a restart with a new secret) fails the HMAC.
+
+    `client` (every method takes it; "" by default) binds a nonce to the address it was sent to: the
+    server passes the peer's IP address, and a nonce presented from another address is not ours. With
+    UDP anybody can forge a source address, and nonces are stateless: without the binding, an attacker
+    could fetch a nonce from its own address and then send wrong passwords "from" a victim's address
+    until the victim is banned; with it, the forged requests carry a nonce that is not the victim's and
+    are only challenged again (a 401 the attacker never sees). A phone whose address changes between the
+    challenge and its answer is challenged again too, which costs it one round trip.
 
     Every challenge offers qop="auth" and `verify` requires it: RFC 2069-style answers carry no nonce
     count, so a captured one could be replayed for the nonce's whole lifetime (RFC 7616 §3.3 makes qop
@@ -428,34 +467,49 @@ class DigestServer:
         self._secret = bytes(secret)
         self._lifetime_ms = nonce_lifetime * 1000
         # (nonce, username, cnonce) -> (highest nc accepted, nonce issue time in ms); insertion order is
-        # least recently used first, so eviction and pruning take from the front.
-        self._seen: dict[tuple[str, str, str], tuple[int, int]] = {}
+        # least recently used first, so eviction and pruning take from the front (an OrderedDict: finding
+        # a plain dict's first entry after many deletions at the front scans the deleted slots).
+        self._seen: collections.OrderedDict[tuple[str, str, str], tuple[int, int]] = collections.OrderedDict()
 
     def _mac(self, stamp: bytes) -> bytes:
         return hmac.new(self._secret, stamp, hashlib.sha256).digest()[:16]
 
-    def challenge(self, now: float, *, stale: bool = False) -> Challenge:
-        """A challenge with a fresh nonce stamped `now` (RFC 2617 §3.2.1)."""
+    def challenge(self, now: float, *, stale: bool = False, client: str = "") -> Challenge:
+        """A challenge with a fresh nonce stamped `now`, bound to `client` (RFC 2617 §3.2.1)."""
         stamp = _to_ms(now).to_bytes(8, "big")
-        nonce = base64.urlsafe_b64encode(stamp + self._mac(stamp)).decode("ascii")
+        nonce = base64.urlsafe_b64encode(stamp + self._mac(stamp + _client_bytes(client))).decode("ascii")
         return Challenge(realm=self.realm, nonce=nonce, algorithm=self.algorithm, qop=("auth",), stale=stale)
 
-    def nonce_issued_at(self, nonce: str) -> int | None:
-        """The issue time (ms) of a nonce this server made, or None when it is not ours (constant-time
-        MAC check). A registrar answers credentials with a foreign nonce with a fresh challenge."""
+    def nonce_issued_at(self, nonce: str, *, client: str = "") -> int | None:
+        """The issue time (ms) of a nonce this server made for `client`, or None when it is not ours
+        (constant-time MAC check). A registrar answers credentials with a foreign nonce with a fresh
+        challenge."""
         if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
             return None  # strict shape: b64decode would skip junk, and two spellings would share one nonce
         raw = base64.urlsafe_b64decode(nonce)
-        if not hmac.compare_digest(raw[8:], self._mac(raw[:8])):
+        if not hmac.compare_digest(raw[8:], self._mac(raw[:8] + _client_bytes(client))):
             return None
         return int.from_bytes(raw[:8], "big")
 
-    def verify(self, credentials: Credentials, *, method: str, password: str | None, now: float) -> Verdict:
-        """Check `credentials` for a request with `method`; `password` None means an unknown user.
+    def verify(
+        self, credentials: Credentials, *, method: str, password: str | None, now: float, client: str = ""
+    ) -> Verdict:
+        """`check(...).verdict`."""
+        return self.check(credentials, method=method, password=password, now=now, client=client).verdict
 
-        FAILED: another realm or algorithm, a nonce we did not issue, no qop=auth, an unknown user, a
-        wrong response, or a replay. STALE: everything right but the nonce is older than
-        `nonce_lifetime` or stamped more than 5 s ahead of `now`. OK otherwise.
+    def check(
+        self, credentials: Credentials, *, method: str, password: str | None, now: float, client: str = ""
+    ) -> Check:
+        """Check `credentials` for a request with `method` from `client`; `password` None means an
+        unknown user.
+
+        FAILED (with the `Failure`): another realm or algorithm, a nonce we did not issue for `client`,
+        no qop=auth, an unknown user, a wrong response, or a replay. STALE: everything right but the
+        nonce is older than `nonce_lifetime` or stamped more than 5 s ahead of `now`. OK otherwise.
+
+        Same timing class for unknown users and wrong passwords: both compute the full response (an
+        unknown user against the empty password) and compare it in constant time; the early returns
+        before that depend only on the realm, algorithm, nonce and qop, never on the user name.
 
         Replay defence (RFC 2617 §3.2.2 nonce-count): for each (nonce, username, cnonce) the highest
         accepted nc is remembered and a request whose nc is not higher is FAILED. A verbatim replay
@@ -468,14 +522,15 @@ class DigestServer:
         expires: that needs more than REPLAY_CACHE_SIZE authenticated requests within `nonce_lifetime`.
         """
         now_ms = _to_ms(now)
+        unusable = Check(Verdict.FAILED, Failure.UNUSABLE)
         if credentials.realm != self.realm or credentials.algorithm != self.algorithm:
-            return Verdict.FAILED
-        issued = self.nonce_issued_at(credentials.nonce)
+            return unusable
+        issued = self.nonce_issued_at(credentials.nonce, client=client)
         if issued is None:
-            return Verdict.FAILED
+            return unusable
         qop, nc, cnonce = credentials.qop, credentials.nc, credentials.cnonce
         if qop != "auth" or nc is None or not _NC.fullmatch(nc) or not cnonce:
-            return Verdict.FAILED
+            return unusable
         expected = compute_response(
             self.algorithm,
             username=credentials.username,
@@ -490,18 +545,21 @@ class DigestServer:
             cnonce=cnonce,
         )
         given = credentials.response.lower().encode("utf-8", "surrogatepass")
-        if not hmac.compare_digest(expected.encode("ascii"), given) or password is None:
-            return Verdict.FAILED
+        matches = hmac.compare_digest(expected.encode("ascii"), given)
+        if password is None:
+            return Check(Verdict.FAILED, Failure.UNKNOWN_USER)
+        if not matches:
+            return Check(Verdict.FAILED, Failure.WRONG_PASSWORD)
         if now_ms - issued > self._lifetime_ms or issued - now_ms > FUTURE_SKEW_MS:
-            return Verdict.STALE
+            return Check(Verdict.STALE)
         return self._count(credentials.nonce, credentials.username, cnonce, int(nc, 16), issued, now_ms)
 
-    def _count(self, nonce: str, username: str, cnonce: str, nc: int, issued: int, now_ms: int) -> Verdict:
+    def _count(self, nonce: str, username: str, cnonce: str, nc: int, issued: int, now_ms: int) -> Check:
         key = (nonce, username, cnonce)
         previous = self._seen.pop(key, None)
         if previous is not None and nc <= previous[0]:
             self._seen[key] = previous
-            return Verdict.FAILED
+            return Check(Verdict.FAILED, Failure.REPLAY)
         self._seen[key] = (nc, issued)
         # Front entries belong to the least recently used nonces: drop those past their lifetime (a
         # replay of them is answered STALE before the memory is consulted), then enforce the cap.
@@ -510,4 +568,4 @@ class DigestServer:
             if now_ms - self._seen[front][1] <= self._lifetime_ms and len(self._seen) <= REPLAY_CACHE_SIZE:
                 break
             del self._seen[front]
-        return Verdict.OK
+        return Check(Verdict.OK)

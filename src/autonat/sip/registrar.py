@@ -1,14 +1,19 @@
 """A SIP registrar, sans-IO (RFC 3261 §10.3).
 
-`Registrar.handle` takes a parsed REGISTER and returns the response to send; bindings live in memory and
+`Registrar.handle` takes a parsed REGISTER and returns a `RegisterOutcome`: the response to send, the
+authenticated user, and for a failed digest attempt an `AuthFailure` (who and why: for the log line and
+the guard, `autonat.sip.guard`; the peer sees 403 whatever the reason). Bindings live in memory and
 expire by the caller's clock (`expire`, `timer`). Authentication is HTTP Digest (`autonat.sip.digest`)
-against a fixed user table.
+against a fixed user table; `Registrar.authenticate` applies the same check to other requests (an
+INVITE, with FreeSWITCH's `auth-calls`), answering 407 or 401 challenges.
 
 Order of checks, chosen so nothing about the user table leaks before authentication:
 1. Authorization (§10.3 step 3, §22.4): credentials for our realm are required; none, unparsable ones,
    or a nonce we did not issue -> 401 with a fresh challenge (a phone holding a nonce from before a
    restart simply re-authenticates); a correct response on an expired nonce -> 401 with stale=true;
-   anything else wrong (bad password, unknown user, replayed nonce count) -> 403.
+   anything else wrong (bad password, unknown user, replayed nonce count) -> 403, the same 403 with
+   the same headers for every reason, after the same work (see `DigestServer.check`), so nothing
+   outside tells a wrong password from an unknown user.
 2. Require (§10.3 step 2): we support no extensions -> 420 with Unsupported.
 3. The AOR (To, §10.3 steps 4-5): a user we do not know -> 404; a user other than the authenticated
    one -> 403.
@@ -35,10 +40,10 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from autonat.proto.errors import DecodeError
-from autonat.sip.digest import Credentials, DigestServer, Verdict, parse_credentials
+from autonat.sip.digest import Credentials, DigestServer, Failure, Verdict, parse_credentials
 from autonat.sip.message import Request, Response, make_response, parse_name_addr, split_list
 
-__all__ = ["MAX_CONTACTS", "MAX_URI", "Binding", "Registrar"]
+__all__ = ["MAX_CONTACTS", "MAX_URI", "AuthFailure", "AuthOutcome", "Binding", "RegisterOutcome", "Registrar"]
 
 MAX_CONTACTS = 10
 """Contact entries per REGISTER; more is refused with 400."""
@@ -76,6 +81,43 @@ class Binding:
 
     def live(self, now: float) -> bool:
         return self.expires_at > now
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailure:
+    """A failed digest attempt: `user` as the credentials named it (untrusted text from the network:
+    escape it before logging, `autonat.sip.guard.failure_line` does), `reason` why, `method` of the
+    request. For the log and the guard only; the peer got the same 403 whatever the reason."""
+
+    user: str
+    reason: Failure
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterOutcome:
+    """What `Registrar.handle` did: the `response` to send; `user`, the authenticated user whenever the
+    credentials checked out (even when the REGISTER was then refused: another user's AOR, 400, 423 ...);
+    `failure` when the request carried credentials for us that failed. Both None for a challenge."""
+
+    response: Response
+    user: str | None = None
+    failure: AuthFailure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    """What `Registrar.authenticate` decided: `ok` (then `user` is who, `response` None: go on with the
+    request), or a `response` to send instead: a challenge (401/407, `failure` None) or 403 (`failure`
+    says who and why)."""
+
+    user: str | None
+    response: Response | None
+    failure: AuthFailure | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.response is None
 
 
 def _reason(text: str) -> str:
@@ -204,44 +246,87 @@ class Registrar:
 
     # ----------------------------------------------------------------------------------------- REGISTER
 
-    def handle(self, request: Request, now: float, source: Hashable, *, to_tag: str) -> Response:
-        """The response to a REGISTER (§10.3), after applying it. Never raises for anything a peer can
+    def handle(
+        self, request: Request, now: float, source: Hashable, *, to_tag: str, client: str = ""
+    ) -> RegisterOutcome:
+        """The outcome of a REGISTER (§10.3), after applying it. Never raises for anything a peer can
         send: malformed headers give 400. A request that is not REGISTER is a caller's error
-        (ValueError); the request must come from the codec (it guarantees To, From, Call-ID, CSeq)."""
+        (ValueError); the request must come from the codec (it guarantees To, From, Call-ID, CSeq).
+        `client` is the peer's IP address: nonces are bound to it (see `DigestServer`)."""
         if request.method != "REGISTER":
             raise ValueError(f"Registrar.handle got a {request.method[:32]} request")
+        auth = self._authenticate(request, now, to_tag, client, proxy=False)
+        if auth.response is not None:
+            return RegisterOutcome(auth.response, None, auth.failure)
+        assert auth.user is not None
         try:
-            return self._handle(request, now, source, to_tag)
+            response = self._register(request, now, source, to_tag, auth.user)
         except DecodeError as error:
-            return make_response(request, 400, _reason(error.reason), to_tag=to_tag)
+            response = make_response(request, 400, _reason(error.reason), to_tag=to_tag)
+        return RegisterOutcome(response, auth.user)
 
-    def _challenge(self, request: Request, now: float, to_tag: str, *, stale: bool = False) -> Response:
-        value = self._server.challenge(now, stale=stale).header_value()
-        return make_response(request, 401, to_tag=to_tag, extra_headers=[("WWW-Authenticate", value)])
+    def authenticate(
+        self, request: Request, now: float, *, to_tag: str, client: str = "", proxy: bool = True
+    ) -> AuthOutcome:
+        """Digest authentication of a request other than REGISTER (an INVITE: FreeSWITCH's `auth-calls`)
+        against the same users, nonces and replay memory as REGISTER.
 
-    def _credentials(self, request: Request) -> Credentials | None:
-        """The first parsable credentials for our realm with a nonce we issued (§22.4: a request may
-        carry one Authorization per realm; others are not for us)."""
-        for value in request.headers.get_all("Authorization")[:MAX_AUTHORIZATION]:
-            try:
-                credentials = parse_credentials(value)
-            except DecodeError:
-                continue
-            if credentials.realm == self._server.realm and self._server.nonce_issued_at(credentials.nonce) is not None:
-                return credentials
+        `proxy` True (the default) challenges the way a PBX does, as FreeSWITCH (sofia `auth-calls`) and
+        Asterisk's chan_sip do for INVITE: 407 with Proxy-Authenticate, answered with
+        Proxy-Authorization (§22.3: the server acts for the caller towards the callee, a proxy's role,
+        and phones expect it). False: 401 with WWW-Authenticate (§22.2). Either way credentials for our
+        realm are taken from both Proxy-Authorization and Authorization, the one the challenge asked for
+        first, so a phone that answers in the other header is served too. Failures answer 403, exactly
+        as for REGISTER. The decision never looks at the Request-URI or To: whether the callee exists is
+        the caller's business, after this (challenge every INVITE that needs it, known callee or not, or
+        the 407 itself tells which names exist). ACK and CANCEL cannot be challenged (§22.1) and
+        REGISTER goes through `handle`: passing one is a caller's error (ValueError).
+        """
+        if request.method in ("ACK", "CANCEL", "REGISTER"):
+            raise ValueError(f"Registrar.authenticate got a {request.method[:32]} request")
+        return self._authenticate(request, now, to_tag, client, proxy=proxy)
+
+    def _authenticate(self, request: Request, now: float, to_tag: str, client: str, *, proxy: bool) -> AuthOutcome:
+        headers = ("Proxy-Authorization", "Authorization") if proxy else ("Authorization", "Proxy-Authorization")
+        credentials = self._credentials(request, headers, client)
+        if credentials is None:
+            return AuthOutcome(None, self._challenge(request, now, to_tag, client, proxy=proxy))
+        user = credentials.username
+        check = self._server.check(
+            credentials, method=request.method, password=self._users.get(user), now=now, client=client
+        )
+        if check.verdict is Verdict.STALE:
+            return AuthOutcome(None, self._challenge(request, now, to_tag, client, proxy=proxy, stale=True))
+        if check.verdict is not Verdict.OK:
+            assert check.failure is not None
+            failure = AuthFailure(user, check.failure, request.method)
+            return AuthOutcome(None, make_response(request, 403, to_tag=to_tag), failure)
+        return AuthOutcome(user, None)
+
+    def _challenge(
+        self, request: Request, now: float, to_tag: str, client: str, *, proxy: bool, stale: bool = False
+    ) -> Response:
+        value = self._server.challenge(now, stale=stale, client=client).header_value()
+        status, header = (407, "Proxy-Authenticate") if proxy else (401, "WWW-Authenticate")
+        return make_response(request, status, to_tag=to_tag, extra_headers=[(header, value)])
+
+    def _credentials(self, request: Request, headers: tuple[str, ...], client: str) -> Credentials | None:
+        """The first parsable credentials for our realm with a nonce we issued to `client` (§22.4: a
+        request may carry one Authorization per realm; others are not for us)."""
+        for name in headers:
+            for value in request.headers.get_all(name)[:MAX_AUTHORIZATION]:
+                try:
+                    credentials = parse_credentials(value)
+                except DecodeError:
+                    continue
+                if (
+                    credentials.realm == self._server.realm
+                    and self._server.nonce_issued_at(credentials.nonce, client=client) is not None
+                ):
+                    return credentials
         return None
 
-    def _handle(self, request: Request, now: float, source: Hashable, to_tag: str) -> Response:
-        credentials = self._credentials(request)
-        if credentials is None:
-            return self._challenge(request, now, to_tag)
-        user = credentials.username
-        verdict = self._server.verify(credentials, method=request.method, password=self._users.get(user), now=now)
-        if verdict is Verdict.STALE:
-            return self._challenge(request, now, to_tag, stale=True)
-        if verdict is not Verdict.OK:
-            return make_response(request, 403, to_tag=to_tag)
-
+    def _register(self, request: Request, now: float, source: Hashable, to_tag: str, user: str) -> Response:
         required = [token.strip(" \t") for value in request.headers.get_all("Require") for token in value.split(",")]
         required = [token for token in required if token]
         if required:
