@@ -57,7 +57,7 @@ async def fake_router_session(router: subprocess.Popen[str]) -> Any:
     port = int(router.stdout.readline())
     loopback = IPv4Address("127.0.0.1")
 
-    async def factory(*_: Any) -> RouterSession:
+    async def factory(*_: Any, **__: Any) -> RouterSession:
         channel = await DatagramChannel.open(loopback, reply_key)
         return RouterSession(RouterLocation(loopback, loopback, "lo"), channel, 2.0, server_port=port)
 

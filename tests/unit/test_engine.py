@@ -167,11 +167,15 @@ async def test_stop_tombstones_what_the_router_would_not_delete_and_the_next_sta
     assert journalled(journal) == {5060: True, 16010: False, 16011: False, 16012: False}
     journal.close()
 
-    session.pcp.fail_deletes = False
     journal = Journal(path)
     engine = started_engine(session, journal, map_rate=0)
     await engine.start()
     assert await engine.wait_ready(2)
+    await until(lambda: engine.removing == 3)  # the leftovers, still refused by the router: kept, retried
+    tries = session.pcp.deletes
+    await until(lambda: session.pcp.deletes >= tries + 3)
+    assert journalled(journal) == {5060: True, 16010: False, 16011: False, 16012: False}
+    session.pcp.fail_deletes = False
     await until(lambda: set(session.pcp.table) == {(UDP, 5060)})
     assert journalled(journal) == {5060: True}
     await engine.stop()
@@ -223,3 +227,22 @@ async def test_new_mappings_reach_the_router_at_most_map_rate_a_second(tmp_path:
     await engine.republish()  # refreshes are not new holes: not held back
     assert session.pcp.adds == before + 40
     await engine.stop()
+
+
+async def test_a_grant_taken_at_max_lease_is_never_given_up_by_time(tmp_path: Path) -> None:
+    """The router may hold such a mapping far longer than we took it as (mapper.cap_grant): keep deleting."""
+    session = FakeSession()
+    engine = started_engine(session, None, map_rate=0, lease=3600, max_lease=3600)
+    await engine.start()
+    assert await engine.wait_ready(2)
+    mapping = await engine.add(Wanted(UDP, 16040))
+    assert mapping.open_ended
+    session.pcp.fail_deletes = True
+    await engine.delete(UDP, 16040)
+    mapping.expires_wall = mapping.asked_until = time.time() - engine_module.EXPIRY_MARGIN - 1
+    tries = session.pcp.deletes
+    await until(lambda: session.pcp.deletes >= tries + 3)
+    assert (UDP, 16040) in engine.mappings  # still ours to delete
+    session.pcp.fail_deletes = False
+    await engine.stop()
+    assert session.pcp.table == {}

@@ -95,6 +95,7 @@ class ManagedMapping:
     asked_via: str | None = None  # protocol of the last request sent, answered or not
     asked_until: float | None = None  # wall clock: where the lease of the last request would end if granted
     doomed: bool = False  # no longer wanted: being deleted, kept until the router confirms
+    open_ended: bool = False  # granted permanent, or longer than max_lease (the router's own end is unknown)
     removal_failures: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -116,8 +117,8 @@ class ManagedMapping:
     def certainly_gone(self, now_wall: float) -> bool:
         """The lease of whatever we may have on the router has run out (by a margin): nothing to delete
         any more. A permanent lease (0) never runs out."""
-        if self.protocol is not None and self.expires_wall is None:
-            return False  # granted permanent
+        if self.protocol is not None and self.open_ended:
+            return False  # granted permanent, or for longer than we took it as: its end is not ours to know
         ends = [end for end in (self.expires_wall, self.asked_until) if end is not None]
         return bool(ends) and now_wall > max(ends) + EXPIRY_MARGIN
 
@@ -262,7 +263,7 @@ class NatEngine:
     async def _open_session(self) -> tuple[RouterSession, ProbeResult]:
         settings = self.settings
         session: RouterSession = await self._session_factory(
-            settings.gateway, settings.interface, settings.timeout, settings.root_url
+            settings.gateway, settings.interface, settings.timeout, settings.root_url, max_lifetime=settings.max_lease
         )
         try:
             probe = await session.probe(settings.protocol)
@@ -327,33 +328,43 @@ class NatEngine:
     # --- journal -------------------------------------------------------------------------------
 
     async def _reconcile_journal(self) -> None:
-        """Adopt what an earlier run left and is still wanted; delete the rest on the router."""
+        """Adopt what an earlier run left and is still wanted; delete the rest on the router, through the
+        same removal as any delete (in the background, retried until the router confirms)."""
         if self.journal is None or self.session is None:
             return
-        now = time.time()
+        now_wall, now = time.time(), self._loop.time()
+        leftovers = 0
         for entry in self.journal.entries():
             key = (entry.transport, entry.internal_port)
             if entry.gateway != self.gateway:
-                if entry.external_port is None or entry.updated_at + entry.lease < now:
+                if entry.external_port is None or entry.updated_at + entry.lease < now_wall:
                     self.journal.remove(entry.gateway, entry.transport, entry.internal_port)  # expired there
                 continue
+            wanted = Wanted(
+                entry.transport, entry.internal_port, entry.requested_external_port, entry.sticky, entry.owner
+            )
             if entry.desired and entry.sticky and key not in self.mappings:
-                wanted = Wanted(entry.transport, entry.internal_port, entry.requested_external_port, True, entry.owner)
                 self.mappings[key] = ManagedMapping(wanted)
             if key in self.mappings:
                 continue  # adopted: the first establish refreshes it (same nonce, same rule)
-            try:
-                await self._delete_on_router(entry.protocol, entry.transport, entry.internal_port, entry.external_port)
-            except AutonatError as exc:
-                log.warning("could not delete leftover %s %d: %s", entry.transport, entry.internal_port, exc)
-                continue
-            holes.info(
-                "closed leftover %s %d of an earlier run via %s", entry.transport, entry.internal_port, entry.protocol
+            granted = entry.external_port is not None
+            self.mappings[key] = ManagedMapping(
+                wanted,
+                state="removing",
+                doomed=True,
+                protocol=entry.protocol if granted else None,
+                asked_via=entry.protocol,
+                external_port=entry.external_port,
+                lease=entry.lease,
+                expires_wall=entry.updated_at + entry.lease if granted and entry.lease else None,
+                asked_until=entry.updated_at + entry.lease,
+                open_ended=entry.lease == 0 or (entry.protocol != "upnp" and entry.lease >= self.settings.max_lease),
+                journalled=("leftover",),  # its row is there: tombstoned first
+                next_renewal=now,
             )
-            self.journal.remove(entry.gateway, entry.transport, entry.internal_port)
-            self.events.publish(
-                EventKind.NAT_DEL, port=entry.internal_port, proto=str(entry.transport), reason="leftover"
-            )
+            leftovers += 1
+        if leftovers:
+            log.info("deleting %d mapping(s) an earlier run left on the router", leftovers)
 
     # --- the scheduler ---------------------------------------------------------------------------
 
@@ -480,6 +491,8 @@ class NatEngine:
             mapping.last_error = None
             lifetime = granted.lifetime
             mapping.expires_wall = None if lifetime == 0 else time.time() + lifetime
+            # A grant at max_lease may have been cut down to it (mapper.cap_grant): the router's hold is longer.
+            mapping.open_ended = lifetime == 0 or (mapper.name != "upnp" and lifetime >= self.settings.max_lease)
             mapping.next_renewal = float("inf") if lifetime == 0 else schedule.first_renewal(now, lifetime, self._rand)
             interval = self.settings.verify_interval
             mapping.next_verify = (
