@@ -22,10 +22,10 @@ import pytest
 
 from autonat.acl import AclSet
 from autonat.advertise import ProfileSettings
-from autonat.daemon.profiles import ProfileManager
 from autonat.engine.engine import NatEngine
 from autonat.engine.events import EventKind
 from autonat.engine.settings import NatSettings
+from autonat.service.profiles import ProfileManager
 from autonat.service.settings import SipProfileSettings, SipSettings
 from autonat.service.sip import SipService
 from autonat.sip import client as sipclient

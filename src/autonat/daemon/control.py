@@ -65,10 +65,10 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from autonat.daemon.config import MAX_TEXT_LENGTH
-from autonat.daemon.profiles import ProfileManager
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.errors import AutonatError
 from autonat.proto.types import Transport
+from autonat.service.profiles import ProfileManager
 from autonat.service.sip import SipService
 
 log = logging.getLogger("autonat.control")

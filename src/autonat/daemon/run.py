@@ -15,9 +15,9 @@ import sys
 from autonat.acl import AclSet
 from autonat.daemon.config import Config
 from autonat.daemon.control import ControlServer
-from autonat.daemon.profiles import ProfileManager
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.journal import Journal
+from autonat.service.profiles import ProfileManager
 from autonat.service.sip import SipService
 from autonat.state import host_secret
 

@@ -38,7 +38,6 @@ from typing import Any
 
 from autonat.addresses import IPAddress, uri_host
 from autonat.advertise import ProfileSettings
-from autonat.daemon.profiles import ProfileManager
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.events import EventKind
 from autonat.engine.pool import PortPairs, RtpPool
@@ -47,6 +46,7 @@ from autonat.proto.errors import DecodeError
 from autonat.proto.types import Transport
 from autonat.service.calls import Call, Leg, MediaPorts, safe_call_id, uri_of, user_of
 from autonat.service.media import RtpEcho, RtpRelay
+from autonat.service.profiles import ProfileManager
 from autonat.service.settings import Action, GatewaySettings, SipProfileSettings, SipSettings
 from autonat.service.transport import Peer, SipTransport
 from autonat.sip import client as sipclient
