@@ -18,7 +18,8 @@ which its answer is constant, so a lookup is one C `bisect` over a few ints what
 nodes or prefix lengths (CIDR blocks nest or are disjoint, so the intervals are exact).
 `bench/acl.py` measures it.
 
-Only `host_networks` does I/O (netlink); every list builder is a pure function of its result, so the
+Nothing here does I/O: the host's interfaces come from autonat.aio.interfaces.host_networks; every
+list builder is a pure function of them, so the
 daemon recomputes the `.auto` lists with `AclSet.refresh` when the interfaces change.
 """
 
@@ -26,10 +27,8 @@ from __future__ import annotations
 
 import difflib
 import functools
-import itertools
 import json
 import socket
-import sys
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
@@ -51,8 +50,6 @@ from defusedxml import DefusedXmlException
 
 from autonat.addresses import NOT_PUBLIC_V4, NOT_PUBLIC_V6
 from autonat.errors import AutonatError
-from autonat.proto import netlink
-from autonat.proto.errors import DecodeError
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -419,11 +416,6 @@ class AclSet:
         self._tables: dict[str, tuple[_Table, _Table]] = {}
         self.refresh(interfaces)
 
-    @classmethod
-    def from_host(cls, lists: Iterable[AclList] = ()) -> AclSet:
-        """The lists with `.auto` computed from this host's interfaces now."""
-        return cls(lists, host_networks())
-
     def refresh(self, interfaces: Iterable[tuple[str, IPInterface]]) -> None:
         """Recompute the `.auto` lists for these interfaces (the daemon calls it when they change)."""
         lists = {acl.name: acl for acl in builtin_lists(interfaces)}
@@ -475,13 +467,10 @@ class AclSet:
         return AclError(f"unknown ACL list {_quote(str(list_name))} ({hint})")
 
 
-def check_ip(text: str, list_name: str, acls: AclSet | None = None) -> AclVerdict:
-    """For `autonat acl IP LIST`: the verdict of one list for one address, with the deciding node.
-
-    Without `acls`, only the built-in lists exist, computed from this host's interfaces.
-    """
+def check_ip(text: str, list_name: str, acls: AclSet) -> AclVerdict:
+    """For `autonat acl IP LIST`: the verdict of one list for one address, with the deciding node."""
     address = _parse_ip(text.strip())
-    return (acls if acls is not None else AclSet.from_host()).explain(address, list_name)
+    return acls.explain(address, list_name)
 
 
 # --- FreeSWITCH's acl.conf.xml ------------------------------------------------------------------------
@@ -591,43 +580,3 @@ def _why_skip(cidr: str | None, host: str | None, mask: str | None, domain: str 
         except ValueError:
             return f"host={_quote(host)} is a name, which needs a resolver"
     return ""
-
-
-# --- The host's interfaces (Linux rtnetlink) ------------------------------------------------------
-
-_NETLINK_TIMEOUT = 1.0
-_MAX_DUMP_SIZE = 16 * 1024 * 1024  # ~100k addresses; a kernel that sends more is not one we know
-_seq = itertools.count(1)
-
-
-def host_networks() -> list[tuple[str, IPInterface]]:
-    """Every address of every interface of this host with its prefix, as (interface name, interface).
-
-    Linux only (an RTM_GETADDR dump over rtnetlink); elsewhere the list is empty, so `localnet.auto`
-    allows nobody and `nat.auto` is private space. Raises AclError when the kernel can't be asked.
-    """
-    if sys.platform != "linux":
-        return []
-    seq = next(_seq)
-    found: list[tuple[int, str | None, IPInterface]] = []
-    try:
-        names = dict(socket.if_nameindex())
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-            sock.settimeout(_NETLINK_TIMEOUT)
-            sock.sendto(netlink.build_getaddr_dump(seq), (0, 0))
-            received = 0
-            done = False
-            while not done:
-                data = sock.recv(65536)
-                received += len(data)
-                if received > _MAX_DUMP_SIZE:
-                    raise AclError("netlink address dump: too large")
-                entries, done = netlink.parse_getaddr_reply(data, seq)
-                found.extend(entries)
-    except DecodeError as exc:
-        raise AclError(f"netlink address dump: {exc.reason}") from None
-    except TimeoutError:
-        raise AclError("netlink address dump: the kernel did not answer") from None
-    except OSError as exc:
-        raise AclError(f"cannot list the host's addresses over netlink: {exc.strerror or exc}") from None
-    return [(label or names.get(index, f"if{index}"), interface) for index, label, interface in found]

@@ -23,6 +23,7 @@ class FakeRouter(asyncio.DatagramProtocol):
     external: IPv4Address = field(default_factory=lambda: IPv4Address("203.0.113.1"))
     epoch: int = 1000
     natpmp_only: bool = False
+    pcp_only: bool = False  # NAT-PMP requests get UNSUPPORTED_VERSION (RFC 6887 §9), as a PCP-only server sends
     silent: bool = False
     pcp_silent: bool = False
     granted_lifetime: int | None = None  # grant this instead of what was asked (deletes stay 0)
@@ -49,6 +50,8 @@ class FakeRouter(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
     def answer(self, data: bytes) -> list[bytes]:
+        if data[:1] == b"\x00" and self.pcp_only:
+            return [natpmp.ErrorResponse(data[1], natpmp.ResultCode.UNSUPPORTED_VERSION, self.now_epoch()).encode()]
         if data[:1] == b"\x00":
             request = natpmp.parse_request(data)
             if isinstance(request, natpmp.ExternalAddressRequest):

@@ -147,6 +147,27 @@ def test_wan_address_change_is_an_event_with_old_and_new(lab: Lab, tmp_path: Pat
     assert daemon.status()["external_ip"] == Lab.ROUTER_WAN_ALT
 
 
+def test_a_pcp_only_router_gives_the_address_and_its_change(lab: Lab, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """Regression (issue "The engine owns its truth"): with NAT-PMP dropped at the router, `auto` picks PCP,
+    which has no address request: the address must come from the grants, and a change be noticed."""
+    lab.set_pcp_only(True)
+    probe = lab.run("lan", ["timeout", "2", "natpmpc", "-g", Lab.GATEWAY], timeout=20)
+    assert probe.returncode != 0, "NAT-PMP still answered: the router is not PCP-only"
+    daemon = new_daemon(lab, tmp_path, daemons, nat="external_ip_interval = 2").start()
+    status = daemon.wait_ready()
+    assert status["protocol"] == "pcp"
+    wait_until(lambda: daemon.status()["external_ip"] == Lab.ROUTER_WAN, timeout=5)
+    shown = lab.run("lan", [AUTONAT, "nat_map", "status", "--socket", str(daemon.socket_path)], timeout=20)
+    assert f"Nat Type: PCP, ExtIP: {Lab.ROUTER_WAN}" in shown.stdout, shown.stdout
+    daemon.follow_events()
+    lab.set_pcp_only(False)  # the lab checks a WAN change with NAT-PMP; our daemon never asks it (probed out)
+    lab.set_wan_ip(Lab.ROUTER_WAN_ALT)
+    lab.set_pcp_only(True)
+    event = daemon.wait_event("external-address-change", timeout=5)
+    assert (event["old"], event["new"]) == (Lab.ROUTER_WAN, Lab.ROUTER_WAN_ALT)
+    assert daemon.status()["external_ip"] == Lab.ROUTER_WAN_ALT
+
+
 def test_sigterm_removes_non_sticky_mappings_within_2_s(lab: Lab, tmp_path: Path, daemons: list[Daemon]) -> None:
     daemon = new_daemon(lab, tmp_path, daemons).start()
     daemon.wait_ready()

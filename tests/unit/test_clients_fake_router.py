@@ -127,14 +127,17 @@ async def test_natpmp_only_server_answers_pcp_with_version_0() -> None:
     channel.close()
 
 
-async def test_epoch_going_back_means_the_router_rebooted() -> None:
+async def test_every_answer_carries_the_epoch_up_to_the_engine() -> None:
+    """The clients keep no epoch state (the engine's lifecycle core owns it): they hand each epoch up."""
     router, port = await start_fake_router(epoch=5000)
-    channel, client, _ = await clients(port)
-    await client.external_address()
-    assert not client.router_rebooted
+    channel, natpmp_client, pcp_client = await clients(port)
+    first = await natpmp_client.external_address()
     router.epoch = 3
-    await client.external_address()
-    assert client.router_rebooted
+    second = await natpmp_client.external_address()
+    assert first.epoch >= 5000 and second.epoch < 10
+    granted = await pcp_client.add(MappingRequest(Transport.UDP, 5060))
+    assert granted.epoch is not None and granted.epoch < 10
+    assert (await pcp_client.probe()).epoch is not None
     channel.close()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from autonat.engine import engine as engine_module
+from autonat.engine import lifecycle
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.journal import Journal
 from autonat.engine.settings import NatSettings
@@ -35,7 +36,7 @@ def _quiet_and_quick(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(engine_module.watch, "listen_announcements", no_listener)
     monkeypatch.setattr(engine_module.watch, "listen_notify", no_listener)
-    monkeypatch.setattr(engine_module, "REMOVE_RETRY", (0.01, 0.02, 0.05))
+    monkeypatch.setattr(lifecycle, "REMOVE_RETRY", (0.01, 0.02, 0.05))
 
 
 async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -77,7 +78,7 @@ async def test_a_delete_the_router_does_not_confirm_is_retried_until_it_is(
     session.pcp.fail_deletes = True
     assert await engine.delete(UDP, 16000) is True
     mapping = engine.mappings[(UDP, 16000)]  # kept: the router may still hold it
-    assert mapping.doomed and engine.status()["mappings"][0]["state"] == "removing"
+    assert mapping.state == "removing" and engine.status()["mappings"][0]["state"] == "removing"
     assert journalled(journal) == {16000: False}  # tombstoned: a crash now still deletes it at the next start
     tries = session.pcp.deletes
     await until(lambda: session.pcp.deletes >= tries + 2)  # retried in the background, with back-off
@@ -93,11 +94,14 @@ async def test_wanting_a_port_again_while_its_delete_is_pending_revives_the_one_
     rig: tuple[NatEngine, FakeSession, Journal],
 ) -> None:
     engine, session, journal = rig
-    first = await engine.add(Wanted(UDP, 16002, owner="call:a"))
+    await engine.add(Wanted(UDP, 16002, owner="call:a"))
+    record = engine._core.records[(UDP, 16002)]
     session.pcp.fail_deletes = True
     await engine.delete(UDP, 16002)
+    assert engine.mappings[(UDP, 16002)].state == "removing"
     again = await engine.add(Wanted(UDP, 16002, owner="call:b"))
-    assert again is first and not again.doomed and again.state == "active"
+    assert engine._core.records[(UDP, 16002)] is record  # the one record for that port, revived
+    assert again.state == "active" and again.owner == "call:b"
     assert journalled(journal) == {16002: True}
     session.pcp.fail_deletes = False
     await asyncio.sleep(0.2)  # no stale retry may delete what is wanted again
@@ -200,13 +204,15 @@ async def test_a_removal_is_given_up_only_once_the_lease_has_certainly_run_out(
     rig: tuple[NatEngine, FakeSession, Journal],
 ) -> None:
     engine, session, journal = rig
-    mapping = await engine.add(Wanted(UDP, 16030))
+    await engine.add(Wanted(UDP, 16030))
+    record = engine._core.records[(UDP, 16030)]
     session.pcp.fail_deletes = True
     await engine.delete(UDP, 16030)
     await asyncio.sleep(0.1)
     assert (UDP, 16030) in engine.mappings  # the lease (7200 s) is far from over: keep trying
-    assert mapping.expires_wall is not None and mapping.asked_until is not None
-    mapping.expires_wall = mapping.asked_until = time.time() - engine_module.EXPIRY_MARGIN - 1
+    assert record.expires_at is not None and record.asked_until is not None
+    past = asyncio.get_running_loop().time() - lifecycle.EXPIRY_MARGIN - 1
+    record.expires_at = record.asked_until = past
     await until(lambda: (UDP, 16030) not in engine.mappings)
     assert journalled(journal) == {}
 
@@ -235,14 +241,55 @@ async def test_a_grant_taken_at_max_lease_is_never_given_up_by_time(tmp_path: Pa
     engine = started_engine(session, None, map_rate=0, lease=3600, max_lease=3600)
     await engine.start()
     assert await engine.wait_ready(2)
-    mapping = await engine.add(Wanted(UDP, 16040))
-    assert mapping.open_ended
+    await engine.add(Wanted(UDP, 16040))
+    record = engine._core.records[(UDP, 16040)]
+    assert record.open_ended
     session.pcp.fail_deletes = True
     await engine.delete(UDP, 16040)
-    mapping.expires_wall = mapping.asked_until = time.time() - engine_module.EXPIRY_MARGIN - 1
+    record.expires_at = record.asked_until = asyncio.get_running_loop().time() - lifecycle.EXPIRY_MARGIN - 1
     tries = session.pcp.deletes
     await until(lambda: session.pcp.deletes >= tries + 3)
     assert (UDP, 16040) in engine.mappings  # still ours to delete
     session.pcp.fail_deletes = False
     await engine.stop()
     assert session.pcp.table == {}
+
+
+async def test_a_pcp_only_router_gives_the_external_address_and_its_change() -> None:
+    """Regression: PCP has no address request and its probe (ANNOUNCE) carries no address; the address
+    comes from the grants, and a change is noticed by refreshing a mapping (issue "The engine owns its
+    truth"). Real protocol clients against the fake router on loopback, NAT-PMP refused."""
+    from ipaddress import IPv4Address
+
+    from autonat.aio.channel import DatagramChannel
+    from autonat.aio.route import RouterLocation
+    from autonat.aio.router import RouterSession, reply_key
+    from autonat.engine.events import EventKind
+    from tests.fakes.pcp_natpmp_router import start_fake_router
+
+    router, port = await start_fake_router(pcp_only=True)
+    loopback = IPv4Address("127.0.0.1")
+
+    async def factory(*_: Any, **__: Any) -> RouterSession:
+        channel = await DatagramChannel.open(loopback, reply_key)
+        return RouterSession(RouterLocation(loopback, loopback, "lo"), channel, 1.0, server_port=port)
+
+    engine = NatEngine(NatSettings(protocol="pcp", external_ip_interval=0.3), None, session_factory=factory)
+    events = engine.events.subscribe()
+    await engine.start([Wanted(UDP, 5060)])
+    await until(lambda: engine.status()["external_ip"] == "203.0.113.1")
+    assert engine.status()["mappings"][0]["external_ip"] == "203.0.113.1"
+    router.external = IPv4Address("203.0.113.2")
+    changed = asyncio.get_running_loop().time()
+    async with asyncio.timeout(5):
+        async for event in events:
+            if event.kind is EventKind.EXTERNAL_ADDRESS_CHANGE:
+                break
+    assert event.data == {"old": "203.0.113.1", "new": "203.0.113.2"}
+    assert asyncio.get_running_loop().time() - changed < 5
+    assert engine.status()["external_ip"] == "203.0.113.2"
+    assert [h["address"] for h in engine.status()["address_history"]] == ["203.0.113.1", "203.0.113.2"]
+    await events.aclose()
+    await engine.stop()
+    assert router.transport is not None
+    router.transport.close()

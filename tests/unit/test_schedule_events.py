@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autonat.engine import schedule
-from autonat.engine.events import SUBSCRIBER_QUEUE, EventBus, EventKind
+from autonat.engine.bus import SUBSCRIBER_QUEUE, EventBus
+from autonat.engine.events import EventKind
 
 
 @given(

@@ -17,7 +17,6 @@ from autonat.mapper import (
     check_max_lifetime,
 )
 from autonat.proto import natpmp
-from autonat.proto.epoch import EpochTracker
 from autonat.proto.errors import DecodeError
 from autonat.proto.exchange import DEFAULT_DEADLINE, NATPMP_SCHEDULE, Exchange
 from autonat.proto.types import Transport
@@ -82,8 +81,6 @@ class NatPmpClient:
         self._port = port
         self._max_lifetime = check_max_lifetime(max_lifetime)
         self._what = f"NAT-PMP at {gateway}:{port}"
-        self.epochs = EpochTracker("natpmp")
-        self.router_rebooted = False
 
     async def _run(
         self, request: natpmp.ExternalAddressRequest | natpmp.MapRequest, parse: Callable[[bytes], object]
@@ -101,9 +98,6 @@ class NatPmpClient:
             key=natpmp.request_key(request),
         )
         reply = await self._channel.request(exchange, self._what)
-        epoch = getattr(reply, "epoch", None)
-        if epoch is not None and self.epochs.observe(epoch, loop.time()):
-            self.router_rebooted = True
         return reply
 
     @staticmethod

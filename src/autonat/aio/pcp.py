@@ -18,7 +18,6 @@ from autonat.mapper import (
     check_max_lifetime,
 )
 from autonat.proto import pcp
-from autonat.proto.epoch import EpochTracker
 from autonat.proto.errors import DecodeError
 from autonat.proto.exchange import DEFAULT_DEADLINE, PCP_SCHEDULE, Exchange
 from autonat.proto.types import Transport
@@ -76,8 +75,6 @@ class PcpClient:
         self._port = port
         self._max_lifetime = check_max_lifetime(max_lifetime)
         self._what = f"PCP at {gateway}:{port}"
-        self.epochs = EpochTracker("pcp")
-        self.router_rebooted = False
 
     def nonce_for(self, transport: Transport, internal_port: int) -> bytes:
         """Stable per mapping, so a later process (or a restarted daemon) can refresh or delete it."""
@@ -102,8 +99,6 @@ class PcpClient:
                 protocol=NAME,
                 code=pcp.ResultCode.UNSUPP_VERSION,
             )
-        if self.epochs.observe(reply.epoch, loop.time()):
-            self.router_rebooted = True
         if reply.result != pcp.ResultCode.SUCCESS:
             external = reply.map.external_address if reply.map is not None else None
             if external is not None and not external.is_unspecified and not is_public(external):

@@ -381,6 +381,9 @@ def control_call(socket_path: Path, request: dict[str, Any]) -> Any:
 NAT_TYPES = {"pcp": "PCP", "natpmp": "PMP", "upnp": "UPNP"}
 
 
+FREESWITCH_PROTO_NUM = {"udp": 0, "tcp": 1}  # switch_nat.c numbers its protocols this way
+
+
 def _print_nat_status(status: dict[str, Any]) -> None:
     """FreeSWITCH's `nat_map status` layout, so its users' scripts keep working."""
     if status["nat"] == "disabled":
@@ -393,7 +396,8 @@ def _print_nat_status(status: dict[str, Any]) -> None:
     click.echo(f"NAT port mapping {'enabled' if status['mapping_enabled'] else 'disabled'}.")
     click.echo("port,proto,proto_num,sticky")
     for row in status["mappings"]:
-        click.echo(f"{row['port']},{row['proto']},{row['proto_num']},{int(row['sticky'])}")
+        proto_num = FREESWITCH_PROTO_NUM.get(row["proto"], -1)
+        click.echo(f"{row['port']},{row['proto']},{proto_num},{int(row['sticky'])}")
     click.echo(f"\n{len(status['mappings'])} total.")
 
 
@@ -543,11 +547,12 @@ def calls(socket_path: Path, as_json: bool) -> None:
 def acl(ip: str, list_name: str, config_path: Path | None, explain: bool) -> None:
     """Is IP allowed by ACL list LIST? Prints true or false (FreeSWITCH's `acl` command)."""
     from autonat.acl import AclSet
+    from autonat.aio.interfaces import host_networks
     from autonat.daemon.config import load_config
 
     try:
         lists = load_config(config_path).acls if config_path else ()
-        acls = AclSet.from_host(lists)
+        acls = AclSet(lists, host_networks())
         verdict = acls.explain(ip, list_name) if explain else None
         allowed = acls.lookup(ip, list_name)
     except AutonatError as exc:

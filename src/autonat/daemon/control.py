@@ -58,6 +58,7 @@ import os
 import re
 import socket
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -631,7 +632,7 @@ class ControlServer:
                 sticky,
                 "manual",
             )
-            return (await engine.add(wanted)).to_dict()
+            return (await engine.add(wanted)).to_dict(time.time())
         if command == "del":
             found = await engine.delete(_transport(request.get("proto")), _port(request.get("port")))
             if not found:

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from autonat.acl import AclSet
+from autonat.aio.interfaces import host_networks
 from autonat.daemon.config import Config
 from autonat.daemon.control import ControlServer
 from autonat.engine.engine import NatEngine, Wanted
@@ -43,7 +44,7 @@ async def run_daemon(config: Config) -> int:
         log.warning("%s", warning)
     journal = Journal(config.journal_path) if config.nat.enabled else None
     engine = NatEngine(config.nat, journal)
-    profiles = ProfileManager(config.profiles, AclSet.from_host(config.acls), engine)
+    profiles = ProfileManager(config.profiles, AclSet(config.acls, host_networks()), engine)
     sip = (
         SipService(config.sip, profiles, engine, dict(config.sip_profiles), host_secret()) if config.profiles else None
     )

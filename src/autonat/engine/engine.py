@@ -1,19 +1,18 @@
-"""The NAT engine: the one owner of the discovery result and of every mapping we want.
+"""The NAT engine: the asyncio driver of the mapping lifecycle (autonat.engine.lifecycle).
 
-What it promises, and how:
+The lifecycle core decides everything (what to map, renew, verify, delete, when, and what the external
+address is); this driver performs what it decides and feeds the results back, like aioquic's
+`asyncio/protocol.py` around its connection: it writes the journal (consecutive writes in one
+transaction), sends router requests through the protocol clients, publishes events, logs, and arms
+*one* timer at the core's `timer()`. It makes no decision of its own.
+
+What the whole promises:
 - Start-up never waits for the router: discovery runs in the background (retrying with back-off),
   mappings asked for meanwhile are kept and made as soon as a router is found.
-- Every mapping is journalled *before* it is requested and forgotten only *after* the router
-  confirmed its deletion, so a crash (even SIGKILL) leaves nothing in the router we no longer own:
-  at the next start, leftovers are deleted, or adopted when still wanted.
-- One object per (transport, internal port) for as long as anything may exist on the router under
-  that key: a mapping being deleted stays here (state "removing", `doomed`) until the router
-  confirmed, and a delete that failed is retried with back-off while the daemon runs, until the router
-  confirms or the lease has certainly run out. Asking for the key again revives the same object. (Two
-  objects for one key was how, under an INVITE flood, a late delete removed the journal row of a newer
-  mapping of the same port and 267 mappings outlived the daemon unjournalled.)
-- New mappings reach the router at most `map_rate` a second (renewals and re-creations after a router
-  reboot are not new holes and are not held back).
+- Every mapping is journalled *before* it is requested and forgotten only *after* the router confirmed
+  its deletion, so a crash (even SIGKILL) leaves nothing in the router we no longer own: at the next
+  start, leftovers are deleted, or adopted when still wanted. A delete the router does not confirm is
+  retried while the daemon runs, until it is or the lease has certainly run out.
 - Finite leases, renewed per RFC 6887 §11.2.1, and a verification of every mapping each
   `verify_interval`: PCP/NAT-PMP re-send the idempotent MAP (which also re-installs rules a router
   silently flushed), UPnP asks GetSpecificPortMappingEntry and re-adds what is gone.
@@ -26,122 +25,95 @@ What it promises, and how:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import heapq
 import logging
-import math
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass
+from typing import Any
 
-from autonat.addresses import IPAddress, is_public
+from autonat.addresses import IPAddress
 from autonat.aio import watch
 from autonat.aio.router import ProbeResult, RouterSession
-from autonat.engine import schedule
-from autonat.engine.events import EventBus, EventKind
-from autonat.engine.journal import Journal, JournalEntry
+from autonat.engine import lifecycle as lc
+from autonat.engine.bus import EventBus
+from autonat.engine.events import EventKind
+from autonat.engine.journal import Journal, JournalEntry, JournalOp
+from autonat.engine.lifecycle import Key, Lifecycle, MappingStatus, Router, State, Wanted
 from autonat.engine.settings import NatSettings
 from autonat.errors import AutonatError
-from autonat.limits import TokenBucket
-from autonat.mapper import MappingRequest, PortMapper
+from autonat.mapper import PortMapper
 from autonat.proto.types import Transport
+
+__all__ = ["EngineStatus", "MappingStatus", "NatEngine", "State", "Wanted"]
 
 log = logging.getLogger("autonat.engine")
 holes = logging.getLogger("autonat.holes")
-
-MappingKey = tuple[Transport, int]
-T = TypeVar("T")
-DISCOVERY_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-FAILED_RETRY = (2.0, 5.0, 15.0, 30.0, 60.0)
-REMOVE_RETRY = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)  # a delete the router did not confirm, tried again
-EXPIRY_MARGIN = 60.0  # past the lease's end by this much, a router has certainly dropped the mapping
-RENEWAL_SHARE = 0.04  # at most 4 % of the mappings refreshed in any one second ...
-MIN_REFRESHES_PER_SECOND = 5  # ... but never fewer than this, so small sets are not slowed down
-CONCURRENCY = 16  # router requests in flight at once: enough for bursts, gentle on small routers
-ANNOUNCE_SETTLE = 0.05  # miniupnpd's first announcement after a change is stale; the right one follows
+_LOGGERS = {"holes": holes, "engine": log}
+STATUS_SCHEMA = 2  # the `schema` key of the status JSON (2: typed states, FreeSWITCH's proto_num left to the CLI)
 
 
 @dataclass(frozen=True, slots=True)
-class Wanted:
-    """A mapping somebody asked for."""
+class EngineStatus:
+    """What `nat_map status --json` shows (schema `STATUS_SCHEMA`); the CLI renders FreeSWITCH's layout."""
 
-    transport: Transport
-    internal_port: int
-    external_port: int = 0
-    sticky: bool = False
-    owner: str = "manual"
+    nat: str  # "enabled" | "disabled"
+    state: str  # "disabled" | "starting" | "discovering" | "ready" | "stopped"
+    protocol: str | None
+    gateway: str | None
+    external_ip: IPAddress | None
+    double_nat: bool
+    stun: dict[str, Any] | None
+    mapping_enabled: bool
+    last_error: str | None
+    mappings: tuple[MappingStatus, ...]
+    address_history: tuple[tuple[float, IPAddress | None], ...]  # (wall time, address), oldest first
 
-
-@dataclass(eq=False)
-class ManagedMapping:
-    wanted: Wanted
-    state: str = "pending"  # pending | active | failed | disabled | removing
-    protocol: str | None = None
-    external_ip: IPAddress | None = None
-    external_port: int | None = None
-    lease: int | None = None
-    granted_at: float | None = None  # loop clock
-    expires_wall: float | None = None
-    next_renewal: float = 0.0
-    next_verify: float = 0.0
-    failures: int = 0
-    last_error: str | None = None
-    busy: bool = False
-    heap_seq: int = 0  # the scheduler's current queue entry for this mapping
-    journalled: tuple[Any, ...] | None = None  # what the journal holds for it, to skip rewrites
-    asked_via: str | None = None  # protocol of the last request sent, answered or not
-    asked_until: float | None = None  # wall clock: where the lease of the last request would end if granted
-    doomed: bool = False  # no longer wanted: being deleted, kept until the router confirms
-    open_ended: bool = False  # granted permanent, or longer than max_lease (the router's own end is unknown)
-    removal_failures: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def key(self) -> MappingKey:
-        return self.wanted.transport, self.wanted.internal_port
-
-    @property
-    def due_at(self) -> float:
-        if self.state == "active" and not self.doomed:
-            return min(self.next_renewal, self.next_verify)
-        return self.next_renewal  # pending/failed: when the next attempt is allowed; removing: the next delete
-
-    @property
-    def maybe_on_router(self) -> bool:
-        """Something may exist on the router for it: granted, or asked for (the answer may have been lost)."""
-        return self.protocol is not None or self.asked_via is not None
-
-    def certainly_gone(self, now_wall: float) -> bool:
-        """The lease of whatever we may have on the router has run out (by a margin): nothing to delete
-        any more. A permanent lease (0) never runs out."""
-        if self.protocol is not None and self.open_ended:
-            return False  # granted permanent, or for longer than we took it as: its end is not ours to know
-        ends = [end for end in (self.expires_wall, self.asked_until) if end is not None]
-        return bool(ends) and now_wall > max(ends) + EXPIRY_MARGIN
-
-    def to_dict(self) -> dict[str, Any]:
-        transport, port = self.key
+    def to_dict(self, wall: float) -> dict[str, Any]:
         return {
-            "port": port,
-            "proto": str(transport),
-            "proto_num": 0 if transport is Transport.UDP else 1,  # FreeSWITCH's numbering
-            "sticky": self.wanted.sticky,
-            "owner": self.wanted.owner,
-            "state": "removing" if self.doomed else self.state,
+            "schema": STATUS_SCHEMA,
+            "nat": self.nat,
+            "state": self.state,
             "protocol": self.protocol,
+            "gateway": self.gateway,
             "external_ip": None if self.external_ip is None else str(self.external_ip),
-            "external_port": self.external_port,
-            "lease": self.lease,
-            "expires_at": None if self.expires_wall is None else round(self.expires_wall, 3),
+            "double_nat": self.double_nat,
+            "stun": self.stun,
+            "mapping_enabled": self.mapping_enabled,
             "last_error": self.last_error,
+            "mappings": [m.to_dict(wall) for m in self.mappings],
+            "address_history": [
+                {"at": round(at, 3), "address": None if a is None else str(a)} for at, a in self.address_history
+            ],
         }
 
 
+class _Mappings(MappingABC[Key, MappingStatus]):
+    """A read-only view of the engine's mappings as snapshots."""
+
+    def __init__(self, engine: NatEngine) -> None:
+        self._engine = engine
+
+    def __getitem__(self, key: Key) -> MappingStatus:
+        status = self._engine.lookup(key)
+        if status is None:
+            raise KeyError(key)
+        return status
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._engine._core.records
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(list(self._engine._core.records))
+
+    def __len__(self) -> int:
+        return len(self._engine._core.records)
+
+
 class NatEngine:
-    """Owns the router session, the wanted mappings and the journal; use `start()` / `stop()`."""
+    """Owns the router session and drives the lifecycle core; use `start()` / `stop()`."""
 
     def __init__(
         self,
@@ -154,39 +126,92 @@ class NatEngine:
         self.settings = settings
         self.journal = journal
         self.events = EventBus()
-        self.mapping_enabled = settings.mapping
-        self.state = "disabled" if not settings.enabled else "starting"
         self.session: RouterSession | None = None
         self.probe: ProbeResult | None = None
-        self.external_ip: IPAddress | None = None
-        self.last_error: str | None = None
         self.stun_result: dict[str, Any] | None = None
-        self.mappings: dict[MappingKey, ManagedMapping] = {}
-        self._rand = rand
+        self._core = Lifecycle(settings, rand=rand)
         self._session_factory = session_factory
+        self._state = "disabled" if not settings.enabled else "starting"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[asyncio.BaseTransport] = []
-        self._wake = asyncio.Event()
-        self._check_now = asyncio.Event()
         self._ready = asyncio.Event()
-        self._slots = asyncio.Semaphore(CONCURRENCY)
-        self._heap: list[tuple[float, int, ManagedMapping]] = []
-        self._seq = 0
-        self._recent: collections.deque[float] = collections.deque()  # refresh starts, last second
-        self._loop = asyncio.get_running_loop()
-        # A call needs two mappings (RTP, RTCP) at once; a burst smaller than that would starve it.
-        self._new_holes = TokenBucket(settings.map_rate, max(4.0, settings.map_rate))
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._waiters: dict[Key, list[asyncio.Future[None]]] = {}
+        self._wall_offset = time.time() - time.monotonic()
 
-    # --- life cycle ----------------------------------------------------------------------------
+    # --- what others read ------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def external_ip(self) -> IPAddress | None:
+        return self._core.external_ip
+
+    @property
+    def mapping_enabled(self) -> bool:
+        return self._core.mapping_enabled
+
+    @property
+    def last_error(self) -> str | None:
+        return self._core.last_error
+
+    @property
+    def gateway(self) -> str | None:
+        return None if self.session is None else str(self.session.location.gateway)
+
+    @property
+    def mappings(self) -> MappingABC[Key, MappingStatus]:
+        return _Mappings(self)
+
+    @property
+    def removing(self) -> int:
+        """Mappings decided deleted whose deletion the router has not confirmed yet."""
+        return self._core.removing
+
+    def lookup(self, key: Key) -> MappingStatus | None:
+        return self._core.status_of(key, self._now())
+
+    def map_budget(self) -> float:
+        """How many new mappings may go to the router right now (`map_rate`): a caller that cannot wait
+        (a call being answered) checks this instead of queueing behind the limit."""
+        return self._core.map_budget(self._now())
+
+    def status_object(self) -> EngineStatus:
+        core, now = self._core, self._now()
+        probe = self.probe
+        return EngineStatus(
+            nat="disabled" if not self.settings.enabled else "enabled",
+            state=self._state,
+            protocol=None if probe is None else probe.selected,
+            gateway=self.gateway,
+            external_ip=core.external_ip,
+            double_nat=bool(probe and probe.double_nat)
+            or bool(self.stun_result and self.stun_result.get("matches_router") is False),
+            stun=self.stun_result,
+            mapping_enabled=core.mapping_enabled,
+            last_error=core.last_error,
+            mappings=tuple(core.statuses(now)),
+            address_history=tuple((at + self._wall_offset, address) for at, address in core.address_history),
+        )
+
+    def status(self) -> dict[str, Any]:
+        return self.status_object().to_dict(time.time())
+
+    # --- life cycle ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
 
     async def start(self, static: Iterable[Wanted] = ()) -> None:
         """Returns at once: discovery and mapping happen in the background."""
-        for wanted in static:
-            self.mappings[(wanted.transport, wanted.internal_port)] = ManagedMapping(wanted)
-        if not self.settings.enabled:
-            return
-        self.state = "discovering"
-        self._spawn(self._main())
+        self._core.start(static, self._now())
+        if self.settings.enabled:
+            self._state = "discovering"
+        self._run()
 
     async def wait_ready(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -195,48 +220,216 @@ class NatEngine:
         return self._ready.is_set()
 
     async def stop(self) -> None:
-        """Delete every non-sticky mapping within `shutdown_timeout`; sticky ones stay (and stay journalled)."""
+        """Delete every non-sticky mapping within `shutdown_timeout`; sticky ones stay (and stay journalled).
+        What the router did not confirm by then stays tombstoned in the journal: the next start deletes it."""
+        self._close_listeners()
+        keys = self._core.stop(self._now())
+        self._run()
+        if keys and self.session is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.shutdown_timeout):
+                    while any(key in self._core.records for key in keys):
+                        await self._settled(keys)
+            left = sum(key in self._core.records for key in keys)
+            if left:
+                log.warning(
+                    "%d mapping(s) not confirmed deleted within %g s; the journal keeps them and the next start"
+                    " deletes them",
+                    left,
+                    self.settings.shutdown_timeout,
+                )
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._close_listeners()
+        if self._timer is not None:
+            self._timer.cancel()
         if self.session is not None:
-            # Asked-for but unanswered ones too: the router may have made them before we stopped listening.
-            doomed = [m for m in self.mappings.values() if (m.doomed or not m.wanted.sticky) and m.maybe_on_router]
-            for mapping in doomed:
-                mapping.doomed = True
-            # Tombstoned first, in one transaction: whatever the deadline leaves undone, the next start deletes.
-            self._tombstone(doomed)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.shutdown_timeout):
-                    await asyncio.gather(*(self._limited(self._remove(m)) for m in doomed), return_exceptions=True)
-            left = [m for m in doomed if self.mappings.get(m.key) is m]
-            if left:
-                log.warning(
-                    "%d mapping(s) not confirmed deleted within %g s; the journal keeps them and the next start"
-                    " deletes them",
-                    len(left),
-                    self.settings.shutdown_timeout,
-                )
             self.session.close()
             self.session = None
-        self.state = "stopped"
+        self._state = "stopped"
 
-    def _tombstone(self, mappings: list[ManagedMapping]) -> None:
-        if self.journal is None or not mappings:
+    # --- commands (nat_map verbs) --------------------------------------------------------------------
+
+    async def add(self, wanted: Wanted, wait: float | None = None) -> MappingStatus:
+        """Want a mapping; with the router known, wait (up to `wait` s) for its first result."""
+        self._core.want(wanted, self._now())
+        self._run()
+        if self.session is not None and self._core.mapping_enabled:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait if wait is not None else self.settings.timeout * 3):
+                    while (record := self._core.records.get(wanted.key)) is not None and (
+                        record.inflight is not None or record.state in (State.PENDING,)
+                    ):
+                        await self._settled([wanted.key])
+        status = self.lookup(wanted.key)
+        assert status is not None
+        return status
+
+    def relabel(self, transport: Transport, internal_port: int, owner: str) -> None:
+        """Give a mapping a new owner (a pooled RTP pair taken by a call); journalled at its next refresh."""
+        self._core.relabel((transport, internal_port), owner)
+
+    async def delete(self, transport: Transport, internal_port: int) -> bool:
+        """Stop wanting a mapping and delete it on the router. False if there is no such mapping; True
+        once the delete is decided (and its first attempt has a result): if the router does not confirm,
+        the engine keeps trying in the background, the journal keeping it tombstoned meanwhile."""
+        key = (transport, internal_port)
+        if not self._core.unwant(key, self._now()):
+            return False
+        self._run()
+        record = self._core.records.get(key)
+        if record is not None and record.state is State.REMOVING and self.session is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.timeout * 3):
+                    while (record := self._core.records.get(key)) is not None and record.inflight is not None:
+                        await self._settled([key])
+        return True
+
+    async def republish(self) -> None:
+        """Re-send every mapping now (FreeSWITCH's `nat_map republish`)."""
+        self._core.republish(self._now())
+        self._run()
+        keys = list(self._core.records)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.timeout * 3):
+                while self._core.settling(keys):
+                    await self._settled(keys)
+
+    async def reinit(self) -> ProbeResult:
+        """Rediscover; swap the new router state in only once it is complete, then re-make the mappings."""
+        session, probe = await self._open_session()
+        old = self.session
+        self._close_listeners()
+        self._install(session, probe)
+        if old is not None:
+            old.close()
+        await self._start_listeners()
+        await self.republish()
+        return probe
+
+    async def set_mapping_enabled(self, enabled: bool) -> None:
+        """`nat_map mapping enable|disable`: disabling removes our mappings from the router but keeps
+        them wanted, so enabling puts them back."""
+        self._core.set_enabled(enabled, self._now())
+        self._run()
+        keys = list(self._core.records)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.timeout * 3):
+                while self._core.settling(keys):
+                    await self._settled(keys)
+
+    async def check_router(self) -> None:
+        """Ask the router for its external address now (and, through the epoch, whether it rebooted)."""
+        self._core.check_address(self._now())
+        self._run()
+        await asyncio.sleep(0)
+
+    # --- driving the core ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Perform what the core decided, then re-arm the one timer."""
+        actions = self._core.actions()
+        journal: list[lc.Action] = []
+        for action in actions:
+            if isinstance(action, lc.JOURNAL_ACTIONS):
+                journal.append(action)
+                continue
+            if journal:
+                self._write_journal(journal)  # durable before any request that follows it
+                journal = []
+            self._perform(action)
+        if journal:
+            self._write_journal(journal)
+        self._arm()
+
+    def _arm(self) -> None:
+        when = self._core.timer()
+        if when == self._timer_at and self._timer is not None:
             return
-        keys = [(self.gateway or "", m.key[0], m.key[1]) for m in mappings]
-        self.journal.tombstone_many(keys, time.time())
-        for mapping in mappings:
-            mapping.journalled = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(max(when, loop.time()), self._on_timer)
 
-    async def _limited(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """At most CONCURRENCY router requests in flight: a burst of a thousand datagrams overflows the
-        router's socket buffer (measured: most of them were lost and retried)."""
-        async with self._slots:
-            return await coroutine
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._core.handle_timer(self._now())
+        self._run()
+
+    def _perform(self, action: lc.Action) -> None:
+        if isinstance(action, lc.RequestMap):
+            self._spawn(self._map(action))
+        elif isinstance(action, lc.RequestDelete):
+            self._spawn(self._delete(action))
+        elif isinstance(action, lc.RequestVerify):
+            self._spawn(self._verify(action))
+        elif isinstance(action, lc.QueryAddress):
+            self._spawn(self._query_address(action.protocol))
+        elif isinstance(action, lc.Discover):
+            self._spawn(self._discover())
+        elif isinstance(action, lc.Emit):
+            self.events.publish(action.kind, **action.data)
+        elif isinstance(action, lc.Log):
+            getattr(_LOGGERS[action.channel], action.level)("%s", action.message)
+        elif isinstance(action, lc.Settled):
+            for waiter in self._waiters.pop(action.key, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+        elif isinstance(action, lc.AddressChanged) and self.settings.stun and action.old is not None:
+            self._spawn(self.stun_check())
+
+    def _write_journal(self, actions: list[lc.Action]) -> None:
+        """Consecutive journal actions in one transaction (one fsync), before anything that follows them."""
+        if self.journal is None:
+            return
+        wall = time.time()
+        operations: list[JournalOp] = []
+        for action in actions:
+            if isinstance(action, lc.JournalRecord):
+                transport, port = action.key
+                entry = JournalEntry(
+                    transport=transport,
+                    internal_port=port,
+                    owner=action.owner,
+                    sticky=action.sticky,
+                    desired=action.desired,
+                    protocol=action.protocol,
+                    gateway=action.gateway,
+                    internal_address=action.internal_address,
+                    requested_external_port=action.requested_external_port,
+                    external_port=action.external_port,
+                    lease=action.lease,
+                    updated_at=wall,
+                )
+                operations.append(("record", entry))
+            elif isinstance(action, lc.JournalTombstone):
+                operations.append(("tombstone", [(action.gateway, *key) for key in action.keys]))
+            else:
+                assert isinstance(action, lc.JournalRemove)
+                operations.append(("remove", [(action.gateway, *action.key)]))
+        self.journal.apply(operations, wall)
+
+    async def _settled(self, keys: list[Key]) -> None:
+        """Until one of `keys` has a result."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        for key in keys:
+            self._waiters.setdefault(key, []).append(waiter)
+        try:
+            await waiter
+        finally:
+            for key in keys:
+                waiters = self._waiters.get(key)
+                if waiters and waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._waiters[key]
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -249,16 +442,71 @@ class NatEngine:
         if not task.cancelled() and task.exception() is not None:
             # A bug must be loud, not a silently dead background task.
             log.error("engine task %s failed: %r", task.get_coro(), task.exception())
-            self.last_error = f"internal error: {task.exception()!r}"
+            self._core.last_error = f"internal error: {task.exception()!r}"
 
-    async def _main(self) -> None:
-        await self._discover_until_found()
-        await self._reconcile_journal()
-        await self._start_listeners()
-        self._spawn(self._external_ip_loop())
-        await self._scheduler()
+    # --- the router requests ---------------------------------------------------------------------------
 
-    # --- discovery -----------------------------------------------------------------------------
+    def _mapper(self, protocol: str) -> PortMapper:
+        assert self.session is not None
+        clients: dict[str, PortMapper] = {
+            "pcp": self.session.pcp,
+            "natpmp": self.session.natpmp,
+            "upnp": self.session.upnp,
+        }
+        return clients[protocol]
+
+    async def _map(self, action: lc.RequestMap) -> None:
+        try:
+            granted = await self._mapper(action.protocol).add(action.request)
+        except AutonatError as exc:
+            self._core.request_failed(action.key, str(exc), self._now())
+        else:
+            self._core.granted(action.key, granted, self._now())
+        self._run()
+
+    async def _delete(self, action: lc.RequestDelete) -> None:
+        assert self.session is not None
+        transport, port = action.key
+        try:
+            if action.protocol == "upnp" and action.external_port:
+                await self.session.upnp.delete_external(transport, action.external_port)
+            else:
+                await self._mapper(action.protocol).delete(transport, port)
+        except AutonatError as exc:
+            self._core.delete_failed(action.key, str(exc), self._now())
+        else:
+            self._core.deleted(action.key, self._now())
+        self._run()
+
+    async def _verify(self, action: lc.RequestVerify) -> None:
+        assert self.session is not None
+        transport, port = action.key
+        try:
+            entry = await self.session.upnp.entry(transport, action.external_port)
+        except AutonatError as exc:
+            self._core.verified(action.key, True, self._now(), error=str(exc))
+        else:
+            local = str(self.session.location.local_address)
+            present = entry is not None and entry.internal_client == local and entry.internal_port == port
+            self._core.verified(action.key, present, self._now())
+        self._run()
+
+    async def _query_address(self, protocol: str) -> None:
+        assert self.session is not None
+        try:
+            if protocol == "natpmp":
+                answer = await self.session.natpmp.external_address()
+                self._core.address("natpmp", answer.external_address, answer.epoch, self._now())
+            elif protocol == "upnp":
+                self._core.address("upnp", await self.session.upnp.external_ip(), None, self._now())
+            else:
+                status = await self.session.pcp.probe()  # PCP has no address request: the epoch only
+                self._core.address("pcp", None, status.epoch, self._now())
+        except AutonatError as exc:
+            self._core.address_failed(str(exc), self._now())
+        self._run()
+
+    # --- discovery -------------------------------------------------------------------------------------
 
     async def _open_session(self) -> tuple[RouterSession, ProbeResult]:
         settings = self.settings
@@ -275,403 +523,64 @@ class NatEngine:
             raise
         return session, probe
 
-    async def _discover_until_found(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                session, probe = await self._open_session()
-            except AutonatError as exc:
-                self.last_error = str(exc)
-                delay = DISCOVERY_BACKOFF[min(attempt, len(DISCOVERY_BACKOFF) - 1)]
-                log.warning("discovery failed (%s); retrying in %g s", exc, delay)
-                attempt += 1
-                await asyncio.sleep(delay)
-                continue
-            self._install(session, probe)
+    async def _discover(self) -> None:
+        try:
+            session, probe = await self._open_session()
+        except AutonatError as exc:
+            self._core.discovery_failed(str(exc), self._now())
+            self._run()
             return
+        self._install(session, probe)
+        if self.journal is not None:
+            self._core.adopt(self._leftovers(), self._now())
+        self._run()
+        await self._start_listeners()
 
     def _install(self, session: RouterSession, probe: ProbeResult) -> None:
-        old_ip = self.external_ip
+        assert probe.selected is not None
         self.session, self.probe = session, probe
-        self.external_ip = probe.external_ip
-        self.state = "ready"
-        self.last_error = None
-        self._ready.set()
+        natpmp = probe.protocols.get("natpmp")
+        router = Router(
+            gateway=str(session.location.gateway),
+            local_address=str(session.location.local_address),
+            protocol=probe.selected,
+            natpmp_available=bool(natpmp and natpmp.available),
+        )
+        self._state = "ready"
         log.info("NAT detected type: %s, ExtIP: %s", probe.selected, probe.external_ip)
         self.events.publish(
             EventKind.DISCOVERED,
             protocol=probe.selected,
-            gateway=str(session.location.gateway),
+            gateway=router.gateway,
             external_ip=None if probe.external_ip is None else str(probe.external_ip),
         )
         if probe.double_nat:
             self.events.publish(EventKind.DOUBLE_NAT, external_ip=str(probe.external_ip))
+        self._core.discovered(router, probe.external_ip, self._now())
+        self._ready.set()
         if self.settings.stun:
             self._spawn(self.stun_check())
-        if old_ip is not None and old_ip != probe.external_ip:
-            self._address_changed(old_ip, probe.external_ip)
+        self._run()
 
-    def _mapper(self, protocol: str | None = None) -> PortMapper:
-        assert self.session is not None and self.probe is not None
-        name = protocol or self.probe.selected
-        clients: dict[str, PortMapper] = {
-            "pcp": self.session.pcp,
-            "natpmp": self.session.natpmp,
-            "upnp": self.session.upnp,
-        }
-        return clients[name or "pcp"]
-
-    @property
-    def gateway(self) -> str | None:
-        return None if self.session is None else str(self.session.location.gateway)
-
-    # --- journal -------------------------------------------------------------------------------
-
-    async def _reconcile_journal(self) -> None:
-        """Adopt what an earlier run left and is still wanted; delete the rest on the router, through the
-        same removal as any delete (in the background, retried until the router confirms)."""
-        if self.journal is None or self.session is None:
-            return
-        now_wall, now = time.time(), self._loop.time()
-        leftovers = 0
-        for entry in self.journal.entries():
-            key = (entry.transport, entry.internal_port)
-            if entry.gateway != self.gateway:
-                if entry.external_port is None or entry.updated_at + entry.lease < now_wall:
-                    self.journal.remove(entry.gateway, entry.transport, entry.internal_port)  # expired there
-                continue
-            wanted = Wanted(
-                entry.transport, entry.internal_port, entry.requested_external_port, entry.sticky, entry.owner
-            )
-            if entry.desired and entry.sticky and key not in self.mappings:
-                self.mappings[key] = ManagedMapping(wanted)
-            if key in self.mappings:
-                continue  # adopted: the first establish refreshes it (same nonce, same rule)
-            granted = entry.external_port is not None
-            self.mappings[key] = ManagedMapping(
-                wanted,
-                state="removing",
-                doomed=True,
-                protocol=entry.protocol if granted else None,
-                asked_via=entry.protocol,
+    def _leftovers(self) -> list[lc.Leftover]:
+        assert self.journal is not None
+        wall = time.time()
+        return [
+            lc.Leftover(
+                transport=entry.transport,
+                internal_port=entry.internal_port,
+                owner=entry.owner,
+                sticky=entry.sticky,
+                desired=entry.desired,
+                protocol=entry.protocol,
+                gateway=entry.gateway,
+                requested_external_port=entry.requested_external_port,
                 external_port=entry.external_port,
                 lease=entry.lease,
-                expires_wall=entry.updated_at + entry.lease if granted and entry.lease else None,
-                asked_until=entry.updated_at + entry.lease,
-                open_ended=entry.lease == 0 or (entry.protocol != "upnp" and entry.lease >= self.settings.max_lease),
-                journalled=("leftover",),  # its row is there: tombstoned first
-                next_renewal=now,
+                age=max(0.0, wall - entry.updated_at),
             )
-            leftovers += 1
-        if leftovers:
-            log.info("deleting %d mapping(s) an earlier run left on the router", leftovers)
-
-    # --- the scheduler ---------------------------------------------------------------------------
-
-    async def _scheduler(self) -> None:
-        """Start each mapping's work when it is due, from a heap: a thousand mappings cost a heap
-        operation per renewal, not a scan per wake-up."""
-        self._reschedule_all()
-        while True:
-            now = self._loop.time()
-            while self._recent and self._recent[0] <= now - 1.0:
-                self._recent.popleft()
-            # Jitter spreads refreshes on average; this cap makes "no more than RENEWAL_SHARE of the
-            # mappings in any one-second window" hold by construction. New mappings never wait.
-            cap = max(MIN_REFRESHES_PER_SECOND, math.floor(len(self.mappings) * RENEWAL_SHARE))
-            wake_at = None
-            while self._heap and self._heap[0][0] <= now:
-                _, seq, mapping = self._heap[0]
-                if seq != mapping.heap_seq or mapping.busy or self.mappings.get(mapping.key) is not mapping:
-                    heapq.heappop(self._heap)  # superseded, or running (requeued when done), or deleted
-                    continue
-                if not mapping.doomed and (not self.mapping_enabled or mapping.state == "disabled"):
-                    heapq.heappop(self._heap)
-                    continue
-                if mapping.state == "active" and not mapping.doomed:
-                    if len(self._recent) >= cap:
-                        wake_at = self._recent[0] + 1.0  # full: nothing more starts before a slot frees
-                        break
-                    self._recent.append(now)
-                heapq.heappop(self._heap)
-                mapping.busy = True
-                self._spawn(self._service(mapping))
-            self._wake.clear()
-            if wake_at is None and self._heap:
-                wake_at = self._heap[0][0]
-            timeout = None if wake_at is None else max(0.0, wake_at - self._loop.time())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-
-    def _push(self, mapping: ManagedMapping, when: float) -> None:
-        self._seq += 1
-        mapping.heap_seq = self._seq
-        heapq.heappush(self._heap, (when, self._seq, mapping))
-        self._wake.set()
-
-    def _schedule(self, mapping: ManagedMapping) -> None:
-        """(Re)queue a mapping at its current due time; older queue entries for it become stale."""
-        self._push(mapping, mapping.due_at)
-
-    def _reschedule_all(self) -> None:
-        for mapping in self.mappings.values():
-            self._schedule(mapping)
-
-    def _poke(self) -> None:
-        self._wake.set()
-
-    async def _service(self, mapping: ManagedMapping) -> None:
-        try:
-            async with self._slots:
-                now = self._loop.time()
-                if mapping.doomed:
-                    await self._remove(mapping)
-                elif mapping.state == "active" and now < mapping.next_renewal and mapping.protocol == "upnp":
-                    await self._verify_upnp(mapping)
-                else:
-                    await self._establish(mapping)
-        finally:
-            mapping.busy = False
-            if self.mappings.get(mapping.key) is mapping:
-                self._schedule(mapping)
-
-    # --- operations ------------------------------------------------------------------------------
-
-    def _lease_for(self, protocol: str) -> int:
-        return self.settings.upnp_lease if protocol == "upnp" else self.settings.lease
-
-    def map_budget(self) -> float:
-        """How many new mappings may go to the router right now (`map_rate`): a caller that cannot wait
-        (a call being answered) checks this instead of queueing behind the limit."""
-        return self._new_holes.available(self._loop.time())
-
-    async def _establish(self, mapping: ManagedMapping) -> float:
-        """Create or refresh one mapping: journal first, then the router. Returns 0, or the seconds to
-        wait when a new mapping was held back by `map_rate` (it stays pending and is retried then)."""
-        if self.session is None or not self.mapping_enabled:
-            return 0.0
-        async with mapping.lock:
-            if mapping.doomed or self.mappings.get(mapping.key) is not mapping:
-                return 0.0  # deleted meanwhile: never re-create what is being removed
-            mapper = self._mapper()
-            wanted = mapping.wanted
-            lease = self._lease_for(mapper.name)
-            if not mapping.maybe_on_router:  # a new hole, not a refresh: within the rate towards the router
-                now = self._loop.time()
-                if not self._new_holes.take(now):
-                    delay = self._new_holes.wait(now)
-                    mapping.next_renewal = now + delay
-                    return delay
-            # A refresh of what is already journalled writes nothing: renewals must not cost an fsync each.
-            journal_key = (mapper.name, self.gateway, wanted)
-            if self.journal is not None and mapping.journalled != journal_key:
-                self.journal.record(self._journal_entry(mapping, mapper.name, mapping.external_port, lease))
-            request = MappingRequest(
-                wanted.transport, wanted.internal_port, mapping.external_port or wanted.external_port, lease
-            )
-            now = self._loop.time()
-            mapping.asked_until = time.time() + lease  # a lost answer may still have (re)started a lease
-            mapping.asked_via = mapper.name
-            try:
-                granted = await mapper.add(request)
-            except AutonatError as exc:
-                self._failed(mapping, exc, now)
-                self._check_reboot()
-                return 0.0
-            first = mapping.state != "active" or mapping.protocol != mapper.name
-            moved = mapping.external_port not in (None, granted.external_port)
-            mapping.state = "active"
-            mapping.protocol = mapper.name
-            mapping.external_ip = granted.external_ip or self.external_ip
-            mapping.external_port = granted.external_port
-            mapping.lease = granted.lifetime
-            mapping.granted_at = now
-            mapping.failures = 0
-            mapping.last_error = None
-            lifetime = granted.lifetime
-            mapping.expires_wall = None if lifetime == 0 else time.time() + lifetime
-            # A grant at max_lease may have been cut down to it (mapper.cap_grant): the router's hold is longer.
-            mapping.open_ended = lifetime == 0 or (mapper.name != "upnp" and lifetime >= self.settings.max_lease)
-            mapping.next_renewal = float("inf") if lifetime == 0 else schedule.first_renewal(now, lifetime, self._rand)
-            interval = self.settings.verify_interval
-            mapping.next_verify = (
-                schedule.first_verification(now, interval, self._rand)
-                if first
-                else schedule.next_verification(now, interval, self._rand)
-            )
-            if self.journal is not None and (mapping.journalled != journal_key or moved or first):
-                self._journal_granted(mapping, mapper.name, granted.external_port, lifetime)
-                mapping.journalled = journal_key
-            data = mapping.to_dict()
-            if first or moved:
-                holes.info("opened %s", granted.describe())
-                self.events.publish(EventKind.NAT_ADD, **data)
-            else:
-                self.events.publish(EventKind.NAT_RENEW, **data)
-        self._check_reboot()
-        return 0.0
-
-    def _journal_granted(self, mapping: ManagedMapping, protocol: str, external_port: int, lease: int) -> None:
-        assert self.journal is not None
-        wanted = mapping.wanted
-        try:
-            self.journal.granted(
-                self.gateway or "", wanted.transport, wanted.internal_port, external_port, lease, time.time()
-            )
-        except KeyError:  # the row went away under us (another process on the same journal): write it whole
-            self.journal.record(self._journal_entry(mapping, protocol, external_port, lease))
-
-    def _journal_entry(
-        self, mapping: ManagedMapping, protocol: str, external_port: int | None, lease: int
-    ) -> JournalEntry:
-        assert self.session is not None
-        wanted = mapping.wanted
-        return JournalEntry(
-            transport=wanted.transport,
-            internal_port=wanted.internal_port,
-            owner=wanted.owner,
-            sticky=wanted.sticky,
-            desired=True,
-            protocol=protocol,
-            gateway=self.gateway or "",
-            internal_address=str(self.session.location.local_address),
-            requested_external_port=wanted.external_port,
-            external_port=external_port,
-            lease=lease,
-            updated_at=time.time(),
-        )
-
-    def _failed(self, mapping: ManagedMapping, error: AutonatError, now: float) -> None:
-        mapping.failures += 1
-        mapping.last_error = str(error)
-        if mapping.state == "active" and mapping.granted_at is not None and mapping.lease:
-            retry = schedule.retry_renewal(mapping.granted_at, mapping.lease, now)
-            if retry is not None:
-                mapping.next_renewal = retry
-                mapping.next_verify = retry
-                return
-        mapping.state = "failed"
-        mapping.next_renewal = now + FAILED_RETRY[min(mapping.failures - 1, len(FAILED_RETRY) - 1)]
-        log.warning("mapping %s %d failed: %s", mapping.key[0], mapping.key[1], error)
-        self.events.publish(EventKind.NAT_ERROR, **mapping.to_dict())
-
-    async def _verify_upnp(self, mapping: ManagedMapping) -> None:
-        assert self.session is not None and mapping.external_port is not None
-        now = self._loop.time()
-        try:
-            entry = await self.session.upnp.entry(mapping.key[0], mapping.external_port)
-        except AutonatError as exc:
-            mapping.last_error = str(exc)
-            mapping.next_verify = schedule.next_verification(now, self.settings.verify_interval, self._rand)
-            return
-        local = str(self.session.location.local_address)
-        if entry is None or entry.internal_client != local or entry.internal_port != mapping.key[1]:
-            self._lost(mapping, "the router no longer lists it")
-            await self._establish(mapping)
-            return
-        mapping.next_verify = schedule.next_verification(now, self.settings.verify_interval, self._rand)
-
-    def _lost(self, mapping: ManagedMapping, why: str) -> None:
-        log.warning("mapping %s %d lost: %s", mapping.key[0], mapping.key[1], why)
-        self.events.publish(EventKind.NAT_LOST, reason=why, **mapping.to_dict())
-        mapping.state = "pending"
-        mapping.next_renewal = self._loop.time()
-
-    async def _delete_on_router(
-        self, protocol: str, transport: Transport, internal_port: int, external_port: int | None
-    ) -> None:
-        assert self.session is not None
-        if protocol == "upnp" and external_port:
-            await self.session.upnp.delete_external(transport, external_port)
-        else:
-            await self._mapper(protocol).delete(transport, internal_port)
-
-    async def _remove(self, mapping: ManagedMapping) -> bool:
-        """Tombstone in the journal, delete on the router, then forget. False if the router did not
-        confirm: the mapping stays (state "removing") and the scheduler tries again after a back-off,
-        until the router confirms or the lease has certainly run out."""
-        transport, port = mapping.key
-        async with mapping.lock:
-            if not mapping.doomed or self.mappings.get(mapping.key) is not mapping:
-                return True  # revived by add() while we waited, or already forgotten
-            if self.journal is not None and mapping.journalled is not None:
-                with contextlib.suppress(KeyError):  # no row: never journalled, so never asked for
-                    self.journal.tombstone(self.gateway or "", transport, port, time.time())
-                mapping.journalled = None
-            protocol = mapping.protocol or mapping.asked_via
-            if protocol is not None:
-                if mapping.certainly_gone(time.time()):
-                    holes.info(
-                        "closed %s %d via %s: its lease ran out before the router confirmed a delete",
-                        transport,
-                        port,
-                        protocol,
-                    )
-                else:
-                    error = await self._delete_and_log(mapping, protocol)
-                    if error is not None:
-                        self._retry_removal(mapping, error)
-                        return False
-            if self.journal is not None:
-                self.journal.remove(self.gateway or "", transport, port)
-            del self.mappings[mapping.key]
-            self.events.publish(EventKind.NAT_DEL, port=port, proto=str(transport), owner=mapping.wanted.owner)
-            return True
-
-    async def _delete_and_log(self, mapping: ManagedMapping, protocol: str) -> str | None:
-        """Delete on the router and log the closed hole; the error, one line, when the router did not confirm."""
-        transport, port = mapping.key
-        if self.session is None:
-            return "no router session"
-        try:
-            await self._delete_on_router(protocol, transport, port, mapping.external_port)
-        except AutonatError as exc:
-            return str(exc)
-        holes.info("closed %s %s:%d via %s", transport, self.session.location.local_address, port, protocol)
-        return None
-
-    def _retry_removal(self, mapping: ManagedMapping, error: str) -> None:
-        mapping.state = "removing"
-        mapping.last_error = error
-        mapping.removal_failures += 1
-        delay = REMOVE_RETRY[min(mapping.removal_failures - 1, len(REMOVE_RETRY) - 1)]
-        mapping.next_renewal = self._loop.time() + delay * (0.9 + 0.2 * self._rand())
-        transport, port = mapping.key
-        log.warning("could not delete %s %d: %s (retrying in %.0f s)", transport, port, error, delay)
-        # _service requeues it when it was the caller; delete() and stop() callers are not the scheduler.
-        if not mapping.busy:
-            self._schedule(mapping)
-
-    # --- noticing changes ------------------------------------------------------------------------
-
-    def _check_reboot(self) -> None:
-        if self.session is None:
-            return
-        rebooted = False
-        for client in (self.session.pcp, self.session.natpmp):
-            if client.router_rebooted:
-                client.router_rebooted = False
-                rebooted = True
-        if rebooted:
-            self._router_rebooted("epoch went back")
-
-    def _router_rebooted(self, why: str) -> None:
-        assert self.session is not None
-        # Each protocol client tracks the epoch on its own; one reboot must not be reported (and acted
-        # on) once per client, so the others start afresh from their next answer.
-        for client in (self.session.pcp, self.session.natpmp):
-            client.epochs.reset()
-            client.router_rebooted = False
-        log.warning("router lost its state (%s): re-creating every mapping", why)
-        self.events.publish(EventKind.ROUTER_REBOOT, reason=why, gateway=self.gateway)
-        now = self._loop.time()
-        for mapping in self.mappings.values():
-            if mapping.state == "active":
-                mapping.next_renewal = now
-                mapping.state = "pending"
-        self._check_now.set()
-        self._reschedule_all()
+            for entry in self.journal.entries()
+        ]
 
     async def _start_listeners(self) -> None:
         if self.session is None:
@@ -691,39 +600,8 @@ class NatEngine:
         self._listeners.clear()
 
     def _on_router_message(self, message: object) -> None:
-        # Never trust the content (the first announcement after a change is stale): go and ask.
-        self._check_now.set()
-        if self.probe is not None and self.probe.selected == "upnp":
-            # UPnP has no epoch: a NOTIFY around a router restart is the cue to verify every mapping.
-            now = self._loop.time()
-            for mapping in self.mappings.values():
-                mapping.next_verify = min(mapping.next_verify, now + ANNOUNCE_SETTLE)
-            self._reschedule_all()
-
-    async def _external_ip_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.external_ip_interval):
-                    await self._check_now.wait()
-            if self._check_now.is_set():
-                await asyncio.sleep(ANNOUNCE_SETTLE)
-            self._check_now.clear()
-            await self.check_router()
-
-    async def check_router(self) -> None:
-        """Ask the router for its external address (and, through the epoch, whether it rebooted)."""
-        if self.session is None or self.probe is None:
-            return
-        try:
-            address = await self._query_external_ip()
-        except AutonatError as exc:
-            self.last_error = str(exc)
-            return
-        finally:
-            self._check_reboot()
-        if address is not None and address != self.external_ip:
-            old, self.external_ip = self.external_ip, address
-            self._address_changed(old, address)
+        self._core.announced(self._now())
+        self._run()
 
     async def stun_check(self) -> None:
         """Ask a STUN server (RFC 8489) what it sees; if it is not the router's external address, there
@@ -752,155 +630,3 @@ class NatEngine:
                 stun_address=str(seen),
                 reason="STUN and the router disagree",
             )
-
-    async def _query_external_ip(self) -> IPAddress | None:
-        assert self.session is not None and self.probe is not None
-        protocols = self.probe.protocols
-        if "natpmp" in protocols and protocols["natpmp"].available:
-            return (await self.session.natpmp.external_address()).external_address
-        if self.probe.selected == "upnp":
-            return await self.session.upnp.external_ip()
-        await self.session.pcp.probe()  # epoch only; PCP tells the address in MAP replies
-        return self.external_ip
-
-    def _address_changed(self, old: IPAddress | None, new: IPAddress | None) -> None:
-        log.warning("external address changed: %s -> %s", old, new)
-        self.events.publish(
-            EventKind.EXTERNAL_ADDRESS_CHANGE,
-            old=None if old is None else str(old),
-            new=None if new is None else str(new),
-        )
-        for mapping in self.mappings.values():
-            if mapping.state == "active":
-                mapping.external_ip = new
-        if new is not None and not is_public(new):
-            self.events.publish(EventKind.DOUBLE_NAT, external_ip=str(new))
-        if self.settings.stun and self._tasks:
-            self._spawn(self.stun_check())
-
-    # --- commands (nat_map verbs) --------------------------------------------------------------
-
-    async def add(self, wanted: Wanted, wait: float | None = None) -> ManagedMapping:
-        """Want a mapping; with the router known, wait (up to `wait` s) for its first result. A mapping
-        still being deleted under the same key is wanted again instead (the one object for that key)."""
-        key = (wanted.transport, wanted.internal_port)
-        mapping = self.mappings.get(key)
-        if mapping is None:
-            mapping = ManagedMapping(wanted, next_renewal=self._loop.time())
-            self.mappings[key] = mapping
-        else:
-            mapping.wanted = wanted
-            if mapping.doomed:
-                mapping.doomed = False
-                mapping.removal_failures = 0
-                mapping.state = "pending" if mapping.state == "removing" else mapping.state
-                mapping.next_renewal = self._loop.time()
-        if self.session is not None and self.mapping_enabled:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait if wait is not None else self.settings.timeout * 3):
-                    while (delay := await self._establish(mapping)) > 0:
-                        await asyncio.sleep(delay)  # held back by map_rate: the timeout bounds the wait
-        if self.mappings.get(key) is mapping:
-            self._schedule(mapping)
-        return mapping
-
-    def relabel(self, transport: Transport, internal_port: int, owner: str) -> None:
-        """Give a mapping a new owner (a pooled RTP pair taken by a call); journalled at its next refresh."""
-        mapping = self.mappings.get((transport, internal_port))
-        if mapping is not None and not mapping.doomed:
-            old = mapping.wanted
-            mapping.wanted = Wanted(transport, internal_port, old.external_port, old.sticky, owner)
-
-    async def delete(self, transport: Transport, internal_port: int) -> bool:
-        """Stop wanting a mapping and delete it on the router. Returns False if there is no such mapping;
-        True once the delete is decided: if the router does not confirm it at once, the engine keeps
-        trying in the background (the journal keeps it tombstoned meanwhile)."""
-        mapping = self.mappings.get((transport, internal_port))
-        if mapping is None or mapping.doomed:
-            return mapping is not None
-        mapping.doomed = True
-        if not mapping.maybe_on_router:
-            if self.journal is not None and mapping.journalled is not None:
-                self.journal.remove(self.gateway or "", transport, internal_port)
-            del self.mappings[mapping.key]
-            return True
-        await self._limited(self._remove(mapping))
-        self._poke()
-        return True
-
-    @property
-    def removing(self) -> int:
-        """Mappings decided deleted whose deletion the router has not confirmed yet."""
-        return sum(m.doomed for m in self.mappings.values())
-
-    async def republish(self) -> None:
-        """Re-send every mapping now (FreeSWITCH's `nat_map republish`)."""
-        await asyncio.gather(*(self._limited(self._establish(m)) for m in list(self.mappings.values())))
-        self._reschedule_all()
-
-    async def reinit(self) -> ProbeResult:
-        """Rediscover; swap the new router state in only once it is complete, then re-make the mappings."""
-        session, probe = await self._open_session()
-        old = self.session
-        self._close_listeners()
-        self._install(session, probe)
-        if old is not None:
-            old.close()
-        for mapping in self.mappings.values():
-            if mapping.state != "disabled" and not mapping.doomed:
-                mapping.state = "pending"
-        await self._start_listeners()
-        await self.republish()
-        return probe
-
-    async def set_mapping_enabled(self, enabled: bool) -> None:
-        """`nat_map mapping enable|disable`: disabling removes our mappings from the router but keeps
-        them wanted, so enabling puts them back."""
-        if enabled == self.mapping_enabled:
-            return
-        if not enabled:
-            self.mapping_enabled = False  # first, so the scheduler does not re-make what we remove
-            mapped = [m for m in self.mappings.values() if m.maybe_on_router and not m.doomed]
-            await asyncio.gather(*(self._limited(self._unmap_kept(m)) for m in mapped))
-            return
-        self.mapping_enabled = True
-        now = self._loop.time()
-        for mapping in self.mappings.values():
-            mapping.next_renewal = now
-        self._reschedule_all()
-
-    async def _unmap_kept(self, mapping: ManagedMapping) -> None:
-        """`mapping disable`: delete on the router but keep wanting it. On failure it stays mapped (and
-        listed as such); the user sees the error in its status."""
-        transport, port = mapping.key
-        async with mapping.lock:
-            protocol = mapping.protocol or mapping.asked_via
-            if protocol is None or mapping.doomed:
-                return
-            error = await self._delete_and_log(mapping, protocol)
-            if error is not None:
-                mapping.last_error = error
-                log.warning("could not delete %s %d: %s", transport, port, error)
-                return
-            if self.journal is not None:
-                self.journal.remove(self.gateway or "", transport, port)
-            mapping.journalled = None
-            self.events.publish(EventKind.NAT_DEL, port=port, proto=str(transport), owner=mapping.wanted.owner)
-            mapping.state = "pending"
-            mapping.protocol = mapping.asked_via = mapping.asked_until = None
-            mapping.external_port = None
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "nat": "disabled" if not self.settings.enabled else "enabled",
-            "state": self.state,
-            "protocol": None if self.probe is None else self.probe.selected,
-            "gateway": self.gateway,
-            "external_ip": None if self.external_ip is None else str(self.external_ip),
-            "double_nat": bool(self.probe and self.probe.double_nat)
-            or bool(self.stun_result and self.stun_result.get("matches_router") is False),
-            "stun": self.stun_result,
-            "mapping_enabled": self.mapping_enabled,
-            "last_error": self.last_error,
-            "mappings": [m.to_dict() for m in sorted(self.mappings.values(), key=lambda m: (m.key[1], m.key[0]))],
-        }

@@ -71,6 +71,27 @@ _KEY = "gateway = ? AND transport = ? AND internal_port = ?"
 _CORRUPT = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 
+JournalKey = tuple[str, Transport, int]  # (gateway, transport, internal_port)
+JournalOp = tuple[str, "JournalEntry | list[JournalKey]"]
+
+
+def _values(entry: JournalEntry) -> tuple[Any, ...]:
+    return (
+        entry.gateway,
+        entry.transport.value,
+        entry.internal_port,
+        entry.owner,
+        int(entry.sticky),
+        int(entry.desired),
+        entry.protocol,
+        entry.internal_address,
+        entry.requested_external_port,
+        entry.external_port,
+        entry.lease,
+        float(entry.updated_at),
+    )
+
+
 class JournalError(AutonatError):
     """The journal file cannot be used (corrupt, foreign, from a newer autonat, unreadable)."""
 
@@ -265,22 +286,8 @@ class Journal:
 
     def record(self, entry: JournalEntry) -> None:
         """Insert or replace the entry under its key. Call BEFORE asking the router for the mapping."""
-        values = (
-            entry.gateway,
-            entry.transport.value,
-            entry.internal_port,
-            entry.owner,
-            int(entry.sticky),
-            int(entry.desired),
-            entry.protocol,
-            entry.internal_address,
-            entry.requested_external_port,
-            entry.external_port,
-            entry.lease,
-            float(entry.updated_at),
-        )
         with self._guard():
-            self._db.execute(_UPSERT, values)
+            self._db.execute(_UPSERT, _values(entry))
 
     def granted(
         self, gateway: str, transport: Transport, internal_port: int, external_port: int, lease: int, now: float
@@ -310,17 +317,34 @@ class Journal:
         if cursor.rowcount == 0:
             raise KeyError(key)
 
-    def tombstone_many(self, keys: list[tuple[str, Transport, int]], now: float) -> None:
-        """`tombstone` for many rows in one transaction (one fsync: a shutdown tombstones hundreds at once);
-        keys without a row are skipped."""
-        values = [(float(now), *self._key(*key)) for key in keys]
+    def apply(self, operations: list[JournalOp], now: float) -> None:
+        """Several writes in ONE transaction (one fsync), in order: ("record", entry) inserts or replaces a
+        row, ("tombstone", keys) marks rows no longer desired, ("remove", keys) forgets rows. Keys are
+        (gateway, transport, internal_port); a tombstone or remove of a missing row is not an error. The
+        lifecycle core batches what one step decides, so a burst of mappings costs one fsync, not one each."""
+        if not operations:
+            return
         with self._guard():
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    f"UPDATE mappings SET desired = 0, updated_at = ? WHERE {_KEY}",  # noqa: S608
-                    values,
-                )
+                for kind, payload in operations:
+                    if kind == "record":
+                        assert isinstance(payload, JournalEntry)
+                        self._db.execute(_UPSERT, _values(payload))
+                    elif kind == "tombstone":
+                        assert isinstance(payload, list)
+                        self._db.executemany(
+                            f"UPDATE mappings SET desired = 0, updated_at = ? WHERE {_KEY}",  # noqa: S608
+                            [(float(now), *self._key(*key)) for key in payload],
+                        )
+                    elif kind == "remove":
+                        assert isinstance(payload, list)
+                        self._db.executemany(
+                            f"DELETE FROM mappings WHERE {_KEY}",  # noqa: S608
+                            [self._key(*key) for key in payload],
+                        )
+                    else:
+                        raise ValueError(f"unknown journal operation {kind!r}")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 
 from autonat.addresses import IPAddress
-from autonat.engine.engine import ManagedMapping, NatEngine, Wanted
+from autonat.engine.engine import MappingStatus, NatEngine, Wanted
 from autonat.limits import TokenBucket
 from autonat.proto.types import Transport
 
@@ -103,11 +103,11 @@ class RtpPool:
     def ready(self) -> int:
         return len(self._ready)
 
-    def _mapping(self, port: int) -> ManagedMapping | None:
-        return self.engine.mappings.get((self.transport, port))
+    def _mapping(self, port: int) -> MappingStatus | None:
+        return self.engine.lookup((self.transport, port))
 
     def _pair_active(self, port: int) -> bool:
-        return all((m := self._mapping(p)) is not None and m.state == "active" for p in (port, port + 1))
+        return all((m := self._mapping(p)) is not None and m.active for p in (port, port + 1))
 
     def take(self, call_id: str) -> RtpPorts | None:
         """A mapped pair for a call, at once; None when the pool is empty (the caller may then map on
@@ -124,7 +124,7 @@ class RtpPool:
             rtp, rtcp = self._mapping(port), self._mapping(port + 1)
             assert rtp is not None and rtcp is not None and rtp.external_port and rtcp.external_port
             for mapping in (rtp, rtcp):
-                self.engine.relabel(self.transport, mapping.wanted.internal_port, f"call:{call_id}")
+                self.engine.relabel(self.transport, mapping.port, f"call:{call_id}")
             return RtpPorts(port, port + 1, rtp.external_ip, rtp.external_port, rtcp.external_port)
         self._wake.set()
         return None
@@ -156,13 +156,13 @@ class RtpPool:
         assert rtp.external_port and rtcp.external_port
         return RtpPorts(port, port + 1, rtp.external_ip, rtp.external_port, rtcp.external_port)
 
-    async def _map_pair(self, port: int, owner: str) -> tuple[ManagedMapping, ManagedMapping] | None:
+    async def _map_pair(self, port: int, owner: str) -> tuple[MappingStatus, MappingStatus] | None:
         """Map `port` and `port + 1` together; if the router grants not both, unmap them and give the pair
         back to the range (a call needs RTP and RTCP alike)."""
         rtp, rtcp = await asyncio.gather(
             *(self.engine.add(Wanted(self.transport, p, owner=owner)) for p in (port, port + 1))
         )
-        if all(mapping.state == "active" and mapping.external_port for mapping in (rtp, rtcp)):
+        if rtp.active and rtcp.active:
             return rtp, rtcp
         await asyncio.gather(*(self.engine.delete(self.transport, p) for p in (port, port + 1)))
         self.pairs.release(port)

@@ -85,6 +85,31 @@ def loss_rules(device: str, percent: int) -> str:
     )
 
 
+PCP_ONLY_CHAIN = "pcp_only"
+
+
+def pcp_only_rules(device: str, enabled: bool) -> str:
+    """nft script that makes the router answer PCP only: NAT-PMP requests (UDP to port 5351 whose first
+    payload byte, the version, is 0; RFC 6886 §3.2 / RFC 6887 §9) arriving on `device` are dropped before
+    miniupnpd sees them, while PCP (version 2) passes. miniupnpd 2.3.1 cannot switch NAT-PMP off alone
+    (LAB-NOTES: one switch turns on both), and a PCP-only router is what exposes a client that only asks
+    NAT-PMP for the external address."""
+    declare = (
+        f"table netdev {LOSS_TABLE} {{\n"
+        f"    chain {PCP_ONLY_CHAIN} {{\n"
+        f'        type filter hook ingress device "{device}" priority -400; policy accept;\n'
+        f"    }}\n"
+        f"}}\n"
+    )
+    if not enabled:
+        return declare + f"delete chain netdev {LOSS_TABLE} {PCP_ONLY_CHAIN}\n"
+    return (
+        declare
+        + f"flush chain netdev {LOSS_TABLE} {PCP_ONLY_CHAIN}\n"
+        + f"add rule netdev {LOSS_TABLE} {PCP_ONLY_CHAIN} meta protocol ip udp dport 5351 @th,64,8 0 counter drop\n"
+    )
+
+
 @dataclass(frozen=True)
 class MiniupnpdSettings:
     prefix: str

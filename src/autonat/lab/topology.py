@@ -200,6 +200,7 @@ class _Record:
     wan_ip: str = "203.0.113.1"
     loss: dict[str, int] = field(default_factory=dict)
     rules_wiped: list[str] = field(default_factory=list)
+    pcp_only: bool = False
     created: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
@@ -220,6 +221,7 @@ class _Record:
             wan_ip=str(data.get("wan_ip", Lab.ROUTER_WAN)),
             loss={str(k): int(v) for k, v in data.get("loss", {}).items()},
             rules_wiped=[str(r) for r in data.get("rules_wiped", [])],
+            pcp_only=bool(data.get("pcp_only", False)),
             created=float(data.get("created", 0.0)),
         )
 
@@ -953,6 +955,14 @@ class Lab:
                 rec.loss.pop(link, None)
             self._save()
 
+    def set_pcp_only(self, enabled: bool) -> None:
+        """Make the router answer PCP only (NAT-PMP requests dropped at its LAN port), or both again."""
+        with self._locked():
+            rec = self._require_up()
+            self._nft("router", config.pcp_only_rules(LAN_PORT, enabled), f"PCP only ({enabled}) on {LAN_PORT}")
+            rec.pcp_only = enabled
+            self._save()
+
     def set_double_nat(self, enabled: bool, stun: bool = False) -> None:
         """Add or remove the inner router (router2 + lan2) behind the first router's LAN.
 
@@ -1013,6 +1023,9 @@ class Lab:
             for link in list(rec.loss):
                 self.set_loss(0, link)
                 done.append(f"loss {link} cleared")
+            if rec.pcp_only:
+                self.set_pcp_only(False)
+                done.append("NAT-PMP answered again")
             if rec.wan_ip != self.ROUTER_WAN:
                 self.set_wan_ip(self.ROUTER_WAN)
                 done.append(f"WAN address back to {self.ROUTER_WAN}")

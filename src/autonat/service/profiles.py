@@ -12,9 +12,10 @@ import contextlib
 import logging
 from typing import Any
 
-from autonat.acl import AclSet, host_networks
+from autonat.acl import AclSet
 from autonat.addresses import IPAddress
 from autonat.advertise import ExtKind, ExtValue, ProfileSettings, Resolved, choose, profile_status, resolve
+from autonat.aio.interfaces import host_networks
 from autonat.aio.route import locate_router
 from autonat.aio.stun import parse_stun_target, resolve_server, stun_binding
 from autonat.engine.engine import NatEngine
@@ -38,6 +39,7 @@ class ProfileManager:
         self.engine = engine
         self._looked_up: dict[str, IPAddress | None] = {}  # str(ExtValue) -> last lookup result
         self._tasks: list[asyncio.Task[None]] = []
+        self._route_local: IPAddress | None = None  # our address towards the router, with no engine session
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -55,6 +57,7 @@ class ProfileManager:
     async def _refresh_acls(self) -> None:
         while True:
             await asyncio.sleep(ACL_REFRESH_INTERVAL)
+            self._route_local = None  # looked up again at the next question: interfaces may have changed
             try:
                 self.acls.refresh(host_networks())
             except OSError as exc:
@@ -102,10 +105,16 @@ class ProfileManager:
         return local if local.version == 4 else None
 
     def local_address(self) -> IPAddress:
+        """Our address towards the router: the engine's, else one kernel route lookup (netlink), kept until
+        the next interface refresh, so answering a call never makes a blocking lookup (under --nonat every
+        call asked the kernel before)."""
         session = self.engine.session
         if session is not None:
             return session.location.local_address
-        return locate_router(self.engine.settings.gateway, self.engine.settings.interface).local_address
+        if self._route_local is None:
+            settings = self.engine.settings
+            self._route_local = locate_router(settings.gateway, settings.interface).local_address
+        return self._route_local
 
     def _resolve(self, value: ExtValue | None, local: IPAddress) -> Resolved:
         looked_up = None if value is None else self._looked_up.get(str(value))
