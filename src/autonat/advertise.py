@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from autonat.addresses import IPAddress, parse_address, uri_host
@@ -196,6 +196,32 @@ class ProfileSettings:
     local_network_acl: str | None = "localnet.auto"  # None: "none", every peer gets the external address
 
 
+@dataclass(frozen=True, slots=True)
+class ProfileStatus:
+    """What `sofia status profile NAME` shows, as values; the CLI renders FreeSWITCH's layout (its labels,
+    "true"/"false", empty for none) and `--json` is `to_dict()`."""
+
+    name: str
+    auto_nat: bool
+    rtp_ip: IPAddress
+    ext_rtp_ip: IPAddress | None
+    sip_ip: IPAddress
+    ext_sip_ip: IPAddress | None
+    url: str
+    bind_url: str
+    tls_url: str | None
+    tls_bind_url: str | None
+    local_network_acl: str | None
+    ext_sip_ip_source: str
+    ext_rtp_ip_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            key: (str(value) if isinstance(value, IPv4Address | IPv6Address) else value)
+            for key, value in ((f, getattr(self, f)) for f in self.__dataclass_fields__)
+        }
+
+
 def profile_status(
     settings: ProfileSettings,
     *,
@@ -203,27 +229,26 @@ def profile_status(
     sip: Resolved,
     rtp: Resolved,
     auto_nat: bool,
-) -> dict[str, Any]:
-    """The fields of `sofia status profile NAME`, for the text layout and --json."""
+) -> ProfileStatus:
+    """The fields of `sofia status profile NAME`."""
     sip_ip = settings.sip_ip or local
     rtp_ip = settings.rtp_ip or sip_ip
     advertised = sip.address or sip_ip
     host = uri_host(advertised)
     bind = uri_host(sip_ip)
-    status: dict[str, Any] = {
-        "Name": settings.name,
-        "Auto-NAT": "true" if auto_nat else "false",
-        "RTP-IP": str(rtp_ip),
-        "Ext-RTP-IP": "" if rtp.address is None else str(rtp.address),
-        "SIP-IP": str(sip_ip),
-        "Ext-SIP-IP": "" if sip.address is None else str(sip.address),
-        "URL": f"sip:mod_sofia@{host}:{settings.sip_port}",
-        "BIND-URL": f"sip:mod_sofia@{bind}:{settings.sip_port};transport=udp,tcp",
-    }
-    if settings.tls_sip_port:
-        status["TLS-URL"] = f"sips:mod_sofia@{host}:{settings.tls_sip_port}"
-        status["TLS-BIND-URL"] = f"sips:mod_sofia@{bind}:{settings.tls_sip_port};transport=tls"
-    status["Local-Network-ACL"] = settings.local_network_acl or "none"
-    status["Ext-SIP-IP-Source"] = sip.source
-    status["Ext-RTP-IP-Source"] = rtp.source
-    return status
+    tls = settings.tls_sip_port
+    return ProfileStatus(
+        name=settings.name,
+        auto_nat=auto_nat,
+        rtp_ip=rtp_ip,
+        ext_rtp_ip=rtp.address,
+        sip_ip=sip_ip,
+        ext_sip_ip=sip.address,
+        url=f"sip:mod_sofia@{host}:{settings.sip_port}",
+        bind_url=f"sip:mod_sofia@{bind}:{settings.sip_port};transport=udp,tcp",
+        tls_url=f"sips:mod_sofia@{host}:{tls}" if tls else None,
+        tls_bind_url=f"sips:mod_sofia@{bind}:{tls};transport=tls" if tls else None,
+        local_network_acl=settings.local_network_acl,
+        ext_sip_ip_source=sip.source,
+        ext_rtp_ip_source=rtp.source,
+    )

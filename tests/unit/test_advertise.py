@@ -127,12 +127,14 @@ def test_profile_status_fields() -> None:
     settings = ProfileSettings("external", sip_port=5080, tls_sip_port=5081, ext_sip_ip=parse_ext_value("auto-nat"))
     sip = Resolved(ROUTER, "router")
     status = profile_status(settings, local=LOCAL, sip=sip, rtp=Resolved(None, "not set"), auto_nat=True)
-    assert status["Ext-SIP-IP"] == "203.0.113.1" and status["Ext-RTP-IP"] == ""
-    assert status["SIP-IP"] == status["RTP-IP"] == "192.168.77.10"
-    assert status["URL"] == "sip:mod_sofia@203.0.113.1:5080"
-    assert status["BIND-URL"].startswith("sip:mod_sofia@192.168.77.10:5080")
-    assert status["TLS-URL"] == "sips:mod_sofia@203.0.113.1:5081"
-    assert status["Auto-NAT"] == "true"
+    assert status.ext_sip_ip == ROUTER and status.ext_rtp_ip is None
+    assert status.sip_ip == status.rtp_ip == LOCAL
+    assert status.url == "sip:mod_sofia@203.0.113.1:5080"
+    assert status.bind_url.startswith("sip:mod_sofia@192.168.77.10:5080")
+    assert status.tls_url == "sips:mod_sofia@203.0.113.1:5081"
+    assert status.auto_nat is True
+    shown = status.to_dict()
+    assert shown["ext_sip_ip"] == "203.0.113.1" and shown["ext_rtp_ip"] is None and shown["auto_nat"] is True
 
 
 @given(st.text(max_size=80))

@@ -293,3 +293,32 @@ async def test_a_pcp_only_router_gives_the_external_address_and_its_change() -> 
     await engine.stop()
     assert router.transport is not None
     router.transport.close()
+
+
+async def test_the_status_json_has_exactly_the_keys_docs_json_documents(
+    rig: tuple[NatEngine, FakeSession, Journal],
+) -> None:
+    import re
+
+    engine, _, _ = rig
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "JSON.md").read_text()
+    status_table = doc.split("A mapping:")[0].split("## `autonat nat_map status")[1]
+
+    def keys(table: str) -> set[str]:
+        return {key for row in re.findall(r"^\| (`[^|]+`) \|", table, re.M) for key in re.findall(r"`(\w+)`", row)}
+
+    assert set(engine.status()) == keys(status_table)
+    assert engine.status()["schema"] == engine_module.STATUS_SCHEMA == 2
+
+
+async def test_a_mapping_in_the_status_json_has_the_documented_keys(
+    rig: tuple[NatEngine, FakeSession, Journal],
+) -> None:
+    import re
+
+    engine, _, _ = rig
+    await engine.add(Wanted(UDP, 16050))
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "JSON.md").read_text()
+    table = doc.split("A mapping:")[1].split("##")[0]
+    documented = {key for row in re.findall(r"^\| (`[^|]+`) \|", table, re.M) for key in re.findall(r"`(\w+)`", row)}
+    assert set(engine.status()["mappings"][0]) == documented

@@ -382,6 +382,22 @@ NAT_TYPES = {"pcp": "PCP", "natpmp": "PMP", "upnp": "UPNP"}
 
 
 FREESWITCH_PROTO_NUM = {"udp": 0, "tcp": 1}  # switch_nat.c numbers its protocols this way
+# `sofia status profile`'s labels for the fields of autonat.advertise.ProfileStatus (--json uses the fields).
+SOFIA_LABELS = {
+    "name": "Name",
+    "auto_nat": "Auto-NAT",
+    "rtp_ip": "RTP-IP",
+    "ext_rtp_ip": "Ext-RTP-IP",
+    "sip_ip": "SIP-IP",
+    "ext_sip_ip": "Ext-SIP-IP",
+    "url": "URL",
+    "bind_url": "BIND-URL",
+    "tls_url": "TLS-URL",
+    "tls_bind_url": "TLS-BIND-URL",
+    "local_network_acl": "Local-Network-ACL",
+    "ext_sip_ip_source": "Ext-SIP-IP-Source",
+    "ext_rtp_ip_source": "Ext-RTP-IP-Source",
+}
 
 
 def _print_nat_status(status: dict[str, Any]) -> None:
@@ -513,10 +529,16 @@ def profile_status(name: str, socket_path: Path, as_json: bool) -> None:
         return
     click.echo(PROFILE_RULE)
     for key, value in status.items():
+        if key in SOFIA_LABELS and key.startswith("tls_") and value is None:
+            continue  # sofia shows the TLS lines only for a profile with TLS
         shown = value
         if isinstance(value, dict):
             shown = ", ".join(f"{k}={v['state'] if isinstance(v, dict) else v}" for k, v in value.items()) or "none"
-        click.echo(f"{key:<24}{shown}")
+        elif isinstance(value, bool):
+            shown = "true" if value else "false"
+        elif value is None:
+            shown = "none" if key == "local_network_acl" else ""
+        click.echo(f"{SOFIA_LABELS.get(key, key):<24}{shown}")
     click.echo(PROFILE_RULE)
 
 

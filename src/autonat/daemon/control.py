@@ -661,7 +661,7 @@ class ControlServer:
         if not isinstance(name, str):
             raise ControlError("name must be a profile name")
         if command == "profile":
-            status = self.profiles.status(name)
+            status = self.profiles.status(name).to_dict()
             if self.sip is not None:
                 status.update(self.sip.status(name))
             return status

@@ -14,7 +14,16 @@ from typing import Any
 
 from autonat.acl import AclSet
 from autonat.addresses import IPAddress
-from autonat.advertise import ExtKind, ExtValue, ProfileSettings, Resolved, choose, profile_status, resolve
+from autonat.advertise import (
+    ExtKind,
+    ExtValue,
+    ProfileSettings,
+    ProfileStatus,
+    Resolved,
+    choose,
+    profile_status,
+    resolve,
+)
 from autonat.aio.interfaces import host_networks
 from autonat.aio.route import locate_router
 from autonat.aio.stun import parse_stun_target, resolve_server, stun_binding
@@ -127,7 +136,7 @@ class ProfileManager:
             raise ProfileError(f"no profile named {name!r} (profiles: {known})")
         return profile
 
-    def status(self, name: str) -> dict[str, Any]:
+    def status(self, name: str) -> ProfileStatus:
         profile = self.get(name)
         local = profile.sip_ip or self.local_address()
         rtp_local = profile.rtp_ip or local
