@@ -72,7 +72,11 @@ async def hold(mappings: int, duration: float, interval: float, journal_dir: str
     from autonat.engine.settings import NatSettings
     from autonat.proto.types import Transport
 
-    settings = NatSettings(protocol="pcp", lease=120, verify_interval=interval, external_ip_interval=interval)
+    # map_rate=0: the figures are the engine's cost of holding N mappings, not the flood cap's pace of
+    # making them (10 new mappings a second by default would take N/10 s to get there).
+    settings = NatSettings(
+        protocol="pcp", lease=120, verify_interval=interval, external_ip_interval=interval, map_rate=0
+    )
     journal = Journal(Path(journal_dir) / "journal.sqlite")
     router = None
     if fake:

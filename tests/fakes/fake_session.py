@@ -42,12 +42,15 @@ class FakeMapper:
     router_rebooted: bool = False
     epochs: _Epochs = field(default_factory=_Epochs)
     max_table: int = 0  # the most mappings the table ever held
+    before_add: Any = None  # called with each MappingRequest as it reaches the router (a test's probe)
 
     async def probe(self) -> ProtocolStatus:
         return ProtocolStatus(self.name, True, "fake", EXTERNAL, 1)
 
     async def add(self, request: MappingRequest) -> Mapping:
         self.adds += 1
+        if self.before_add is not None:
+            self.before_add(request)
         if self.delay:
             await asyncio.sleep(self.delay)
         mapping = Mapping(

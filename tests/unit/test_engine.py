@@ -322,3 +322,28 @@ async def test_a_mapping_in_the_status_json_has_the_documented_keys(
     table = doc.split("A mapping:")[1].split("##")[0]
     documented = {key for row in re.findall(r"^\| (`[^|]+`) \|", table, re.M) for key in re.findall(r"`(\w+)`", row)}
     assert set(engine.status()["mappings"][0]) == documented
+
+
+async def test_the_journal_row_is_durable_before_the_request_reaches_the_router(tmp_path: Path) -> None:
+    """Deterministic, not by random SIGKILLs: at the instant each request reaches the router, a second
+    connection to the journal file (what the next start would read) already holds its row."""
+    session = FakeSession()
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    reader = Journal(path)
+    seen: list[tuple[int, bool]] = []
+
+    def check(request: Any) -> None:
+        entry = reader.get("192.168.77.1", request.transport, request.internal_port)
+        seen.append((request.internal_port, entry is not None and entry.desired))
+
+    session.pcp.before_add = check
+    engine = started_engine(session, journal, map_rate=0)
+    await engine.start([Wanted(UDP, 5060)])
+    assert await engine.wait_ready(2)
+    for port in range(16100, 16110):
+        await engine.add(Wanted(UDP, port))
+    await engine.stop()
+    assert len(seen) == 11 and all(durable for _, durable in seen), seen
+    reader.close()
+    journal.close()
