@@ -2,7 +2,11 @@
 
 Run inside a test namespace as `python igd_server.py SCENARIO ADDRESS LOG`: answers SSDP on port 1900
 (unicast and multicast) and HTTP on port 5000 (description, SCPD, SOAP control). Every HTTP request
-line is appended to LOG so tests can assert what the client did (and did not) fetch.
+line is appended to LOG so tests can assert what the client did (and did not) fetch, and so is every
+AddPortMapping attempt (`ADD ...`) and grant (`MAPPED ...`).
+
+Tests without root use `FakeIgd` in-process instead: its `http` handler on a loopback port (set `port`
+to it, so the description's URLBase points there) and `external` for the address it reports.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ SERVICE = "urn:schemas-upnp-org:service:WANIPConnection:1"
 HTTP_PORT = 5000
 
 
-def description(address: str) -> bytes:
+def description(address: str, port: int = HTTP_PORT) -> bytes:
     return f"""<?xml version="1.0"?>
 <root xmlns="urn:schemas-upnp-org:device-1-0">
  <specVersion><major>1</major><minor>0</minor></specVersion>
@@ -41,7 +45,7 @@ def description(address: str) -> bytes:
    </device></deviceList>
   </device></deviceList>
  </device>
- <URLBase>http://{address}:{HTTP_PORT}/</URLBase>
+ <URLBase>http://{address}:{port}/</URLBase>
 </root>""".encode()
 
 
@@ -91,6 +95,8 @@ class FakeIgd:
     log_path: str
     mappings: dict[tuple[str, int], dict[str, str]] = field(default_factory=dict)
     adds: int = 0
+    port: int = HTTP_PORT
+    external: str = "203.0.113.9"  # what GetExternalIPAddress answers (a router behind another NAT: private)
 
     def log(self, line: str) -> None:
         with open(self.log_path, "a", encoding="utf-8") as out:
@@ -102,7 +108,7 @@ class FakeIgd:
             return f"http://127.0.0.1:{HTTP_PORT}/rootDesc.xml"
         if self.scenario == "location_other_host":
             return f"http://10.77.0.66:{HTTP_PORT}/rootDesc.xml"
-        return f"http://{self.address}:{HTTP_PORT}/rootDesc.xml"
+        return f"http://{self.address}:{self.port}/rootDesc.xml"
 
     def ssdp_reply(self, request: bytes, multicast: bool) -> bytes | None:
         if not request.startswith(b"M-SEARCH"):
@@ -119,7 +125,7 @@ class FakeIgd:
     def control(self, action: str, body: bytes) -> tuple[int, bytes]:
         scenario = self.scenario
         if action == "GetExternalIPAddress":
-            ip = "0.0.0.0" if scenario == "external_zero" else "203.0.113.9"
+            ip = "0.0.0.0" if scenario == "external_zero" else self.external
             return 200, soap_ok(action, {"NewExternalIPAddress": ip})
         if action == "GetStatusInfo":
             return 200, soap_ok(
@@ -131,6 +137,7 @@ class FakeIgd:
             lease = int(argument(body, "NewLeaseDuration") or "0")
             external = int(argument(body, "NewExternalPort"))
             internal = int(argument(body, "NewInternalPort"))
+            self.log(f"ADD {argument(body, 'NewProtocol')} {external} -> {internal} lease {lease}")
             if scenario == "only_permanent" and lease != 0:
                 return 500, soap_fault(725)
             if scenario == "lease_402" and lease != 604800:
@@ -210,7 +217,7 @@ class FakeIgd:
                 await HOSTILE[self.scenario](writer)
                 return
             else:
-                status, payload = 200, description(self.address)
+                status, payload = 200, description(self.address, self.port)
         elif path == "/WANIPCn.xml":
             status, payload = 200, SCPD
         elif path == "/ctl/IPConn" and method == "POST":
@@ -233,7 +240,7 @@ class FakeIgd:
 
     async def drip(self, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 5000\r\n\r\n")
-        for byte in description(self.address)[:60]:
+        for byte in description(self.address, self.port)[:60]:
             writer.write(bytes([byte]))
             await writer.drain()
             await asyncio.sleep(1.0)

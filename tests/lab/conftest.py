@@ -6,8 +6,9 @@
   Tests that ask for `lab` directly get the same treatment (autouse `_lab_baseline`).
 - `double_nat_lab` (function): the lab with router2 + lan2 added; removed again afterwards.
 
-Tests using these fixtures get the `lab` marker automatically. Without root or a needed Debian package
-they fail with the reason (never skip: a skipped real-router test would hide a broken set-up).
+Tests using these fixtures get the `lab` and `root` markers automatically (FIXTURE_MARKS in
+tests/conftest.py). Without root or a needed Debian package they fail with the reason (never skip: a
+skipped real-router test would hide a broken set-up); `pytest -m "not root"` leaves them out.
 """
 
 from __future__ import annotations
@@ -19,14 +20,6 @@ from pathlib import Path
 import pytest
 
 from autonat.lab import TEST_PROGRAMS, Lab, LabError, check_requirements
-
-_LAB_FIXTURES = {"lab", "healthy_lab", "double_nat_lab"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if _LAB_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.lab)
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ from autonat.daemon.control import (
 from autonat.engine.engine import NatEngine
 from autonat.engine.events import EventKind
 from autonat.engine.settings import NatSettings
+from tests.helpers import ensure_open_files
 
 TOKEN = "s3cret-token-of-16+"  # noqa: S105 (a test token)
 AUTH = f"AUTH {TOKEN}\n".encode()
@@ -159,6 +160,7 @@ def open_idle(address: str | tuple[str, int], count: int) -> list[socket.socket]
 async def flood(control: ControlServer, address: str | tuple[str, int], count: int) -> list[socket.socket]:
     """`count` idle connections, opened in batches the daemon accepts before the next: a TCP listen
     queue that overflows drops SYNs, and the kernel retries them only a second later."""
+    ensure_open_files(2 * count + 256)  # both ends of every connection live in this process
     sockets: list[socket.socket] = []
     try:
         while len(sockets) < count:

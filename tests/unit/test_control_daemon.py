@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from autonat.daemon.control import MAX_UNIX_CLIENTS
+from tests.helpers import ensure_open_files, free_port
 
 TOKEN = "daemon-test-token-0123"  # noqa: S105 (a test token)
 FLOOD = 1000
@@ -59,16 +59,9 @@ class Daemon:
         return result.stdout
 
 
-def _free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    port = _free_tcp_port()
+    port = free_port(socket.SOCK_STREAM)
     config = tmp_path / "autonat.toml"
     config.write_text(
         f'[control]\nsocket = "{tmp_path / "control.sock"}"\ntcp = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\n'
@@ -132,10 +125,7 @@ def _ask(address: str | tuple[str, int], data: bytes, replies: int) -> list[dict
 
 
 def test_the_daemon_answers_every_payload_in_one_line_under_a_flood(daemon: Daemon) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2 * FLOOD + 256
-    if soft < wanted:  # the flood needs its own descriptors (the daemon holds at most 100 of them)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    ensure_open_files(2 * FLOOD + 256)  # the flood's own descriptors (the daemon holds at most 100 of them)
     assert daemon.nat_map_status().startswith("NAT is disabled.")
     unix = str(daemon.socket_path)
     tcp = ("127.0.0.1", daemon.tcp_port)

@@ -40,7 +40,12 @@ PREFERENCE = ("pcp", "natpmp", "upnp")  # among those that work, the first wins
 # Once one protocol has answered, the others get this long to answer too: a live server on the same
 # box answers in milliseconds, and 250 ms still lets one lost datagram be retransmitted (RFC 6886 §3.1).
 PROBE_GRACE = 0.25
-# How long a probe's choice of protocol is trusted for the same gateway and local address.
+# How long a probe's choice of protocol is trusted for the same gateway and local address, by later
+# sessions of this process (Tailscale's portmapper likewise keeps its probe results in memory only).
+# Deliberately not persisted: each `autonat` command probes afresh. That costs one burst, a few ms when
+# every protocol answers and PROBE_GRACE more when one stays silent (252 ms measured against a PCP +
+# NAT-PMP router without UPnP); a file shared between processes would be one more piece of state to
+# lock, and to distrust once the router has changed. Pinned by tests/unit/test_claims.py.
 PROBE_TRUST = 30.0
 _probe_cache: dict[tuple[str, str], tuple[float, ProbeResult]] = {}
 

@@ -1,9 +1,9 @@
 """SSDP discovery of the Internet Gateway Device (UPnP DA 1.1 §1.3), fast.
 
 miniupnpc waits out the whole MX window (2 s); FreeSWITCH up to 12 s. We send the M-SEARCH unicast to
-the gateway (which answers in about a millisecond) and to the multicast group at once, retransmit a
-few times in case of loss, and hand every new, safe LOCATION to the caller as it arrives, so the
-caller can stop as soon as one IGD is usable.
+the gateway (which answers in about a millisecond) and to the multicast group at once (Eero answers
+only the multicast one: docs/QUIRKS.md S1), retransmit a few times in case of loss, and hand every
+new, safe LOCATION to the caller as it arrives, so the caller can stop as soon as one IGD is usable.
 
 Anything on the LAN can answer, so what one host can make us do is bounded: at most
 `MAX_LOCATIONS_PER_RESPONDER` distinct LOCATIONs from one address and `MAX_CANDIDATES` in all are
@@ -117,6 +117,8 @@ async def search(
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, MULTICAST_TTL)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(where.local_address)))
+    # Not connected to the gateway: TP-Link ER605 and Sagemcom Home Hub 3000 answer from an ephemeral
+    # source port, not 1900 (docs/QUIRKS.md S2).
     sock.bind((str(where.local_address), 0))
     loop = asyncio.get_running_loop()
     datagram_transport, protocol = await loop.create_datagram_endpoint(lambda: _SearchProtocol(where), sock=sock)

@@ -1,14 +1,18 @@
 """UPnP IGD v1/v2 client: discovery, inspection and the AddPortMapping error matrix.
 
 The wire formats live in `autonat.proto.ssdp` and `autonat.proto.igd`; this module decides what to do
-with what the router says. Router-facing rules, each from a quirk seen in the field:
+with what the router says. Router-facing rules, each from a quirk seen in the field; docs/QUIRKS.md
+names the routers and the sources (IDs in brackets):
 
-- InternalClient is always our own address (the one the router sees us as); never another host.
-- Leases are finite. A router that insists on permanent mappings (725, or 402 on a finite lease) gets
-  one only after its external address checked out as public, and the mapping reports lease 0 so the
-  caller knows it must delete it itself.
-- Conflicts (718/729, and 501 once, which some routers send for a taken port) move to the next port
-  of a sequence derived from the host secret, so a restart asks for the same ports in the same order.
+- InternalClient is always our own address (the one the router sees us as); never another host
+  (miniupnpd's secure_mode refuses any other, [U11]).
+- Leases are finite. A router that insists on permanent mappings (725 from MikroTik RouterOS, Netgear
+  R7000P, ZyXEL VMG1312 [U1]; 402 on a finite lease from ARRIS NVG578LX [U2]) gets one only after its
+  external address checked out as public, and the mapping reports lease 0 so the caller knows it must
+  delete it itself.
+- Conflicts (718/729 [U5], and 501 once, which miniupnpd built with CHECK_PORTINUSE sends for a port in
+  use on the router itself [U4]) move to the next port of a sequence derived from the host secret, so a
+  restart asks for the same ports in the same order.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class Igd:
 
     @property
     def connected(self) -> bool:
+        # Only "Connected": Tailscale also takes "Up" (no router named; docs/QUIRKS.md, not handled yet).
         return self.status is None or self.status.connection_status.lower() == "connected"
 
     def rank(self, gateway: str) -> tuple[int, int]:
@@ -198,7 +203,8 @@ class UpnpClient:
             ) from None
 
     async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
-        """Description -> connection services (best first) -> the first connected one, with its SCPD."""
+        """Description -> connection services (best first) -> the first connected one, with its SCPD.
+        (An IGD may list several WAN services, not all connected: docs/QUIRKS.md U12.)"""
         try:
             description = igd.parse_device_description(
                 await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE, trace), found.location.url
@@ -364,6 +370,7 @@ class UpnpClient:
             )
         elapsed = (time.perf_counter() - started) * 1000
         candidates = {"candidates": [candidate.to_dict() for candidate in self.candidates]}
+        # miniupnpd behind another NAT answers an empty address, others 0.0.0.0 (docs/QUIRKS.md U8).
         if found.external_ip is None or not found.connected:
             state = found.status.connection_status if found.status else "unknown"
             return ProtocolStatus(
@@ -420,14 +427,15 @@ class UpnpClient:
                     await self.soap(service, igd.add_port_mapping(st, **arguments))
             except igd.UpnpError as error:
                 code = error.code
-                if code == 402 and lease != 0:
+                if code == 402 and lease != 0:  # ARRIS NVG578LX: 402 where 725 is meant (docs/QUIRKS.md U2)
                     self._require_public(found, "rejects finite leases (UPnP error 402)")
                     lease = 0
-                elif code == 402:
+                elif code == 402:  # a router that caps leases at a week refuses 0 too (docs/QUIRKS.md U3)
                     lease = PERMANENT_FALLBACK_LEASE
-                elif code == 725:
+                elif code == 725:  # MikroTik RouterOS, Netgear R7000P, ZyXEL VMG1312 (docs/QUIRKS.md U1)
                     self._require_public(found, "only supports permanent leases (UPnP error 725)")
                     lease = 0
+                # 501 once: miniupnpd with CHECK_PORTINUSE, port in use on the router (docs/QUIRKS.md U4)
                 elif code in (718, 729) or (code == 501 and not conflict_501):
                     conflict_501 = conflict_501 or code == 501
                     if "AddAnyPortMapping" in found.actions and not used_any:
@@ -471,7 +479,8 @@ class UpnpClient:
         )
 
     async def delete_external(self, transport: Transport, external_port: int) -> None:
-        """DeletePortMapping; 714 (no such entry) means it is already gone, which is success."""
+        """DeletePortMapping; 714 (no such entry, miniupnpd's answer: docs/QUIRKS.md U10) means it is
+        already gone, which is success."""
         found = await self.discover()
         request = igd.delete_port_mapping(found.service.service_type, external_port=external_port, transport=transport)
         try:
@@ -556,7 +565,7 @@ class UpnpClient:
             try:
                 outputs = await self.soap(found.service, igd.get_generic_port_mapping_entry(st, index))
             except igd.UpnpError:
-                break  # 713 SpecifiedArrayIndexInvalid (or 714/402 on some routers) ends the table
+                break  # miniupnpd: 713 past the end (docs/QUIRKS.md U9); any other fault ends it too
             try:
                 walked.append(igd.generic_entry_from(outputs))
             except DecodeError:

@@ -86,8 +86,9 @@ MAX_SERVICES = 64
 MAX_DEVICES = 64
 
 MAX_DESCRIPTION_LENGTH = 64
-"""Port mapping descriptions are cut to this many UTF-8 bytes: some routers keep them in fixed
-buffers and fail the whole action, or corrupt their table, on a longer one."""
+"""Port mapping descriptions are cut to this many UTF-8 bytes: miniupnpd reads them back into a
+64-byte buffer (`char desc[64]` in its upnpsoap.c), so a longer one comes back cut and would no longer
+carry our tag whole (docs/QUIRKS.md U6)."""
 
 SOAP_ENVELOPE = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP_ENCODING = "http://schemas.xmlsoap.org/soap/encoding/"
@@ -222,7 +223,8 @@ class DeviceDescription:
 
     def connection_services(self) -> tuple[Service, ...]:
         """The WAN connection services, best first per `CONNECTION_SERVICE_RANKING` (ties keep
-        document order). Service types are compared case-insensitively: routers vary the casing."""
+        document order). Service types are compared case-insensitively (defensive, no router named yet:
+        docs/QUIRKS.md). Several WAN services on one IGD: docs/QUIRKS.md U12."""
         ranked = [
             (_RANK[service.service_type.lower()], index, service)
             for index, service in enumerate(self.all_services())
@@ -392,8 +394,9 @@ def _check_name(value: str, what: str) -> None:
 class SoapRequest:
     """One control action (§3.2): POST `body()` with `headers()` to the service's controlURL.
 
-    `arguments` are sent in the given order: the specs fix the order, and some routers read
-    arguments by position. ValueError for names, service types or values that cannot be sent
+    `arguments` are sent in the given order: the specs fix the order (UPnP DA 1.1 §3.2.1), and a
+    router reading them by position would be helped too (defensive, no router named: docs/QUIRKS.md).
+    ValueError for names, service types or values that cannot be sent
     (caller bugs, not router input).
     """
 
@@ -421,7 +424,8 @@ class SoapRequest:
         return {"Content-Type": 'text/xml; charset="utf-8"', "SOAPAction": self.soap_action}
 
     def body(self) -> bytes:
-        """The SOAP envelope of §3.2, UTF-8, on one line (some routers mis-parse indentation)."""
+        """The SOAP envelope of §3.2, UTF-8, on one line, as miniupnpc and libplum send it (against
+        indentation a router might mis-parse; defensive, no router named: docs/QUIRKS.md)."""
         arguments = "".join(f"<{name}>{escape(value, _ESCAPES)}</{name}>" for name, value in self.arguments)
         return (
             '<?xml version="1.0"?>'
@@ -508,8 +512,9 @@ def parse_soap_response(data: bytes, request: SoapRequest, http_status: int) -> 
 
     A fault is honoured whatever the HTTP status (normally 500). Otherwise the status must be 200 and
     the Body must hold `<{action}Response>`; its children map local name to stripped text ("" when
-    empty), in document order. The namespace of the response element is not checked, because some
-    routers answer a :2 request in the :1 namespace or in none. A repeated output argument is a
+    empty), in document order. The namespace of the response element is not checked, so that a :2
+    request answered in the :1 namespace or in none still reads (defensive, no router named yet:
+    docs/QUIRKS.md). A repeated output argument is a
     DecodeError: a router that sends two NewExternalIPAddress values has told us nothing.
     """
     envelope = _parse_xml(data, "SOAP response", MAX_SOAP_SIZE)
@@ -582,6 +587,7 @@ def _check_range(name: str, value: int, low: int, high: int) -> None:
 
 
 def _protocol(transport: Transport) -> str:
+    # Upper case always: TP-Link ER605 rejects "udp" (docs/QUIRKS.md U7).
     if not isinstance(transport, Transport):
         raise ValueError(f"transport must be a Transport, not {transport!r}")
     return transport.value.upper()
@@ -593,8 +599,9 @@ def get_external_ip_address(service_type: str) -> SoapRequest:
 
 
 def external_ip_from(outputs: Mapping[str, str]) -> IPv4Address | None:
-    """NewExternalIPAddress; None when empty, missing or 0.0.0.0 (routers without a WAN address say
-    so all three ways). Anything else that is not an IPv4 address is a DecodeError."""
+    """NewExternalIPAddress; None when empty, missing or 0.0.0.0: routers without a WAN address say so
+    (miniupnpd behind another NAT answers empty; FreeSWITCH and Tailscale met 0.0.0.0: docs/QUIRKS.md
+    U8). Anything else that is not an IPv4 address is a DecodeError."""
     text = outputs.get("NewExternalIPAddress", "")
     if not text:
         return None

@@ -12,8 +12,9 @@ rebuilt from the parsed pieces rather than passed along as received.
 Header handling is deliberately strict where ambiguity could be exploited and lenient where routers
 are merely sloppy:
 
-* header names are case-insensitive (routers send `Location`, `LOCATION`, `location`), values are
-  trimmed, bare LF line endings are accepted, and a missing final blank line is tolerated;
+* header names are case-insensitive (Sagemcom F@st3890 sends `Location`, miniupnpd and TP-Link ER605
+  `LOCATION`: docs/QUIRKS.md S5), values are trimmed, bare LF line endings are accepted, and a missing
+  final blank line is tolerated (these last two defensive: no router named yet, docs/QUIRKS.md);
 * a header repeated with the *same* value is harmless and ignored, but a header repeated with a
   *different* value is a `DecodeError`: two LOCATIONs in one reply is how a forged or spliced
   datagram would smuggle a second target past a "first wins" or "last wins" parser;
@@ -199,7 +200,8 @@ def _parse_max_age(cache_control: str | None) -> int | None:
     """The max-age directive of CACHE-CONTROL (§1.2.2), or None when absent or unreadable.
 
     Lenient on purpose: the value only schedules a re-search, so `max-age = 1800`, `MAX-AGE="1800"`
-    and `no-cache="Ext", max-age=120` are all read, and garbage means "unknown" rather than an error.
+    and `no-cache="Ext", max-age=120` are all read, and garbage means "unknown" rather than an error
+    (routers spell the header freely: docs/QUIRKS.md S5).
     """
     if cache_control is None:
         return None
@@ -416,8 +418,10 @@ def validate_location(
 
     Accepted: `http` (any case), no user info, an IP literal host (IPv6 in brackets, no zone) that is
     not loopback, link-local, multicast, unspecified, reserved or a broadcast address, lies inside
-    `local_network`, and is the address the reply came from (`responder`) or the `gateway`; port
-    1..65535, 80 when absent; the path defaults to "/". A host name is refused even if it would
+    `local_network`, and is the address the reply came from (`responder`) or the `gateway` (an
+    OPNsense/pfSense CARP pair answers from its own LAN address, not the virtual gateway:
+    docs/QUIRKS.md S3); port 1..65535 (TP-Link ER605 serves on 1900: S4), 80 when absent; the path
+    defaults to "/". A host name is refused even if it would
     resolve to the gateway: resolution is exactly the step an attacker controls.
 
     The parsing is done by hand rather than with urllib.parse, whose lenient corners (brackets,
