@@ -55,6 +55,7 @@ class Daemon:
     events: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
     started_at: float = 0.0
     host: str = "lan"
+    env: dict[str, str] = field(default_factory=dict)  # more environment for the daemon (NOTIFY_SOCKET ...)
 
     @property
     def socket_path(self) -> Path:
@@ -68,6 +69,7 @@ class Daemon:
             [
                 "env",
                 f"AUTONAT_STATE_DIR={self.directory / 'state'}",
+                *(f"{name}={value}" for name, value in self.env.items()),
                 AUTONAT,
                 "run",
                 "--config",

@@ -186,7 +186,7 @@ def test_the_deploy_unit_runs_the_daemon_with_that_config() -> None:
     unit = (DEPLOY / "autonat.service").read_text()
     assert "ExecStart=/usr/local/bin/autonat run --config /etc/autonat/autonat.toml" in unit
     for setting in (
-        "Type=simple",
+        "Type=notify",
         "Restart=on-failure",
         "RuntimeDirectory=autonat",
         "StateDirectory=autonat",

@@ -195,7 +195,10 @@ def test_journal_lines_match_too(daemon_log: Path, tmp_path: Path) -> None:
     written = write_log(daemon_log)
     journal = tmp_path / "journal.txt"
     lines = daemon_log.read_text(encoding="utf-8").splitlines()
-    journal.write_text("".join(f"pbx autonat[4242]: {line}\n" for line in lines), encoding="utf-8")
+    # What the journal keeps of each line: the message after the formatter's time and "autonat[PID]: "
+    # (under journald the daemon writes "<N>LEVEL message"; journald stores the priority and the rest).
+    messages = [line.split(": ", 1)[1] for line in lines]
+    journal.write_text("".join(f"pbx autonat[4242]: {message}\n" for message in messages), encoding="utf-8")
     _check(fail2ban_regex(journal, "-d", "{NONE}"), written, check_time=False)
 
 

@@ -332,28 +332,6 @@ def map_list(gateway: str | None, interface: str | None, timeout: float, root_ur
 # --- the daemon and its control verbs ---------------------------------------------------------------
 
 
-@cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="TOML config file.")
-@click.option("--nonat", is_flag=True, help="No NAT discovery at all (nat_map says NAT is disabled).")
-@click.option("--nonatmap", is_flag=True, help="Discover and learn the external IP, but map no ports.")
-def run(config_path: Path | None, nonat: bool, nonatmap: bool) -> None:
-    """Run the daemon in the foreground: keep the configured mappings, answer nat_map, stop on SIGTERM."""
-    from autonat.daemon.config import load_config
-    from autonat.daemon.run import run_daemon
-
-    def go() -> Coroutine[Any, Any, int]:
-        config = load_config(config_path).with_overrides(nonat=nonat, nonatmap=nonatmap)
-        return run_daemon(config)
-
-    try:
-        coroutine = go()
-    except AutonatError as exc:
-        for line in str(exc).splitlines():
-            click.echo(f"autonat: {line}", err=True)
-        sys.exit(exc.exit_code)
-    sys.exit(run_async(coroutine))
-
-
 def socket_option(function: F) -> F:
     from autonat.daemon.config import default_socket_path
 
@@ -587,9 +565,12 @@ def acl(ip: str, list_name: str, config_path: Path | None, explain: bool) -> Non
 
 
 def _register() -> None:
+    from autonat.cli.daemon import COMMANDS
     from autonat.lab.cli import lab
 
     cli.add_command(lab)
+    for command in COMMANDS:
+        cli.add_command(command)
 
 
 _register()

@@ -59,6 +59,9 @@ MAX_INTERFACE_NAME: Final = 15  # IFNAMSIZ - 1
 
 _PROTOCOLS: Final[dict[str, ProtocolName]] = {"auto": "auto", "pcp": "pcp", "natpmp": "natpmp", "upnp": "upnp"}
 _LOG_LEVELS: Final[dict[str, LogLevel]] = {"debug": "debug", "info": "info", "warning": "warning", "error": "error"}
+LogFormat = Literal["text", "json"]
+_LOG_FORMATS: Final[dict[str, LogFormat]] = {"text": "text", "json": "json"}
+DEFAULT_CONFIG = Path("/etc/autonat/autonat.toml")
 _TRANSPORTS: Final[dict[str, tuple[Transport, ...]]] = {
     "udp": (Transport.UDP,),
     "tcp": (Transport.TCP,),
@@ -119,11 +122,19 @@ class Config:
     profiles: tuple[ProfileSettings, ...] = ()
     sip: SipSettings = field(default_factory=SipSettings)
     sip_profiles: tuple[tuple[str, SipProfileSettings], ...] = ()  # (profile name, its SIP service)
+    log_format: LogFormat = "text"
 
-    def with_overrides(self, nonat: bool = False, nonatmap: bool = False) -> Config:
-        """Apply the --nonat / --nonatmap command-line flags, which only ever switch things off."""
+    def with_overrides(
+        self,
+        nonat: bool = False,
+        nonatmap: bool = False,
+        log_level: LogLevel | None = None,
+        log_format: LogFormat | None = None,
+    ) -> Config:
+        """Apply the command line: --nonat / --nonatmap (which only ever switch things off), --log-level and
+        --log-format (which win over the file's [log])."""
         nat = replace(self.nat, enabled=self.nat.enabled and not nonat, mapping=self.nat.mapping and not nonatmap)
-        return replace(self, nat=nat)
+        return replace(self, nat=nat, log_level=log_level or self.log_level, log_format=log_format or self.log_format)
 
 
 def default_socket_path() -> Path:
@@ -140,6 +151,11 @@ def default_socket_path() -> Path:
 def default_journal_path() -> Path:
     """state_dir()/journal.sqlite."""
     return state_dir() / "journal.sqlite"
+
+
+def default_config_path() -> Path | None:
+    """/etc/autonat/autonat.toml when it exists (what `autonat run` reads without --config), else None."""
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
 
 
 def load_config(path: Path | None) -> Config:
@@ -391,6 +407,7 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
     journal = _journal(_section(top, "journal"))
     log = _section(top, "log")
     level = log.choice("level", _LOG_LEVELS, "info")
+    log_format = log.choice("format", _LOG_FORMATS, "text")
     log.finish()
     acls = _acls(top, report)
     profiles, sip_profiles = _profiles(top, report, {*BUILTIN_ACL_NAMES, *(acl.name for acl in acls)})
@@ -403,7 +420,18 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
     elif mappings and not nat.mapping:
         report.warn(f"nat.mapping = false: the {len(mappings)} [[mapping]] entries are not made")
     return Config(
-        nat, mappings, control, journal, level, source, tuple(report.warnings), acls, profiles, sip, sip_profiles
+        nat,
+        mappings,
+        control,
+        journal,
+        level,
+        source,
+        tuple(report.warnings),
+        acls,
+        profiles,
+        sip,
+        sip_profiles,
+        log_format,
     )
 
 

@@ -8,6 +8,7 @@ it is allowed):
     {"cmd": "republish"} | {"cmd": "reinit"} | {"cmd": "mapping", "enable": true}
     {"cmd": "profiles"} | {"cmd": "profile", "name": "external"} | {"cmd": "calls"} | {"cmd": "registrations"}
     {"cmd": "advertise", "name": "external", "destination": "203.0.113.5", "media": false}
+    {"cmd": "reload"}                                  -> {"ok": true, "result": {"changes": [...], ...}}
     {"cmd": "events"}                                  -> {"ok": true}, then one event per line
 Every error is one line, {"ok": false, "error": "..."}. An error that starts with "closed:" is the last
 line of the connection: the daemon closes it right after. Requests are answered in order, one at a time.
@@ -60,12 +61,12 @@ import socket
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
-from autonat.daemon.config import MAX_TEXT_LENGTH
+from autonat.daemon.config import MAX_TEXT_LENGTH, ConfigError
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.errors import AutonatError
 from autonat.proto.types import Transport
@@ -450,10 +451,12 @@ class ControlServer:
         token: str | None,
         profiles: ProfileManager | None = None,
         sip: SipService | None = None,
+        reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.engine = engine
         self.profiles = profiles
         self.sip = sip
+        self._reload = reload
         self.socket_path = socket_path
         self.tcp = tcp
         self.token = token
@@ -616,6 +619,13 @@ class ControlServer:
             return [] if self.sip is None else [call.describe() for call in {id(c): c for c in self.sip.calls}.values()]
         if command == "registrations":
             return [] if self.sip is None else self.sip.registrations()
+        if command == "reload":
+            if self._reload is None:
+                raise ControlError("this daemon cannot reload")
+            try:
+                return await self._reload()
+            except ConfigError as exc:
+                raise ControlError(f"reload refused, nothing changed: {'; '.join(exc.problems)}") from None
         if not engine.settings.enabled and command in ("add", "del", "republish", "reinit", "mapping"):
             raise ControlError("NAT is disabled (--nonat)")
         if command == "add":

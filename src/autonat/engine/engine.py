@@ -376,7 +376,8 @@ class NatEngine:
         elif isinstance(action, lc.Emit):
             self.events.publish(action.kind, **action.data)
         elif isinstance(action, lc.Log):
-            getattr(_LOGGERS[action.channel], action.level)("%s", action.message)
+            extra = None if action.fields is None else {"fields": action.fields}
+            getattr(_LOGGERS[action.channel], action.level)("%s", action.message, extra=extra)
         elif isinstance(action, lc.Settled):
             for waiter in self._waiters.pop(action.key, []):
                 if not waiter.done():

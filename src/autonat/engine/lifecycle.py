@@ -209,11 +209,13 @@ class Emit:
 
 @dataclass(frozen=True, slots=True)
 class Log:
-    """A line for the log: `channel` "holes" is the security record (every hole opened and closed)."""
+    """A line for the log: `channel` "holes" is the security record (every hole opened, changed, lost and
+    closed, with its `fields`: event, protocol, transport, internal and external address, lease, owner)."""
 
     channel: str  # "holes" | "engine"
     level: str  # "info" | "warning" | "error"
     message: str
+    fields: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,7 +649,7 @@ class Lifecycle:
                 record.due = now
             else:
                 self._request_delete(record)
-            self._log_opened(record, mapping)
+            self._log_hole("opened", record)
             self._actions.append(Settled(key))
             self._push(record)
             return
@@ -661,7 +663,7 @@ class Lifecycle:
         )
         data = self._event_data(record)
         if first or moved:
-            self._log_opened(record, mapping)
+            self._log_hole("changed" if moved and not first else "opened", record)
             self._emit(EventKind.NAT_ADD, **data)
         else:
             self._emit(EventKind.NAT_RENEW, **data)
@@ -698,7 +700,7 @@ class Lifecycle:
         record = self._result(key)
         if record is None:
             return
-        self._log_closed(record)
+        self._log_hole("closed", record)
         if record.state is State.REMOVING:
             self._forget(record, journal=True)
             self._emit(EventKind.NAT_DEL, port=key[1], proto=str(key[0]), owner=record.wanted.owner)
@@ -792,12 +794,7 @@ class Lifecycle:
             return
         if record.state is State.REMOVING:
             if record.maybe_on_router and record.certainly_gone(now):
-                self._log(
-                    "holes",
-                    "info",
-                    f"closed {record.key[0]} {record.key[1]} via {record.protocol or record.asked_via}:"
-                    " its lease ran out before the router confirmed a delete",
-                )
+                self._log_hole("closed", record, reason="lease ran out before the router confirmed a delete")
                 self._forget(record, journal=True)
                 self._emit(EventKind.NAT_DEL, port=record.key[1], proto=str(record.key[0]), owner=record.wanted.owner)
                 self._actions.append(Settled(record.key))
@@ -910,7 +907,7 @@ class Lifecycle:
             self._actions.append(JournalRemove(record.key, self._gateway()))
 
     def _lost(self, record: Record, why: str, now: float) -> None:
-        self._log("engine", "warning", f"mapping {record.key[0]} {record.key[1]} lost: {why}")
+        self._log_hole("lost", record, level="warning", reason=why)
         self._emit(EventKind.NAT_LOST, reason=why, **self._event_data(record))
         self._move(record, State.PENDING)
         record.due = now
@@ -979,17 +976,26 @@ class Lifecycle:
     def _log(self, channel: str, level: str, message: str) -> None:
         self._actions.append(Log(channel, level, message))
 
-    def _log_opened(self, record: Record, mapping: Mapping) -> None:
-        self._log("holes", "info", f"opened {mapping.describe()}")
-
-    def _log_closed(self, record: Record) -> None:
+    def _log_hole(self, event: str, record: Record, *, level: str = "info", reason: str | None = None) -> None:
+        """One line for the security record: what happened to which hole, with every field that says so."""
         router = self.router
         local = "?" if router is None else router.local_address
-        self._log(
-            "holes",
-            "info",
-            f"closed {record.key[0]} {local}:{record.key[1]} via {record.protocol or record.asked_via}",
-        )
+        transport, port = record.key
+        external = "?" if record.external_port is None else f"{record.external_ip or '?'}:{record.external_port}"
+        fields: dict[str, Any] = {
+            "event": event,
+            "protocol": record.protocol or record.asked_via,
+            "transport": str(transport),
+            "internal": f"{local}:{port}",
+            "external": external,
+            "lease": record.lease,
+            "owner": record.wanted.owner,
+        }
+        if reason is not None:
+            fields["reason"] = reason
+        words = " ".join(f"{name}={value}" for name, value in fields.items() if name not in ("event", "reason"))
+        message = f"hole {event} {words}" + (f" ({reason})" if reason else "")
+        self._actions.append(Log("holes", level, message, fields))
 
     # --- queries -----------------------------------------------------------------------------------------
 
