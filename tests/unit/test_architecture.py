@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "aio": 2,
     "engine": 3,
     "service": 4,
+    "doctor": 4,  # a tool beside the service: uses the protocol clients and the journal
     "daemon": 5,
     "lab": 5,  # the lab is a tool beside the daemon: it uses only the values below
     "cli": 6,
@@ -31,7 +32,14 @@ LAYERS: dict[str, int] = {
     "__init__": 0,  # the package face: a version string, imports nothing
 }
 # Sans-IO cores: no asyncio, no sockets, no threads, no clock (time is an argument).
-CORES = ["engine/lifecycle.py", "engine/schedule.py", "limits.py", "sip/admission.py", "sip/guard.py"]
+CORES = [
+    "engine/lifecycle.py",
+    "engine/schedule.py",
+    "limits.py",
+    "sip/admission.py",
+    "sip/guard.py",
+    "doctor/findings.py",
+]
 IO_MODULES = {"asyncio", "socket", "selectors", "threading", "time", "sqlite3", "subprocess", "ssl"}
 
 

@@ -105,4 +105,10 @@ def example(what: str) -> None:
     click.echo(text, nl=False)
 
 
-COMMANDS = (run, reload, example)
+def _doctor() -> click.Command:
+    from autonat.cli.doctor import doctor
+
+    return doctor
+
+
+COMMANDS = (run, reload, example, _doctor())

@@ -1,0 +1,82 @@
+"""`autonat doctor`: does my router work, and does the internet really get in?"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_BUDGET = 30.0
+QUICK_BUDGET = 5.0
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Only the seconds-long part: one protocol, no waiting.")
+@click.option("--json", "as_json", is_flag=True, help="Everything as JSON (findings, measurements, reachability).")
+@click.option(
+    "--share",
+    "share_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Also write a Markdown report for a bug report (external address masked).",
+)
+@click.option("--show-address", is_flag=True, help="With --share: keep the external address in the report.")
+@click.option("--stun", "stun_server", help="stun:HOST[:PORT] answering from a second address (RFC 5780).")
+@click.option("--gateway", help="Router IP address (default: the gateway of the default route).")
+@click.option("--interface", help="Use this interface's route and address.")
+@click.option("--root-url", help="UPnP root description URL (UPnP without SSDP).")
+@click.option("--timeout", type=float, default=2.0, show_default=True, help="Per router request.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="For [nat] stun.")
+def doctor(
+    quick: bool,
+    as_json: bool,
+    share_path: Path | None,
+    show_address: bool,
+    stun_server: str | None,
+    gateway: str | None,
+    interface: str | None,
+    root_url: str | None,
+    timeout: float,
+    config_path: Path | None,
+) -> None:
+    """Check the router and the path to the internet; exit 0 when autonat can work with it, 1 if not."""
+    import json
+
+    from autonat.cli.main import run_async
+    from autonat.daemon.config import default_config_path, default_journal_path, load_config
+    from autonat.doctor import report
+    from autonat.doctor.findings import exit_status, judge
+    from autonat.doctor.measure import Doctor
+    from autonat.engine.journal import Journal, JournalError
+    from autonat.errors import AutonatError
+
+    if stun_server is None:
+        with contextlib.suppress(AutonatError):
+            path = config_path or default_config_path()
+            stun_server = load_config(path).nat.stun if path else None
+    journal = None
+    with contextlib.suppress(JournalError):
+        journal = Journal(default_journal_path())
+    try:
+        runner = Doctor(
+            gateway=gateway,
+            interface=interface,
+            timeout=timeout,
+            root_url=root_url,
+            stun_server=stun_server,
+            quick=quick,
+            journal=journal,
+        )
+        measurements = run_async(runner.run(QUICK_BUDGET if quick else DEFAULT_BUDGET))
+    finally:
+        if journal is not None:
+            journal.close()
+    findings = judge(measurements)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(measurements, findings), indent=2))
+    else:
+        click.echo(report.text(measurements, findings))
+    if share_path is not None:
+        share_path.write_text(report.share(measurements, findings, show_address=show_address))
+    sys.exit(exit_status(findings))

@@ -1,0 +1,76 @@
+"""`autonat doctor`'s output: the text a person reads, `--json`, and `--share`'s Markdown for a bug report."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from typing import Any
+
+from autonat.doctor.findings import Finding, Measurements, Verdict, exit_status
+
+MASK = "x.x.x.x"
+
+
+def to_dict(m: Measurements, findings: list[Finding]) -> dict[str, Any]:
+    data = asdict(m)
+    data["external_kind"] = None if m.external_kind is None else str(m.external_kind)
+    return {
+        "status": exit_status(findings),
+        "external_address": m.external_ip,
+        "reachability": {t.protocol: t.reachable for t in m.trials},
+        "findings": [f.to_dict() for f in findings],
+        "measurements": data,
+    }
+
+
+def text(m: Measurements, findings: list[Finding]) -> str:
+    width = max((len(f.check) for f in findings), default=10)
+    lines = []
+    for finding in findings:
+        quirk = f" [{finding.quirk}]" if finding.quirk else ""
+        lines.append(f"{finding.verdict:<8}{finding.check:<{width + 2}}{finding.summary}{quirk}")
+        if finding.fix and finding.verdict is not Verdict.OK:
+            lines.append(f"{'':<8}{'':<{width + 2}}-> {finding.fix}")
+    verdict = "autonat can work with this router" if exit_status(findings) == 0 else "something fails (see above)"
+    lines.append(f"\n{verdict}; {m.elapsed:.1f} s{' (--quick)' if m.quick else ''}.")
+    return "\n".join(lines)
+
+
+def _address(address: str) -> re.Pattern[str]:
+    """`address` as a whole (203.0.113.1 must not match inside 203.0.113.100)."""
+    return re.compile(rf"(?<![\w.:]){re.escape(address)}(?![\w]|\.\d)")
+
+
+def _redact(value: str, external: str | None) -> str:
+    return _address(external).sub(MASK, value) if external else value
+
+
+def share(m: Measurements, findings: list[Finding], *, show_address: bool = False) -> str:
+    """Markdown to paste into a bug report; the external address masked unless asked, no token or secret
+    (doctor holds none)."""
+    external = None if show_address else m.external_ip
+    rows = "\n".join(
+        f"| {f.verdict} | {f.check} | {_redact(f.summary, external)}"
+        f"{' [' + f.quirk + ']' if f.quirk else ''} | {f.fix or ''} |"
+        for f in findings
+    )
+    details = _redact(json.dumps(to_dict(m, findings)["measurements"], indent=2, sort_keys=True), external)
+    igd = m.igd or {}
+    model = " ".join(str(igd.get(k) or "") for k in ("manufacturer", "model_name", "model_number")).strip()
+    return (
+        "# autonat doctor report\n\n"
+        f"- router: {model or 'unknown model'} ({igd.get('friendly_name') or 'no UPnP description'})\n"
+        f"- protocol selected: {m.selected or 'none'}\n"
+        f"- external address: {_redact(m.external_ip or 'unknown', external)} ({m.external_kind or 'unknown kind'})\n"
+        f"- run: {m.elapsed:.1f} s{' (--quick)' if m.quick else ''}, exit status {exit_status(findings)}\n\n"
+        "| verdict | check | what was seen | what to do |\n|---|---|---|---|\n"
+        f"{rows}\n\n"
+        "<details><summary>measurements</summary>\n\n```json\n"
+        f"{details}\n```\n\n</details>\n"
+    )
+
+
+def masked(report: str, address: str) -> bool:
+    """Does `report` keep `address` out of sight? (For tests and the CLI's own check.)"""
+    return _address(address).search(report) is None
