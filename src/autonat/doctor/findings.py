@@ -13,6 +13,8 @@ from typing import Any
 
 from autonat.addresses import AddressKind
 
+WEEK = 604800  # what autonat asks of a UPnP router that refuses both its lease and a permanent one (U3)
+
 
 class Verdict(enum.StrEnum):
     OK = "ok"
@@ -91,12 +93,16 @@ def _protocol_findings(m: Measurements) -> list[Finding]:
     answered = [p for p in m.protocols.values() if p.available]
     if not answered:
         reasons = "; ".join(f"{p.protocol}: {p.reason}" for p in m.protocols.values()) or m.error or "no answer"
+        no_wan = "no usable WAN address" in reasons
         found.append(
             Finding(
                 "protocols",
                 Verdict.FAIL,
                 f"no port-mapping protocol answers ({reasons})",
-                "turn on UPnP IGD or NAT-PMP/PCP in the router's settings (often under 'NAT' or 'Advanced')",
+                "check the router's internet connection (it reports no WAN address)"
+                if no_wan
+                else "turn on UPnP IGD or NAT-PMP/PCP in the router's settings (often under 'NAT' or 'Advanced')",
+                "U8" if no_wan else None,
             )
         )
         return found
@@ -178,9 +184,29 @@ def _trial_findings(m: Measurements) -> list[Finding]:
                 Finding(
                     name,
                     Verdict.WARNING,
-                    f"granted only as a permanent mapping (asked {trial.requested_lease} s)",
+                    f"granted only as a permanent mapping (asked {trial.requested_lease} s; the router answers 725,"
+                    " or 402, to a finite lease)",
                     "autonat deletes it at stop and after a crash; prefer a router that honours leases",
                     "U1",
+                )
+            )
+        elif trial.protocol == "upnp" and lease == WEEK:
+            found.append(
+                Finding(
+                    name,
+                    Verdict.WARNING,
+                    f"the router refused {trial.requested_lease} s and a permanent lease (402); a week was granted",
+                    "autonat renews and deletes it as any other; prefer a router that honours leases",
+                    "U3",
+                )
+            )
+        elif lease is not None and lease > trial.requested_lease:
+            found.append(
+                Finding(
+                    name,
+                    Verdict.OK,
+                    f"granted {lease} s for {trial.requested_lease} s asked (the router clamps leases up)",
+                    quirk="P4",
                 )
             )
         elif lease is not None and lease < trial.requested_lease:
@@ -189,6 +215,16 @@ def _trial_findings(m: Measurements) -> list[Finding]:
             )
         else:
             found.append(Finding(name, Verdict.OK, f"granted {lease} s (asked {trial.requested_lease} s)"))
+        if trial.protocol == "upnp" and trial.external_port != trial.internal_port:
+            found.append(
+                Finding(
+                    f"{name}: port",
+                    Verdict.OK,
+                    f"the router refused external port {trial.internal_port}; autonat took {trial.external_port}"
+                    " from its port sequence",
+                    quirk="U4",
+                )
+            )
         if trial.renewal_keeps_port is False:
             found.append(
                 Finding(
