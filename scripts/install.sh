@@ -13,9 +13,12 @@ fi
 # stun-server: lets miniupnpd learn its WAN address; socat/tcpdump: lab traffic checks;
 # sip-tester: SIPp, the reference SIP caller/phone of the lab tests (tests/lab/sipp/);
 # openssl: a throw-away certificate for the SIP-over-TLS test; sipvicious: the scanner/password cracker
-# that sweeps port 5060 on the internet (abuse tests); fail2ban: fail2ban-regex checks the shipped filter.
+# that sweeps port 5060 on the internet (abuse tests); fail2ban: fail2ban-regex checks the shipped filter;
+# baresip-core: a real phone (plain RTP, ICE, rtcp-mux, hold) and kamailio: a real registrar/proxy, for the
+# call-control lab tests (tests/lab/test_phones.py); chromium: the headless browser that loads the status page
+# and prometheus: its promtool checks the /metrics scrape (tests/lab/test_web.py, tests/unit/test_web_server.py).
 packages=(iproute2 nftables miniupnpd-nftables miniupnpc natpmpc stun-server socat tcpdump sip-tester openssl
-          procps util-linux sipvicious fail2ban)
+          procps util-linux sipvicious fail2ban baresip-core kamailio chromium prometheus)
 if ! command -v python3 >/dev/null || ! python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     packages+=(python3 python3-venv python3-pip)
 fi

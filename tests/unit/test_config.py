@@ -998,3 +998,92 @@ def test_the_defaults_the_deploy_example_shows_are_the_real_ones(tmp_path: Path)
     config = load_config(write(tmp_path, "\n".join(lines) + "\n"))
     assert config.nat == NatSettings()
     assert config.sip == SipSettings()
+
+
+# --- [web] -------------------------------------------------------------------------------------------
+
+
+def test_the_web_listener_is_off_by_default(tmp_path: Path) -> None:
+    from autonat.daemon.config import WebConfig
+
+    assert load_config(None).web == WebConfig() and WebConfig().listen is None
+    assert load_config(write(tmp_path, '[web]\nlisten = ""\n')).web.listen is None
+    assert load_config(write(tmp_path, '[web]\nlisten = ""\n')).warnings == ()
+
+
+def test_a_web_table_loads_with_its_caps(tmp_path: Path) -> None:
+    from autonat.daemon.config import WebConfig
+
+    text = (
+        f'[web]\nlisten = "127.0.0.1:8080"\ntoken = "{TOKEN}"\nmax_connections = 8\nmax_request_size = 4096\n'
+        "idle_timeout = 2.5\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.web == WebConfig(("127.0.0.1", 8080), TOKEN, 8, 4096, 2.5)
+    assert config.warnings == ()
+    assert TOKEN not in repr(config)
+    assert load_config(write(tmp_path, '[web]\nlisten = "[::1]:8080"\n')).web.listen == ("::1", 8080)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[web]\nlisten = "localhost:8080"', "web.listen must have an IP address as its host (no host names)"),
+        ('[web]\nlisten = "127.0.0.1"', 'web.listen must be HOST:PORT, as 127.0.0.1:7070, not "127.0.0.1"'),
+        ('[web]\nlisten = "127.0.0.1:0"', "web.listen must have a port 1..65535"),
+        ('[web]\nlisten = "::1:8080"', "web.listen must put an IPv6 address in brackets"),
+        ("[web]\nlisten = 8080", "web.listen must be a string, not the integer 8080"),
+        (
+            '[web]\nlisten = "0.0.0.0:8080"',
+            "web.listen is not loopback (0.0.0.0:8080): set web.token (at least 16 characters), which every"
+            " request must then carry",
+        ),
+        ('[web]\nlisten = "[::]:8080"', "web.listen is not loopback ([::]:8080): set web.token"),
+        ('[web]\nlisten = "127.0.0.1:8080"\ntoken = "short"', "web.token must be at least 16 characters, not 5"),
+        ("[web]\nmax_connections = 0", "web.max_connections must be 1..1024, not 0"),
+        ('[web]\nmax_connections = "32"', 'web.max_connections must be an integer, not the string "32"'),
+        ("[web]\nmax_request_size = 100", "web.max_request_size must be 1024..65536 bytes, not 100"),
+        ("[web]\nidle_timeout = 0", "web.idle_timeout must be 1..300 seconds, not 0"),
+        ("[web]\nidle_timeout = nan", "web.idle_timeout must be 1..300 seconds, not nan"),
+        ('[web]\nlisen = "127.0.0.1:8080"', "unknown key web.lisen (did you mean web.listen?)"),
+        ("[web]\nmax_conections = 4", "unknown key web.max_conections (did you mean web.max_connections?)"),
+        ("[control]\nidle_timeout = 5", "unknown key control.idle_timeout (did you mean web.idle_timeout?)"),
+        ("web = 5", "web must be a table ([web]), not the integer 5"),
+        ('[[web]]\nlisten = "127.0.0.1:8080"', "web must be a table ([web]), not an array of tables ([[web]])"),
+        (
+            f'[control]\ntcp = "127.0.0.1:7070"\ntoken = "{TOKEN}"\n[web]\nlisten = "127.0.0.1:7070"',
+            "web.listen is control.tcp's address too (127.0.0.1:7070): give one of them another port",
+        ),
+    ],
+)
+def test_web_mistakes_are_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in one_problem(write(tmp_path, text + "\n"))
+
+
+def test_every_web_mistake_is_reported_at_once(tmp_path: Path) -> None:
+    text = '[web]\nlisten = "0.0.0.0:80"\nmax_connections = -1\nidle_timeout = 1000\nlisen = 1\n'
+    problems = problems_of(write(tmp_path, text))
+    assert len(problems) == 4, problems
+    assert [p.split(": ", 1)[1].split(" ")[0] for p in problems] == [
+        "web.max_connections",
+        "web.idle_timeout",
+        "web.listen",
+        "unknown",
+    ]
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8080", "192.168.1.10:8080", "[::]:8080"])
+def test_web_beyond_loopback_with_a_token_is_a_warning(tmp_path: Path, listen: str) -> None:
+    config = load_config(write(tmp_path, f'[web]\nlisten = "{listen}"\ntoken = "{TOKEN}"\n'))
+    assert config.web.listen is not None and config.web.token == TOKEN
+    assert config.warnings == (
+        f"{tmp_path / 'autonat.toml'}: web.listen {listen} is not loopback: anyone who can reach it may try the token",
+    )
+
+
+def test_a_web_token_without_a_listener_or_readable_by_all_is_a_warning(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[web]\ntoken = "{TOKEN}"\n')
+    assert load_config(path).warnings == (f"{path}: web.token is set but web.listen is not: the token is not used",)
+    path = write(tmp_path, f'[web]\nlisten = "127.0.0.1:8080"\ntoken = "{TOKEN}"\n', "readable.toml")
+    path.chmod(0o644)
+    assert load_config(path).warnings == (f"{path}: the file holds web.token but any user can read it (chmod o-r)",)

@@ -19,6 +19,10 @@ SHIPPED = {
     "autonat/data/autonat.service",
     "autonat/data/fail2ban/filter.conf",
     "autonat/data/fail2ban/jail.conf",
+    "autonat/web/static/index.html",
+    "autonat/web/static/style.css",
+    "autonat/web/static/app.js",
+    "autonat/web/static/icon.svg",
 }
 
 

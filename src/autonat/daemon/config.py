@@ -56,6 +56,7 @@ MAX_TEXT_LENGTH: Final = 1024
 MAX_OWNER_LENGTH: Final = 64
 MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
 MAX_INTERFACE_NAME: Final = 15  # IFNAMSIZ - 1
+MAX_WEB_CONNECTIONS: Final = 1024  # each is a descriptor: far below the usual 1024 soft limit with the rest
 
 _PROTOCOLS: Final[dict[str, ProtocolName]] = {"auto": "auto", "pcp": "pcp", "natpmp": "natpmp", "upnp": "upnp"}
 _LOG_LEVELS: Final[dict[str, LogLevel]] = {"debug": "debug", "info": "info", "warning": "warning", "error": "error"}
@@ -108,6 +109,22 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The status page and /metrics (autonat.web): off unless `listen` is set ("IP:PORT").
+
+    A set `token` is asked of every request (nothing on the page changes state yet, so it guards the
+    reading); a listener that is not loopback must have one. The caps bound what a LAN peer can hold:
+    `max_connections` at once, `max_request_size` bytes of request head, `idle_timeout` s without a
+    complete request."""
+
+    listen: tuple[str, int] | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: kept out of logged reprs
+    max_connections: int = 32
+    max_request_size: int = 8192
+    idle_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything the daemon needs to start; `source` is the file it came from (None: defaults)."""
 
@@ -123,6 +140,7 @@ class Config:
     sip: SipSettings = field(default_factory=SipSettings)
     sip_profiles: tuple[tuple[str, SipProfileSettings], ...] = ()  # (profile name, its SIP service)
     log_format: LogFormat = "text"
+    web: WebConfig = field(default_factory=WebConfig)
 
     def with_overrides(
         self,
@@ -412,6 +430,7 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
     acls = _acls(top, report)
     profiles, sip_profiles = _profiles(top, report, {*BUILTIN_ACL_NAMES, *(acl.name for acl in acls)})
     sip = _sip(_section(top, "sip"), top, report)
+    web = _web(_section(top, "web"), report, file_mode, control)
     top.finish()
     report.raise_if_any()
 
@@ -432,6 +451,7 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
         sip,
         sip_profiles,
         log_format,
+        web,
     )
 
 
@@ -650,6 +670,44 @@ def _tcp(table: _Table, report: _Report) -> tuple[str, int] | None:
             f"control.tcp listens on {text.strip()}, which is not loopback: anyone who can reach it may try the token"
         )
     return host, port
+
+
+def _web(table: _Table, report: _Report, file_mode: int | None, control: ControlConfig) -> WebConfig:
+    """The [web] table: where the status page listens, its token and its caps."""
+    defaults = WebConfig()
+    listen_text = table.text("listen", "").strip()
+    token = table.text("token", "") or None
+    max_connections = table.integer("max_connections", defaults.max_connections, 1, MAX_WEB_CONNECTIONS)
+    max_request = table.integer("max_request_size", defaults.max_request_size, 1024, 65536, " bytes")
+    idle_timeout = table.number("idle_timeout", defaults.idle_timeout, 1, 300, " seconds")
+    table.finish()
+    listen: tuple[str, int] | None = None
+    if listen_text:
+        parsed = _host_port(listen_text)
+        if isinstance(parsed, str):
+            table.error("listen", f"{parsed}, not {_quote(listen_text)}")
+        else:
+            listen = parsed
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        table.error("token", f"must be at least {MIN_TOKEN_LENGTH} characters, not {len(token)}")
+        token = None
+    elif listen is not None and not parse_address(listen[0]).is_loopback:
+        if token is None:
+            # What the page shows (addresses, callers, registrations) is not for everyone on the LAN.
+            table.error(
+                "listen",
+                f"is not loopback ({listen_text}): set web.token (at least {MIN_TOKEN_LENGTH} characters),"
+                " which every request must then carry",
+            )
+        else:
+            report.warn(f"web.listen {listen_text} is not loopback: anyone who can reach it may try the token")
+    if listen is not None and listen == control.tcp:
+        table.error("listen", f"is control.tcp's address too ({listen_text}): give one of them another port")
+    if token is not None and not listen_text:
+        report.warn("web.token is set but web.listen is not: the token is not used")
+    if token is not None and file_mode is not None and file_mode & stat.S_IROTH:
+        report.warn("the file holds web.token but any user can read it (chmod o-r)")
+    return WebConfig(listen, token, max_connections, max_request, idle_timeout)
 
 
 def _host_port(text: str) -> tuple[str, int] | str:

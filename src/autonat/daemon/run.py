@@ -20,7 +20,7 @@ import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autonat.acl import AclSet
 from autonat.aio.interfaces import host_networks
@@ -35,6 +35,9 @@ from autonat.errors import AutonatError
 from autonat.service.profiles import ProfileManager
 from autonat.service.sip import SipService
 from autonat.state import host_secret
+
+if TYPE_CHECKING:
+    from autonat.web.server import WebServer
 
 log = logging.getLogger("autonat")
 reload_log = logging.getLogger("autonat.reload")  # every reload, whatever the level
@@ -92,6 +95,20 @@ class Daemon:
             self.sip,
             reload=self.reload,
         )
+        self.last_doctor_report: dict[str, Any] | None = None  # the last `autonat doctor` report: the page shows it
+        self.web: WebServer | None = None
+        if config.web.listen is not None:
+            from autonat.web.server import WebServer  # the page and prometheus-client load only when [web] is on
+            from autonat.web.status import Sources
+
+            sources = Sources(
+                self.engine,
+                self.profiles,
+                self.sip,
+                doctor_report=lambda: self.last_doctor_report,
+                control_refusals=lambda: self.control.refusals,
+            )
+            self.web = WebServer(config.web, sources)
         self._stop = asyncio.Event()
         self._reloading = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -100,6 +117,8 @@ class Daemon:
         config = self.config
         try:
             await self.control.start()
+            if self.web is not None:
+                await self.web.start()
             await self.engine.start([_static(m) for m in config.mappings])
             await self.profiles.start()
             if self.sip is not None:
@@ -124,6 +143,8 @@ class Daemon:
         finally:
             for task in self._tasks:
                 task.cancel()
+            if self.web is not None:
+                await self.web.stop()
             await self.control.stop()
             log.debug("control channel closed")
             if self.sip is not None:
@@ -197,6 +218,7 @@ class Daemon:
             ("[nat]", new.nat != old.nat),
             ("[control]", new.control != old.control),
             ("[journal]", new.journal_path != old.journal_path),
+            ("[web]", new.web != old.web),
             ("[[profile]]", new.profiles != old.profiles or new.sip_profiles != old.sip_profiles),
             ("[sip] and [[user]]", new.sip != old.sip),
         ):

@@ -22,6 +22,11 @@ def router_ruleset(*, wan_if: str, lan_if: str) -> str:
     prerouting / postrouting jumping to the chains miniupnpd fills, forward policy drop, masquerade out
     of the WAN. `lan_if -> lan_if` is accepted because br_netfilter (loaded on these hosts) sends bridged
     frames through the forward hook too.
+
+    IPv6 is routed, not NATed: the forward chain's policy drop + established/related keeps unsolicited
+    inbound IPv6 out (a home router's firewall), miniupnpd's pinholes are accept rules in the same
+    `miniupnpd` chain, and the masquerade is for IPv4 only (in a `table inet`, a plain `masquerade`
+    would NAT IPv6 too: LAB-NOTES).
     """
     return f"""\
 table inet {NFT_TABLE} {{
@@ -44,7 +49,7 @@ table inet {NFT_TABLE} {{
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         jump {CHAIN_POSTROUTING}
-        oifname "{wan_if}" masquerade
+        oifname "{wan_if}" meta nfproto ipv4 masquerade
     }}
     chain {CHAIN_PREROUTING} {{
     }}
@@ -122,6 +127,7 @@ class MiniupnpdSettings:
     stun_host: str | None
     stun_port: int
     notify_interval: int = 10
+    ipv6: bool = False
 
     @property
     def uuid(self) -> str:
@@ -145,7 +151,9 @@ def miniupnpd_conf(s: MiniupnpdSettings) -> str:
         f"lease_file={s.lease_file}",
         f"uuid={s.uuid}",
         f"friendly_name=autonat lab {s.router} ({s.prefix})",
-        "ipv6_disable=yes",
+        # IPv6 (LAB-NOTES): ipv6_listening_ip left out, or the one dual-stack HTTP socket binds to it and
+        # IPv4 UPnP is cut off; ext_ifname6 is the WAN side the pinholes open on.
+        *(("ipv6_disable=no", f"ext_ifname6={s.wan_if}") if s.ipv6 else ("ipv6_disable=yes",)),
         f"upnp_table_name={NFT_TABLE}",
         f"upnp_nat_table_name={NFT_TABLE}",
         f"upnp_forward_chain={CHAIN_FORWARD}",

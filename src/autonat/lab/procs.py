@@ -193,7 +193,10 @@ def listening(pid: int, *, tcp: tuple[int, ...] = (), udp: tuple[int, ...] = ())
             found.add(int(fields[1].rsplit(":", 1)[1], 16))
         return found
 
-    return set(tcp) <= ports("tcp", True) and set(udp) <= ports("udp", False)
+    # A dual-stack socket (miniupnpd's HTTP with IPv6 on) is listed in tcp6/udp6 only.
+    return set(tcp) <= ports("tcp", True) | ports("tcp6", True) and set(udp) <= ports("udp", False) | ports(
+        "udp6", False
+    )
 
 
 def wait_listening(

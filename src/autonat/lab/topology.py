@@ -245,6 +245,16 @@ class Lab:
     GATEWAY2: ClassVar[str] = "192.168.88.1"
     LAN2_ADDRESS: ClassVar[str] = "192.168.88.10"
     LAN2_NET: ClassVar[str] = "192.168.88.0/24"
+    # IPv6: documentation prefixes (2001:db8::/32), routed by the router (no NAT), its firewall dropping
+    # unsolicited inbound. The lan host has a stable address and a "temporary" one that the kernel prefers
+    # as source (as use_tempaddr=2 hosts do): pinholes are granted for the request's own source only.
+    WAN6_NET: ClassVar[str] = "2001:db8:0:1::/64"
+    WAN6_HOST: ClassVar[str] = "2001:db8:0:1::100"
+    ROUTER_WAN6: ClassVar[str] = "2001:db8:0:1::1"
+    LAN6_NET: ClassVar[str] = "2001:db8:0:77::/64"
+    GATEWAY6: ClassVar[str] = "2001:db8:0:77::1"
+    LAN6_ADDRESS: ClassVar[str] = "2001:db8:0:77::10"  # the stable address
+    LAN6_TEMPORARY: ClassVar[str] = "2001:db8:0:77:5eed:1:2:3"  # what the kernel picks as source
     HTTP_PORT: ClassVar[int] = 5000
     NATPMP_PORT: ClassVar[int] = 5351
     STUN_PORT: ClassVar[int] = 3478
@@ -576,11 +586,30 @@ class Lab:
         assert self._rec is not None
         self._veth("router", WAN_IF, "wan", HOST_IF)
         self._veth("router", LAN_PORT, "lan", HOST_IF)
+        for host in BASE_HOSTS:  # static IPv6: no DAD delay, no router advertisements from anyone
+            self._sysctl(host, "net.ipv6.conf.all.accept_dad", "0")
+            self._sysctl(host, "net.ipv6.conf.default.accept_dad", "0")
+            self._sysctl(host, "net.ipv6.conf.all.accept_ra", "0")
+            self._sysctl(host, "net.ipv6.conf.default.accept_ra", "0")
         self._iface("wan", HOST_IF, [f"{self.WAN_HOST}/24", f"{self.WAN_HOST2}/24"], None)
         self._iface("router", WAN_IF, [f"{self._rec.wan_ip}/24"], self.WAN_HOST)
         self._bridge("router", f"{self.GATEWAY}/24", [LAN_PORT])
         self._sysctl("router", "net.ipv4.ip_forward", "1")
         self._iface("lan", HOST_IF, [f"{self.LAN_ADDRESS}/24"], self.GATEWAY)
+        self._wire_ipv6()
+
+    def _wire_ipv6(self) -> None:
+        self._sysctl("router", "net.ipv6.conf.all.forwarding", "1")
+        self._ip("wan", "-6", "addr", "add", f"{self.WAN6_HOST}/64", "dev", HOST_IF, "nodad")
+        self._ip("wan", "-6", "route", "replace", self.LAN6_NET, "via", self.ROUTER_WAN6, "dev", HOST_IF)
+        self._ip("router", "-6", "addr", "add", f"{self.ROUTER_WAN6}/64", "dev", WAN_IF, "nodad")
+        self._ip("router", "-6", "route", "replace", "default", "via", self.WAN6_HOST, "dev", WAN_IF)
+        self._ip("router", "-6", "addr", "add", f"{self.GATEWAY6}/64", "dev", BRIDGE, "nodad")
+        self._ip("lan", "-6", "addr", "add", f"{self.LAN6_ADDRESS}/64", "dev", HOST_IF, "nodad")
+        self._ip("lan", "-6", "addr", "add", f"{self.LAN6_TEMPORARY}/64", "dev", HOST_IF, "nodad")
+        self._ip(
+            "lan", "-6", "route", "replace", "default", "via", self.GATEWAY6, "dev", HOST_IF, "src", self.LAN6_TEMPORARY
+        )
 
     def _wire_double_nat(self) -> None:
         self._veth("router", ROUTER2_PORT, "router2", WAN_IF)
@@ -662,6 +691,7 @@ class Lab:
             lease_file=str(self.lease_file(router)),
             stun_host=self.WAN_HOST if stun else None,
             stun_port=self.STUN_PORT,
+            ipv6=router == "router",
         )
         conf = rdir / "miniupnpd.conf"
         conf.write_text(config.miniupnpd_conf(settings))
