@@ -39,11 +39,12 @@ def test_the_wheel_ships_its_files_and_installs_into_a_fresh_venv(tmp_path: Path
     assert names >= SHIPPED, SHIPPED - names
     assert any(name.endswith("licenses/LICENSE") for name in names)
     venv = tmp_path / "venv"
+    elsewhere = {"cwd": tmp_path, "env": {**os.environ, "PYTHONPATH": ""}}  # nothing of the clone
     assert run(sys.executable, "-m", "venv", venv).returncode == 0
-    installed = run(venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel)
+    installed = run(venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel, **elsewhere)
     assert installed.returncode == 0, installed.stderr[-2000:]
     autonat = venv / "bin" / "autonat"
-    elsewhere = {"cwd": tmp_path, "env": {**os.environ, "PYTHONPATH": ""}}  # nothing of the clone
+    assert autonat.exists(), installed.stdout[-2000:]
     version = run(autonat, "--version", **elsewhere)
     assert version.returncode == 0 and version.stdout.startswith("autonat, version "), version.stderr
     example = run(autonat, "example", "config", **elsewhere)
