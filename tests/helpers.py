@@ -1,25 +1,34 @@
 """Helpers shared by the test packages, one copy each (import them as `from tests.helpers import ...`).
 
-Everything here stays on loopback and needs no privileges. A port found free may be taken by another
-process before the caller binds it; on loopback in a test run that race is theoretical (the kernel hands
-out ephemeral ports in turn), and the helpers retry where a collision would only cost a retry.
+Everything here stays on loopback and needs no privileges. A port found free may be taken before the
+caller binds it: the kernel hands out ephemeral ports (32768-60999) at random for `bind(0)`, so any
+socket the test opens meanwhile may land on it (seen: "address already in use" for a SIP profile's port
+in a full run). So the ports handed out here come from below the ephemeral range, where nothing lands
+by chance, chosen at random and checked free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import resource
 import socket
 
 LOOPBACK = "127.0.0.1"
+PORTS = range(20000, 32700)  # below Linux's ephemeral range (net.ipv4.ip_local_port_range 32768-60999)
 
 
-def free_port(kind: int = socket.SOCK_DGRAM, host: str = LOOPBACK) -> int:
-    """A port the kernel just handed out on `host` for `kind` (UDP unless told otherwise), free again."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = LOOPBACK, attempts: int = 100) -> int:
+    """A port free on `host` for `kind` (UDP unless told otherwise), outside the ephemeral range."""
+    for _ in range(attempts):
+        port = random.randrange(PORTS.start, PORTS.stop)
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
         return port
+    raise AssertionError(f"no free port on {host} in {attempts} attempts")
 
 
 def free_udp_tcp_port(host: str = LOOPBACK, attempts: int = 50) -> int:
