@@ -427,3 +427,25 @@ def test_timer_is_none_when_nothing_is_planned_and_the_core_reads_no_clock() -> 
     core.start([], 0.0)
     assert core.timer() is None
     assert math.isinf(lc.Record(Wanted(UDP, 1), state=State.DISABLED).wake())
+
+
+def test_events_carry_the_round_trip_and_a_refusal_its_code_and_protocol() -> None:
+    core = Lifecycle(NatSettings(protocol="upnp", map_rate=0), rand=lambda: 0.5)
+    core.start([], 0.0)
+    core.discovered(Router("192.168.77.1", "192.168.77.10", "upnp"), EXTERNAL, 0.0)
+    core.want(Wanted(TCP, 80), 1.0)
+    core.actions()
+    core.request_failed((TCP, 80), "router refused (606)", 1.25, code=606, protocol="upnp")
+    [error] = [a.data for a in core.actions() if isinstance(a, lc.Emit) and a.kind is EventKind.NAT_ERROR]
+    assert (error["error_code"], error["error_protocol"], error["elapsed"]) == (606, "upnp", 0.25)
+    core.want(Wanted(UDP, 5060), 2.0)
+    [request] = [a for a in core.actions() if isinstance(a, lc.RequestMap)]
+    granted = Mapping("upnp", UDP, IPv4Address("192.168.77.10"), 5060, EXTERNAL, 5060, 3600)
+    core.granted(request.key, granted, 2.002)
+    [added] = [a.data for a in core.actions() if isinstance(a, lc.Emit) and a.kind is EventKind.NAT_ADD]
+    assert added["elapsed"] == pytest.approx(0.002)
+    core.unwant((UDP, 5060), 3.0)
+    core.actions()
+    core.delete_failed((UDP, 5060), "no answer", 5.0)
+    [failed] = [a.data for a in core.actions() if isinstance(a, lc.Emit) and a.kind is EventKind.NAT_ERROR]
+    assert failed["operation"] == "delete" and failed["elapsed"] == 2.0 and failed["error_protocol"] == "upnp"

@@ -460,7 +460,9 @@ class NatEngine:
         try:
             granted = await self._mapper(action.protocol).add(action.request)
         except AutonatError as exc:
-            self._core.request_failed(action.key, str(exc), self._now())
+            self._core.request_failed(
+                action.key, str(exc), self._now(), code=getattr(exc, "code", None), protocol=action.protocol
+            )
         else:
             self._core.granted(action.key, granted, self._now())
         self._run()
@@ -474,7 +476,9 @@ class NatEngine:
             else:
                 await self._mapper(action.protocol).delete(transport, port)
         except AutonatError as exc:
-            self._core.delete_failed(action.key, str(exc), self._now())
+            self._core.delete_failed(
+                action.key, str(exc), self._now(), code=getattr(exc, "code", None), protocol=action.protocol
+            )
         else:
             self._core.deleted(action.key, self._now())
         self._run()

@@ -276,6 +276,7 @@ class Record:
     removal_failures: int = 0
     last_error: str | None = None
     journalled: tuple[Any, ...] | None = None  # what the journal row holds, so refreshes write nothing
+    sent_at: float | None = None  # when the request now out left (for the events' `elapsed`)
     seq: int = 0  # the heap entry that is current for this record
 
     @property
@@ -498,7 +499,7 @@ class Lifecycle:
             else:
                 self._move(record, State.DISABLED)
                 if record.maybe_on_router and record.inflight is None:
-                    self._request_delete(record)
+                    self._request_delete(record, now)
             self._push(record)
 
     def republish(self, now: float) -> None:
@@ -648,7 +649,7 @@ class Lifecycle:
             if record.state is State.REMOVING:
                 record.due = now
             else:
-                self._request_delete(record)
+                self._request_delete(record, now)
             self._log_hole("opened", record)
             self._actions.append(Settled(key))
             self._push(record)
@@ -661,7 +662,7 @@ class Lifecycle:
             if first
             else schedule.next_verification(now, interval, self._rand)
         )
-        data = self._event_data(record)
+        data = {**self._event_data(record), **self._elapsed(record, now)}
         if first or moved:
             self._log_hole("changed" if moved and not first else "opened", record)
             self._emit(EventKind.NAT_ADD, **data)
@@ -670,28 +671,34 @@ class Lifecycle:
         self._actions.append(Settled(key))
         self._push(record)
 
-    def request_failed(self, key: Key, error: str, now: float) -> None:
-        """The MAP request for `key` failed (refused, or no answer: the router may still have acted)."""
+    def request_failed(
+        self, key: Key, error: str, now: float, *, code: int | None = None, protocol: str | None = None
+    ) -> None:
+        """The MAP request for `key` failed (refused, or no answer: the router may still have acted).
+        `code` is the router's error code when it refused (UPnP, PCP, NAT-PMP result), `protocol` the one
+        the request went over; both travel on the nat-error event (metrics count failures by code)."""
         record = self._result(key)
         if record is None:
             return
+        failure = {"error_code": code, "error_protocol": protocol or record.asked_via, **self._elapsed(record, now)}
         record.failures += 1
         record.last_error = error
         if record.state is State.REMOVING:
             record.due = now  # it may exist all the same: delete it
         elif record.state is State.DISABLED:
-            self._request_delete(record)
+            self._request_delete(record, now)
         else:
             retry = None
             if record.state is State.ACTIVE and record.granted_at is not None and record.lease:
                 retry = schedule.retry_renewal(record.granted_at, record.lease, now)
             if retry is not None:
                 record.next_renewal = record.next_verify = retry
+                self._emit(EventKind.NAT_ERROR, **self._event_data(record), **failure, retry_in=round(retry - now, 3))
             else:
                 self._move(record, State.FAILED)
                 record.due = now + FAILED_RETRY[min(record.failures - 1, len(FAILED_RETRY) - 1)]
                 self._log("engine", "warning", f"mapping {key[0]} {key[1]} failed: {error}")
-                self._emit(EventKind.NAT_ERROR, **self._event_data(record))
+                self._emit(EventKind.NAT_ERROR, **self._event_data(record), **failure)
         self._actions.append(Settled(key))
         self._push(record)
 
@@ -718,11 +725,21 @@ class Lifecycle:
             self._push(record)
         self._actions.append(Settled(key))
 
-    def delete_failed(self, key: Key, error: str, now: float) -> None:
+    def delete_failed(
+        self, key: Key, error: str, now: float, *, code: int | None = None, protocol: str | None = None
+    ) -> None:
         record = self._result(key)
         if record is None:
             return
         record.last_error = error
+        self._emit(
+            EventKind.NAT_ERROR,
+            **self._event_data(record),
+            operation="delete",
+            error_code=code,
+            error_protocol=protocol or record.protocol or record.asked_via,
+            **self._elapsed(record, now),
+        )
         if record.state is State.REMOVING:
             record.removal_failures += 1
             delay = REMOVE_RETRY[min(record.removal_failures - 1, len(REMOVE_RETRY) - 1)]
@@ -803,7 +820,7 @@ class Lifecycle:
                 record.due = now + REMOVE_RETRY[0]
                 self._push(record)
                 return
-            self._request_delete(record)
+            self._request_delete(record, now)
             return
         if self.stopping or self.router is None or record.state is State.DISABLED:
             return
@@ -859,16 +876,18 @@ class Lifecycle:
         record.asked_via = protocol
         record.asked_until = now + lease  # a lost answer may still have (re)started a lease
         record.inflight = Op.MAP
+        record.sent_at = now
         self._inflight += 1
         request = MappingRequest(
             wanted.transport, wanted.internal_port, record.external_port or wanted.external_port, lease
         )
         self._actions.append(RequestMap(record.key, protocol, request))
 
-    def _request_delete(self, record: Record) -> None:
+    def _request_delete(self, record: Record, now: float | None = None) -> None:
         protocol = record.protocol or record.asked_via
         if protocol is None:
             return
+        record.sent_at = now
         record.inflight = Op.DELETE
         self._inflight += 1
         self._actions.append(RequestDelete(record.key, protocol, record.external_port))
@@ -964,6 +983,11 @@ class Lifecycle:
             return
         self._address_inflight = True
         self._actions.append(QueryAddress("pcp"))
+
+    @staticmethod
+    def _elapsed(record: Record, now: float) -> dict[str, float]:
+        """`elapsed`: the request's round trip, for the events (and the metrics' latency histogram)."""
+        return {} if record.sent_at is None else {"elapsed": round(max(0.0, now - record.sent_at), 6)}
 
     def _event_data(self, record: Record) -> dict[str, Any]:
         data = _status(record, 0.0).to_dict(0.0)
