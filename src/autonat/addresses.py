@@ -19,6 +19,8 @@ IPAddress = IPv4Address | IPv6Address
 
 
 class AddressKind(enum.StrEnum):
+    """What `classify` says an address is; only PUBLIC is reachable from the internet without another NAT."""
+
     PUBLIC = "public"
     PRIVATE = "private"  # RFC 1918 / RFC 4193 unique local
     SHARED = "shared"  # RFC 6598 carrier-grade NAT space, 100.64.0.0/10

@@ -24,6 +24,13 @@ class RouterTimeout(AutonatError):
     exit_code = 4
 
 
+class RouterUnreachable(RouterTimeout):
+    """The router said at once that nothing listens there: an ICMP port unreachable for a datagram
+    (reported on a connected UDP socket), a TCP RST or refused connection. Ends the request at once
+    instead of at the deadline; a subclass of RouterTimeout so that callers treating "no answer" alike
+    keep doing so."""
+
+
 class RouterRefused(AutonatError):
     """The router answered with an error result (a NAT-PMP/PCP result code, later a UPnP error)."""
 

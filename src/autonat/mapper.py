@@ -6,7 +6,6 @@ ever see `PortMapper`; whether PCP, NAT-PMP or UPnP IGD is underneath is a detai
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol
@@ -22,7 +21,7 @@ MAX_GRANTED_LIFETIME = 86400
 §15 let the server pick the lifetime; a 4,294,967,295 s grant would never be renewed (§11.2.1 renews
 at half of it) and would outlive, on paper, a router that forgot it long ago."""
 
-holes = logging.getLogger("autonat.holes")
+HOLES_LOGGER = "autonat.holes"  # every hole opened or closed; logging is imported only when one is logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +128,9 @@ def cap_grant(mapping: Mapping, max_lifetime: int) -> Mapping:
     on that schedule; logged as a warning, since the router still holds it for what it said."""
     if mapping.lifetime <= max_lifetime:
         return mapping
-    holes.warning(
+    import logging
+
+    logging.getLogger(HOLES_LOGGER).warning(
         "router granted a %d s lease for %s %s:%d via %s; treating it as %d s (renewed accordingly)",
         mapping.lifetime,
         mapping.transport,

@@ -102,8 +102,15 @@ def test_pcp_delete_from_another_process_uses_the_same_nonce(lab: Lab, state_dir
     assert not listed(lab, "udp", 5090)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [("probe",), ("map", "add", "5100", "udp")])
-def test_router_daemon_stopped_fails_within_the_deadline(lab: Lab, state_dir: Path, command: tuple[str, ...]) -> None:
+def test_router_daemon_stopped_fails_at_once(lab: Lab, state_dir: Path, command: tuple[str, ...]) -> None:
+    # The stopped daemon's ports answer ICMP port unreachable (5351 for PCP and NAT-PMP, 1900 for
+    # SSDP): every protocol ends at once with one line, instead of at the 2 s deadline (issue 12).
+    # The router's kernel rate-limits ICMP per host (a burst of 6, then 1 a second; a probe costs 8),
+    # so the test first lets the bucket refill, as a user's command after a quiet spell would find it;
+    # a refusal the rate limit swallows is silence, and the deadline covers it.
+    time.sleep(7)
     lab.stop_router()
     try:
         started = time.monotonic()
@@ -113,9 +120,29 @@ def test_router_daemon_stopped_fails_within_the_deadline(lab: Lab, state_dir: Pa
         lab.start_router()
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no answer" in lines[0], result.stderr
-    # 2 s deadline plus the interpreter's start-up; far from natpmpc's 128 s.
-    assert elapsed < 4.5
+    assert len(lines) == 1, result.stderr
+    assert f"PCP at {Lab.GATEWAY}:5351 is unreachable" in lines[0]
+    assert f"NAT-PMP at {Lab.GATEWAY}:5351 is unreachable" in lines[0]
+    assert f"the gateway {Lab.GATEWAY} answered SSDP with ICMP port unreachable" in lines[0]
+    assert elapsed < 1.5  # the interpreter's start-up; far from the 2 s deadline and natpmpc's 128 s
+
+
+@pytest.mark.parametrize("protocol", ["pcp", "natpmp"])
+def test_a_silent_router_still_gets_the_rfc_retransmissions_until_the_deadline(
+    lab: Lab, state_dir: Path, protocol: str
+) -> None:
+    # 99 % loss each way (the lab's cap): silence, not a refusal, so the 2 s deadline decides.
+    lab.set_loss(99)
+    try:
+        started = time.monotonic()
+        result = autonat(lab, state_dir, "map", "add", "5101", "udp", "--protocol", protocol)
+        elapsed = time.monotonic() - started
+    finally:
+        lab.set_loss(0)
+    name = {"pcp": "PCP", "natpmp": "NAT-PMP"}[protocol]
+    [line] = result.stderr.strip().splitlines()
+    assert f"no answer from {name} at {Lab.GATEWAY}:5351 within 2 s (4 tries)" in line, line
+    assert 2.0 <= elapsed < 4.5
 
 
 @pytest.mark.parametrize("protocol", ["pcp", "natpmp"])

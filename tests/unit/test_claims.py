@@ -18,7 +18,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
@@ -51,6 +51,18 @@ SRC = Path(autonat.__file__).parents[1]  # subprocesses run the very code this p
 README = " ".join((ROOT / "README.md").read_text().split())  # whitespace-normalised: claims wrap lines
 SECRET = bytes(range(32))  # a host secret of our choosing, so derived values can be pinned
 PRIVATE_WAN = "192.168.1.1"  # what a router behind another NAT reports as its external address
+SILENT_GATEWAY = "127.0.0.2"  # loopback too (127/8), where a socket of the test can be silent on 5351
+
+
+@contextlib.contextmanager
+def silent_udp(host: str, port: int) -> Iterator[None]:
+    """A UDP socket that takes every datagram and answers none: a router that drops, not refuses."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, port))
+        yield
+
 
 CLI_ON_FAKES = """
 import os, sys
@@ -532,15 +544,29 @@ def test_acl_mistakes_are_one_line_and_never_a_silent_no(tmp_path: Path, args: l
 
 
 async def test_the_default_timeout_is_2_s(tmp_path: Path) -> None:
-    """`--timeout SECONDS` (default 2: no one waits 128 s for a dead router). Nothing listens on
-    127.0.0.1:5351, and no --timeout is given."""
+    """`--timeout SECONDS` (default 2: no one waits 128 s for a dead router). A socket of ours holds
+    127.0.0.2:5351 and never answers (silence, not a refusal), and no --timeout is given."""
+    with silent_udp(SILENT_GATEWAY, 5351):
+        started = time.monotonic()
+        result = await cli(
+            "map", "add", "5060", "udp", "--gateway", SILENT_GATEWAY, "--protocol", "pcp", state=tmp_path
+        )
+        elapsed = time.monotonic() - started
+    assert result.code == 4  # RouterTimeout
+    [line] = result.lines
+    assert line.startswith(f"autonat: no answer from PCP at {SILENT_GATEWAY}:5351 within 2 s ("), line
+    assert 1.9 < elapsed < 5  # generous: the deadline itself is the claim
+
+
+async def test_a_router_without_the_service_fails_at_once_not_at_the_deadline(tmp_path: Path) -> None:
+    """Issue 12: an ICMP port unreachable (nothing listens on 127.0.0.1:5351) ends the request at once,
+    with one line naming the protocol; silence (above) still waits for the deadline."""
     started = time.monotonic()
     result = await cli("map", "add", "5060", "udp", "--gateway", LOOPBACK, "--protocol", "pcp", state=tmp_path)
     elapsed = time.monotonic() - started
-    assert result.code == 4  # RouterTimeout
-    [line] = result.lines
-    assert line.startswith("autonat: no answer from PCP at 127.0.0.1:5351 within 2 s ("), line
-    assert 1.9 < elapsed < 5  # generous: the deadline itself is the claim
+    assert result.code == 4  # RouterUnreachable is a RouterTimeout
+    assert result.lines == ["autonat: PCP at 127.0.0.1:5351 is unreachable: the router answered ICMP port unreachable"]
+    assert elapsed < 1.5  # the interpreter's start-up, not the 2 s deadline
 
 
 def test_config_mistakes_are_one_line_each_all_at_once_exit_2(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ before any I/O, and the "dead router" is an address on loopback where nothing li
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -49,13 +50,30 @@ def test_mistakes_are_one_line(args: list[str], code: int, fragment: str, tmp_pa
 
 
 def test_silent_gateway_fails_within_the_timeout(tmp_path: Path) -> None:
-    started = time.monotonic()
-    result = run("map", "add", "5060", "udp", "--gateway", "127.0.0.1", "--timeout", "0.5", tmp_path=tmp_path)
-    assert time.monotonic() - started < 5
+    # 127.0.0.3:5351 is held by a socket that never answers: silence, so the deadline decides.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.3", 5351))
+        started = time.monotonic()
+        result = run("map", "add", "5060", "udp", "--gateway", "127.0.0.3", "--timeout", "0.5", tmp_path=tmp_path)
+        assert time.monotonic() - started < 5
     assert result.returncode == 7
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no port-mapping protocol works with 127.0.0.1" in lines[0]
-    assert "no answer from PCP at 127.0.0.1:5351 within 0.5 s" in lines[0]
+    assert len(lines) == 1 and "no port-mapping protocol works with 127.0.0.3" in lines[0]
+    assert "no answer from PCP at 127.0.0.3:5351 within 0.5 s" in lines[0]
+
+
+def test_a_gateway_without_the_service_fails_at_once(tmp_path: Path) -> None:
+    # Nothing listens on 127.0.0.1:5351: ICMP port unreachable ends PCP and NAT-PMP at once, and
+    # UPnP's unicast search is refused too, so no protocol waits out the 2 s deadline.
+    started = time.monotonic()
+    result = run("map", "add", "5060", "udp", "--gateway", "127.0.0.1", tmp_path=tmp_path)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 7
+    [line] = result.stderr.strip().splitlines()
+    assert "PCP at 127.0.0.1:5351 is unreachable: the router answered ICMP port unreachable" in line
+    assert "NAT-PMP at 127.0.0.1:5351 is unreachable" in line
+    assert "upnp: UPnP: the gateway 127.0.0.1 answered SSDP with ICMP port unreachable" in line
+    assert elapsed < 1.5, elapsed  # start-up, not the deadline
 
 
 def test_help_and_version_exit_zero(tmp_path: Path) -> None:
@@ -65,10 +83,13 @@ def test_help_and_version_exit_zero(tmp_path: Path) -> None:
 
 
 def test_probe_json_lists_the_igd_candidates_even_when_none_answered(tmp_path: Path) -> None:
-    # Nothing answers SSDP on loopback: no candidate, and the one line says so within the deadline.
-    result = run(
-        "probe", "--gateway", "127.0.0.1", "--protocol", "upnp", "--timeout", "0.5", "--json", tmp_path=tmp_path
-    )
+    # Nothing answers SSDP on 127.0.0.3 (a socket of ours takes the searches and stays silent): no
+    # candidate, and the one line says so within the deadline.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.3", 1900))
+        result = run(
+            "probe", "--gateway", "127.0.0.3", "--protocol", "upnp", "--timeout", "0.5", "--json", tmp_path=tmp_path
+        )
     assert result.returncode == 7
     [line] = result.stderr.strip().splitlines()
     assert line.endswith("(upnp: no usable IGD answered SSDP within 0.5 s)")

@@ -82,7 +82,7 @@ async def test_reply_from_another_port_is_dropped() -> None:
 
     router_client_addr: list[tuple[str, int]] = []
     channel, client, _ = await clients(port, deadline=0.3)
-    router_client_addr.append(channel._transport.get_extra_info("sockname"))  # type: ignore[union-attr]
+    router_client_addr.append(channel.sockname)
     router.script = from_elsewhere
     with pytest.raises(RouterTimeout):
         await client.external_address()

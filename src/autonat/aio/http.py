@@ -21,15 +21,18 @@ a 100 MB header line, `probe --timeout 2` ran 46.7 s and grew to 231 MB. So:
   suspends, and `sock_recv` returns without suspending while data is ready, so the loop also checks
   the clock after every read: a sender that keeps the socket full cannot starve the timer.
 
-Why not a full client library: one connection per request is all a router needs (miniupnpd closes
-after every reply: docs/QUIRKS.md H1), and the layers cost more than the router does. Measured in the lab for one SOAP
-POST: raw blocking socket 0.12 ms, this module 0.23 ms, h11 over asyncio streams 0.55 ms, httpx
-2.0 ms; a SOAP add+delete through httpx was 3.2x the raw exchange.
+Why not a full client library: a connection per request, or one kept alive where the router keeps
+it (miniupnpd closes after every reply: docs/QUIRKS.md H1), is all a router needs, and the layers cost
+more than the router does. Measured in the lab for one SOAP POST: raw blocking socket 0.12 ms, this
+module 0.23 ms, h11 over asyncio streams 0.55 ms, httpx 2.0 ms; a SOAP add+delete through httpx was
+3.2x the raw exchange. The waits are a reader or writer on the socket under one timer per request
+(see `_Deadline`), not asyncio's sock_* helpers under two timeout context managers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -173,18 +176,135 @@ def _feed(parser: httptools.HttpResponseParser, data: bytes | memoryview, url: s
         raise RouterHttpError(f"router sent malformed HTTP for {url}: {exc}") from None
 
 
-def _serialize(method: str, target: str, host: str, headers: dict[str, str], content: bytes) -> bytes:
+def _serialize(method: str, target: str, host: str, headers: dict[str, str], content: bytes, keep: bool) -> bytes:
     lines = [
         f"{method} {target} HTTP/1.1",
         f"Host: {host}",
         f"User-Agent: {USER_AGENT}",
-        "Connection: close",
+        *(() if keep else ("Connection: close",)),
         f"Content-Length: {len(content)}",
         *(f"{name}: {value}" for name, value in headers.items()),
     ]
     if any(bad in line for line in lines for bad in "\r\n\0"):
         raise ValueError("HTTP header text must be single lines")  # a caller bug, never router input
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + content
+
+
+class Connections:
+    """Idle connections to the router kept for the next request, at most one per (host, port).
+
+    HTTP/1.1 connections persist unless a side says `Connection: close` (RFC 9112 §9.3). miniupnpd
+    closes after every reply (docs/QUIRKS.md H1), so against it nothing is ever kept; a router that
+    keeps the connection open saves a TCP handshake per SOAP call. A kept connection is used again only
+    if it is at most KEEP_IDLE seconds old and the router has not closed it meanwhile; a request that
+    finds it closed after all (the router's close crossed our request) is sent once more on a new one.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], tuple[socket.socket, float]] = {}
+
+    def take(self, address: tuple[str, int], now: float) -> socket.socket | None:
+        entry = self._idle.pop(address, None)
+        if entry is None:
+            return None
+        sock, since = entry
+        if now - since <= KEEP_IDLE:
+            try:
+                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return sock  # open, and nothing unasked-for waiting in it
+            except OSError:
+                pass
+        sock.close()  # stale, closed by the router (EOF), or it sent something nobody asked for
+        return None
+
+    def give(self, address: tuple[str, int], sock: socket.socket, now: float) -> None:
+        old = self._idle.pop(address, None)
+        if old is not None:
+            old[0].close()
+        self._idle[address] = (sock, now)
+
+    def close(self) -> None:
+        for sock, _ in self._idle.values():
+            sock.close()
+        self._idle.clear()
+
+
+KEEP_IDLE = 5.0  # seconds an idle kept connection is trusted; routers time idle ones out (miniupnpd keeps none)
+
+
+class _Deadline:
+    """The one timer of an exchange: it fails whatever the exchange is waiting for when it fires.
+
+    Waiting is a reader or writer on the socket and a future, not asyncio's sock_* helpers and
+    timeout context managers, which cost two timers and a task switch more per SOAP call."""
+
+    __slots__ = ("_waiting", "expired", "loop", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, end: float) -> None:
+        self.loop = loop
+        self.expired = False
+        self._waiting: asyncio.Future[None] | None = None
+        self.timer = loop.call_at(end, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_exception(TimeoutError())
+
+    async def wait(self, fd: int, writable: bool, until: float | None = None) -> None:
+        """Until `fd` is readable (writable); TimeoutError at the deadline, or at `until` if sooner."""
+        if self.expired:
+            raise TimeoutError
+        loop = self.loop
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting = future
+        early = None if until is None else loop.call_at(until, _fail, future)
+        if writable:
+            loop.add_writer(fd, _ready, future)
+        else:
+            loop.add_reader(fd, _ready, future)
+        try:
+            await future
+        finally:
+            self._waiting = None
+            if early is not None:
+                early.cancel()
+            if writable:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+
+def _ready(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _fail(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class _ConnectTimeout(Exception):
+    pass
+
+
+class _StaleConnection(Exception):
+    """A kept connection turned out closed before any byte of the reply: send again on a new one."""
+
+
+def _split_url(url: str) -> tuple[str, int, str, str]:
+    """(host, port, target, netloc) of an http URL to the router, else RouterHttpError."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 80
+    except ValueError:
+        raise RouterHttpError(f"refusing to fetch {url}: not a valid URL") from None
+    if parts.scheme != "http" or parts.hostname is None:
+        raise RouterHttpError(f"refusing to fetch {url}: only http URLs to the router")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, port, target, parts.netloc
 
 
 async def request(
@@ -196,55 +316,131 @@ async def request(
     headers: dict[str, str] | None = None,
     content: bytes = b"",
     trace: list[Progress] | None = None,
+    connections: Connections | None = None,
 ) -> HttpReply:
-    """One request on a fresh connection, within `deadline` seconds in all; errors are one line.
+    """One request, within `deadline` seconds in all; errors are one line.
 
+    On a new connection, closed after the reply, unless `connections` is given: then a connection the
+    router keeps open is reused for the next request to it (see `Connections`).
     `trace`, if given, gets this exchange's `Progress` appended at the start, so a caller that
     cancels it (its own deadline came first) can still say how far it got.
     """
-    parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname is None:
-        raise RouterHttpError(f"refusing to fetch {url}: only http URLs to the router")
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    payload = _serialize(method, target, parts.netloc, headers or {}, content)
+    host, port, target, netloc = _split_url(url)
+    payload = _serialize(method, target, netloc, headers or {}, content, connections is not None)
     progress = Progress(url, max_body)
     if trace is not None:
         trace.append(progress)
     loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    timer = _Deadline(loop, end)
+    address = (host, port)
     try:
-        async with asyncio.timeout(deadline):
-            return await _exchange((parts.hostname, parts.port or 80), payload, progress, loop.time() + deadline)
+        kept = connections.take(address, loop.time()) if connections is not None else None
+        if kept is not None:
+            try:
+                return await _exchange(timer, address, payload, progress, end, kept, connections)
+            except _StaleConnection:
+                progress = Progress(url, max_body)
+                if trace is not None:
+                    trace[-1] = progress
+        return await _exchange(timer, address, payload, progress, end, None, connections)
     except TimeoutError:
         stalled, progress.phase = progress.stalled(), FAILED
         raise RouterTimeout(f"router did not answer {url} within {deadline:g} s ({stalled})") from None
+    except _ConnectTimeout:
+        progress.phase = FAILED
+        raise RouterHttpError(f"router did not accept a connection for {url} within {CONNECT_TIMEOUT:g} s") from None
+    except ConnectionRefusedError:
+        progress.phase = FAILED
+        raise RouterHttpError(f"UPnP: the router refused the connection to {url} (nothing listens there)") from None
     except OSError as exc:
         progress.phase = FAILED
         raise RouterHttpError(f"HTTP to {url} failed: {exc.strerror or exc}") from None
     except RouterHttpError:
         progress.phase = FAILED
         raise
+    finally:
+        timer.timer.cancel()
 
 
-async def _exchange(address: tuple[str, int], payload: bytes, progress: Progress, end: float) -> HttpReply:
-    loop = asyncio.get_running_loop()
+def _start_connect(address: tuple[str, int]) -> tuple[socket.socket, bool]:
+    """A non-blocking connect: (socket, True) if it completed at once, (socket, False) if in progress."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    url = progress.url
-    parser = httptools.HttpResponseParser(progress)
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
         sock.setblocking(False)
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                await loop.sock_connect(sock, address)
-        except TimeoutError:
-            raise RouterHttpError(
-                f"router did not accept a connection for {url} within {CONNECT_TIMEOUT:g} s"
-            ) from None
+            sock.connect(address)
+        except BlockingIOError:
+            return sock, False
+    except BaseException:
+        sock.close()
+        raise
+    return sock, True
+
+
+async def _finish_connect(timer: _Deadline, sock: socket.socket) -> None:
+    try:
+        await timer.wait(sock.fileno(), True, timer.loop.time() + CONNECT_TIMEOUT)
+    except TimeoutError:
+        if timer.expired:
+            raise
+        raise _ConnectTimeout from None
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error)) from None
+
+
+async def _exchange(
+    timer: _Deadline,
+    address: tuple[str, int],
+    payload: bytes,
+    progress: Progress,
+    end: float,
+    kept: socket.socket | None,
+    connections: Connections | None,
+) -> HttpReply:
+    loop = timer.loop
+    url = progress.url
+    parser = httptools.HttpResponseParser(progress)
+    # On a LAN the handshake has often completed by the time connect() returns EINPROGRESS: the
+    # request is sent at once, and only a send that would block waits for the connection (one loop
+    # turn less per SOAP call than waiting for writability first).
+    sock, connected = (kept, True) if kept is not None else _start_connect(address)
+    keep = False
+    try:
+        fd = sock.fileno()
         progress.phase = SENDING
-        await loop.sock_sendall(sock, payload)
+        view = memoryview(payload)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                if not connected:
+                    progress.phase = CONNECTING
+                    await _finish_connect(timer, sock)
+                    connected = True
+                    progress.phase = SENDING
+                    continue
+                await timer.wait(fd, True)
+            except (BrokenPipeError, ConnectionResetError):
+                if kept is not None:
+                    raise _StaleConnection from None
+                raise
         progress.phase = WAITING
         while not progress.complete:
-            data = await loop.sock_recv(sock, READ_SIZE)
+            try:
+                data = sock.recv(READ_SIZE)
+            except BlockingIOError:
+                await timer.wait(fd, False)
+                continue
+            except ConnectionResetError:
+                if kept is not None and progress.head_bytes == 0:
+                    raise _StaleConnection from None
+                raise
             if not data:
+                if kept is not None and progress.head_bytes == 0:
+                    raise _StaleConnection
                 # A reply without Content-Length or chunking ends when the router closes.
                 if progress.headers_done and progress.content_length is None and not progress.chunked:
                     progress.phase = DONE
@@ -252,7 +448,13 @@ async def _exchange(address: tuple[str, int], payload: bytes, progress: Progress
                 raise RouterHttpError(f"router closed the connection for {url} before the reply was complete")
             progress.feed(parser, data)
             if loop.time() >= end:
-                raise TimeoutError  # the socket never ran dry, so asyncio's timer never got its turn
+                raise TimeoutError  # the socket never ran dry, so the timer never got its turn
+        keep = connections is not None and progress.complete and parser.should_keep_alive()
+    finally:
+        if keep and connections is not None:
+            connections.give(address, sock, loop.time())
+        else:
+            sock.close()
     status = parser.get_status_code()
     if 300 <= status < 400:
         raise RouterHttpError(f"router redirected {url} elsewhere; redirects are refused")

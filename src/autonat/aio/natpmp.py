@@ -1,12 +1,16 @@
-"""NAT-PMP client (RFC 6886) over a `DatagramChannel`: external address, map, unmap."""
+"""NAT-PMP client (RFC 6886) over a `DatagramChannel`: external address, map, unmap.
+
+The module-level functions build the exchanges and read the replies; `NatPmpClient` (asyncio) and
+`autonat.aio.blocking` (no event loop) both drive them, so the two shells decide nothing on their own.
+This module imports no asyncio itself: the blocking shell uses it without loading an event loop.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
 
-from autonat.aio.channel import DatagramChannel
 from autonat.errors import RouterNotFound, RouterRefused, RouterTimeout
 from autonat.mapper import (
     MAX_GRANTED_LIFETIME,
@@ -17,14 +21,27 @@ from autonat.mapper import (
     check_max_lifetime,
 )
 from autonat.proto import natpmp
+from autonat.proto.epoch import natpmp_epoch_valid
 from autonat.proto.errors import DecodeError
 from autonat.proto.exchange import DEFAULT_DEADLINE, NATPMP_SCHEDULE, Exchange
 from autonat.proto.types import Transport
 
-NAME = "natpmp"
+if TYPE_CHECKING:
+    from autonat.aio.channel import DatagramChannel
 
+NAME = "natpmp"
+ADDRESS_TRUST = 30.0
+"""How long an external address learned from the gateway (RFC 6886 §3.2) is reused for the Mapping a
+later map request returns, instead of asking again beside every map (§3.3's reply carries no address).
+Only while the map reply's epoch shows no loss of state (§3.6): a rebooted gateway is asked again. An
+address change without a reboot is multicast by the gateway (§3.2.1), which the engine listens for; a
+one-shot caller sees it at most this late, the same trust a probe's choice gets (router.PROBE_TRUST)."""
 
 NatPmpReply = natpmp.ExternalAddressResponse | natpmp.MapResponse | natpmp.ErrorResponse
+
+_EXTERNAL_ADDRESS_REQUEST = natpmp.ExternalAddressRequest()
+_EXTERNAL_ADDRESS_BYTES = _EXTERNAL_ADDRESS_REQUEST.encode()
+_EXTERNAL_ADDRESS_KEY = natpmp.request_key(_EXTERNAL_ADDRESS_REQUEST)
 
 
 def _opcode(reply: NatPmpReply) -> int:
@@ -59,6 +76,97 @@ def _expect_map(
     return parse
 
 
+def check_gateway(gateway: IPv4Address | IPv6Address) -> IPv4Address:
+    if not isinstance(gateway, IPv4Address):
+        raise RouterNotFound("NAT-PMP needs an IPv4 gateway")
+    return gateway
+
+
+def external_address_exchange(
+    server: tuple[IPv4Address, int], now: float, deadline: float
+) -> Exchange[natpmp.ExternalAddressResponse | natpmp.ErrorResponse]:
+    """RFC 6886 §3.2, the request is two constant bytes: built once for the process."""
+    return Exchange(
+        _EXTERNAL_ADDRESS_BYTES,
+        server,
+        _expect_external_address,
+        now=now,
+        deadline=deadline,
+        schedule=NATPMP_SCHEDULE,
+        key=_EXTERNAL_ADDRESS_KEY,
+    )
+
+
+def map_exchange(
+    server: tuple[IPv4Address, int], request: natpmp.MapRequest, now: float, deadline: float
+) -> Exchange[natpmp.MapResponse | natpmp.ErrorResponse]:
+    """RFC 6886 §3.3 (and §3.4, lifetime 0: delete)."""
+    return Exchange(
+        request.encode(),
+        server,
+        _expect_map(request.transport, request.internal_port),
+        now=now,
+        deadline=deadline,
+        schedule=NATPMP_SCHEDULE,
+        key=natpmp.request_key(request),
+    )
+
+
+def map_request(request: MappingRequest) -> natpmp.MapRequest:
+    return natpmp.MapRequest(request.transport, request.internal_port, request.external_port, request.lifetime)
+
+
+def check(reply: NatPmpReply) -> None:
+    """RouterRefused for any result but SUCCESS (RFC 6886 §3.5)."""
+    if reply.result != natpmp.ResultCode.SUCCESS:
+        raise RouterRefused(f"router refused: {natpmp.describe_result(reply.result)}", protocol=NAME, code=reply.result)
+
+
+def mapping_from(
+    reply: natpmp.MapResponse,
+    request: MappingRequest,
+    local: IPv4Address | IPv6Address,
+    external: IPv4Address | None,
+    max_lifetime: int,
+) -> Mapping:
+    mapping = Mapping(
+        protocol=NAME,
+        transport=request.transport,
+        internal_address=local,
+        internal_port=reply.internal_port,
+        external_ip=external,
+        external_port=reply.external_port,
+        lifetime=reply.lifetime,
+        epoch=reply.epoch,
+    )
+    return cap_grant(mapping, max_lifetime)
+
+
+class KnownAddress:
+    """The external address last learned from one gateway, with the epoch and time it came with."""
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: tuple[IPv4Address, int, float] | None = None
+
+    def learned(self, reply: natpmp.ExternalAddressResponse, now: float) -> None:
+        self._known = (reply.external_address, reply.epoch, now)
+
+    def fresh(self, now: float) -> bool:
+        return self._known is not None and now - self._known[2] <= ADDRESS_TRUST
+
+    def still_valid(self, epoch: int, now: float) -> IPv4Address | None:
+        """The address, if it is fresh and `epoch` (from a later reply) shows no reboot (§3.6)."""
+        known = self._known
+        if known is None or now - known[2] > ADDRESS_TRUST:
+            return None
+        if not natpmp_epoch_valid(known[1], known[2], epoch, now):
+            self._known = None
+            return None
+        return known[0]
+
+
 class NatPmpClient:
     """Implements `PortMapper` with NAT-PMP; the gateway must be IPv4 (RFC 6886 is IPv4-only)."""
 
@@ -81,42 +189,23 @@ class NatPmpClient:
         self._port = port
         self._max_lifetime = check_max_lifetime(max_lifetime)
         self._what = f"NAT-PMP at {gateway}:{port}"
+        self._address = KnownAddress()
 
-    async def _run(
-        self, request: natpmp.ExternalAddressRequest | natpmp.MapRequest, parse: Callable[[bytes], object]
-    ) -> object:
-        if not isinstance(self._gateway, IPv4Address):
-            raise RouterNotFound("NAT-PMP needs an IPv4 gateway")
-        loop = asyncio.get_running_loop()
-        exchange = Exchange(
-            request.encode(),
-            (self._gateway, self._port),
-            parse,
-            now=loop.time(),
-            deadline=self._deadline,
-            schedule=NATPMP_SCHEDULE,
-            key=natpmp.request_key(request),
-        )
-        reply = await self._channel.request(exchange, self._what)
-        return reply
-
-    @staticmethod
-    def _raise_for(reply: NatPmpReply) -> None:
-        if reply.result != natpmp.ResultCode.SUCCESS:
-            raise RouterRefused(
-                f"router refused: {natpmp.describe_result(reply.result)}", protocol=NAME, code=reply.result
-            )
+    def _server(self) -> tuple[IPv4Address, int]:
+        return check_gateway(self._gateway), self._port
 
     async def external_address(self) -> natpmp.ExternalAddressResponse:
         """RFC 6886 §3.2: the gateway's external IPv4 address and its epoch."""
-        reply = await self._run(natpmp.ExternalAddressRequest(), _expect_external_address)
-        assert isinstance(reply, natpmp.ExternalAddressResponse | natpmp.ErrorResponse)
-        self._raise_for(reply)
+        loop = self._channel.loop
+        exchange = external_address_exchange(self._server(), loop.time(), self._deadline)
+        reply = await self._channel.request(exchange, self._what)
+        check(reply)
         assert isinstance(reply, natpmp.ExternalAddressResponse)
+        self._address.learned(reply, loop.time())
         return reply
 
     async def probe(self) -> ProtocolStatus:
-        loop = asyncio.get_running_loop()
+        loop = self._channel.loop
         started = loop.time()
         try:
             reply = await self.external_address()
@@ -140,43 +229,35 @@ class NatPmpClient:
         )
 
     async def add(self, request: MappingRequest) -> Mapping:
-        """RFC 6886 §3.3. The external address comes from a concurrent §3.2 request on the same socket."""
-        map_request = natpmp.MapRequest(
-            request.transport, request.internal_port, request.external_port, request.lifetime
-        )
-        address_task = asyncio.ensure_future(self.external_address())
+        """RFC 6886 §3.3. The external address comes from a §3.2 request on the same socket, sent
+        beside the map request unless one answered within ADDRESS_TRUST (see there)."""
+        import asyncio
+
+        loop = self._channel.loop
+        exchange = map_exchange(self._server(), map_request(request), loop.time(), self._deadline)
+        address_task = None if self._address.fresh(loop.time()) else asyncio.ensure_future(self.external_address())
         try:
-            reply = await self._run(map_request, _expect_map(request.transport, request.internal_port))
+            reply = await self._channel.request(exchange, self._what)
+            check(reply)
         except BaseException:
-            address_task.cancel()
-            raise
-        assert isinstance(reply, natpmp.MapResponse | natpmp.ErrorResponse)
-        try:
-            self._raise_for(reply)
-        except RouterRefused:
-            address_task.cancel()
+            if address_task is not None:
+                address_task.cancel()
             raise
         assert isinstance(reply, natpmp.MapResponse)
-        try:
-            external: IPv4Address | None = (await address_task).external_address
-        except (RouterTimeout, RouterRefused):
-            external = None  # the mapping exists; an unknown address is reported, not fatal
-        mapping = Mapping(
-            protocol=NAME,
-            transport=request.transport,
-            internal_address=self._local,
-            internal_port=reply.internal_port,
-            external_ip=external,
-            external_port=reply.external_port,
-            lifetime=reply.lifetime,
-            epoch=reply.epoch,
-        )
-        return cap_grant(mapping, self._max_lifetime)
+        external = None if address_task is not None else self._address.still_valid(reply.epoch, loop.time())
+        if external is None:
+            try:
+                answer = await (address_task or asyncio.ensure_future(self.external_address()))
+                external = answer.external_address
+            except (RouterTimeout, RouterRefused):
+                external = None  # the mapping exists; an unknown address is reported, not fatal
+        return mapping_from(reply, request, self._local, external, self._max_lifetime)
 
     async def delete(self, transport: Transport, internal_port: int) -> None:
         """RFC 6886 §3.4: lifetime 0 and external port 0 remove our mapping of `internal_port`."""
-        reply = await self._run(
-            natpmp.MapRequest.delete(transport, internal_port), _expect_map(transport, internal_port)
+        loop = self._channel.loop
+        exchange = map_exchange(
+            self._server(), natpmp.MapRequest.delete(transport, internal_port), loop.time(), self._deadline
         )
-        assert isinstance(reply, natpmp.MapResponse | natpmp.ErrorResponse)
-        self._raise_for(reply)
+        reply = await self._channel.request(exchange, self._what)
+        check(reply)

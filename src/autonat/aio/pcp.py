@@ -1,13 +1,16 @@
-"""PCP client (RFC 6887) over a `DatagramChannel`: ANNOUNCE, MAP, delete."""
+"""PCP client (RFC 6887) over a `DatagramChannel`: ANNOUNCE, MAP, delete.
+
+As in `autonat.aio.natpmp`, the module-level functions build the exchanges and read the replies for
+both shells (`PcpClient` here, `autonat.aio.blocking` without an event loop); no asyncio import.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
 
 from autonat.addresses import is_public
-from autonat.aio.channel import DatagramChannel
 from autonat.errors import NotPublic, RouterNotFound, RouterRefused, RouterTimeout
 from autonat.mapper import (
     MAX_GRANTED_LIFETIME,
@@ -23,7 +26,11 @@ from autonat.proto.exchange import DEFAULT_DEADLINE, PCP_SCHEDULE, Exchange
 from autonat.proto.types import Transport
 from autonat.state import derive_nonce
 
+if TYPE_CHECKING:
+    from autonat.aio.channel import DatagramChannel
+
 NAME = "pcp"
+NONCE_CACHE = 4096  # nonces remembered per client (an HMAC each otherwise); a daemon maps far fewer ports
 PcpReply = pcp.Response | pcp.VersionNotSupported
 
 
@@ -51,6 +58,96 @@ def _expect(opcode: int, map_data: pcp.MapData | None) -> Callable[[bytes], PcpR
     return parse
 
 
+def exchange_for(
+    request: pcp.Request, server: tuple[IPv4Address | IPv6Address, int], now: float, deadline: float
+) -> Exchange[PcpReply]:
+    return Exchange(
+        request.encode(),
+        server,
+        _expect(request.opcode, request.map),
+        now=now,
+        deadline=deadline,
+        schedule=PCP_SCHEDULE,
+        key=pcp.request_key(request),
+    )
+
+
+def check(reply: PcpReply) -> pcp.Response:
+    """The reply if it is a SUCCESS; else RouterRefused, or NotPublic when the router refused and
+    reports a private external address (RFC 6887 §7.4, §11.4)."""
+    if isinstance(reply, pcp.VersionNotSupported):
+        raise RouterRefused(
+            f"router does not speak PCP (it answered with version {reply.server_version}"
+            f"{', i.e. NAT-PMP only' if reply.server_version == 0 else ''})",
+            protocol=NAME,
+            code=pcp.ResultCode.UNSUPP_VERSION,
+        )
+    if reply.result != pcp.ResultCode.SUCCESS:
+        external = reply.map.external_address if reply.map is not None else None
+        if external is not None and not external.is_unspecified and not is_public(external):
+            # miniupnpd behind another NAT refuses with its own private WAN address here.
+            raise NotPublic(
+                f"router refused ({pcp.describe_result(reply.result)}) and reports the private"
+                f" external address {external}: double NAT, no mapping from the internet is possible"
+            )
+        raise RouterRefused(f"router refused: {pcp.describe_result(reply.result)}", protocol=NAME, code=reply.result)
+    return reply
+
+
+def map_request(local: IPv4Address | IPv6Address, nonce: bytes, request: MappingRequest) -> pcp.Request:
+    """RFC 6887 §11: MAP for our own address (no THIRD_PARTY)."""
+    return pcp.Request.new_map(
+        local,
+        nonce,
+        request.transport,
+        request.internal_port,
+        request.lifetime,
+        suggested_external_port=request.external_port,
+    )
+
+
+def mapping_from(
+    reply: pcp.Response, request: MappingRequest, local: IPv4Address | IPv6Address, max_lifetime: int
+) -> Mapping:
+    assert reply.map is not None
+    mapping = Mapping(
+        protocol=NAME,
+        transport=request.transport,
+        internal_address=local,
+        internal_port=reply.map.internal_port,
+        external_ip=reply.map.external_address,
+        external_port=reply.map.external_port,
+        lifetime=reply.lifetime,
+        epoch=reply.epoch,
+    )
+    return cap_grant(mapping, max_lifetime)
+
+
+def deleted(exc: RouterRefused) -> bool:
+    """miniupnpd answers NO_RESOURCES when it holds no such mapping (measured in the lab); deleting
+    consumes no resources, so that answer means "not there", which is what a delete wants."""
+    return exc.code == pcp.ResultCode.NO_RESOURCES
+
+
+class Nonces:
+    """Each mapping's nonce (RFC 6887 §11.1), derived from the host secret (autonat.state), remembered."""
+
+    __slots__ = ("_cache", "_local", "_secret")
+
+    def __init__(self, secret: bytes, local: IPv4Address | IPv6Address) -> None:
+        self._secret = secret
+        self._local = local
+        self._cache: dict[tuple[Transport, int], bytes] = {}
+
+    def __call__(self, transport: Transport, internal_port: int) -> bytes:
+        nonce = self._cache.get((transport, internal_port))
+        if nonce is None:
+            nonce = derive_nonce(self._secret, "pcp", self._local, transport, internal_port)
+            if len(self._cache) < NONCE_CACHE:
+                self._cache[(transport, internal_port)] = nonce
+        return nonce
+
+
 class PcpClient:
     """Implements `PortMapper` with PCP MAP requests for our own address (no THIRD_PARTY)."""
 
@@ -75,46 +172,20 @@ class PcpClient:
         self._port = port
         self._max_lifetime = check_max_lifetime(max_lifetime)
         self._what = f"PCP at {gateway}:{port}"
+        self._nonces = Nonces(secret, local_address)
 
     def nonce_for(self, transport: Transport, internal_port: int) -> bytes:
         """Stable per mapping, so a later process (or a restarted daemon) can refresh or delete it."""
-        return derive_nonce(self._secret, "pcp", self._local, transport, internal_port)
+        return self._nonces(transport, internal_port)
 
-    async def _run(self, request: pcp.Request) -> PcpReply:
-        loop = asyncio.get_running_loop()
-        exchange = Exchange(
-            request.encode(),
-            (self._gateway, self._port),
-            _expect(request.opcode, request.map),
-            now=loop.time(),
-            deadline=self._deadline,
-            schedule=PCP_SCHEDULE,
-            key=pcp.request_key(request),
-        )
-        reply = await self._channel.request(exchange, self._what)
-        if isinstance(reply, pcp.VersionNotSupported):
-            raise RouterRefused(
-                f"router does not speak PCP (it answered with version {reply.server_version}"
-                f"{', i.e. NAT-PMP only' if reply.server_version == 0 else ''})",
-                protocol=NAME,
-                code=pcp.ResultCode.UNSUPP_VERSION,
-            )
-        if reply.result != pcp.ResultCode.SUCCESS:
-            external = reply.map.external_address if reply.map is not None else None
-            if external is not None and not external.is_unspecified and not is_public(external):
-                # miniupnpd behind another NAT refuses with its own private WAN address here.
-                raise NotPublic(
-                    f"router refused ({pcp.describe_result(reply.result)}) and reports the private"
-                    f" external address {external}: double NAT, no mapping from the internet is possible"
-                )
-            raise RouterRefused(
-                f"router refused: {pcp.describe_result(reply.result)}", protocol=NAME, code=reply.result
-            )
-        return reply
+    async def _run(self, request: pcp.Request) -> pcp.Response:
+        loop = self._channel.loop
+        exchange = exchange_for(request, (self._gateway, self._port), loop.time(), self._deadline)
+        return check(await self._channel.request(exchange, self._what))
 
     async def probe(self) -> ProtocolStatus:
         """RFC 6887 §14.1: an ANNOUNCE request tells whether a PCP server is there, without mapping."""
-        loop = asyncio.get_running_loop()
+        loop = self._channel.loop
         started = loop.time()
         try:
             reply = await self._run(pcp.Request.announce(self._local))
@@ -126,7 +197,6 @@ class PcpClient:
                 elapsed_ms=(loop.time() - started) * 1000,
                 details={"answered": isinstance(exc, RouterRefused)},
             )
-        assert isinstance(reply, pcp.Response)
         return ProtocolStatus(
             NAME,
             available=True,
@@ -138,38 +208,15 @@ class PcpClient:
 
     async def add(self, request: MappingRequest) -> Mapping:
         """RFC 6887 §11: MAP for our own address; the reply carries the external address and port."""
-        reply = await self._run(
-            pcp.Request.new_map(
-                self._local,
-                self.nonce_for(request.transport, request.internal_port),
-                request.transport,
-                request.internal_port,
-                request.lifetime,
-                suggested_external_port=request.external_port,
-            )
-        )
-        assert isinstance(reply, pcp.Response) and reply.map is not None
-        mapping = Mapping(
-            protocol=NAME,
-            transport=request.transport,
-            internal_address=self._local,
-            internal_port=reply.map.internal_port,
-            external_ip=reply.map.external_address,
-            external_port=reply.map.external_port,
-            lifetime=reply.lifetime,
-            epoch=reply.epoch,
-        )
-        return cap_grant(mapping, self._max_lifetime)
+        nonce = self._nonces(request.transport, request.internal_port)
+        reply = await self._run(map_request(self._local, nonce, request))
+        return mapping_from(reply, request, self._local, self._max_lifetime)
 
     async def delete(self, transport: Transport, internal_port: int) -> None:
-        """RFC 6887 §15: MAP with lifetime 0 and the mapping's nonce.
-
-        miniupnpd answers NO_RESOURCES when it holds no such mapping (measured in the lab); deleting
-        consumes no resources, so that answer means "not there", which is what a delete wants.
-        """
-        request = pcp.Request.delete(self._local, self.nonce_for(transport, internal_port), transport, internal_port)
+        """RFC 6887 §15: MAP with lifetime 0 and the mapping's nonce (see `deleted` for NO_RESOURCES)."""
+        request = pcp.Request.delete(self._local, self._nonces(transport, internal_port), transport, internal_port)
         try:
             await self._run(request)
         except RouterRefused as exc:
-            if exc.code != pcp.ResultCode.NO_RESOURCES:
+            if not deleted(exc):
                 raise

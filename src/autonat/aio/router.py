@@ -1,8 +1,12 @@
 """A session with the home router: locate it, probe every protocol in one burst, pick one, map.
 
-async with await RouterSession.open() as router:
-    result = await router.probe()
-    mapping = await router.mapper("auto").add(MappingRequest(Transport.UDP, 5060))
+    async with await RouterSession.open() as router:
+        result = await router.probe()
+        mapping = await router.add(MappingRequest(Transport.UDP, 5060))
+        await router.remove(mapping)
+
+The UPnP client (and with it the HTTP and XML modules) is built, and imported, only when UPnP is
+used: a session that maps through PCP or NAT-PMP never loads it.
 """
 
 from __future__ import annotations
@@ -12,14 +16,13 @@ import logging
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from autonat.addresses import IPAddress, classify, is_public
 from autonat.aio.channel import DatagramChannel
 from autonat.aio.natpmp import NatPmpClient
 from autonat.aio.pcp import PcpClient
 from autonat.aio.route import RouterLocation, locate_router
-from autonat.aio.upnp import UpnpClient
 from autonat.errors import ProtocolUnavailable
 from autonat.mapper import (
     MAX_GRANTED_LIFETIME,
@@ -34,6 +37,9 @@ from autonat.proto.exchange import DEFAULT_DEADLINE
 from autonat.proto.natpmp import SERVER_PORT
 from autonat.proto.types import Transport
 from autonat.state import host_secret
+
+if TYPE_CHECKING:
+    from autonat.aio.upnp import UpnpClient
 
 ProtocolChoice = Literal["auto", "pcp", "natpmp", "upnp"]
 PREFERENCE = ("pcp", "natpmp", "upnp")  # among those that work, the first wins
@@ -54,6 +60,8 @@ holes = logging.getLogger("autonat.holes")
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
+    """What one probe found: every protocol's answer, the one selected, the external address."""
+
     location: RouterLocation
     protocols: dict[str, ProtocolStatus]
     selected: str | None
@@ -83,7 +91,11 @@ def reply_key(data: bytes) -> Hashable | None:
 
 
 class RouterSession:
-    """One gateway, one local address, one socket shared by the NAT-PMP and PCP clients."""
+    """One gateway, one local address, one socket shared by the NAT-PMP and PCP clients.
+
+    Open it with `await RouterSession.open()` and use it as an async context manager, which closes
+    the socket (and forgets nothing on the router: delete what you mapped, or let the lease run out).
+    """
 
     def __init__(
         self,
@@ -99,7 +111,8 @@ class RouterSession:
         self.channel = channel
         self.deadline = deadline
         gateway, local = location.gateway, location.local_address
-        secret = host_secret()
+        self._secret = secret = host_secret()
+        self._root_url = root_url
         # NAT-PMP/PCP grants above `max_lifetime` are treated as `max_lifetime` (mapper.cap_grant).
         self.natpmp = NatPmpClient(
             channel, gateway, local, deadline=deadline, port=server_port, max_lifetime=max_lifetime
@@ -107,8 +120,17 @@ class RouterSession:
         self.pcp = PcpClient(
             channel, gateway, local, secret, deadline=deadline, port=server_port, max_lifetime=max_lifetime
         )
-        self.upnp = UpnpClient(location, secret, deadline=deadline, root_url=root_url)
+        self._upnp: UpnpClient | None = None
         self.last_probe: ProbeResult | None = None
+
+    @property
+    def upnp(self) -> UpnpClient:
+        """The UPnP IGD client, made (and its modules imported) on first use."""
+        if self._upnp is None:
+            from autonat.aio.upnp import UpnpClient
+
+            self._upnp = UpnpClient(self.location, self._secret, deadline=self.deadline, root_url=self._root_url)
+        return self._upnp
 
     @classmethod
     async def open(
@@ -120,10 +142,17 @@ class RouterSession:
         *,
         max_lifetime: int = MAX_GRANTED_LIFETIME,
     ) -> RouterSession:
-        """`max_lifetime`: the longest NAT-PMP/PCP grant believed; longer ones are treated as it."""
+        """Locate the router (the gateway of the route actually used, unless `gateway` / `interface`
+        say otherwise) and open the session's socket, connected to the gateway's NAT-PMP/PCP port so
+        that a router without that service is known at once (ICMP port unreachable).
+
+        `deadline`: seconds per request, retransmissions included. `root_url`: the IGD's description
+        URL (UPnP without SSDP). `max_lifetime`: the longest NAT-PMP/PCP grant believed; longer ones
+        are treated as it. Raises RouterNotFound when there is no gateway to talk to.
+        """
         check_max_lifetime(max_lifetime)  # before a socket is opened
         location = locate_router(gateway, interface)
-        channel = await DatagramChannel.open(location.local_address, reply_key)
+        channel = await DatagramChannel.open(location.local_address, reply_key, remote=(location.gateway, SERVER_PORT))
         return cls(location, channel, deadline, root_url=root_url, max_lifetime=max_lifetime)
 
     async def __aenter__(self) -> RouterSession:
@@ -133,10 +162,22 @@ class RouterSession:
         await self.aclose()
 
     def close(self) -> None:
+        """Close the socket; idempotent. Mappings stay on the router until deleted or expired."""
         self.channel.close()
+        if self._upnp is not None:
+            self._upnp.close()
 
     async def aclose(self) -> None:
         self.close()
+
+    def _client(self, name: str) -> PortMapper:
+        if name == "pcp":
+            return self.pcp
+        if name == "natpmp":
+            return self.natpmp
+        if name == "upnp":
+            return self.upnp
+        raise ValueError(f"protocol must be one of auto, pcp, natpmp, upnp, not {name!r}")
 
     def _clients(self) -> dict[str, PortMapper]:
         return {"pcp": self.pcp, "natpmp": self.natpmp, "upnp": self.upnp}
@@ -144,7 +185,7 @@ class RouterSession:
     async def probe(self, only: ProtocolChoice = "auto") -> ProbeResult:
         """Ask every protocol at once; return soon after the first one answers (see PROBE_GRACE)."""
         started = time.perf_counter()
-        clients = self._clients() if only == "auto" else {only: self._clients()[only]}
+        clients = self._clients() if only == "auto" else {only: self._client(only)}
         tasks: dict[asyncio.Future[ProtocolStatus], str] = {
             asyncio.ensure_future(client.probe()): name for name, client in clients.items()
         }
@@ -179,7 +220,7 @@ class RouterSession:
             external_ip=external,
             double_nat=external is not None and not is_public(external),
             elapsed_ms=(time.perf_counter() - started) * 1000,
-            dropped={**self.channel.drops, **self.upnp.drops},
+            dropped={**self.channel.drops, **(self._upnp.drops if self._upnp is not None else {})},
         )
         self.last_probe = result
         if only == "auto":
@@ -199,21 +240,33 @@ class RouterSession:
     async def mapper(self, choice: ProtocolChoice = "auto") -> PortMapper:
         """The client for `choice`; "auto" probes (once per session) and takes the best that works."""
         if choice != "auto":
-            return self._clients()[choice]
+            return self._client(choice)
         probe = self.last_probe or self._trusted_probe() or await self.probe()
         if probe.selected is None:
             reasons = "; ".join(f"{name}: {status.reason}" for name, status in probe.protocols.items())
             raise ProtocolUnavailable(f"no port-mapping protocol works with {self.location.gateway} ({reasons})")
-        return self._clients()[probe.selected]
+        return self._client(probe.selected)
 
     async def add(self, request: MappingRequest, choice: ProtocolChoice = "auto") -> Mapping:
+        """Map `request` with `choice` ("auto": the best protocol a probe found). Logs the hole on
+        the `autonat.holes` logger. Raises RouterRefused / RouterTimeout / ProtocolUnavailable."""
         mapper = await self.mapper(choice)
         mapping = await mapper.add(request)
-        holes.info("opened %s", mapping.describe())
+        if holes.isEnabledFor(logging.INFO):
+            holes.info("opened %s", mapping.describe())
         return mapping
 
     async def delete(self, transport: Transport, internal_port: int, choice: ProtocolChoice = "auto") -> str:
+        """Delete our mapping of `internal_port`; one that is not there is success. Returns the
+        protocol used. UPnP deletes a mapping this session made by its external port in one call."""
         mapper = await self.mapper(choice)
         await mapper.delete(transport, internal_port)
-        holes.info("closed %s %s:%d via %s", transport, self.location.local_address, internal_port, mapper.name)
+        if holes.isEnabledFor(logging.INFO):
+            holes.info("closed %s %s:%d via %s", transport, self.location.local_address, internal_port, mapper.name)
         return mapper.name
+
+    async def remove(self, mapping: Mapping) -> None:
+        """Delete a mapping `add` returned, through the protocol that made it."""
+        if mapping.protocol not in PREFERENCE:
+            raise ValueError(f"not a mapping made by a RouterSession: protocol {mapping.protocol!r}")
+        await self.delete(mapping.transport, mapping.internal_port, cast(ProtocolChoice, mapping.protocol))

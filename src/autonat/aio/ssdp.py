@@ -9,13 +9,26 @@ Anything on the LAN can answer, so what one host can make us do is bounded: at m
 `MAX_LOCATIONS_PER_RESPONDER` distinct LOCATIONs from one address and `MAX_CANDIDATES` in all are
 handed on (each costs the caller a TCP connection), and a refused LOCATION is handed on too, as a
 `Refused` with its reason, so the caller can say why discovery found nothing usable.
+
+A gateway whose SSDP port is closed answers the unicast search with ICMP port unreachable (a router
+whose UPnP daemon is stopped). The search socket cannot be connected (the S2 quirk below), so it asks
+the kernel for those errors (Linux IP_RECVERR) and hands on an `Unreachable`; the caller ends the
+discovery after a 50 ms grace (for a stack bound to the multicast group only, whose multicast answer
+follows the ICMP within milliseconds) unless another candidate is already being inspected, instead of
+waiting out its deadline. The trade: an IGD elsewhere on the LAN that would answer only the multicast
+search, later, is not waited for once the gateway itself said no; in every home network we know the
+router is the IGD.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
+import struct
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +47,7 @@ MULTICAST_TTL = 2  # one router hop beyond us is plenty; never flood further (UP
 MAX_LOCATIONS_PER_RESPONDER = 4
 MAX_CANDIDATES = 16  # fetched or refused, in all: source addresses of UDP replies are easily forged
 SHOWN_LOCATION = 100  # characters of a refused LOCATION quoted in a report
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # <linux/in.h>; Python has the name only from 3.12
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +58,13 @@ class Found:
     responder: IPv4Address | IPv6Address
     search_target: str
     server: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """The gateway answered the unicast search with ICMP port unreachable: no SSDP server there."""
+
+    responder: IPv4Address | IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +84,11 @@ def printable(text: str, limit: int = SHOWN_LOCATION) -> str:
 
 
 class _SearchProtocol(asyncio.DatagramProtocol):
-    def __init__(self, where: RouterLocation) -> None:
+    def __init__(self, where: RouterLocation, sock: socket.socket | None = None) -> None:
         self.where = where
-        self.found: asyncio.Queue[Found | Refused] = asyncio.Queue()
+        self.sock = sock
+        self.unreachable = False
+        self.found: asyncio.Queue[Found | Refused | Unreachable] = asyncio.Queue()
         self.seen: set[tuple[str, str]] = set()  # (responder, LOCATION as received)
         self.urls: set[str] = set()  # validated LOCATIONs handed on: each is fetched once
         self.per_responder: Counter[str] = Counter()
@@ -104,7 +127,28 @@ class _SearchProtocol(asyncio.DatagramProtocol):
             self.found.put_nowait(Found(location, responder, message.search_target, message.server))
 
     def error_received(self, exc: Exception) -> None:
+        if self.sock is not None:
+            self._read_error_queue()  # whatever the error: an undrained queue keeps epoll reporting it
+            return
         self.drops[f"socket error: {exc}"] += 1
+
+    def _read_error_queue(self) -> None:
+        """Drain the socket's error queue (IP_RECVERR); a port unreachable for the datagram sent to
+        the gateway's SSDP port is news, any other error only a drop."""
+        assert self.sock is not None
+        gateway = (str(self.where.gateway), ssdp.PORT)
+        for _ in range(64):
+            try:
+                _, ancillary, _, destination = self.sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except OSError:  # empty (BlockingIOError) or gone
+                return
+            # struct sock_extended_err (<linux/errqueue.h>) starts with the errno, native order.
+            error = next((struct.unpack_from("=I", data)[0] for _, _, data in ancillary if len(data) >= 4), 0)
+            refused = error == errno.ECONNREFUSED
+            self.drops["ICMP port unreachable" if refused else f"ICMP error: {os.strerror(error)}"] += 1
+            if refused and destination is not None and tuple(destination[:2]) == gateway and not self.unreachable:
+                self.unreachable = True
+                self.found.put_nowait(Unreachable(self.where.gateway))
 
 
 @contextlib.asynccontextmanager
@@ -120,8 +164,13 @@ async def search(
     # Not connected to the gateway: TP-Link ER605 and Sagemcom Home Hub 3000 answer from an ephemeral
     # source port, not 1900 (docs/QUIRKS.md S2).
     sock.bind((str(where.local_address), 0))
+    recverr = IP_RECVERR if sys.platform == "linux" else None  # ICMP errors of an unconnected socket
+    if recverr is not None:
+        sock.setsockopt(socket.IPPROTO_IP, recverr, 1)
     loop = asyncio.get_running_loop()
-    datagram_transport, protocol = await loop.create_datagram_endpoint(lambda: _SearchProtocol(where), sock=sock)
+    datagram_transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _SearchProtocol(where, sock if recverr is not None else None), sock=sock
+    )
     unicast = [(ssdp.build_msearch(t, mx=1, host=f"{where.gateway}:{ssdp.PORT}"), str(where.gateway)) for t in targets]
     # On loopback (tests, or a router reached through a tunnel) multicast has nowhere sensible to go.
     multicast = (

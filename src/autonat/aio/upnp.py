@@ -28,8 +28,8 @@ from typing import Any
 from autonat.addresses import is_public
 from autonat.aio import http
 from autonat.aio.route import RouterLocation
-from autonat.aio.ssdp import Found, Refused, search
-from autonat.errors import NotPublic, ProtocolUnavailable, RouterRefused, RouterTimeout
+from autonat.aio.ssdp import Found, Refused, Unreachable, search
+from autonat.errors import NotPublic, ProtocolUnavailable, RouterRefused, RouterTimeout, RouterUnreachable
 from autonat.mapper import Mapping, MappingRequest, ProtocolStatus
 from autonat.proto import igd, ssdp
 from autonat.proto.errors import DecodeError
@@ -42,7 +42,12 @@ MAX_ATTEMPTS = 8  # distinct external ports tried on conflicts before giving up
 MAX_LISTED = 4096  # GetGenericPortMappingEntry walk bound, whatever the router claims
 COLLECT_WINDOW = 0.15  # after the first usable IGD, how long other (better ranked) ones may answer
 FAILED_WINDOW = 0.5  # after the first unusable IGD, how long another one may still turn up
+# After the gateway's ICMP port unreachable for the unicast search: a stack bound to the multicast group
+# only (not to the unicast address) refuses the unicast search but answers the multicast one, sent in the
+# same burst, within milliseconds; this grace lets that answer in and still fails fast.
+UNREACHABLE_GRACE = 0.05
 SHOWN_REASONS = 3  # candidates named in the one-line error; `probe --json` lists them all
+MAX_REMEMBERED = 4096  # mappings made by one client remembered for a one-call delete
 
 # What became of a discovery candidate.
 INSPECTING, USABLE, FAILED, REFUSED, UNFINISHED = "inspecting", "usable", "failed", "refused", "unfinished"
@@ -173,11 +178,22 @@ class UpnpClient:
         self.tag = derive_nonce(secret, "upnp-tag", size=4).hex()
         self.drops: dict[str, int] = {}
         self.candidates: list[Candidate] = []  # of the last discovery
+        self._connections = http.Connections()  # kept alive where the router keeps them (not miniupnpd)
+        # Mappings this client made: (transport, internal port) -> (external port, lease end or None),
+        # so that deleting one takes one DeletePortMapping instead of a lookup first.
+        self._made: dict[tuple[Transport, int], tuple[int, float | None]] = {}
+        self._external_ip_request: igd.SoapRequest | None = None
+
+    def close(self) -> None:
+        """Close the connections kept alive; the client stays usable (it opens new ones)."""
+        self._connections.close()
 
     # --- discovery ---------------------------------------------------------------------------------
 
     async def _fetch(self, url: str, limit: int, trace: list[http.Progress] | None = None) -> bytes:
-        reply = await http.request("GET", url, max_body=limit, deadline=self._deadline, trace=trace)
+        reply = await http.request(
+            "GET", url, max_body=limit, deadline=self._deadline, trace=trace, connections=self._connections
+        )
         if reply.status != 200:
             raise RouterRefused(f"router answered HTTP {reply.status} for {url}", protocol=NAME, code=reply.status)
         return reply.body
@@ -194,6 +210,7 @@ class UpnpClient:
             headers=request.headers(),
             content=request.body(),
             trace=trace,
+            connections=self._connections,
         )
         try:
             return igd.parse_soap_response(reply.body, request, reply.status)
@@ -304,8 +321,9 @@ class UpnpClient:
         loop = asyncio.get_running_loop()
         end = loop.time() + self._deadline
         window_end = end  # the deadline, or sooner once a candidate settled (see the windows above)
+        unreachable = False
         async with search(self._location) as searching:
-            next_found: asyncio.Future[Found | Refused] = asyncio.ensure_future(searching.found.get())
+            next_found: asyncio.Future[Found | Refused | Unreachable] = asyncio.ensure_future(searching.found.get())
             try:
                 while True:
                     waiting: set[asyncio.Future[Any]] = {next_found, *inspections}
@@ -317,6 +335,13 @@ class UpnpClient:
                         if task is next_found:
                             offered = next_found.result()
                             next_found = asyncio.ensure_future(searching.found.get())
+                            if isinstance(offered, Unreachable):
+                                # The gateway says no SSDP server listens (aio/ssdp.py): end now,
+                                # unless a candidate is being inspected already.
+                                unreachable = True
+                                grace = FAILED_WINDOW if inspections else UNREACHABLE_GRACE
+                                window_end = min(window_end, loop.time() + grace)
+                                continue
                             if isinstance(offered, Refused):
                                 self.candidates.append(
                                     Candidate(
@@ -352,6 +377,10 @@ class UpnpClient:
         if usable:
             return min(usable, key=lambda candidate: candidate.rank(gateway))
         reasons = _reasons(self.candidates)
+        if unreachable and not self.candidates:
+            raise RouterUnreachable(
+                f"UPnP: the gateway {gateway} answered SSDP with ICMP port unreachable: no IGD listens there"
+            )
         if loop.time() >= end:
             raise RouterTimeout(f"no usable IGD answered SSDP within {self._deadline:g} s{reasons}")
         raise ProtocolUnavailable(f"no usable IGD answered SSDP{reasons}")
@@ -463,6 +492,11 @@ class UpnpClient:
                 else:
                     raise _refusal(error, f"AddPortMapping {request.transport} {external}") from None
                 continue
+            if len(self._made) < MAX_REMEMBERED:
+                self._made[(request.transport, request.internal_port)] = (
+                    external,
+                    None if lease == 0 else time.monotonic() + lease,
+                )
             return Mapping(
                 protocol=NAME,
                 transport=request.transport,
@@ -483,6 +517,9 @@ class UpnpClient:
         already gone, which is success."""
         found = await self.discover()
         request = igd.delete_port_mapping(found.service.service_type, external_port=external_port, transport=transport)
+        for key, (made_port, _) in list(self._made.items()):
+            if key[0] == transport and made_port == external_port:
+                del self._made[key]
         try:
             await self.soap(found.service, request)
         except igd.UpnpError as error:
@@ -509,8 +546,11 @@ class UpnpClient:
     async def external_ip(self) -> IPv4Address | None:
         """GetExternalIPAddress on the chosen service, asked again (not the discovery-time answer)."""
         found = await self.discover()
+        request = self._external_ip_request
+        if request is None or request.service_type != found.service.service_type:
+            request = self._external_ip_request = igd.get_external_ip_address(found.service.service_type)
         try:
-            outputs = await self.soap(found.service, igd.get_external_ip_address(found.service.service_type))
+            outputs = await self.soap(found.service, request)
             return igd.external_ip_from(outputs)
         except igd.UpnpError as error:
             raise _refusal(error, "GetExternalIPAddress") from None
@@ -520,7 +560,15 @@ class UpnpClient:
             ) from None
 
     async def delete(self, transport: Transport, internal_port: int) -> None:
-        """Delete every mapping of ours (InternalClient = us) for `internal_port`."""
+        """Delete every mapping of ours (InternalClient = us) for `internal_port`.
+
+        A mapping this client made, whose lease has not run out, is deleted by its external port in
+        one call; otherwise the router's table is looked up first (another process made it, or it may
+        have expired and the external port been given to another host since)."""
+        made = self._made.get((transport, internal_port))
+        if made is not None and (made[1] is None or time.monotonic() < made[1]):
+            await self.delete_external(transport, made[0])
+            return
         found = await self.discover()
         mine = str(self._location.local_address)
         with contextlib.suppress(igd.UpnpError, RouterRefused):

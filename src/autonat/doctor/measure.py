@@ -60,8 +60,11 @@ async def _receive(protocol: _Socket, accept: Any, wait: float) -> tuple[bytes, 
     return None
 
 
-async def _changed_reply(transport: asyncio.DatagramTransport, protocol: _Socket, server: tuple[str, int]) -> bool:
-    """Ask `server` to answer from its other address and port; True if that answer came in."""
+async def _changed_reply(
+    transport: asyncio.DatagramTransport, protocol: _Socket, server: tuple[str, int], tries: int = 4
+) -> bool:
+    """Ask `server` to answer from its other address and port; True if that answer came in. A "yes" can
+    come early; a "no" costs every try, so the filtering check (where "no" is the good answer) tries less."""
     transaction = stun.new_transaction_id()
     request = stun.StunMessage(
         stun.MessageClass.REQUEST,
@@ -77,7 +80,7 @@ async def _changed_reply(transport: asyncio.DatagramTransport, protocol: _Socket
             return False
         return not isinstance(answer, stun.ErrorCode) and (addr[0], addr[1]) != server
 
-    for _ in range(2):  # one retransmission: a lost packet is not a closed door
+    for _ in range(tries):  # retransmissions: a lost packet (or a busy server) is not a closed door
         transport.sendto(request, server)
         if await _receive(protocol, accept, REPLY_WAIT / 2) is not None:
             return True
@@ -222,7 +225,7 @@ class Doctor:
             seen = stun.parse_binding_response(answer[0], transaction)
             assert not isinstance(seen, stun.ErrorCode)
             m.stun_address = str(seen[0])
-            m.unsolicited_blocked = not await _changed_reply(transport, protocol, server)
+            m.unsolicited_blocked = not await _changed_reply(transport, protocol, server, tries=2)
         finally:
             transport.close()
         return server

@@ -9,6 +9,12 @@ is the reply; the caller owns the socket and the clock:
     ... on a datagram: exchange.receive(data, source, now)
     ... at exchange.timer(): exchange.handle_timer(now); send(exchange.datagrams_to_send(now))
     until exchange.done: exchange.result, or exchange.timed_out
+    ... on an ICMP port unreachable from the server: exchange.unreachable()
+
+Silence is answered with retransmissions until the deadline (RFC 6886 §3.1, RFC 6887 §8.1.1). An ICMP
+port unreachable is not silence: the server host says nothing listens on the port, so retransmitting
+can only be refused again; `unreachable()` ends the exchange at once (state UNREACHABLE). RFC 6887
+§8.1.1 lets a client give up early on such hard errors; NAT-PMP says nothing either way.
 
 Deliberate deviations, both in the client's favour on a one-hop link:
 - The interval is capped at `ceiling` (2 s by default) instead of doubling up to 64 s (NAT-PMP) or
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Generic, TypeVar
 
+from autonat.errors import AutonatError, RouterTimeout, RouterUnreachable
 from autonat.proto.errors import DecodeError
 
 R = TypeVar("R")
@@ -64,6 +71,7 @@ class State(enum.Enum):
     WAITING = "waiting"
     ANSWERED = "answered"
     TIMED_OUT = "timed out"
+    UNREACHABLE = "unreachable"  # ICMP port unreachable: nothing listens on the server's port
 
 
 class Exchange(Generic[R]):
@@ -96,7 +104,7 @@ class Exchange(Generic[R]):
         self.started = now
         self.deadline_at = now + deadline
         self.transmissions = 0
-        self.drops: Counter[str] = Counter()
+        self._drops: Counter[str] | None = None  # made on the first drop: most exchanges never drop
         self.result: R | None = None
         self.answered_at: float | None = None
         self._parse = parse
@@ -109,6 +117,13 @@ class Exchange(Generic[R]):
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def drops(self) -> Counter[str]:
+        """Datagrams offered that did not answer this request, by reason."""
+        if self._drops is None:
+            self._drops = Counter()
+        return self._drops
 
     @property
     def done(self) -> bool:
@@ -140,6 +155,21 @@ class Exchange(Generic[R]):
         if not self.done and now >= self.deadline_at:
             self._state = State.TIMED_OUT
 
+    def unreachable(self) -> None:
+        """The server's host answered with ICMP port unreachable: end now instead of at the deadline."""
+        if not self.done:
+            self._state = State.UNREACHABLE
+
+    @property
+    def failed(self) -> bool:
+        """Ended without an answer: timed out, or refused by ICMP port unreachable."""
+        return self._state is State.TIMED_OUT or self._state is State.UNREACHABLE
+
+    @property
+    def refused(self) -> bool:
+        """Ended by an ICMP port unreachable (see `unreachable`)."""
+        return self._state is State.UNREACHABLE
+
     def receive(self, data: bytes, source: Endpoint, now: float) -> str | None:
         """Offer a datagram. Returns None if it answered this request, else the reason it was dropped."""
         if self.done:
@@ -157,6 +187,17 @@ class Exchange(Generic[R]):
                 return None
         self.drops[reason] += 1
         return reason
+
+    def failure(self, what: str) -> AutonatError | None:
+        """The one-line error for an exchange that ended without an answer (None if answered or
+        still waiting); `what` names the server ("NAT-PMP at 192.168.77.1:5351")."""
+        if self._state is State.UNREACHABLE:
+            return RouterUnreachable(f"{what} is unreachable: the router answered ICMP port unreachable")
+        if self._state is State.TIMED_OUT:
+            seconds = self.deadline_at - self.started
+            tries = "try" if self.transmissions == 1 else "tries"
+            return RouterTimeout(f"no answer from {what} within {seconds:g} s ({self.transmissions} {tries})")
+        return None
 
     @property
     def round_trip(self) -> float | None:

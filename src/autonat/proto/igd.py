@@ -25,10 +25,10 @@ import re
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from ipaddress import IPv4Address
 from urllib.parse import urljoin, urlsplit, urlunsplit
 from xml.etree.ElementTree import Element, ParseError
-from xml.sax.saxutils import escape
 
 import defusedxml
 from defusedxml import ElementTree as DefusedET
@@ -111,6 +111,15 @@ _XML_WHITESPACE = " \t\r\n"
 # Element content escapes for the request body; CR is escaped too, because XML parsers turn a raw
 # CR into LF and the router would otherwise see a different value than the caller passed.
 _ESCAPES = {'"': "&quot;", "'": "&apos;", "\r": "&#13;"}
+
+
+def escape(text: str, entities: Mapping[str, str] = _ESCAPES) -> str:
+    """Element content escaping, as `xml.sax.saxutils.escape` does it (& first, then < and >, then
+    `entities`), without importing xml.sax, which pulls in urllib.request, http.client and email."""
+    text = text.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;")
+    for char, entity in entities.items():
+        text = text.replace(char, entity)
+    return text
 
 
 # --- XML and text helpers -------------------------------------------------------------------------
@@ -425,14 +434,23 @@ class SoapRequest:
 
     def body(self) -> bytes:
         """The SOAP envelope of §3.2, UTF-8, on one line, as miniupnpc and libplum send it (against
-        indentation a router might mis-parse; defensive, no router named: docs/QUIRKS.md)."""
+        indentation a router might mis-parse; defensive, no router named: docs/QUIRKS.md). The
+        envelope around the arguments is built once per action and service type."""
+        head, tail = _envelope(self.action, self.service_type)
+        if not self.arguments:
+            return head + tail
         arguments = "".join(f"<{name}>{escape(value, _ESCAPES)}</{name}>" for name, value in self.arguments)
-        return (
-            '<?xml version="1.0"?>'
-            f'<s:Envelope xmlns:s="{SOAP_ENVELOPE}" s:encodingStyle="{SOAP_ENCODING}">'
-            f'<s:Body><u:{self.action} xmlns:u="{self.service_type}">{arguments}</u:{self.action}>'
-            "</s:Body></s:Envelope>"
-        ).encode()
+        return head + arguments.encode() + tail
+
+
+@lru_cache(maxsize=64)
+def _envelope(action: str, service_type: str) -> tuple[bytes, bytes]:
+    head = (
+        '<?xml version="1.0"?>'
+        f'<s:Envelope xmlns:s="{SOAP_ENVELOPE}" s:encodingStyle="{SOAP_ENCODING}">'
+        f'<s:Body><u:{action} xmlns:u="{service_type}">'
+    )
+    return head.encode(), f"</u:{action}></s:Body></s:Envelope>".encode()
 
 
 ERROR_NAMES: Mapping[int, str] = {

@@ -1,0 +1,342 @@
+"""NAT-PMP and PCP without an event loop: the same exchanges as the asyncio session, on a blocking socket.
+
+For a one-shot script, or a program that has no event loop, this shell drives the sans-IO `Exchange`
+core with `socket.settimeout` instead of asyncio timers; the requests and the reading of the replies
+are the very functions the asyncio clients use (`autonat.aio.natpmp`, `autonat.aio.pcp`). Importing
+it loads neither asyncio nor the UPnP/HTTP/XML modules, and logging only when a hole is opened or
+closed, so `import autonat; autonat.external_address()` costs a few milliseconds above the bare
+interpreter (bench/peers.py has the figures). UPnP IGD needs the asyncio `RouterSession`.
+
+    with autonat.open_router() as router:
+        mapping = router.add(MappingRequest(Transport.UDP, 5060, lifetime=3600))
+        router.remove(mapping)
+
+As in the asyncio session the socket is connected to the gateway's port 5351, so a router without the
+service is known at once (ICMP port unreachable) and silence waits for the deadline.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from ipaddress import IPv4Address
+
+from autonat.aio import natpmp as natpmp_client
+from autonat.aio.route import RouterLocation, locate_router
+from autonat.aio.udp import MAX_DATAGRAM, open_socket
+from autonat.errors import ProtocolUnavailable, RouterRefused, RouterTimeout
+from autonat.mapper import HOLES_LOGGER, MAX_GRANTED_LIFETIME, Mapping, MappingRequest, check_max_lifetime
+from autonat.proto import natpmp
+from autonat.proto.exchange import DEFAULT_DEADLINE, Exchange
+
+# PCP is imported where it is used (with the host secret: hashlib, pathlib): an external-address
+# request or a NAT-PMP mapping does without it. typing, likewise, only for the type checker.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ipaddress import IPv6Address
+    from types import TracebackType
+    from typing import Any, Literal
+
+    from autonat.aio import pcp as pcp_client
+    from autonat.proto.types import Transport
+
+    BlockingChoice = Literal["auto", "pcp", "natpmp"]
+PROBE_GRACE = 0.25  # as router.PROBE_GRACE: once one protocol answered, how long the other may take
+
+
+class BlockingSession:
+    """One gateway, one local address, one blocking UDP socket for NAT-PMP and PCP.
+
+    Open it with `BlockingSession.open()` (or `autonat.open_router()`) and use it as a context
+    manager, which closes the socket; mappings stay on the router until deleted or expired.
+    """
+
+    def __init__(
+        self,
+        location: RouterLocation,
+        sock: socket.socket,
+        deadline: float = DEFAULT_DEADLINE,
+        *,
+        server_port: int = natpmp.SERVER_PORT,
+        max_lifetime: int = MAX_GRANTED_LIFETIME,
+    ) -> None:
+        self.location = location
+        self.deadline = deadline
+        self._sock = sock
+        self._server = (location.gateway, server_port)
+        self._max_lifetime = check_max_lifetime(max_lifetime)
+        self._address = natpmp_client.KnownAddress()
+        self._nonces: pcp_client.Nonces | None = None
+        self._selected: str | None = None
+
+    @classmethod
+    def open(
+        cls,
+        gateway: str | None = None,
+        interface: str | None = None,
+        deadline: float = DEFAULT_DEADLINE,
+        *,
+        max_lifetime: int = MAX_GRANTED_LIFETIME,
+    ) -> BlockingSession:
+        """Locate the router as `RouterSession.open` does and open the session's socket.
+        Raises RouterNotFound when there is no gateway to talk to."""
+        check_max_lifetime(max_lifetime)
+        location = locate_router(gateway, interface)
+        sock = open_socket(location.local_address, (location.gateway, natpmp.SERVER_PORT))
+        return cls(location, sock, deadline, max_lifetime=max_lifetime)
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        self._sock.close()
+
+    def __enter__(self) -> BlockingSession:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- driving exchanges ------------------------------------------------------------------------------
+
+    def _run(self, exchanges: list[tuple[Exchange[Any], str]], grace: float | None = None) -> None:
+        """Drive `exchanges` (all to our server, on our socket) until each is done, or until `grace`
+        seconds after the first answer. A datagram goes to the first exchange that accepts it, as in
+        DatagramChannel."""
+        sock = self._sock
+        server = self._server
+        cutoff: float | None = None
+        while True:
+            now = time.monotonic()
+            waiting = []
+            for exchange, _ in exchanges:
+                exchange.handle_timer(now)
+                for datagram in exchange.datagrams_to_send(now):
+                    try:
+                        sock.send(datagram)
+                    except ConnectionRefusedError:
+                        self._unreachable(exchanges)
+                    except OSError:
+                        pass  # lost, as a datagram can be: retransmission covers it
+                if not exchange.done:
+                    waiting.append(exchange)
+            if grace is not None and cutoff is None and any(e.done and not e.failed for e, _ in exchanges):
+                cutoff = now + grace
+            if not waiting or (cutoff is not None and now >= cutoff):
+                return
+            due = min(t for exchange in waiting if (t := exchange.timer()) is not None)
+            if cutoff is not None:
+                due = min(due, cutoff)
+            sock.settimeout(max(0.0, due - now))
+            try:
+                data = sock.recv(MAX_DATAGRAM + 1)
+            except TimeoutError:
+                continue
+            except ConnectionRefusedError:
+                self._unreachable(exchanges)
+                continue
+            if len(data) > MAX_DATAGRAM:
+                continue
+            now = time.monotonic()
+            for exchange in waiting:
+                if exchange.receive(data, server, now) is None:
+                    break
+
+    @staticmethod
+    def _unreachable(exchanges: list[tuple[Exchange[Any], str]]) -> None:
+        for exchange, _ in exchanges:
+            exchange.unreachable()
+
+    def _one(self, exchange: Exchange[Any], what: str) -> Any:
+        self._run([(exchange, what)])
+        failure = exchange.failure(what)
+        if failure is not None:
+            raise failure
+        return exchange.result
+
+    @property
+    def _natpmp_what(self) -> str:
+        return f"NAT-PMP at {self._server[0]}:{self._server[1]}"
+
+    @property
+    def _pcp_what(self) -> str:
+        return f"PCP at {self._server[0]}:{self._server[1]}"
+
+    def _natpmp_server(self) -> tuple[IPv4Address, int]:
+        return natpmp_client.check_gateway(self._server[0]), self._server[1]
+
+    def _nonce(self, transport: Transport, internal_port: int) -> bytes:
+        if self._nonces is None:
+            from autonat.aio import pcp as pcp_client
+            from autonat.state import host_secret
+
+            self._nonces = pcp_client.Nonces(host_secret(), self.location.local_address)
+        return self._nonces(transport, internal_port)
+
+    # --- NAT-PMP and PCP ------------------------------------------------------------------------------
+
+    def external_address(self) -> IPv4Address:
+        """RFC 6886 §3.2 (NAT-PMP): the gateway's external IPv4 address. RouterTimeout,
+        RouterUnreachable or RouterRefused with a one-line reason."""
+        exchange = natpmp_client.external_address_exchange(self._natpmp_server(), time.monotonic(), self.deadline)
+        reply = self._one(exchange, self._natpmp_what)
+        natpmp_client.check(reply)
+        self._address.learned(reply, time.monotonic())
+        address: IPv4Address = reply.external_address
+        return address
+
+    def _select(self) -> str:
+        """The protocol "auto" means: PCP if the gateway answers an ANNOUNCE (RFC 6887 §14.1), else
+        NAT-PMP if it answers an external-address request, both asked at once; kept for the session."""
+        if self._selected is not None:
+            return self._selected
+        from autonat.aio import pcp as pcp_client
+        from autonat.proto import pcp
+
+        now = time.monotonic()
+        local = self.location.local_address
+        announce = pcp_client.exchange_for(pcp.Request.announce(local), self._server, now, self.deadline)
+        exchanges: list[tuple[Exchange[Any], str]] = [(announce, self._pcp_what)]
+        address = None
+        if isinstance(self._server[0], IPv4Address):
+            address = natpmp_client.external_address_exchange(self._natpmp_server(), now, self.deadline)
+            exchanges.append((address, self._natpmp_what))
+        self._run(exchanges, grace=PROBE_GRACE)
+        reasons = []
+        try:
+            pcp_client.check(self._finish(announce, self._pcp_what))
+            self._selected = "pcp"
+        except (RouterTimeout, RouterRefused) as exc:
+            reasons.append(f"pcp: {exc}")
+        if address is not None:
+            try:
+                reply = self._finish(address, self._natpmp_what)
+                natpmp_client.check(reply)
+                self._address.learned(reply, time.monotonic())
+                self._selected = self._selected or "natpmp"
+            except (RouterTimeout, RouterRefused) as exc:
+                reasons.append(f"natpmp: {exc}")
+        if self._selected is None:
+            raise ProtocolUnavailable(f"no port-mapping protocol works with {self._server[0]} ({'; '.join(reasons)})")
+        return self._selected
+
+    @staticmethod
+    def _finish(exchange: Exchange[Any], what: str) -> Any:
+        failure = exchange.failure(what)
+        if failure is not None:
+            raise failure
+        if not exchange.done:
+            raise RouterTimeout(f"no answer from {what} within {PROBE_GRACE * 1000:.0f} ms after the other protocol")
+        return exchange.result
+
+    def add(self, request: MappingRequest, protocol: BlockingChoice = "auto") -> Mapping:
+        """Map `request` through PCP or NAT-PMP ("auto": PCP if the gateway speaks it). Logs the hole
+        on the `autonat.holes` logger. Raises RouterRefused / RouterTimeout / ProtocolUnavailable."""
+        chosen = self._select() if protocol == "auto" else protocol
+        local = self.location.local_address
+        if chosen == "pcp":
+            from autonat.aio import pcp as pcp_client
+
+            nonce = self._nonce(request.transport, request.internal_port)
+            exchange = pcp_client.exchange_for(
+                pcp_client.map_request(local, nonce, request), self._server, time.monotonic(), self.deadline
+            )
+            reply = pcp_client.check(self._one(exchange, self._pcp_what))
+            mapping = pcp_client.mapping_from(reply, request, local, self._max_lifetime)
+        elif chosen == "natpmp":
+            mapping = self._natpmp_add(request, local)
+        else:
+            raise ValueError(f"protocol must be auto, pcp or natpmp here (UPnP needs RouterSession), not {protocol!r}")
+        _log_hole("opened %s", mapping.describe())
+        return mapping
+
+    def _natpmp_add(self, request: MappingRequest, local: IPv4Address | IPv6Address) -> Mapping:
+        """RFC 6886 §3.3, with the external address as `NatPmpClient.add` gets it (ADDRESS_TRUST)."""
+        now = time.monotonic()
+        exchange = natpmp_client.map_exchange(
+            self._natpmp_server(), natpmp_client.map_request(request), now, self.deadline
+        )
+        exchanges: list[tuple[Exchange[Any], str]] = [(exchange, self._natpmp_what)]
+        address = None
+        if not self._address.fresh(now):
+            address = natpmp_client.external_address_exchange(self._natpmp_server(), now, self.deadline)
+            exchanges.append((address, self._natpmp_what))
+        self._run(exchanges)
+        reply = self._finish(exchange, self._natpmp_what)
+        natpmp_client.check(reply)
+        external = None
+        if address is not None and not address.failed:
+            answer = address.result
+            if isinstance(answer, natpmp.ExternalAddressResponse) and answer.result == natpmp.ResultCode.SUCCESS:
+                self._address.learned(answer, time.monotonic())
+                external = answer.external_address
+        else:
+            external = self._address.still_valid(reply.epoch, time.monotonic())
+            if external is None:
+                try:
+                    external = self.external_address()
+                except (RouterTimeout, RouterRefused):
+                    external = None  # the mapping exists; an unknown address is reported, not fatal
+        return natpmp_client.mapping_from(reply, request, local, external, self._max_lifetime)
+
+    def delete(self, transport: Transport, internal_port: int, protocol: BlockingChoice = "auto") -> str:
+        """Delete our mapping of `internal_port`; one that is not there is success. Returns the
+        protocol used."""
+        chosen = self._select() if protocol == "auto" else protocol
+        local = self.location.local_address
+        if chosen == "pcp":
+            from autonat.aio import pcp as pcp_client
+            from autonat.proto import pcp
+
+            request = pcp.Request.delete(local, self._nonce(transport, internal_port), transport, internal_port)
+            exchange = pcp_client.exchange_for(request, self._server, time.monotonic(), self.deadline)
+            try:
+                pcp_client.check(self._one(exchange, self._pcp_what))
+            except RouterRefused as exc:
+                if not pcp_client.deleted(exc):
+                    raise
+        elif chosen == "natpmp":
+            unmap = natpmp_client.map_exchange(
+                self._natpmp_server(),
+                natpmp.MapRequest.delete(transport, internal_port),
+                time.monotonic(),
+                self.deadline,
+            )
+            natpmp_client.check(self._one(unmap, self._natpmp_what))
+        else:
+            raise ValueError(f"protocol must be auto, pcp or natpmp here (UPnP needs RouterSession), not {protocol!r}")
+        _log_hole("closed %s %s:%d via %s", transport, local, internal_port, chosen)
+        return chosen
+
+    def remove(self, mapping: Mapping) -> None:
+        """Delete a mapping `add` returned, through the protocol that made it."""
+        if mapping.protocol not in ("pcp", "natpmp"):
+            raise ValueError(f"not a mapping made by a BlockingSession: protocol {mapping.protocol!r}")
+        self.delete(mapping.transport, mapping.internal_port, "pcp" if mapping.protocol == "pcp" else "natpmp")
+
+
+def _log_hole(message: str, *args: object) -> None:
+    import logging  # only when a hole is opened or closed: the cold path stays without it
+
+    logger = logging.getLogger(HOLES_LOGGER)
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(message, *args)
+
+
+def external_address(
+    gateway: str | None = None, interface: str | None = None, timeout: float = DEFAULT_DEADLINE
+) -> IPv4Address:
+    """The router's external IPv4 address, asked once over NAT-PMP (RFC 6886 §3.2), no event loop."""
+    with BlockingSession.open(gateway, interface, timeout) as router:
+        return router.external_address()
+
+
+def open_router(
+    gateway: str | None = None,
+    interface: str | None = None,
+    timeout: float = DEFAULT_DEADLINE,
+    *,
+    max_lifetime: int = MAX_GRANTED_LIFETIME,
+) -> BlockingSession:
+    """A `BlockingSession` with the router (a context manager): PCP and NAT-PMP without an event loop."""
+    return BlockingSession.open(gateway, interface, timeout, max_lifetime=max_lifetime)
