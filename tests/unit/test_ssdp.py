@@ -552,3 +552,20 @@ def test_the_error_names_the_first_few_candidates_and_counts_the_rest() -> None:
     assert "fine" not in text and text.endswith("; and 2 more)")
     assert "http://192.168.77.4:80/d.xml: router's" not in text  # the location is named once, not twice
     assert _reasons([]) == ""
+
+
+def test_a_named_gateway_admits_no_stand_in() -> None:
+    """--gateway pins discovery: the CARP leniency (another responder's LOCATION on the gateway, or the
+    responder's own host) gives way; only the named gateway, answering for itself, is taken."""
+    validate_location = ssdp.validate_location
+    net = IPv4Network("192.168.1.0/24")
+    gateway, other = IPv4Address("192.168.1.1"), IPv4Address("192.168.1.2")
+    url = "http://192.168.1.1:5000/rootDesc.xml"
+    assert validate_location(url, responder=gateway, gateway=gateway, local_network=net, pinned=True).host == gateway
+    assert validate_location(url, responder=other, gateway=gateway, local_network=net).host == gateway  # CARP
+    with pytest.raises(DecodeError, match=r"answered by 192\.168\.1\.2, not the gateway 192\.168\.1\.1 asked for"):
+        validate_location(url, responder=other, gateway=gateway, local_network=net, pinned=True)
+    with pytest.raises(DecodeError, match=r"LOCATION host 192\.168\.1\.2 is not the gateway"):
+        validate_location(
+            "http://192.168.1.2/d.xml", responder=gateway, gateway=gateway, local_network=net, pinned=True
+        )

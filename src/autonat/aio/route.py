@@ -37,6 +37,7 @@ class RouterLocation:
     local_address: IPv4Address | IPv6Address
     interface: str | None
     network: IPv4Network | IPv6Network | None = None
+    pinned: bool = False  # the user named the gateway (--gateway): no other host may stand in for it
 
     @property
     def local_network(self) -> IPv4Network | IPv6Network:
@@ -148,7 +149,7 @@ def locate_router(gateway: str | None = None, interface: str | None = None) -> R
         if wanted is None:
             raise RouterNotFound(f"finding the gateway is not supported on {sys.platform} yet; use --gateway")
         local = _local_address_towards(wanted, interface)
-        return RouterLocation(wanted, local, interface, _interface_network(interface, local))
+        return RouterLocation(wanted, local, interface, _interface_network(interface, local), pinned=True)
     found, source, name = lookup(wanted, interface)
     local = source or _local_address_towards(found, interface)
-    return RouterLocation(found, local, name, _interface_network(name, local))
+    return RouterLocation(found, local, name, _interface_network(name, local), pinned=wanted is not None)

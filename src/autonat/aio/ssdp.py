@@ -117,6 +117,7 @@ class _SearchProtocol(asyncio.DatagramProtocol):
                 responder=responder,
                 gateway=self.where.gateway,
                 local_network=self.where.local_network,
+                pinned=self.where.pinned,
             )
         except (DecodeError, ValueError) as exc:
             self.drops[str(exc)] += 1

@@ -413,6 +413,7 @@ def validate_location(
     responder: IPv4Address | IPv6Address,
     gateway: IPv4Address | IPv6Address,
     local_network: IPv4Network | IPv6Network,
+    pinned: bool = False,
 ) -> Location:
     """Check a LOCATION URL before anything fetches it; DecodeError with the reason if unsafe.
 
@@ -422,7 +423,9 @@ def validate_location(
     OPNsense/pfSense CARP pair answers from its own LAN address, not the virtual gateway:
     docs/QUIRKS.md S3); port 1..65535 (TP-Link ER605 serves on 1900: S4), 80 when absent; the path
     defaults to "/". A host name is refused even if it would
-    resolve to the gateway: resolution is exactly the step an attacker controls.
+    resolve to the gateway: resolution is exactly the step an attacker controls. With `pinned` (the user
+    named the gateway), both the responder and the LOCATION host must be that gateway: the CARP leniency
+    gives way to what the user asked for.
 
     The parsing is done by hand rather than with urllib.parse, whose lenient corners (brackets,
     backslashes, `@` in odd places) are where two URL parsers disagree about the host.
@@ -466,6 +469,10 @@ def validate_location(
         raise DecodeError(f"LOCATION points to {host}: {bad}")
     if host.version != local_network.version or host not in local_network:
         raise DecodeError(f"LOCATION host {host} is outside the local network {local_network}")
+    if pinned and responder != gateway:
+        raise DecodeError(f"answered by {responder}, not the gateway {gateway} asked for (--gateway)")
+    if pinned and host != gateway:
+        raise DecodeError(f"LOCATION host {host} is not the gateway {gateway} asked for (--gateway)")
     if host not in (responder, gateway):
         raise DecodeError(f"LOCATION host {host} is neither the responder nor the gateway")
 
