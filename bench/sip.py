@@ -422,7 +422,8 @@ def wait_for_router(daemon: Daemon, pool: int, timeout: float = 30.0) -> dict[st
         status = daemon.request({"cmd": "status"})
         mappings = status.get("mappings", [])
         active = [m for m in mappings if m.get("state") == "active"]
-        if profile.get("Ext-SIP-IP") == ROUTER_WAN and len(active) == len(mappings) and len(active) >= 1 + 2 * pool:
+        external = profile.get("ext_sip_ip", profile.get("Ext-SIP-IP"))  # the profile status's key, old and new
+        if external == ROUTER_WAN and len(active) == len(mappings) and len(active) >= 1 + 2 * pool:
             return status
         time.sleep(0.2)
     raise RuntimeError(f"daemon did not reach the router in {timeout} s: {status}\n{daemon.log()}")

@@ -491,6 +491,14 @@ class UdpPacket:
     src: tuple[str, int]
     dst: tuple[str, int]
     length: int  # UDP payload bytes
+    head: bytes = b""  # the payload's first 12 bytes (an RTP header: sequence number, SSRC ...), as captured
+
+    @property
+    def ssrc(self) -> int | None:
+        """The SSRC of an RTP packet (RFC 3550 §5.1), None for anything else (RTCP, STUN, short)."""
+        if len(self.head) < 12 or self.head[0] >> 6 != 2 or 192 <= self.head[1] <= 223:
+            return None
+        return int.from_bytes(self.head[8:12], "big")
 
 
 @dataclass(frozen=True)
@@ -515,7 +523,7 @@ _PCAP_MAGIC = {
 _MAX_RECORD = 1 << 18
 
 
-def _ip_udp(frame: bytes) -> tuple[tuple[str, int], tuple[str, int], int] | None:
+def _ip_udp(frame: bytes) -> tuple[tuple[str, int], tuple[str, int], int, bytes] | None:
     if not frame:
         return None
     version = frame[0] >> 4
@@ -525,16 +533,16 @@ def _ip_udp(frame: bytes) -> tuple[tuple[str, int], tuple[str, int], int] | None
         if frame[9] != 17 or fragment or len(frame) < header + 8:
             return None
         src_ip, dst_ip = str(ipaddress.IPv4Address(frame[12:16])), str(ipaddress.IPv4Address(frame[16:20]))
-        udp = frame[header : header + 8]
+        udp = frame[header : header + 20]
     elif version == 6 and len(frame) >= 48:
         if frame[6] != 17:  # no extension headers on our own test traffic
             return None
         src_ip, dst_ip = str(ipaddress.IPv6Address(frame[8:24])), str(ipaddress.IPv6Address(frame[24:40]))
-        udp = frame[40:48]
+        udp = frame[40:60]
     else:
         return None
     sport, dport, length = struct.unpack("!HHH", udp[:6])
-    return (src_ip, sport), (dst_ip, dport), max(0, length - 8)
+    return (src_ip, sport), (dst_ip, dport), max(0, length - 8), bytes(udp[8:20])
 
 
 def _link_payload(linktype: int, data: bytes) -> bytes | None:

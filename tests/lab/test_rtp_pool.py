@@ -40,7 +40,8 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
     for _ in range(count):
         sock.sendto(packet, (host, port))
         try:
-            back += sock.recv(2048) == packet
+            # The echo re-originates (its own SSRC, sequence and timestamp): the payload comes back.
+            back += sock.recv(2048)[12:] == packet[12:]
         except TimeoutError:
             pass
 print(back)

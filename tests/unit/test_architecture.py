@@ -40,6 +40,11 @@ CORES = [
     "sip/admission.py",
     "sip/guard.py",
     "doctor/findings.py",
+    "sip/core.py",
+    "sip/dialog.py",
+    "sip/session.py",
+    "sip/ice.py",
+    "sip/rtp.py",
 ]
 IO_MODULES = {"asyncio", "socket", "selectors", "threading", "time", "sqlite3", "subprocess", "ssl"}
 

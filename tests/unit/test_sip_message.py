@@ -16,6 +16,7 @@ from autonat.sip.message import (
     KEEPALIVE,
     MAX_TCP_MESSAGE,
     MAX_UDP_MESSAGE,
+    BadRequest,
     Headers,
     KeepAlive,
     Request,
@@ -322,9 +323,8 @@ INVALID = {
     "CSeq overflow": SIPP_INVITE.replace(b"CSeq: 1 INVITE", b"CSeq: 36893488147419103232 INVITE"),
     "Max-Forwards 300": SIPP_INVITE.replace(b"Max-Forwards: 70", b"Max-Forwards: 300"),
     "missing To": SIPP_INVITE.replace(b"To: service <sip:service@192.0.2.10:5060>\r\n", b""),
-    "missing Max-Forwards": SIPP_INVITE.replace(b"Max-Forwards: 70\r\n", b""),
     "missing Via": SIPP_INVITE.replace(b"Via: SIP/2.0/UDP 10.0.0.5:5061;branch=z9hG4bK-4242-1-0\r\n", b""),
-    "Via without branch": SIPP_INVITE.replace(b";branch=z9hG4bK-4242-1-0", b""),
+    "response Via without branch": OK_200.replace(b";branch=z9hG4bK", b";x=z9hG4bK", 1),
     "Via bad port": SIPP_INVITE.replace(b"10.0.0.5:5061;branch", b"10.0.0.5:99999;branch"),
     "Via bad rport": REGISTER.replace(b";rport;", b";rport=0;"),
     "Via brackets not IPv6": OPTIONS.replace(b"[2001:db8::1]:5060", b"[10.0.0.1]:5060"),
@@ -352,8 +352,7 @@ def test_invalid_messages(data: bytes) -> None:
     ("data", "reason"),
     [
         (BYE.replace(b"2 BYE", b"2 INVITE"), "CSeq method INVITE does not match request method BYE"),
-        (SIPP_INVITE.replace(b"Max-Forwards: 70\r\n", b""), "missing Max-Forwards header"),
-        (SIPP_INVITE.replace(b";branch=z9hG4bK-4242-1-0", b""), "top Via has no branch"),
+        (OK_200.replace(b";branch=z9hG4bK", b";x=z9hG4bK", 1), "top Via has no branch"),
         (SIPP_INVITE.replace(b"Call-ID: 1-4242@10.0.0.5\r\n", b""), "missing Call-ID header"),
     ],
 )
@@ -508,7 +507,7 @@ def test_caps_reject_before_heavy_work() -> None:
     with pytest.raises(DecodeError):
         StreamParser().feed(many_lines)
     assert time.perf_counter() - started < 0.05
-    via_flood = SIPP_INVITE.replace(b"Via: ", b"Via: SIP/2.0/UDP h;branch=z9hG4bKx, " * 40 + b"Via: ")
+    via_flood = SIPP_INVITE.replace(b"Via: ", b"Via: SIP/2.0/UDP h;branch=z9hG4bKx, " * 70 + b"Via: ")
     with pytest.raises(DecodeError, match="Via values"):
         parse_message(via_flood)
 
@@ -516,10 +515,20 @@ def test_caps_reject_before_heavy_work() -> None:
 # --------------------------------------------------------------------------------------------- fuzzing
 
 
+def answered(bad: BadRequest) -> None:
+    """The answer to a broken request serializes (its Via and CSeq copied as they came, §8.2.6.2)."""
+    wire = bad.response("t").serialize()
+    assert wire.startswith(f"SIP/2.0 {bad.status} ".encode()) and b"\r\nVia: " in wire
+    assert bad.method != "ACK" and 400 <= bad.status <= 599
+
+
 def check(data: bytes, *, round_trip: bool = True) -> None:
     """The fuzz oracle: DecodeError or a value whose accessors work and which survives a round trip."""
     try:
         message = parse_message(data)
+    except BadRequest as bad:
+        answered(bad)
+        return
     except DecodeError:
         return
     if isinstance(message, KeepAlive):
@@ -602,7 +611,9 @@ def test_fuzz_stream(noise: bytes, which: int) -> None:
     try:
         for index in range(0, len(data), 7):
             for item in parser.feed(data[index : index + 7]):
-                assert isinstance(item, Request | Response | KeepAlive)
+                assert isinstance(item, Request | Response | KeepAlive | BadRequest)
+                if isinstance(item, BadRequest):
+                    answered(item)
     except DecodeError:
         pass
 
@@ -659,3 +670,69 @@ def test_generated_messages_round_trip(data: bytes) -> None:
     assert parse_message(message.serialize()) == message
     stream = StreamParser()
     assert stream.feed(message.serialize() * 2) == [message, message]
+
+
+# --------------------------------------------------------------------------------------------- answerable defects
+
+
+def test_rfc_2543_requests_parse_without_branch_or_max_forwards() -> None:
+    """RFC 4475 §3.4.1: an RFC 3261 element keeps backwards compatibility with RFC 2543 requests."""
+    old = SIPP_INVITE.replace(b";branch=z9hG4bK-4242-1-0", b"").replace(b"Max-Forwards: 70\r\n", b"")
+    request = parse_request(old)
+    assert request.top_via().branch is None and not request.top_via().has_magic_cookie
+    assert request.max_forwards() is None
+    bare_cookie = parse_request(SIPP_INVITE.replace(b"branch=z9hG4bK-4242-1-0", b"branch=z9hG4bK"))
+    assert not bare_cookie.top_via().has_magic_cookie  # RFC 4475 §3.2.1: no identifier after the cookie
+
+
+def test_control_characters_only_as_quoted_pairs() -> None:
+    quoted = SIPP_INVITE.replace(b"From: sipp <", b'From: "a\\\x00b\\\x07" <')
+    assert parse_request(quoted).from_tag() == "4242SIPpTag001"
+    bare = SIPP_INVITE.replace(b"From: sipp <", b'From: "a\x00b" <')
+    with pytest.raises(DecodeError, match="control character"):
+        parse_message(bare)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "phrase"),
+    [
+        (SIPP_INVITE.replace(b"Call-ID: 1-4242@10.0.0.5\r\n", b""), 400, "Bad Request: missing Call-ID header"),
+        (SIPP_INVITE.replace(b"5060 SIP/2.0", b"5060 SIP/3.0"), 505, "Version Not Supported"),
+        (SIPP_INVITE.replace(b"INVITE sip", b"FOO sip"), 501, "Not Implemented"),  # its CSeq says INVITE
+        (SIPP_INVITE.replace(b"From: sipp <", b"From: Doe, John <"), 400, "Bad Request: From display name"),
+        (SIPP_INVITE.replace(b"Subject: Performance Test", b"Subject: " + b"x" * 9000), 513, "Message Too Large"),
+    ],
+)
+def test_a_broken_request_carries_its_answer(data: bytes, status: int, phrase: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_message(data)
+    response = info.value.response(to_tag="ours")
+    assert (response.status, response.reason[: len(phrase)]) == (status, phrase)
+    assert response.headers.get("Via") == "SIP/2.0/UDP 10.0.0.5:5061;branch=z9hG4bK-4242-1-0"
+    assert response.cseq() == (1, "INVITE") and response.to_tag() == "ours"
+    answered(info.value)
+    assert (response.headers.get("Allow") is not None) is (status == 501)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        OK_200.replace(b"CSeq: 1 BYE", b"CSeq: x BYE"),  # responses are never answered
+        ACK.replace(b"Call-ID:", b"X-Call-ID:"),  # neither is an ACK (§17.1.1.3)
+        SIPP_INVITE.replace(b"Via: SIP/2.0/UDP 10.0.0.5:5061;branch=z9hG4bK-4242-1-0\r\n", b"").replace(
+            b"Call-ID:", b"X-Call-ID:"
+        ),  # no Via: the answer could reach no transaction
+    ],
+)
+def test_unanswerable_defects_stay_plain_decode_errors(data: bytes) -> None:
+    with pytest.raises(DecodeError) as info:
+        parse_message(data)
+    assert not isinstance(info.value, BadRequest)
+
+
+def test_a_stream_answers_a_broken_request_and_reads_on() -> None:
+    parser = StreamParser()
+    broken = BYE.replace(b"2 BYE", b"2 INVITE")
+    out = parser.feed(broken + BYE)
+    assert isinstance(out[0], BadRequest) and out[0].response().status == 400
+    assert out[1] == parse_message(BYE)

@@ -398,8 +398,11 @@ def test_outcome_of_a_good_register_and_of_a_challenge() -> None:
     # Authenticated but refused afterwards: the user is known, nothing failed authentication.
     other = registrar.handle(authed(server, T0, f"Contact: <{CONTACT}>", to_user="106"), T0, SOURCE, to_tag="t")
     assert (other.response.status, other.user, other.failure) == (403, "105", None)
+    # Malformed whoever sends it (RFC 4475 §3.3.4): refused before the credentials are even looked at.
     bad = registrar.handle(authed(server, T0, "Contact: <mailto:x@y>"), T0, SOURCE, to_tag="t")
-    assert (bad.response.status, bad.user, bad.failure) == (400, "105", None)
+    assert (bad.response.status, bad.user, bad.failure) == (400, None, None)
+    unchallenged = registrar.handle(request("Contact: sip:105@x?Route=%3Csip:p%3E"), T0, SOURCE, to_tag="t")
+    assert unchallenged.response.status == 400  # RFC 4475 §3.1.2.13: URI headers outside <>
 
 
 def test_nonces_are_bound_to_the_client_address() -> None:
@@ -449,7 +452,7 @@ def test_wrong_aor() -> None:
     req = authed(server, T0, "Contact: <sip:105@x>").replace(
         headers=authed(server, T0).headers.replace("To", "<tel:+15551234>")
     )
-    assert handle(registrar, req, T0, SOURCE, to_tag="t").status == 404
+    assert handle(registrar, req, T0, SOURCE, to_tag="t").status == 400  # RFC 4475 §3.3.4: not a SIP AOR
     assert registrar.count(T0) == 0
 
 

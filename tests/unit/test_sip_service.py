@@ -25,6 +25,7 @@ from autonat.advertise import ProfileSettings
 from autonat.engine.engine import NatEngine
 from autonat.engine.events import EventKind
 from autonat.engine.settings import NatSettings
+from autonat.proto.errors import DecodeError
 from autonat.service.profiles import ProfileManager
 from autonat.service.settings import SipProfileSettings, SipSettings
 from autonat.service.sip import SipService
@@ -43,9 +44,19 @@ RTP = bytes([0x80, 8]) + b"\x00\x01" + b"\x00" * 8 + b"payload" * 20
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A port free for UDP and TCP alike (a profile binds both), as far as a probe can tell."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket(socket.AF_INET) as tcp:
+                udp.bind((LOOPBACK, port))
+                tcp.bind((LOOPBACK, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port")
 
 
 class Phone(asyncio.DatagramProtocol):
@@ -53,6 +64,7 @@ class Phone(asyncio.DatagramProtocol):
 
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[Request | Response] = asyncio.Queue()
+        self.raw: list[bytes] = []
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
 
@@ -61,8 +73,11 @@ class Phone(asyncio.DatagramProtocol):
         self.port = transport.get_extra_info("sockname")[1]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        message = parse_message(data)
-        assert not isinstance(message, type(None))
+        self.raw.append(data)
+        try:
+            message = parse_message(data)
+        except DecodeError:
+            return  # e.g. the answer to a request without Call-ID has none either (§8.2.6.2): see `raw`
         if isinstance(message, Request | Response):
             self.inbox.put_nowait(message)
 
@@ -203,10 +218,16 @@ async def test_echo_call_answers_with_sdp_echoes_rtp_and_ends_on_bye() -> None:
         assert "m=video 0 " in ok.body.decode()  # the second stream is declined, the stream count kept
         assert ok.headers.get("Contact") == f"<sip:9196@{LOOPBACK}:{rig.port}>"
         phone.send(ack_for(invite, ok, phone), rig.port)
-        for _ in range(5):
-            media.sendto(RTP, (LOOPBACK, answer.port))
-        echoed = [await asyncio.wait_for(got.get(), 2) for _ in range(5)]
-        assert all(data == RTP for data, _ in echoed)
+        sent = [RTP[:2] + seq.to_bytes(2, "big") + RTP[4:] for seq in (7, 8, 9, 11, 12)]  # a gap at 10
+        for packet in sent:
+            media.sendto(packet, (LOOPBACK, answer.port))
+        echoed = [data for data, _ in [await asyncio.wait_for(got.get(), 2) for _ in sent]]
+        # Re-originated (RFC 3550 §8.2): the caller's payload under our own SSRC and sequence numbers, the
+        # gap kept.
+        assert all(data[12:] == RTP[12:] for data in echoed)
+        assert len({data[8:12] for data in echoed}) == 1 and echoed[0][8:12] != RTP[8:12]
+        sequence = [int.from_bytes(data[2:4], "big") for data in echoed]
+        assert [(n - sequence[0]) % 65536 for n in sequence] == [0, 1, 2, 4, 5]
         assert [c.describe()["state"] for c in rig.service.calls] == ["answered"]
         bye = caller_bye(invite, ok, port=rig.port, via_port=phone.port, transport="udp")
         phone.send(bye, rig.port)
@@ -235,14 +256,15 @@ async def test_a_caller_that_never_acks_gets_bye_after_64_t1_and_the_ports_come_
         assert len(rig.service.pairs) == rig.service.pairs.total
 
 
-async def test_unknown_number_404_no_offer_488_and_options_200() -> None:
+async def test_unknown_number_404_srtp_only_488_and_options_200() -> None:
     async with running() as rig:
         phone = await rig.phone()
         invite = rig.invite(phone, "no/such", media_port=free_port())
         phone.send(invite, rig.port)
         assert isinstance(await phone.expect("404"), Response)
-        empty = rig.invite(phone, "9196", media_port=free_port()).replace(body=b"")
-        phone.send(empty, rig.port)
+        savp = rig.invite(phone, "9196", media_port=free_port())
+        savp = savp.replace(body=savp.body.replace(b"RTP/AVP", b"RTP/SAVP"))
+        phone.send(savp, rig.port)
         assert isinstance(await phone.expect("488"), Response)
         options = sipclient.make_request(
             "OPTIONS",
@@ -565,9 +587,8 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 async def test_echo_call_over_tls(certificate: tuple[Path, Path]) -> None:
     async with running(tls=certificate) as rig:
-        profile = rig.service.sip_profiles["test"]
-        assert profile.transport is not None and profile.transport.transports == ("udp", "tcp", "tls")
-        port = profile.settings.tls_sip_port
+        assert rig.service.transports["test"].transports == ("udp", "tcp", "tls")
+        port = rig.service.transports["test"].tls_port
         assert port is not None
         context = ssl.create_default_context(cafile=str(certificate[0]))
         context.check_hostname = False
@@ -704,7 +725,7 @@ async def test_gateway_registration_and_an_outbound_call_with_digest_on_both() -
         assert isinstance(await provider.expect("ACK"), Request)
         ok = await caller.expect("200")
         assert isinstance(ok, Response) and first_audio(ok.body.decode()) is not None
-        assert service.sip_profiles["test"].calls_out == 1
+        assert service.status("test")["CALLS-OUT"] == 1
         transport.close()
         await service.stop()
         stopped = True
@@ -756,3 +777,53 @@ async def test_a_re_invite_is_answered_with_the_same_media_and_its_200_resent_un
         await asyncio.sleep(0.5)
         assert phone.inbox.empty(), "the 200 was still resent after the ACK"
         assert [call.describe()["state"] for call in rig.service.calls] == ["answered"]
+
+
+async def test_a_late_offer_call_is_answered_with_our_offer_and_echoes_after_the_ack() -> None:
+    """RFC 3261 §13.2.1: an INVITE without SDP gets our offer in the 200; the answer comes in the ACK."""
+    async with running() as rig:
+        phone = await rig.phone()
+        media, got, media_port = await media_socket()
+        invite = rig.invite(phone, "9196", media_port=media_port).replace(body=b"")
+        invite = invite.replace(headers=invite.headers.without("Content-Type"))
+        phone.send(invite, rig.port)
+        ok = await phone.expect("200")
+        ours = first_audio(ok.body.decode())
+        assert isinstance(ok, Response) and ours is not None and ours.formats == ("0", "8", "9", "101")
+        answer = OFFER.format(port=media_port, port2=media_port + 2).replace("8 0 101", "8").encode()
+        ack = sipclient.ack_for_2xx(
+            invite, ok, branch=sipclient.new_branch(), body=answer, content_type="application/sdp"
+        )
+        phone.send(ack, rig.port)
+        media.sendto(RTP, (LOOPBACK, ours.port))
+        data, _ = await asyncio.wait_for(got.get(), 2)
+        assert data[12:] == RTP[12:]
+        assert [c.describe()["legs"][0]["direction"] for c in rig.service.calls] == ["sendrecv"]
+        media.close()
+
+
+async def test_a_request_that_does_not_parse_is_answered_400_naming_the_defect() -> None:
+    async with running() as rig:
+        phone = await rig.phone()
+        assert phone.transport is not None
+        invite = rig.invite(phone, "9196", media_port=free_port())
+        phone.transport.sendto(
+            invite.replace(headers=invite.headers.without("Call-ID")).serialize(), (LOOPBACK, rig.port)
+        )
+        async with asyncio.timeout(3):
+            while not phone.raw:
+                await asyncio.sleep(0.01)
+        assert phone.raw[0].startswith(b"SIP/2.0 400 Bad Request: missing Call-ID header\r\n")
+        assert b"\r\nCSeq: 1 INVITE\r\n" in phone.raw[0] and b"\r\nCall-ID:" not in phone.raw[0]
+        assert rig.service.status("test")["SIP-Messages"]["malformed"] == 1
+        # Over TCP the stream reads on after the answer (its framing held).
+        reader, writer = await asyncio.open_connection(LOOPBACK, rig.port)
+        stream = StreamPhone(reader, writer)
+        options = stream_invite(rig, stream, "tcp", rig.port).replace(method="OPTIONS", body=b"")
+        options = options.replace(headers=options.headers.replace("CSeq", "2 OPTIONS").without("Content-Type"))
+        stream.send(options.replace(headers=options.headers.replace("CSeq", "2 INVITE")))  # §8.1.1.5 mismatch
+        mismatch = await stream.expect("400")
+        assert mismatch.reason == "Bad Request: CSeq method INVITE does not match request method OPTIONS"
+        stream.send(options)
+        assert isinstance(await stream.expect("200"), Response)
+        writer.close()

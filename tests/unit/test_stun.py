@@ -41,6 +41,7 @@ from autonat.proto.stun import (
     StunMessage,
     binding_success_address,
     build_binding_request,
+    check_integrity,
     decode_address,
     encode_error_code,
     encode_mapped_address,
@@ -152,6 +153,25 @@ def test_rfc5769_vectors_are_the_published_bytes() -> None:
     assert (len(RFC5769_REQUEST), len(RFC5769_IPV4_RESPONSE), len(RFC5769_IPV6_RESPONSE)) == (108, 80, 92)
 
 
+def test_short_term_integrity_of_the_rfc5769_vectors() -> None:
+    """RFC 8489 §14.5 with the RFC 5769 password: what an ICE-lite agent checks and signs (RFC 8445 §7.2.2)."""
+    for vector in (RFC5769_REQUEST, RFC5769_IPV4_RESPONSE, RFC5769_IPV6_RESPONSE):
+        assert check_integrity(vector, RFC5769_PASSWORD)
+        assert not check_integrity(vector, b"another password")
+    assert not check_integrity(build_binding_request(TID), RFC5769_PASSWORD)  # none to check
+
+
+def test_a_signed_response_checks_out_and_keeps_its_fingerprint_last() -> None:
+    attributes = (encode_xor_mapped_address(IPv4Address("203.0.113.100"), 40000, TID),)
+    wire = StunMessage(MessageClass.SUCCESS, Method.BINDING, TID, attributes).encode(integrity=b"pwd", fingerprint=True)
+    decoded = parse_message(wire)  # the FINGERPRINT is verified on the way
+    assert [a.type for a in decoded.attributes] == [0x0020, 0x0008, 0x8028]
+    assert check_integrity(wire, b"pwd") and not check_integrity(wire, b"pwe")
+    tampered = bytearray(wire)
+    tampered[27] ^= 1  # the mapped port, inside the signed part
+    assert not check_integrity(bytes(tampered), b"pwd")
+
+
 def test_rfc5769_sample_request() -> None:
     message = parse_message(RFC5769_REQUEST)  # its FINGERPRINT is verified on the way
     assert (message.message_class, message.method, message.transaction_id) == (
@@ -163,7 +183,7 @@ def test_rfc5769_sample_request() -> None:
     username = message.get(AttributeType.USERNAME)
     assert username is not None and username.value == b"evtj:h6vY"
     assert [a.type for a in message.attributes] == [0x8022, 0x0024, 0x8029, 0x0006, 0x0008, 0x8028]
-    assert message.unknown_comprehension_required == (0x0024,)  # PRIORITY is ICE's (RFC 8445), not ours
+    assert message.unknown_comprehension_required == ()  # PRIORITY (RFC 8445 §16.1) is known: ICE-lite reads it
 
 
 def test_rfc5769_ipv4_response() -> None:

@@ -1030,6 +1030,11 @@ def _sip(table: _Table, top: _Table, report: _Report) -> SipSettings:
     if auth_max_ban < auth_ban:
         table.error("auth-max-ban", f"must be at least auth-ban ({auth_ban:g})")
     reply = table.flag("reply-to-source", defaults.reply_to_source)
+    session_expires = table.integer("session-expires", defaults.session_expires, 90, 86400, " s (RFC 4028)")
+    min_se = table.integer("min-se", defaults.min_se, 90, 86400, " s (RFC 4028: at least 90)")
+    if session_expires < min_se:
+        table.error("session-expires", f"must be at least min-se ({min_se})")
+    register_wait = table.number("register-wait", defaults.register_wait, 0, 300, " s")
     table.finish()
     users: list[tuple[str, str]] = []
     for _, user in _array_of_tables(top, "user"):
@@ -1065,6 +1070,9 @@ def _sip(table: _Table, top: _Table, report: _Report) -> SipSettings:
         auth_ban=auth_ban,
         auth_max_ban=auth_max_ban,
         reply_to_source=reply,
+        session_expires=session_expires,
+        min_se=min_se,
+        register_wait=register_wait,
     )
 
 

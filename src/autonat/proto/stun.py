@@ -1,4 +1,5 @@
-"""STUN Binding codec (RFC 8489), sans-IO: enough to learn our reflexive address from a STUN server.
+"""STUN Binding codec (RFC 8489), sans-IO: enough to learn our reflexive address from a STUN server, and to
+answer ICE connectivity checks as an ICE-lite agent (RFC 8445 §7.3) on the media ports of a call.
 
 Covers the message header (§5), the Binding method, the attributes a Binding transaction needs
 (XOR-MAPPED-ADDRESS §14.2, MAPPED-ADDRESS §14.1, ERROR-CODE §14.8, UNKNOWN-ATTRIBUTES §14.9,
@@ -7,7 +8,9 @@ SOFTWARE §14.14, FINGERPRINT §14.7) and encoders for the fake servers in the t
 What we send: a 20-byte Binding request, optionally with SOFTWARE, never with FINGERPRINT. FINGERPRINT
 only serves to tell STUN from other protocols multiplexed on one port (§7), and we talk to a dedicated
 server port. A FINGERPRINT *received* is verified, though: it costs one CRC and catches corruption.
-MESSAGE-INTEGRITY (§14.5) is not checked: a plain Binding carries no credentials.
+MESSAGE-INTEGRITY (§14.5) is not checked on those replies: a plain Binding carries no credentials. ICE
+checks do carry short-term credentials (RFC 8445 §7.2.2: the key is the answering agent's ice-pwd):
+`check_integrity` verifies a request's HMAC-SHA1 and `encode(integrity=key)` signs a response.
 
 What Debian's `stund` 0.97 (the Vovida server in the lab) actually answers, measured:
 MAPPED-ADDRESS, SOURCE-ADDRESS (0x0004), CHANGED-ADDRESS (0x0005), XOR-MAPPED-ADDRESS with the RFC 8489
@@ -25,6 +28,8 @@ with a one-line reason; no other exception escapes, whatever the input.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import os
 import struct
 import zlib
@@ -50,6 +55,7 @@ __all__ = [
     "StunMessage",
     "binding_success_address",
     "build_binding_request",
+    "check_integrity",
     "decode_address",
     "encode_error_code",
     "encode_mapped_address",
@@ -128,6 +134,8 @@ class AttributeType(enum.IntEnum):
     PASSWORD_ALGORITHM = 0x001D
     USERHASH = 0x001E
     XOR_MAPPED_ADDRESS = 0x0020
+    PRIORITY = 0x0024  # RFC 8445 §16.1
+    USE_CANDIDATE = 0x0025
     PASSWORD_ALGORITHMS = 0x8002
     ALTERNATE_DOMAIN = 0x8003
     SOFTWARE = 0x8022
@@ -135,6 +143,8 @@ class AttributeType(enum.IntEnum):
     FINGERPRINT = 0x8028
     RESPONSE_ORIGIN = 0x802B  # RFC 5780
     OTHER_ADDRESS = 0x802C  # RFC 5780
+    ICE_CONTROLLED = 0x8029  # RFC 8445 §16.1
+    ICE_CONTROLLING = 0x802A
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in AttributeType)
@@ -229,10 +239,16 @@ class StunMessage:
         attribute = self.get(AttributeType.SOFTWARE)
         return None if attribute is None else _printable(attribute.value.decode("utf-8", "replace").rstrip(" \0"))
 
-    def encode(self, *, fingerprint: bool = False) -> bytes:
-        """The message on the wire; with `fingerprint`, a FINGERPRINT attribute (§14.7) is appended."""
+    def encode(self, *, fingerprint: bool = False, integrity: bytes | None = None) -> bytes:
+        """The message on the wire; with `integrity` (a short-term key, RFC 8489 §9.1.1) a MESSAGE-INTEGRITY
+        attribute (§14.5) follows the attributes, and with `fingerprint` a FINGERPRINT (§14.7) comes last."""
         body = b"".join(a.encode() for a in self.attributes)
         message_type = _message_type(self.message_class, self.method)
+        if integrity is not None:
+            # §14.5: the HMAC covers the header with the length already counting MESSAGE-INTEGRITY (24 bytes).
+            head = _HEADER.pack(message_type, len(body) + 24, MAGIC_COOKIE, self.transaction_id)
+            mac = hmac.new(integrity, head + body, hashlib.sha1).digest()
+            body += Attribute(AttributeType.MESSAGE_INTEGRITY, mac).encode()
         if fingerprint:
             # §14.7: the CRC covers the header with the length already counting the FINGERPRINT.
             head = _HEADER.pack(message_type, len(body) + 8, MAGIC_COOKIE, self.transaction_id)
@@ -359,6 +375,25 @@ def _check_fingerprint(data: bytes, value_start: int, value: bytes, *, last: boo
     covered = data[: value_start - _ATTRIBUTE_HEADER.size]
     if (zlib.crc32(covered) ^ _FINGERPRINT_XOR) & 0xFFFF_FFFF != _U32.unpack(value)[0]:
         raise DecodeError("STUN FINGERPRINT does not match the message")
+
+
+def check_integrity(data: bytes, key: bytes) -> bool:
+    """Whether the MESSAGE-INTEGRITY of `data` (a message `parse_message` accepted) is the HMAC-SHA1 of what
+    precedes it under `key` (§14.5: the length field counts up to the end of MESSAGE-INTEGRITY). False when
+    there is none. Compared in constant time."""
+    offset = HEADER_SIZE
+    size = len(data)
+    while offset + _ATTRIBUTE_HEADER.size <= size:
+        attribute_type, attribute_length = _ATTRIBUTE_HEADER.unpack_from(data, offset)
+        start = offset + _ATTRIBUTE_HEADER.size
+        if attribute_type == AttributeType.MESSAGE_INTEGRITY:
+            if attribute_length != 20 or start + 20 > size:
+                return False
+            head = data[:2] + struct.pack("!H", start + 20 - HEADER_SIZE) + data[4:HEADER_SIZE]
+            mac = hmac.new(key, head + data[HEADER_SIZE:offset], hashlib.sha1).digest()
+            return hmac.compare_digest(mac, data[start : start + 20])
+        offset = start + attribute_length + (-attribute_length % 4)
+    return False
 
 
 def decode_address(value: bytes, transaction_id: bytes | None = None) -> tuple[IPv4Address | IPv6Address, int]:

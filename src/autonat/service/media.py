@@ -1,5 +1,10 @@
 """Media: an RTP echo for the echo test and an RTP relay for bridged calls, both answering to packet sources.
 
+The echo is an endpoint of its own (autonat.sip.rtp.EchoStream): what it sends back is its own stream (own SSRC,
+sequence numbers and timestamps), with its own RTCP, and the caller's RTCP is never reflected. With rtcp-mux
+(RFC 5761) it uses one port. A phone doing ICE gets answers to its connectivity checks (autonat.sip.ice, ICE-lite)
+on the echo's ports and on leg a of a relay. On hold the silence of the held side does not end the call.
+
 Symmetric RTP (RFC 4961; latching, RFC 7362): behind a NAT the address in the peer's SDP is often private or
 wrong; the packets' source is what reaches the peer, so replies go there. Lost BYEs must not leak ports or router
 mappings: a session ends itself after `inactivity` seconds without a packet, or after `max_duration`.
@@ -15,15 +20,26 @@ import asyncio
 import contextlib
 import math
 import socket
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Literal, cast
+
+from autonat.engine.engine import NatEngine
+from autonat.engine.pool import PortPairs, RtpPool, RtpPorts
+from autonat.proto.types import Transport
+from autonat.sip.core import AcquirePorts, DropRtcp, ReleaseMedia, SipCore, StartEcho, StartRelay, UpdateMedia
+from autonat.sip.core import Action as CoreAction
+from autonat.sip.dialog import Ports
+from autonat.sip.ice import IceResponder, is_stun
+from autonat.sip.rtp import NTP_EPOCH_OFFSET, EchoStream, is_rtcp
 
 MAX_PACKET = 2048  # RTP over UDP stays under the path MTU; anything larger is not ours to echo or relay
 MIN_RTP = 12  # fixed RTP header, RFC 3550 §5.1
 MIN_RTCP = 8  # RTCP common header plus the sender SSRC, RFC 3550 §6.4
 RELATCH_AFTER = 2.0  # seconds of silence from the latched source before another source may take over
+RTCP_INTERVAL = 5.0  # RFC 3550 §6.2: the minimum between our compound RTCP packets
 _MAX_TICK = 60.0  # keeps the watchdog's sleeps finite even for absurd (infinite) timeouts
 
 
@@ -50,6 +66,7 @@ class _Lifetime:
         on_tick: Callable[[float], None] | None = None,
     ) -> None:
         self.active = False
+        self.held = False  # on hold (RFC 3264 §8.4): silence is expected, only max_duration ends the session
         self.ended = ended
         self._inactivity = inactivity
         self._max_duration = max_duration
@@ -57,16 +74,19 @@ class _Lifetime:
         self._on_end = on_end
         self._on_tick = on_tick
         self._transports: list[asyncio.DatagramTransport] = []
+        self._bound: list[tuple[socket.socket, asyncio.DatagramProtocol]] = []  # bound, not yet attached
         self._watch: asyncio.Task[None] | None = None
         self._started = False
 
-    async def start(self, endpoints: Sequence[tuple[IPv4Address | IPv6Address, int, asyncio.DatagramProtocol]]) -> None:
-        """Bind every (address, port, protocol), then start the watchdog; on any failure nothing stays bound."""
+    def bind(self, endpoints: Sequence[tuple[IPv4Address | IPv6Address, int, asyncio.DatagramProtocol]]) -> None:
+        """Bind every (address, port, protocol), synchronously; on any failure nothing stays bound.
+
+        Plain sockets, so a failure can close the earlier ones at once (transports only release their socket on
+        a later loop iteration, which would leave the port pair briefly taken), and so the caller can answer the
+        call the moment the ports are certainly ours: what arrives before `attach` waits in the kernel."""
         if self._started or self.ended.is_set():
             raise RuntimeError("media session already started or ended")
         self._started = True
-        # Bound synchronously with plain sockets so a failure can close the earlier ones at once: transports only
-        # release their socket on a later loop iteration, which would leave the port pair briefly taken.
         socks: list[socket.socket] = []
         try:
             for local, port, _ in endpoints:
@@ -78,19 +98,37 @@ class _Lifetime:
             for sock in socks:
                 sock.close()
             raise
+        self._bound = [(sock, protocol) for sock, (_, _, protocol) in zip(socks, endpoints, strict=True)]
+
+    async def attach(self) -> None:
+        """Hand the bound sockets to the event loop and start the watchdog (nothing to do once ended)."""
         loop = asyncio.get_running_loop()
+        bound, self._bound = self._bound, []
         try:
-            for sock, (_, _, protocol) in zip(socks, endpoints, strict=True):
+            for sock, protocol in bound:
+                if self.ended.is_set():
+                    sock.close()
+                    continue
                 transport, _ = await loop.create_datagram_endpoint(_factory(protocol), sock=sock)
                 self._transports.append(transport)
         except BaseException:
             for transport in self._transports:
                 transport.abort()
             self._transports.clear()
-            for sock in socks:
+            for sock, _ in bound:
                 sock.close()
             raise
+        if self.ended.is_set():
+            for transport in self._transports:
+                transport.close()
+            self._transports.clear()
+            return
         self._watch = loop.create_task(self._watchdog())
+
+    async def start(self, endpoints: Sequence[tuple[IPv4Address | IPv6Address, int, asyncio.DatagramProtocol]]) -> None:
+        """`bind`, then `attach`: on any failure nothing stays bound."""
+        self.bind(endpoints)
+        await self.attach()
 
     async def _watchdog(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,7 +141,9 @@ class _Lifetime:
             if now - started >= self._max_duration:
                 self.end("max duration")
                 return
-            if now - last >= self._inactivity:
+            if self.held:
+                last = now
+            elif now - last >= self._inactivity:
                 self.end("inactivity")
                 return
             if self._on_tick is not None:
@@ -117,6 +157,9 @@ class _Lifetime:
         for transport in self._transports:
             transport.close()
         self._transports.clear()
+        for sock, _ in self._bound:  # bound, never attached
+            sock.close()
+        self._bound = []
         self._on_end(reason)
         self.ended.set()
 
@@ -135,14 +178,22 @@ class EchoStats:
     received: int = 0
     sent: int = 0
     dropped: int = 0
+    rtcp_received: int = 0  # the caller's RTCP: read, never reflected
+    rtcp_sent: int = 0  # our own reports
+    stun_answered: int = 0  # ICE connectivity checks answered (ICE-lite)
     last_source: tuple[str, int] | None = None
+    rtcp_source: tuple[str, int] | None = None
     reason: str | None = None  # why it ended: "inactivity", "max duration", "closed"
 
 
 class _Echo(asyncio.DatagramProtocol):
-    def __init__(self, stats: EchoStats, life: _Lifetime) -> None:
-        self.stats = stats
-        self.life = life
+    """One socket of the echo: the RTP port (RTCP too with rtcp-mux), or the RTCP port."""
+
+    def __init__(self, owner: RtpEcho, rtp: bool) -> None:
+        self.owner = owner
+        self.stats = owner.stats
+        self.life = owner._life
+        self.rtp = rtp
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -152,45 +203,132 @@ class _Echo(asyncio.DatagramProtocol):
         self.transport = None
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        # RTP version 2 (RFC 3550 §5.1) in the first two bits; anything else (STUN, garbage) is not echoed.
-        if len(data) < MIN_RTP or len(data) > MAX_PACKET or data[0] >> 6 != 2:
-            self.stats.dropped += 1
+        # RTP and RTCP are version 2 in the first two bits (RFC 3550 §5.1, §6.4); STUN starts with 0-3
+        # (RFC 7983 §7); anything else is not ours.
+        owner = self.owner
+        if MIN_RTCP <= len(data) <= MAX_PACKET and data[0] >> 6 == 2:
+            # RTCP arriving on the RTP port is told apart by its packet type (RFC 5761 §4), mux agreed or not: a
+            # phone that multiplexes anyway must not hear its own reports echoed.
+            if not self.rtp or is_rtcp(data):
+                self.stats.rtcp_received += 1  # the caller's RTCP: its reports, its BYE; never reflected
+                if addr != self.stats.rtcp_source:
+                    self.stats.rtcp_source = (addr[0], addr[1])
+                self.life.active = True
+                return
+            if len(data) < MIN_RTP:
+                self.stats.dropped += 1
+                return
+            self.stats.received += 1
+            if addr != self.stats.last_source:
+                self.stats.last_source = (addr[0], addr[1])
+            self.life.active = True
+            if owner.sending and self.transport is not None:
+                out = owner.stream.rewrite(data)
+                if out is not None:
+                    self.transport.sendto(out, addr)
+                    self.stats.sent += 1
             return
-        self.stats.received += 1
-        if addr != self.stats.last_source:
-            self.stats.last_source = (addr[0], addr[1])
-        self.life.active = True
-        if self.transport is not None:
-            self.transport.sendto(data, addr)
-            self.stats.sent += 1
+        responder = owner.responder
+        if responder is not None and is_stun(data):
+            answered = responder.answer(data, (addr[0], addr[1]))
+            if answered is not None and self.transport is not None:
+                self.transport.sendto(answered[0], addr)
+                self.stats.stun_answered += 1
+                return
+        self.stats.dropped += 1
 
 
 @dataclass
 class RtpEcho:
-    """Echo RTP on `port` (and RTCP on `port + 1`) until closed, idle or too old."""
+    """Echo RTP on `port` (RTCP on `port + 1` unless `rtcp` is False: rtcp-mux or no RTCP at all) until
+    closed, idle or too old. `sending` False (our answer said recvonly/inactive) stops the echo; `hold` keeps
+    the silence of a held call from ending it; `ice` (ufrag, pwd) answers ICE connectivity checks."""
 
     local: IPv4Address | IPv6Address
     port: int
     inactivity: float = 30.0
     max_duration: float = 4 * 3600.0
     rtcp: bool = True
+    ice: tuple[str, str] | None = None
+    sending: bool = True
+    hold: bool = False
     stats: EchoStats = field(default_factory=EchoStats)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    stream: EchoStream = field(default_factory=EchoStream)
+    responder: IceResponder | None = field(init=False, default=None)
     _life: _Lifetime = field(init=False, repr=False, compare=False)
+    _sockets: list[_Echo] = field(init=False, repr=False, compare=False, default_factory=list)
+    _last_report: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        self._life = _Lifetime(self.inactivity, self.max_duration, self.inactivity / 4, self.ended, self._on_end)
+        tick = min(self.inactivity / 4, RTCP_INTERVAL)
+        self._life = _Lifetime(self.inactivity, self.max_duration, tick, self.ended, self._on_end, self._tick)
+        self.update(ice=self.ice, hold=self.hold)
+
+    @property
+    def mux(self) -> bool:
+        return not self.rtcp
+
+    def update(
+        self, *, sending: bool | None = None, hold: bool | None = None, ice: tuple[str, str] | None = None
+    ) -> None:
+        """What the latest offer/answer changed: whether we send, whether the call is on hold, ICE credentials."""
+        if sending is not None:
+            self.sending = sending
+        if hold is not None:
+            self.hold = self._life.held = hold
+        if ice is not None:
+            self.ice = ice
+            self.responder = IceResponder(*ice)
 
     def _on_end(self, reason: str) -> None:
         if self.stats.reason is None:
             self.stats.reason = reason
 
-    async def start(self) -> None:
-        """Bind RTP (and RTCP) on `local`; OSError propagates and leaves nothing bound."""
+    def _target(self) -> tuple[str, int] | None:
+        """Where our RTCP goes: where the caller's RTCP comes from, else its RTP port (+1 without mux)."""
+        if self.stats.rtcp_source is not None:
+            return self.stats.rtcp_source
+        source = self.stats.last_source
+        if source is None:
+            return None
+        return source if self.mux else (source[0], source[1] + 1)
+
+    def _send_rtcp(self, packet: bytes) -> None:
+        target = self._target()
+        sock = self._sockets[-1] if self._sockets else None  # the RTCP socket, or the one socket with mux
+        if target is not None and sock is not None and sock.transport is not None:
+            sock.transport.sendto(packet, target)
+            self.stats.rtcp_sent += 1
+
+    def _tick(self, now: float) -> None:
+        if now - self._last_report >= RTCP_INTERVAL and self.stream.packets:
+            self._last_report = now
+            self._send_rtcp(self.stream.report(time.time() + NTP_EPOCH_OFFSET))
+
+    def bind(self) -> None:
+        """Bind RTP (and RTCP) on `local`, synchronously; OSError propagates and leaves nothing bound."""
+        self._sockets = [_Echo(self, True)] + ([_Echo(self, False)] if self.rtcp else [])
         ports = (self.port, self.port + 1) if self.rtcp else (self.port,)
-        await self._life.start([(self.local, port, _Echo(self.stats, self._life)) for port in ports])
+        self._life.bind([(self.local, port, sock) for port, sock in zip(ports, self._sockets, strict=True)])
+
+    async def attach(self) -> None:
+        """After `bind`: the sockets to the event loop, the watchdog started."""
+        await self._life.attach()
+
+    def fail(self, reason: str) -> None:
+        """End it now with `reason` (its sockets closed)."""
+        self._life.end(reason)
+
+    async def start(self) -> None:
+        """`bind` and `attach`; OSError propagates and leaves nothing bound."""
+        self.bind()
+        await self.attach()
 
     async def close(self) -> None:
+        """End the echo; an established stream says goodbye with its own RTCP BYE (RFC 3550 §6.6)."""
+        if not self.ended.is_set() and self.stream.packets:
+            self._send_rtcp(self.stream.bye())
         await self._life.close()
 
 
@@ -229,6 +367,7 @@ class _Path(asyncio.DatagramProtocol):
         "min_len",
         "on_latch",
         "relatch_after",
+        "responder",
         "source",
         "stats",
         "target",
@@ -249,6 +388,7 @@ class _Path(asyncio.DatagramProtocol):
         self.life = life
         self.relatch_after = relatch_after
         self.on_latch = on_latch
+        self.responder: IceResponder | None = None  # leg a of a call whose phone does ICE (we are ICE-lite)
         self.transport: asyncio.DatagramTransport | None = None
         self.twin: _Path = self
         self.target: tuple[Any, ...] | None = None
@@ -269,6 +409,12 @@ class _Path(asyncio.DatagramProtocol):
         # RTP and RTCP are both version 2 in the first two bits (RFC 3550 §5.1, §6.4); STUN, DTLS and garbage
         # are not (RFC 7983 §7 demultiplexes on the same byte).
         if not self.min_len <= len(data) <= MAX_PACKET or data[0] >> 6 != 2:
+            responder = self.responder
+            if responder is not None and is_stun(data) and self.transport is not None:
+                answered = responder.answer(data, (addr[0], addr[1]))
+                if answered is not None:
+                    self.transport.sendto(answered[0], addr)
+                    return
             stats.dropped += 1
             return
         if addr != self.source and not self._latch(addr):
@@ -358,6 +504,7 @@ class RtpRelay:
     max_duration: float = 4 * 3600.0
     rtcp: bool = True
     relatch_after: float = RELATCH_AFTER
+    ice_a: tuple[str, str] | None = None  # leg a's phone does ICE: answer its checks with these credentials
     a: LegStats = field(default_factory=LegStats)
     b: LegStats = field(default_factory=LegStats)
     reason: str | None = None
@@ -385,6 +532,17 @@ class RtpRelay:
             self._rtcp[leg] = _Path(stats, MIN_RTCP, self._life, self.relatch_after, None)
         for paths in (self._rtp, self._rtcp):
             paths["a"].twin, paths["b"].twin = paths["b"], paths["a"]
+        if self.ice_a is not None:
+            self.set_ice("a", self.ice_a)
+
+    def set_ice(self, leg: Literal["a", "b"], credentials: tuple[str, str]) -> None:
+        """Answer the ICE connectivity checks `leg`'s phone sends with our `credentials` (ufrag, pwd)."""
+        responder = IceResponder(*credentials)
+        self._rtp[leg].responder = self._rtcp[leg].responder = responder
+
+    def set_hold(self, held: bool) -> None:
+        """On hold the relay may go silent both ways without the call ending (only max_duration then)."""
+        self._life.held = held
 
     def _latched(self, leg: str) -> Callable[[tuple[Any, ...]], None]:
         stats = self.a if leg == "a" else self.b
@@ -406,8 +564,8 @@ class RtpRelay:
             paths["a"].tick(now)
             paths["b"].tick(now)
 
-    async def start(self) -> None:
-        """Bind all sockets and start the watchdog; OSError (e.g. port in use) propagates with nothing bound."""
+    def bind(self) -> None:
+        """Bind all sockets, synchronously; OSError (e.g. port in use) propagates with nothing bound."""
         endpoints: list[tuple[IPv4Address | IPv6Address, int, asyncio.DatagramProtocol]] = [
             (self.local_a, self.port_a, self._rtp["a"]),
             (self.local_b, self.port_b, self._rtp["b"]),
@@ -417,7 +575,20 @@ class RtpRelay:
                 (self.local_a, self.port_a + 1, self._rtcp["a"]),
                 (self.local_b, self.port_b + 1, self._rtcp["b"]),
             ]
-        await self._life.start(endpoints)
+        self._life.bind(endpoints)
+
+    async def attach(self) -> None:
+        """After `bind`: the sockets to the event loop, the watchdog started."""
+        await self._life.attach()
+
+    def fail(self, reason: str) -> None:
+        """End it now with `reason` (its sockets closed)."""
+        self._life.end(reason)
+
+    async def start(self) -> None:
+        """`bind` and `attach`; OSError propagates with nothing bound."""
+        self.bind()
+        await self.attach()
 
     def set_peer(self, leg: Literal["a", "b"], address: tuple[str, int] | None) -> None:
         """Where to send to `leg` until its first packet latches (the address from that leg's SDP).
@@ -456,3 +627,119 @@ class RtpRelay:
     async def close(self) -> None:
         """End the relay ("closed" unless it already ended) and free its ports; idempotent."""
         await self._life.close()
+
+
+class CallMedia:
+    """The media side of the SIP shell: performs the call core's media actions and reports back to it.
+
+    Ports come from the RTP pool (mapped ahead, `map_now` when it is empty) or the range; the echo and the
+    relay run here; at a call's end its media closes before its ports go back (a start still binding is
+    waited for first, so no socket outlives its call). What the core must hear comes back through `report`
+    (the shell's perform loop, with the clock)."""
+
+    def __init__(
+        self,
+        core: SipCore,
+        pairs: PortPairs,
+        engine: NatEngine,
+        *,
+        inactivity: float,
+        max_duration: float,
+        report: Callable[[list[CoreAction]], None],
+        spawn: Callable[[Coroutine[Any, Any, Any], str], Any],
+    ) -> None:
+        self.core, self.pairs, self.engine = core, pairs, engine
+        self.pool: RtpPool | None = None
+        self.inactivity, self.max_duration = inactivity, max_duration
+        self.media: dict[str, RtpEcho | RtpRelay] = {}
+        self._report, self._spawn = report, spawn
+        self._starting: dict[str, asyncio.Event] = {}  # media being bound, by call
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def acquire(self, action: AcquirePorts) -> list[CoreAction]:
+        """Ports at once when the pool has a pair or the range a free one; else mapped in the background."""
+        if action.mapped and self.pool is not None:
+            taken = self.pool.take(action.owner)
+            if taken is None:
+                self._spawn(self._map_now(action), "map")
+                return []
+            return self.core.ports_ready(action.call, action.leg, _ports(taken), self._now())
+        port = None if action.mapped else self.pairs.acquire()
+        return self.core.ports_ready(action.call, action.leg, None if port is None else Ports(port), self._now())
+
+    async def _map_now(self, action: AcquirePorts) -> None:
+        assert self.pool is not None
+        mapped = await self.pool.map_now(action.owner)
+        self._report(
+            self.core.ports_ready(action.call, action.leg, None if mapped is None else _ports(mapped), self._now())
+        )
+
+    def start(self, action: StartEcho | StartRelay) -> list[CoreAction]:
+        """Bind the media at once (the call is answered the moment its ports are certainly ours), then hand
+        the sockets to the event loop in the background."""
+        media: RtpEcho | RtpRelay
+        if isinstance(action, StartEcho):
+            media = RtpEcho(action.local, action.port, self.inactivity, self.max_duration, action.rtcp, action.ice,
+                            action.sending, action.hold)  # fmt: skip
+        else:
+            media = RtpRelay(action.local, action.port_a, action.local, action.port_b, self.inactivity,
+                             self.max_duration, ice_a=action.ice_a)  # fmt: skip
+            with contextlib.suppress(ValueError):
+                media.set_peer("a", action.peer_a)
+        try:
+            media.bind()
+        except OSError as exc:
+            return self.core.media_started(action.call, str(exc.strerror or exc), self._now())
+        self.media[action.call] = media
+        self._starting[action.call] = asyncio.Event()
+        self._spawn(self._run(action.call, media), "media")
+        return self.core.media_started(action.call, None, self._now())
+
+    async def _run(self, call: str, media: RtpEcho | RtpRelay) -> None:
+        try:
+            await media.attach()
+        except OSError as exc:
+            media.fail(f"media failed: {exc.strerror or exc}")  # ends it: the call is hung up below
+        finally:
+            self._starting.pop(call).set()
+        await media.ended.wait()
+        reason = media.stats.reason if isinstance(media, RtpEcho) else media.reason
+        self._report(self.core.media_ended(call, reason or "closed", self._now()))
+
+    def update(self, action: UpdateMedia) -> None:
+        media = self.media.get(action.call)
+        if isinstance(media, RtpEcho):
+            media.update(sending=action.sending, hold=action.hold, ice=action.ice)
+        elif isinstance(media, RtpRelay):
+            if action.leg in ("a", "b") and action.peer is not None:
+                with contextlib.suppress(ValueError):
+                    media.set_peer("a" if action.leg == "a" else "b", action.peer)
+            if action.ice is not None and action.leg == "a":
+                media.set_ice("a", action.ice)
+            if action.hold is not None:
+                media.set_hold(action.hold)
+
+    def drop_rtcp(self, action: DropRtcp) -> None:
+        if isinstance(action.ports.handle, RtpPorts):
+            self._spawn(self.engine.delete(Transport.UDP, action.ports.handle.rtcp), "drop rtcp")
+
+    async def release(self, action: ReleaseMedia) -> None:
+        """Close the media (after its start, if that is still under way), then give the ports back."""
+        starting = self._starting.get(action.call)
+        if starting is not None:
+            await starting.wait()
+        media = self.media.pop(action.call, None)
+        if media is not None:
+            await media.close()
+        for ports in action.ports:
+            if isinstance(ports.handle, RtpPorts) and self.pool is not None:
+                await self.pool.release(ports.handle)
+            else:
+                self.pairs.release(ports.local)
+
+
+def _ports(mapped: RtpPorts) -> Ports:
+    return Ports(mapped.rtp, mapped.external_ip, mapped.external_rtp, mapped.external_rtcp, True, mapped)

@@ -3,88 +3,33 @@ gateways (`[[profile.extension]]`, `[[profile.gateway]]`). Validated by autonat.
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
-import re2
-
-
-class Action(enum.StrEnum):
-    ECHO = "echo"  # the 9196 echo test: RTP goes back where it came from
-    USER = "user"  # ring the registered user named by the number (or the first group)
-    GATEWAY = "gateway"  # call out through a gateway
-
-
-class Pattern(Protocol):
-    """A compiled dialplan pattern (google-re2's `_Regexp`)."""
-
-    @property
-    def pattern(self) -> str: ...
-
-    @property
-    def groups(self) -> int: ...
-
-    def fullmatch(self, text: str) -> Any: ...
-
-
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # a bad pattern is our one-line config error, not a line on stderr
-_RE2_OPTIONS.max_mem = 1 << 20  # a pattern whose automaton needs more than 1 MiB is refused
-
-
-def compile_pattern(text: str) -> Pattern:
-    """A dialplan pattern, compiled by RE2: matching takes time linear in the number's length whatever the
-    pattern (a number is untrusted input, and `(a+)+$` must not be a way to stall the service). Patterns
-    RE2 cannot run in linear time (backreferences, lookaround) are refused: ValueError, one line."""
-    try:
-        compiled: Pattern = re2.compile(text, options=_RE2_OPTIONS)
-    except re2.error as exc:
-        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        if "escape" in reason or "perl operator" in reason:
-            reason += " (patterns run on RE2, in linear time: no backreferences, no lookaround)"
-        raise ValueError(reason) from None
-    return compiled
-
-
-@dataclass(frozen=True, slots=True)
-class Extension:
-    """FreeSWITCH-style: the destination number must match `pattern` (a regular expression, whole number);
-    the number dialled onwards is the first group when there is one, else the number."""
-
-    pattern: Pattern
-    action: Action
-    gateway: str | None = None
-
-    def target(self, number: str) -> str | None:
-        match = self.pattern.fullmatch(number)
-        if match is None:
-            return None
-        first = match.group(1) if self.pattern.groups else None
-        return first if isinstance(first, str) else number
-
-
-DEFAULT_DIALPLAN = (
-    Extension(compile_pattern("9196"), Action.ECHO),
-    Extension(compile_pattern(r"[A-Za-z0-9_.\-]{1,64}"), Action.USER),
+from autonat.advertise import ProfileSettings
+from autonat.engine.settings import NatSettings
+from autonat.sip.core import CoreConfig, ProfileConfig
+from autonat.sip.dialplan import (
+    DEFAULT_DIALPLAN,
+    Action,
+    Extension,
+    GatewaySettings,
+    Pattern,
+    compile_pattern,
 )
+from autonat.sip.transaction import Timers
 
-
-@dataclass(frozen=True, slots=True)
-class GatewaySettings:
-    """An outbound registration and call route to another server (sofia's <gateway>)."""
-
-    name: str
-    host: str  # IP literal of the proxy/registrar
-    port: int = 5060
-    transport: str = "udp"
-    username: str = ""
-    password: str = field(default="", repr=False)
-    domain: str | None = None  # the AOR's domain; None: the proxy's host
-    register: bool = True
-    expires: int = 600
-    retry: float = 30.0
+__all__ = [
+    "DEFAULT_DIALPLAN",
+    "Action",
+    "Extension",
+    "GatewaySettings",
+    "Pattern",
+    "SipProfileSettings",
+    "SipSettings",
+    "compile_pattern",
+    "core_config",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +71,33 @@ class SipSettings:
     reply_to_source: bool = True  # NAT rule: answer the packet's source even without rport
     min_expires: int = 60
     max_expires: int = 3600
+    session_expires: int = 1800  # RFC 4028 session interval proposed to phones that support timers (FreeSWITCH's)
+    min_se: int = 90  # shortest session interval accepted; shorter ones get 422 (RFC 4028 §4: at least 90)
+    register_wait: float = 10.0  # a gateway's first REGISTER waits this long for the external address
+
+
+def core_config(
+    settings: SipSettings,
+    profiles: dict[str, ProfileSettings],
+    extra: dict[str, SipProfileSettings],
+    nat: NatSettings,
+) -> CoreConfig:
+    """The call core's configuration: the `[sip]` table and each listening profile's. A profile maps media for
+    peers outside when its ext-rtp-ip follows the router and the engine maps (not --nonat/--nonatmap), and its
+    gateways wait for the router's address when its ext-sip-ip follows the router."""
+    configs = []
+    for name, profile in profiles.items():
+        more = extra[name]
+        sip_auto, rtp_auto = (
+            v is not None and v.from_router and nat.enabled for v in (profile.ext_sip_ip, profile.ext_rtp_ip)
+        )
+        configs.append(
+            ProfileConfig(
+                name, profile.sip_port, profile.tls_sip_port if more.tls_cert else None, more.dialplan, more.gateways,
+                more.auth_calls, more.auth_echo, more.max_media_calls, external_media=rtp_auto and nat.mapping,
+                external_sip=sip_auto,
+            )
+        )  # fmt: skip
+    timers = Timers(t1=settings.t1, t2=max(settings.t1, settings.t2))
+    return CoreConfig(tuple(configs), timers, settings.reply_to_source, settings.session_expires, settings.min_se,
+                      settings.register_wait)  # fmt: skip

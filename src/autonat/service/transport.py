@@ -8,7 +8,10 @@ connect.
 
 Hostile input is bounded here: datagrams and stream messages go through the codec's caps, a stream
 that sends garbage or more than `MAX_TCP_MESSAGE` bytes unframed is closed, at most `max_connections`
-streams are open (more are refused at accept), and an idle stream is closed after `idle_timeout`.
+streams are open (more are refused at accept), and an idle stream is closed after `idle_timeout`. A
+request the codec cannot parse but which can be answered (autonat.sip.message.BadRequest: 400 with the
+defect named, 505, 501, 513) is handed up like a message, for the call core to answer; a stream reads on
+after it when its framing held, and is closed after the answer when it did not.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from autonat.proto.errors import DecodeError
-from autonat.sip.message import KeepAlive, Request, Response, StreamParser, parse_message
+from autonat.sip.message import BadRequest, KeepAlive, Request, Response, StreamParser, parse_message
+from autonat.sip.peer import Peer
 
 log = logging.getLogger("autonat.sip")
 
@@ -35,25 +39,9 @@ CONNECT_TIMEOUT = 5.0
 UDP_RECEIVE_BUFFER = 1024 * 1024  # ~0.5 s of INVITEs at 700/s; more only delays past T1 (bufferbloat)
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """Where a message came from, or where one goes: `connection` identifies a TCP/TLS stream (0 for UDP)."""
+__all__ = ["Handler", "Peer", "SipTransport", "TransportStats"]
 
-    transport: str  # "udp" | "tcp" | "tls"
-    ip: str
-    port: int
-    connection: int = 0
-
-    @property
-    def reliable(self) -> bool:
-        return self.transport != "udp"
-
-    def __str__(self) -> str:
-        host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"{self.transport}:{host}:{self.port}"
-
-
-Handler = Callable[[Request | Response, Peer], None]
+Handler = Callable[[Request | Response | BadRequest, Peer], None]
 
 
 @dataclass
@@ -72,6 +60,10 @@ class _Datagram(asyncio.DatagramProtocol):
         owner = self.owner
         try:
             message = parse_message(data)
+        except BadRequest as bad:
+            owner.stats.malformed += 1
+            owner.handler(bad, Peer("udp", addr[0], addr[1]))  # a request that is answered all the same
+            return
         except DecodeError as exc:
             owner.stats.malformed += 1
             log.debug("malformed datagram from %s:%s: %s", addr[0], addr[1], exc)
@@ -116,13 +108,18 @@ class _Stream(asyncio.Protocol):
         except DecodeError as exc:
             self.owner.stats.malformed += 1
             log.debug("closing %s: %s", self.peer, exc)
+            if isinstance(exc, BadRequest):
+                self.owner.handler(exc, self.peer)  # answered (513) before the connection goes
             self.transport.close()
             return
         for message in messages:
             if isinstance(message, KeepAlive):
                 self.transport.write(b"\r\n")  # RFC 5626 §3.5.1 pong
                 continue
-            self.owner.stats.received += 1
+            if isinstance(message, BadRequest):
+                self.owner.stats.malformed += 1
+            else:
+                self.owner.stats.received += 1
             self.owner.handler(message, self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:

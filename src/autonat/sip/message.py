@@ -12,14 +12,24 @@ Lenient where real senders are sloppy and the meaning is unambiguous:
   §3.5.1 ping), and over TCP each run of "\\r\\n\\r\\n" gives one `KeepAlive` (the caller answers the
   pong "\\r\\n"); a lone CRLF (a pong) is skipped;
 - over UDP, bytes after the Content-Length body are discarded (§18.3 says MUST discard, not reject);
-- a top Via branch without the z9hG4bK magic cookie (RFC 2543 peers) is accepted: `Via.has_magic_cookie`;
+- RFC 2543 requests are accepted (RFC 4475 §3.4.1 inv2543): a top Via without a branch or without the
+  z9hG4bK magic cookie (`Via.has_magic_cookie`; the transaction layer then matches the RFC 2543 way, §17.2.3),
+  and no Max-Forwards;
+- control characters (NUL, BEL, DEL ...) are accepted inside a quoted string as a quoted-pair (§25.1; RFC 4475
+  §3.1.1.2 intmeth), nowhere else;
 - header values keep non-UTF-8 bytes (surrogateescape), so serializing gives the same bytes back.
 
 Strict where it protects us: size caps checked before any per-line work (`MAX_UDP_MESSAGE`,
 `MAX_TCP_MESSAGE`, `MAX_HEADER_LINES`, `MAX_LINE`, `MAX_VIA`), control characters and bare CRs refused,
-exactly one each of To, From, Call-ID, CSeq (and Max-Forwards in requests) and at most one
-Content-Length, a parsable Via list whose top entry has a branch, CSeq method equal to the request
+exactly one each of To, From, Call-ID, CSeq (and at most one Max-Forwards) and at most one
+Content-Length, a parsable Via list, a response's top Via with a branch, CSeq method equal to the request
 method (§8.1.1.5; ACK and CANCEL carry their own method there too, §17.1.1.3, §9.1).
+
+A request that fails those checks raises `BadRequest` (a DecodeError) when an answer is still possible: it
+carries the response RFC 3261 asks for (400 with the defect in the reason phrase, 505 for another SIP version,
+501 for an unknown method whose CSeq disagrees, 513 over a size cap), built from the Via, From, To, Call-ID
+and CSeq the request had (§8.2.6). Responses and ACKs are never answered, and neither is a request without
+a Via (the answer could not be matched to anything, §18.2.2): those raise a plain DecodeError.
 
 Invariant: every accessor of a message returned by the parsers succeeds. Parsed headers always hold
 exactly one Content-Length, equal to the body length, so `parse_message(m.serialize()) == m`.
@@ -31,7 +41,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Literal, Self
 
@@ -42,6 +52,7 @@ from autonat.proto.sdp import _match_via, _quoted_end, _scan_params, _skip_lws, 
 
 __all__ = [
     "KEEPALIVE",
+    "BadRequest",
     "MAX_HEADER_LINES",
     "MAX_LINE",
     "MAX_TCP_MESSAGE",
@@ -69,7 +80,9 @@ MAX_HEADER_LINES = 128
 """Physical header lines (folded continuations included), start line not counted."""
 MAX_LINE = 8 * 1024
 """Longest physical line, and longest header value after unfolding."""
-MAX_VIA = 32
+MAX_VIA = 70
+"""Via entries: one per hop, and a request passes at most 70 hops (the Max-Forwards default, §8.1.1.6).
+RFC 4475 §3.1.1.7 (longreq), a valid request, carries 34."""
 MAX_HEADER_VALUES = 256
 """Header entries after splitting comma lists: bounds the work a line full of commas can cause."""
 _MAX_CSEQ = 2**31 - 1  # §8.1.1.5: the sequence number MUST be expressible as a 32-bit unsigned integer; < 2**31
@@ -224,6 +237,12 @@ def canonical_name(name: str) -> str:
     return _CANONICAL.get(name.lower(), name)
 
 
+@functools.lru_cache(maxsize=256)
+def _key(name: str) -> str:
+    """The lookup key of a header name: its canonical spelling, lower-cased."""
+    return canonical_name(name).lower()
+
+
 def _check_value(name: str, value: str) -> None:
     """Builder-side check: a value must not break the header block (CR/LF injection)."""
     if not _TOKEN.fullmatch(name):
@@ -245,6 +264,9 @@ class Headers:
     """
 
     items: tuple[tuple[str, str], ...] = ()
+    # Built at the first lookup (headers never change): a message's To, From, Call-ID and CSeq are read by the
+    # codec, the transaction layer and the call core, several times each.
+    _index: dict[str, list[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, *pairs: tuple[str, str]) -> Headers:
@@ -255,18 +277,23 @@ class Headers:
             checked.append((canonical_name(name), value))
         return cls(tuple(checked))
 
+    def _lookup(self) -> dict[str, list[str]]:
+        index = self._index
+        if index is None:
+            index = {}
+            for item_name, value in self.items:
+                index.setdefault(item_name.lower(), []).append(value)
+            object.__setattr__(self, "_index", index)
+        return index
+
     def get(self, name: str) -> str | None:
         """The first value of `name`, or None."""
-        key = canonical_name(name).lower()
-        for item_name, value in self.items:
-            if item_name.lower() == key:
-                return value
-        return None
+        values = self._lookup().get(_key(name))
+        return values[0] if values else None
 
     def get_all(self, name: str) -> list[str]:
         """Every value of `name`, in message order."""
-        key = canonical_name(name).lower()
-        return [value for item_name, value in self.items if item_name.lower() == key]
+        return list(self._lookup().get(_key(name), ()))
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
@@ -351,7 +378,9 @@ class Via:
     def has_magic_cookie(self) -> bool:
         """§8.1.1.7: RFC 3261 branches start with z9hG4bK; without it, match transactions the RFC 2543 way."""
         branch = self.branch
-        return branch is not None and branch.startswith("z9hG4bK")
+        # RFC 4475 §3.2.1 (badbranch): the cookie with nothing after it identifies no transaction, so such a
+        # request is matched the RFC 2543 way like one without the cookie.
+        return branch is not None and len(branch) > 7 and branch.startswith("z9hG4bK")
 
     @property
     def received(self) -> str | None:
@@ -450,6 +479,7 @@ def parse_name_addr(value: str, what: str) -> tuple[str, list[tuple[str, str | N
             close = value.find(">", cursor + 1)
             if close < 0:
                 raise DecodeError(f"{what} header with an unclosed <")
+            _check_display_name(value[index:cursor], what)
             uri_start, uri_end = cursor + 1, close
             cursor = close + 1
             break
@@ -468,6 +498,20 @@ def parse_name_addr(value: str, what: str) -> tuple[str, list[tuple[str, str | N
     if _skip_lws(value, end) != len(value):
         raise DecodeError(f"junk after the {what} header parameters")
     return uri, [(p.name, None if p.value_start is None else value[p.value_start : p.value_end]) for p in params]
+
+
+# RFC 3261 §25.1 separators: an unquoted display name is tokens, which contain none of them. Bytes beyond
+# ASCII are let through: phones send unquoted UTF-8 names, and they cannot be mistaken for structure.
+_SEPARATORS = frozenset('()<>@,;:\\"/[]?={}')
+
+
+def _check_display_name(text: str, what: str) -> None:
+    """§20.10 display-name = *(token LWS) / quoted-string; RFC 4475 §3.1.2.15 (baddn) is the case refused."""
+    name = text.strip(" \t")
+    if not name or name.startswith('"'):
+        return
+    if any(char in _SEPARATORS for char in name):
+        raise DecodeError(f"{what} display name with separators must be quoted")
 
 
 def _name_addr_params(value: str, what: str) -> dict[str, str]:
@@ -522,11 +566,8 @@ class _Message:
         return [Via.parse(value) for value in self.headers.get_all("Via")]
 
     def top_via(self) -> Via:
-        """The topmost via-parm, with its branch (§8.1.1.7, §17.2.3)."""
-        via = Via.parse(self._required("Via"))
-        if not via.branch:
-            raise DecodeError("top Via has no branch")
-        return via
+        """The topmost via-parm (§8.1.1.7, §17.2.3); its branch may be missing in an RFC 2543 request."""
+        return Via.parse(self._required("Via"))
 
     def from_tag(self) -> str | None:
         return _tag(self._required("From"), "From")
@@ -656,15 +697,142 @@ def split_list(value: str) -> list[str]:
     return entries
 
 
+class _Oversize(DecodeError):
+    """A size cap was hit: answered 513 Message Too Large when the request can be answered at all."""
+
+
+class BadRequest(DecodeError):
+    """A request that failed to parse, and the response it gets (RFC 3261 §8.2: 400, 505, 501 or 513).
+
+    `response(to_tag)` builds it from the raw Via, From, To, Call-ID and CSeq values the request carried
+    (§8.2.6.2), the ones it lacks left out: a UAS answers a broken request with what it can, and the peer
+    matches the answer on its Via branch. `method` is the request line's method (never ACK: §17.1.1.3).
+    """
+
+    def __init__(self, reason: str, *, status: int, phrase: str, method: str, headers: tuple[tuple[str, str], ...]):
+        super().__init__(reason)
+        self.status = status
+        self.phrase = phrase
+        self.method = method
+        self.headers = headers
+
+    def response(self, to_tag: str | None = None) -> Response:
+        """The answer; `to_tag` is added to a To without a tag (§8.2.6.2; not for a 100)."""
+        items: list[tuple[str, str]] = []
+        for name, value in self.headers:
+            tagged = name == "To" and to_tag is not None and _TOKEN.fullmatch(to_tag) and not _HAS_TAG.search(value)
+            items.append((name, f"{value};tag={to_tag}" if tagged else value))
+        extra = [("Allow", _ALLOW_501)] if self.status == 501 else []
+        items += [*extra, ("Content-Length", "0")]
+        return Response(self.status, self.phrase, "SIP/2.0", Headers(tuple(items)))
+
+
+_HAS_TAG = re.compile(r";\s*tag\s*=", re.I)
+_ALLOW_501 = "INVITE, ACK, BYE, CANCEL, OPTIONS, REGISTER, INFO, UPDATE"  # what the service accepts
+_COPIED = ("Via", "From", "To", "Call-ID", "CSeq")
+_MAX_PHRASE = 120
+_KNOWN_METHODS = frozenset(
+    [
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "OPTIONS",
+        "REGISTER",
+        "INFO",
+        "UPDATE",
+        "PRACK",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "PUBLISH",
+        "MESSAGE",
+        "REFER",
+    ]
+)
+
+
+def _phrase(text: str) -> str:
+    """A reason phrase from our own one-line reason: printable ASCII, bounded."""
+    cleaned = "".join(char if " " <= char <= "~" else "?" for char in text)
+    return cleaned[:_MAX_PHRASE]
+
+
+def _salvage(head: bytes, error: DecodeError) -> DecodeError:
+    """What to raise for a message whose head is `head` and which failed with `error`: a `BadRequest` when it
+    is a request that can be answered, else `error` itself (a response, an ACK, no Via, no request line).
+
+    A tolerant second look, only ever taken on the error path: header lines are split without the caps on
+    their content (the head itself is bounded by the caller's message cap), only the five fields a response
+    copies are kept, the first of each (every Via), unfolded."""
+    lines = head.split(b"\n", MAX_HEADER_LINES + 1)[: MAX_HEADER_LINES + 1]
+    start = lines[0].rstrip(b"\r").decode("utf-8", "surrogateescape")
+    parts = start.split(" ")
+    if start[:4].upper() == "SIP/" or not _TOKEN.fullmatch(parts[0]) or parts[0] == "ACK":
+        return error
+    fields: list[list[str]] = []
+    for raw in lines[1:]:
+        line = raw.rstrip(b"\r").decode("utf-8", "surrogateescape")
+        if line[:1] in (" ", "\t"):
+            if fields:
+                fields[-1][1] = (fields[-1][1] + " " + line.strip(" \t")).strip(" ")
+            continue
+        name, colon, value = line.partition(":")
+        name = canonical_name(name.strip(" \t"))
+        if colon and name in _COPIED:
+            fields.append([name, value.strip(" \t")])
+    headers: list[tuple[str, str]] = []
+    for name, value in fields:
+        if not value or len(value) > MAX_LINE or "\r" in value or _BAD_CHAR.search(value):
+            if name == "Via":
+                return error  # a Via we cannot copy as it was: the answer would reach no transaction
+            continue
+        if name == "Via" or all(name != seen for seen, _ in headers):
+            headers.append((name, value))
+    vias = sum(name == "Via" for name, _ in headers)
+    if not vias or vias > MAX_VIA:
+        return error
+    method = parts[0]
+    if isinstance(error, _Oversize):
+        status, phrase = 513, "Message Too Large"
+    elif len(parts) == 3 and parts[2].upper().startswith("SIP/") and parts[2].upper() != "SIP/2.0":
+        status, phrase = 505, "Version Not Supported"
+    elif method not in _KNOWN_METHODS and "does not match request method" in error.reason:
+        # RFC 4475 §3.1.2.18 (mismatch02): an unknown method is better answered 501 than 400.
+        status, phrase = 501, "Not Implemented"
+    else:
+        status, phrase = 400, _phrase(f"Bad Request: {error.reason}")
+    return BadRequest(error.reason, status=status, phrase=phrase, method=method, headers=tuple(headers))
+
+
+def _controls_quoted(text: str) -> bool:
+    """Whether every control character of `text` is the second half of a quoted-pair inside a quoted string
+    (§25.1: quoted-pair = "\\" (%x00-09 / %x0B-0C / %x0E-7F)). Only reached when a control character is there at
+    all, so valid messages never pay for the scan."""
+    for line in text.split("\n"):
+        quoted = False
+        index = 0
+        while index < len(line):
+            char = line[index]
+            if quoted and char == "\\" and index + 1 < len(line):
+                index += 2
+                continue
+            if char == '"':
+                quoted = not quoted
+            elif _BAD_CHAR.match(char):
+                return False
+            index += 1
+    return True
+
+
 def _parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
     """Start line and (canonical name, value) pairs of a head (everything before the empty line)."""
     if head.count(b"\n") > MAX_HEADER_LINES:
-        raise DecodeError(f"more than {MAX_HEADER_LINES} header lines")
+        raise _Oversize(f"more than {MAX_HEADER_LINES} header lines")
     raw_lines = head.split(b"\n")
     if max(map(len, raw_lines)) > MAX_LINE + 1:  # +1: the CR of a CRLF ending
-        raise DecodeError(f"line longer than {MAX_LINE} bytes")
+        raise _Oversize(f"line longer than {MAX_LINE} bytes")
     text = head.decode("utf-8", "surrogateescape").replace("\r\n", "\n")
-    if _BAD_CHAR.search(text) or "\r" in text:
+    if "\r" in text or (_BAD_CHAR.search(text) and not _controls_quoted(text)):
         raise DecodeError("control character or bare CR in the message head")
     lines = text.split("\n")
     start = lines[0]
@@ -676,7 +844,7 @@ def _parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
                 raise DecodeError("header continuation line before any header")
             fields[-1][1] = (fields[-1][1] + " " + line.strip(" \t")).strip(" ")
             if len(fields[-1][1]) > MAX_LINE:
-                raise DecodeError(f"header value longer than {MAX_LINE} bytes")
+                raise _Oversize(f"header value longer than {MAX_LINE} bytes")
             continue
         name, colon, value = line.partition(":")
         name = name.rstrip(" \t")  # HCOLON allows whitespace before the colon (§25.1)
@@ -693,7 +861,7 @@ def _parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
         else:
             items.append((name, value))
         if len(items) > MAX_HEADER_VALUES:
-            raise DecodeError(f"more than {MAX_HEADER_VALUES} header values")
+            raise _Oversize(f"more than {MAX_HEADER_VALUES} header values")
     return start, items
 
 
@@ -716,7 +884,7 @@ def _build(start: str, items: list[tuple[str, str]], body: bytes) -> Request | R
         if counts.get(name, 0) > 1:
             raise DecodeError(f"more than one {name} header")
     if counts.get("Via", 0) > MAX_VIA:
-        raise DecodeError(f"more than {MAX_VIA} Via values")
+        raise _Oversize(f"more than {MAX_VIA} Via values")
     # Normalize Content-Length to the body's length in decimal (validated equal by the callers), at its
     # own position or appended, so that parse(serialize(m)) == m.
     length = str(len(body))
@@ -755,16 +923,14 @@ def _validate(message: Request | Response) -> None:
     vias = message.vias()  # parsed once here: top_via() would parse the top entry a second time
     if not vias:
         raise DecodeError("missing Via header")
-    if not vias[0].branch:
-        raise DecodeError("top Via has no branch")
+    if isinstance(message, Response) and not vias[0].branch:
+        raise DecodeError("top Via has no branch")  # it could match no transaction of ours (§17.1.3)
     message.from_tag()
     message.to_tag()
     message.call_id()
     _, method = message.cseq()
     if isinstance(message, Request):
-        if message.headers.get("Max-Forwards") is None:
-            raise DecodeError("missing Max-Forwards header")
-        message.max_forwards()
+        message.max_forwards()  # absent in RFC 2543 requests: that is allowed
         if method != message.method:
             raise DecodeError(f"CSeq method {method[:32]} does not match request method {message.method[:32]}")
 
@@ -794,14 +960,18 @@ def parse_message(data: bytes) -> Request | Response | KeepAlive:
     match = _HEAD_END.search(data)
     if match is None:
         raise DecodeError("no empty line after the SIP headers")
-    start, items = _parse_head(data[: match.start()])
-    body = data[match.end() :]
-    length = _content_length(items)
-    if length is not None:
-        if length > len(body):
-            raise DecodeError("SIP datagram shorter than its Content-Length")
-        body = body[:length]
-    return _build(start, items, body)
+    head = data[: match.start()]
+    try:
+        start, items = _parse_head(head)
+        body = data[match.end() :]
+        length = _content_length(items)
+        if length is not None:
+            if length > len(body):
+                raise DecodeError("SIP datagram shorter than its Content-Length")
+            body = body[:length]
+        return _build(start, items, body)
+    except DecodeError as error:
+        raise _salvage(head, error) from None
 
 
 class StreamParser:
@@ -825,7 +995,7 @@ class StreamParser:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Request | Response | KeepAlive]:
+    def feed(self, data: bytes) -> list[Request | Response | KeepAlive | BadRequest]:
         if self._failed is not None:
             raise DecodeError(f"stream already failed: {self._failed}")
         self._buffer += data
@@ -836,9 +1006,9 @@ class StreamParser:
             self._buffer.clear()
             raise
 
-    def _drain(self) -> list[Request | Response | KeepAlive]:
+    def _drain(self) -> list[Request | Response | KeepAlive | BadRequest]:
         buffer = self._buffer
-        out: list[Request | Response | KeepAlive] = []
+        out: list[Request | Response | KeepAlive | BadRequest] = []
         offset = 0
         while offset < len(buffer):
             if buffer[offset] in b"\r\n":
@@ -866,19 +1036,29 @@ class StreamParser:
                 if buffer.count(b"\n", offset) > MAX_HEADER_LINES + 1:
                     raise DecodeError(f"more than {MAX_HEADER_LINES} header lines")
                 break
-            start, items = _parse_head(bytes(buffer[offset : match.start()]))
+            head = bytes(buffer[offset : match.start()])
+            start, items = _parse_head(head)
             length = _content_length(items)
             if length is None:
                 raise DecodeError("SIP message over a stream without Content-Length")
             total = match.end() - offset + length
             if total > self._max_message:
-                raise DecodeError(f"SIP message larger than {self._max_message} bytes")
+                # The stream cannot go on (its framing would have to skip the body): answer 513 if
+                # possible, and the caller closes the connection after the answer.
+                raise _salvage(head, _Oversize(f"SIP message larger than {self._max_message} bytes"))
             if len(buffer) < match.end() + length:
                 # Wait for the body; the head will be parsed again, which costs less than keeping state.
                 self._scanned = match.start() - offset
                 break
             body = bytes(buffer[match.end() : match.end() + length])
-            out.append(_build(start, items, body))
+            try:
+                out.append(_build(start, items, body))
+            except DecodeError as error:
+                # The framing held (Content-Length was sound): answer this one and read on.
+                salvaged = _salvage(head, error)
+                if not isinstance(salvaged, BadRequest):
+                    raise salvaged from None
+                out.append(salvaged)
             offset = match.end() + length
             self._scanned = 0
         del buffer[:offset]

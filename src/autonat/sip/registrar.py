@@ -255,6 +255,10 @@ class Registrar:
         `client` is the peer's IP address: nonces are bound to it (see `DigestServer`)."""
         if request.method != "REGISTER":
             raise ValueError(f"Registrar.handle got a {request.method[:32]} request")
+        try:
+            self._check_syntax(request)
+        except DecodeError as error:
+            return RegisterOutcome(make_response(request, 400, _reason(error.reason), to_tag=to_tag))
         auth = self._authenticate(request, now, to_tag, client, proxy=False)
         if auth.response is not None:
             return RegisterOutcome(auth.response, None, auth.failure)
@@ -264,6 +268,24 @@ class Registrar:
         except DecodeError as error:
             response = make_response(request, 400, _reason(error.reason), to_tag=to_tag)
         return RegisterOutcome(response, auth.user)
+
+    @staticmethod
+    def _check_syntax(request: Request) -> None:
+        """What makes a REGISTER malformed whoever sends it, checked before authentication (it says nothing
+        about the user table): an AOR that is not a sip:/sips: URI (§10.2; RFC 4475 §3.3.4 unksm2) and a
+        Contact that does not parse, or has URI headers outside <> (§20.10; RFC 4475 §3.1.2.13 regbadct)."""
+        to_value = request.headers.get("To")
+        if to_value is None or _sip_parts(_name_addr(to_value, "To")[0]) is None:
+            raise DecodeError("To is not a sip: or sips: URI")
+        for value in request.headers.get_all("Contact"):
+            for entry in split_list(value):
+                if entry.strip() == "*":
+                    continue
+                uri, _ = _name_addr(entry, "Contact")
+                if "<" not in entry and "?" in uri:
+                    raise DecodeError("a Contact URI with headers must be in <>")
+                if _sip_parts(uri) is None:
+                    raise DecodeError("Contact URI is not sip: or sips:")
 
     def authenticate(
         self, request: Request, now: float, *, to_tag: str, client: str = "", proxy: bool = True
