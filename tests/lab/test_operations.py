@@ -18,7 +18,7 @@ import pytest
 from autonat.lab import Lab
 from tests.lab.cli_helpers import upnp_entries
 from tests.lab.daemon_helpers import Daemon, request
-from tests.lab.sipp import count_rtp, start_sipp
+from tests.lab.sipp import count_rtp, run_sipp, start_sipp
 
 pytestmark = pytest.mark.lab
 
@@ -26,10 +26,18 @@ ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
 CALLER_MEDIA = 6100
 
 
-def config_text(directory: Path, *, mappings: list[tuple[str, int]], acl_node: str, level: str = "info") -> str:
+def config_text(
+    directory: Path,
+    *,
+    mappings: list[tuple[str, int]],
+    acl_node: str,
+    level: str = "info",
+    users: tuple[tuple[str, str], ...] = (("105", "pw105"),),
+) -> str:
     rows = "".join(f'[[mapping]]\nport = {port}\ntransport = "{transport}"\n' for transport, port in mappings)
+    accounts = "".join(f'[[user]]\nname = "{name}"\npassword = "{secret}"\n' for name, secret in users)
     return (
-        f"{rows}"
+        f"{rows}{accounts}"
         "[[acl]]\n"
         'name = "office"\n'
         'default = "deny"\n'
@@ -114,8 +122,11 @@ def test_sighup_applies_exactly_the_edit_and_a_call_goes_on(
         ) as sipp,
     ):
         eventually(lambda: request(daemon.socket_path, {"cmd": "calls"})["result"], 10, "the call is up")
-        after = [("tcp", 8080), ("udp", 8082)]  # 8081 removed, 8082 added
-        (directory / "autonat.toml").write_text(config_text(directory, mappings=after, acl_node="192.168.77.0/24"))
+        after = [("tcp", 8080), ("udp", 8082)]  # 8081 removed, 8082 added; the ACL changed; user 106 added
+        edited = config_text(
+            directory, mappings=after, acl_node="192.168.77.0/24", users=(("105", "pw105"), ("106", "pw106"))
+        )
+        (directory / "autonat.toml").write_text(edited)
         daemon.send(signal.SIGHUP)
         expected = (table_before - {("udp", 8081)}) | {("udp", 8082)}
         pool = {("udp", p) for p in range(16384, 32768)}
@@ -133,11 +144,28 @@ def test_sighup_applies_exactly_the_edit_and_a_call_goes_on(
     advertised = request(daemon.socket_path, {"cmd": "advertise", "name": "office", "destination": "192.168.77.50"})
     assert advertised["result"] == Lab.LAN_ADDRESS  # the ACL edit took effect: now a local peer
     log = daemon.log()
-    assert re.search(r"config reloaded from .*: -mapping udp 8081, \+mapping udp 8082, ACL lists", log), log
+    assert re.search(r"config reloaded from .*: -mapping udp 8081, \+mapping udp 8082, ACL lists, users", log), log
+    assert "restart needed" not in log
+    registered = run_sipp(  # the user the edit added registers at once
+        lab,
+        "wan",
+        "uac_register",
+        f"{Lab.ROUTER_WAN}:5060",
+        local_ip=Lab.WAN_HOST2,
+        local_port=5073,
+        media_port=CALLER_MEDIA,
+        variables={"user": "106"},
+        auth=("106", "pw106"),
+        timeout=10,
+        workdir=tmp_path / "register",
+    )
+    assert registered.ok, registered.describe()
 
     # A bad edit: one error line per mistake, nothing changes.
     table = ours(lab)
-    bad = config_text(directory, mappings=[("udp", 70000)], acl_node="192.168.77.0/24")  # one mistake: the port
+    bad = config_text(  # one mistake: the port
+        directory, mappings=[("udp", 70000)], acl_node="192.168.77.0/24", users=(("105", "pw105"), ("106", "pw106"))
+    )
     (directory / "autonat.toml").write_text(bad)
     daemon.send(signal.SIGHUP)
     eventually(lambda: "reload refused" in daemon.log(), 5, "the refusal logged")

@@ -219,11 +219,17 @@ class Daemon:
             ("[control]", new.control != old.control),
             ("[journal]", new.journal_path != old.journal_path),
             ("[web]", new.web != old.web),
-            ("[[profile]]", new.profiles != old.profiles or new.sip_profiles != old.sip_profiles),
-            ("[sip] and [[user]]", new.sip != old.sip),
         ):
             if changed:
                 result.restart_needed.append(name)
+        if [p.name for p in new.profiles] != [p.name for p in old.profiles]:
+            result.restart_needed.append("profiles added or removed")
+        elif self.sip is not None:
+            applied, needed = self.sip.reload(new.sip, new.profiles, dict(new.sip_profiles))
+            result.changes += applied
+            result.restart_needed += needed
+        else:
+            result.changes += [f"addressing of {name}" for name in self.profiles.update(new.profiles)]
         # What was not applied stays as it runs: the config in effect is the old one with the applied parts.
         self.config = new if not result.restart_needed else _applied(old, new)
         reload_log.info(

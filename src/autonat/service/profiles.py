@@ -129,6 +129,16 @@ class ProfileManager:
         looked_up = None if value is None else self._looked_up.get(str(value))
         return resolve(value, router_external=self.engine.external_ip, local=local, looked_up=looked_up)
 
+    def update(self, profiles: tuple[ProfileSettings, ...]) -> list[str]:
+        """A reload: the addressing of profiles that exist already (ext-sip-ip, ext-rtp-ip, local-network-acl)
+        changes at once (every answer reads it); returns the names whose settings changed."""
+        changed = []
+        for profile in profiles:
+            if profile.name in self.profiles and self.profiles[profile.name] != profile:
+                self.profiles[profile.name] = profile
+                changed.append(profile.name)
+        return changed
+
     def get(self, name: str) -> ProfileSettings:
         profile = self.profiles.get(name)
         if profile is None:

@@ -16,8 +16,10 @@ import logging
 import ssl
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
+from autonat.advertise import ProfileSettings
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.events import EventKind
 from autonat.engine.pool import PortPairs, RtpPool
@@ -171,6 +173,48 @@ class SipService:
                     continue  # a [[mapping]] of the user's own: keep its settings, and leave it at stop
                 self._sip_mappings.append((kind, port))
                 self._spawn(self.engine.add(Wanted(kind, port, owner=f"sip:{name}")))
+
+    def reload(
+        self,
+        settings: SipSettings,
+        addressing: tuple[ProfileSettings, ...],
+        profile_settings: dict[str, SipProfileSettings],
+    ) -> tuple[list[str], list[str]]:
+        """A reload: users, each profile's addressing, dialplan, auth-calls/auth-echo, media cap and gateways
+        change live (no call dropped); the rest of [sip] (ports, caps, timers, realm) and profiles added or
+        removed are named as needing a restart. Returns (changes applied, needing a restart)."""
+        changes: list[str] = []
+        restart = [
+            f"[sip] {key}"
+            for key in ("realm", "rtp_start_port", "rtp_end_port", "pool_size", "max_calls", "max_media_calls",
+                        "source_call_rate", "source_call_burst", "source_max_calls", "auth_failures", "auth_window",
+                        "auth_ban", "auth_max_ban", "t1", "t2", "inactivity", "max_duration", "min_expires",
+                        "max_expires", "pool_refill_rate")
+            if getattr(settings, key) != getattr(self.settings, key)
+        ]  # fmt: skip
+        if settings.users != self.settings.users:
+            dropped = self.registrar.set_users(dict(settings.users))
+            changes.append("users" + (f" (bindings of {', '.join(dropped)} dropped)" if dropped else ""))
+        changes += [f"addressing of {name}" for name in self.profiles.update(addressing)]
+        extra = {name: more for name, more in profile_settings.items() if more.listen}
+        if set(extra) != set(self.extra):
+            restart.append("SIP profiles added or removed")
+        else:
+            for name, more in extra.items():
+                old = self.extra[name]
+                if (more.tcp, more.tls_cert, more.tls_key) != (old.tcp, old.tls_cert, old.tls_key):
+                    restart.append(f"profile {name} listeners")
+            config = core_config(
+                settings, {name: self.profiles.get(name) for name in extra}, extra, self.engine.settings
+            )
+            actions, applied, needed = self.core.reconfigure(config, self._now())
+            self.extra = extra
+            changes += applied
+            restart += needed
+            self._perform(actions)
+        self.settings = replace(self.settings, users=settings.users, session_expires=settings.session_expires,
+                                min_se=settings.min_se, register_wait=settings.register_wait)  # fmt: skip
+        return changes, restart
 
     async def stop(self) -> None:
         if self._events is not None:

@@ -389,6 +389,55 @@ class SipCore:
                     self._start_registration(p, entry)
         return self._flush()
 
+    def reconfigure(self, config: CoreConfig, now: float) -> tuple[list[Action], list[str], list[str]]:
+        """A reload (`autonat reload`, SIGHUP): what a profile answers with changes at once (dialplan,
+        auth-calls/auth-echo, its media cap), calls in progress go on under their old decisions, and gateways
+        added, removed or changed register, un-register (Expires: 0) or both. What needs other listeners
+        (a profile added, removed, or on another port) or other timers is named, not applied. Returns the
+        actions, the changes applied and those that need a restart."""
+        self._now = now
+        changes: list[str] = []
+        restart: list[str] = []
+        new = {profile.name: profile for profile in config.profiles}
+        if set(new) != set(self.profiles):
+            restart.append("profiles added or removed")
+        if (config.timers, config.reply_to_source) != (self.config.timers, self.config.reply_to_source):
+            restart.append("[sip] t1/t2/reply-to-source")
+        for name, p in self.profiles.items():
+            wanted = new.get(name)
+            if wanted is None or wanted == p.config:
+                continue
+            if (wanted.sip_port, wanted.tls_port) != (p.config.sip_port, p.config.tls_port):
+                restart.append(f"profile {name} ports")
+                continue
+            old_gateways = {g.name: g for g in p.config.gateways}
+            p.config = wanted
+            changes.append(f"profile {name}")
+            for gateway in wanted.gateways:
+                if old_gateways.pop(gateway.name, None) == gateway:
+                    continue
+                entry = p.gateways.pop(gateway.name, None)
+                if entry is not None and entry.machine is not None:
+                    self._run_registration(p, entry, entry.machine.stop(now))
+                if gateway.register:
+                    entry = p.gateways[gateway.name] = _Gateway(gateway)
+                    self._start_registration(p, entry)
+                changes.append(f"gateway {gateway.name}")
+            for gone in old_gateways:
+                entry = p.gateways.pop(gone, None)
+                if entry is not None and entry.machine is not None:
+                    self._run_registration(p, entry, entry.machine.stop(now))
+                changes.append(f"-gateway {gone}")
+        self.config = CoreConfig(
+            tuple(p.config for p in self.profiles.values()),
+            self.config.timers,
+            self.config.reply_to_source,
+            config.session_expires,
+            config.min_se,
+            config.register_wait,
+        )
+        return self._flush(), changes, restart
+
     def stop(self, now: float) -> list[Action]:
         """Remove every registration (Expires: 0) and hang up every call with BYE."""
         self._now = now

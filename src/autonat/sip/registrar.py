@@ -204,6 +204,15 @@ class Registrar:
         self._bindings: dict[str, dict[str, Binding]] = {}
         self._expired: list[Binding] = []  # dropped by `handle`, still to be reported by `expire`
 
+    def set_users(self, users: Mapping[str, str]) -> list[str]:
+        """New users and passwords (a reload): the bindings of users no longer there are dropped (their phones
+        can no longer be rung); the others stay. Returns the names dropped."""
+        gone = [user for user in self._bindings if user not in users]
+        for user in gone:
+            self._expired += list(self._bindings.pop(user).values())
+        self._users = users
+        return gone
+
     # ----------------------------------------------------------------------------------------- queries
 
     def lookup(self, user: str, now: float) -> list[Binding]:
