@@ -183,10 +183,10 @@ def choose(
 
 
 @dataclass(frozen=True, slots=True)
-class ProfileSettings:
-    """One SIP profile's addressing (sofia's parameter names, in snake case)."""
+class Addressing:
+    """A profile's addressing (sofia's parameter names, in snake case): what it binds and what it advertises.
+    Part of the one settings type of a profile, autonat.service.settings.ProfileSettings."""
 
-    name: str
     sip_ip: IPAddress | None = None  # None: the local address of the route to the router
     rtp_ip: IPAddress | None = None  # None: sip_ip
     sip_port: int = 5060
@@ -223,7 +223,8 @@ class ProfileStatus:
 
 
 def profile_status(
-    settings: ProfileSettings,
+    name: str,
+    settings: Addressing,
     *,
     local: IPAddress,
     sip: Resolved,
@@ -238,7 +239,7 @@ def profile_status(
     bind = uri_host(sip_ip)
     tls = settings.tls_sip_port
     return ProfileStatus(
-        name=settings.name,
+        name=name,
         auto_nat=auto_nat,
         rtp_ip=rtp_ip,
         ext_rtp_ip=rtp.address,

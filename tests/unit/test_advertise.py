@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autonat.advertise import (
+    Addressing,
     ExtKind,
     ExtValue,
-    ProfileSettings,
     Resolved,
     choose,
     parse_ext_value,
@@ -91,8 +91,8 @@ def test_lookups_resolve_to_their_last_result() -> None:
 def test_order_of_parameters_does_not_matter() -> None:
     # FreeSWITCH sets AUTO_NAT only when ext-rtp-ip is parsed after ext-sip-ip; here each value stands alone.
     sip, rtp = parse_ext_value("auto-nat"), parse_ext_value("198.51.100.9")
-    one = ProfileSettings("p", ext_sip_ip=sip, ext_rtp_ip=rtp)
-    two = ProfileSettings("p", ext_rtp_ip=rtp, ext_sip_ip=sip)
+    one = Addressing(ext_sip_ip=sip, ext_rtp_ip=rtp)
+    two = Addressing(ext_rtp_ip=rtp, ext_sip_ip=sip)
     assert one == two
     resolved_sip = resolve(one.ext_sip_ip, router_external=ROUTER, local=LOCAL)
     resolved_rtp = resolve(one.ext_rtp_ip, router_external=ROUTER, local=LOCAL)
@@ -124,9 +124,9 @@ def test_no_external_address_means_local_and_no_acl_means_everyone_gets_external
 
 
 def test_profile_status_fields() -> None:
-    settings = ProfileSettings("external", sip_port=5080, tls_sip_port=5081, ext_sip_ip=parse_ext_value("auto-nat"))
+    settings = Addressing(sip_port=5080, tls_sip_port=5081, ext_sip_ip=parse_ext_value("auto-nat"))
     sip = Resolved(ROUTER, "router")
-    status = profile_status(settings, local=LOCAL, sip=sip, rtp=Resolved(None, "not set"), auto_nat=True)
+    status = profile_status("external", settings, local=LOCAL, sip=sip, rtp=Resolved(None, "not set"), auto_nat=True)
     assert status.ext_sip_ip == ROUTER and status.ext_rtp_ip is None
     assert status.sip_ip == status.rtp_ip == LOCAL
     assert status.url == "sip:mod_sofia@203.0.113.1:5080"

@@ -179,7 +179,7 @@ def test_the_deploy_example_loads_cleanly() -> None:
     config = load_config(DEPLOY / "autonat.toml")
     assert config.warnings == ()
     assert config.mappings == ()  # the SIP profile maps its own ports
-    assert [name for name, service in config.sip_profiles if service.listen] == ["external"]
+    assert [profile.name for profile in config.profiles if profile.sip.listen] == ["external"]
 
 
 def test_the_deploy_unit_runs_the_daemon_with_that_config() -> None:
@@ -805,7 +805,9 @@ def test_profiles_acls_and_stun_load(tmp_path: Path) -> None:
     [lan] = config.acls
     assert lan.lookup("192.168.42.42") and not lan.lookup("192.168.42.1") and lan.lookup("8.8.8.8")
     external, internal = config.profiles
-    assert (external.name, external.sip_port, external.tls_sip_port) == ("external", 5080, 5081)
+    assert external.name == "external"
+    external, internal = external.addressing, internal.addressing
+    assert (external.sip_port, external.tls_sip_port) == (5080, 5081)
     assert str(external.ext_sip_ip) == "autonat:198.51.100.7" and str(external.ext_rtp_ip) == "auto-nat"
     assert external.local_network_acl == "lan" and internal.local_network_acl is None
     assert str(internal.sip_ip) == "192.168.77.10" and str(internal.ext_sip_ip) == "stun:stun.example.org:3479"
@@ -841,7 +843,7 @@ def test_a_freeswitch_acl_conf_is_imported(tmp_path: Path) -> None:
     text += '[[profile]]\nname = "p"\nlocal-network-acl = "domains"\n'
     config = load_config(write(tmp_path, text))
     assert [acl.name for acl in config.acls] == ["domains"]
-    assert config.profiles[0].local_network_acl == "domains"
+    assert config.profiles[0].addressing.local_network_acl == "domains"
 
 
 # --- the SIP service: [sip], [[user]], listeners, dialplan, gateways ----------------------------------
@@ -885,7 +887,7 @@ def test_sip_settings_users_gateways_and_dialplan_load(tmp_path: Path) -> None:
     assert config.sip.realm == "lab" and config.sip.users == (("105", "pw"),)
     assert (config.sip.rtp_start_port, config.sip.rtp_end_port, config.sip.pool_size) == (20000, 20099, 2)
     assert config.sip.t1 == 0.1 and config.sip.inactivity == 10
-    name, service = config.sip_profiles[0]
+    name, service = config.profiles[0].name, config.profiles[0].sip
     assert name == "inner" and service.listen and service.tcp
     gateway = service.gateways[0]
     assert (gateway.name, gateway.host, gateway.port, gateway.username) == ("outer", "192.168.77.10", 5060, "200")
@@ -897,7 +899,8 @@ def test_sip_settings_users_gateways_and_dialplan_load(tmp_path: Path) -> None:
 
 def test_without_extensions_the_default_dialplan_echoes_9196_and_rings_users(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, '[[profile]]\nname = "p"\n'))
-    ((_, service),) = config.sip_profiles
+    (profile,) = config.profiles
+    service = profile.sip
     actions = {str(ext.action) for ext in service.dialplan}
     assert actions == {"echo", "user"}
     assert next(ext for ext in service.dialplan if str(ext.action) == "echo").target("9196") == "9196"
@@ -949,7 +952,7 @@ def test_a_pattern_that_backtracks_in_a_backtracking_engine_runs_in_linear_time(
     import time
 
     config = load_config(write(tmp_path, '[[profile]]\nname = "p"\n[[profile.extension]]\nmatch = "(a+)+$"\n'))
-    (_, service), *_ = config.sip_profiles
+    service = config.profiles[0].sip
     extension = service.dialplan[0]
     started = time.perf_counter()
     assert extension.target("a" * 5000 + "b") is None
@@ -969,8 +972,8 @@ def test_caps_load_with_their_values_and_defaults(tmp_path: Path) -> None:
     sip = config.sip
     assert (sip.max_media_calls, sip.source_call_rate, sip.source_call_burst, sip.source_max_calls) == (8, 0.5, 2, 3)
     assert sip.pool_refill_rate == 1
-    assert dict(config.sip_profiles)["p"].max_media_calls == 2
-    assert dict(config.sip_profiles)["q"].max_media_calls is None  # 0 / absent: only the [sip] cap
+    assert {p.name: p.sip for p in config.profiles}["p"].max_media_calls == 2
+    assert {p.name: p.sip for p in config.profiles}["q"].max_media_calls is None  # 0 / absent: only the [sip] cap
     defaults = load_config(write(tmp_path, "[nat]\nlease = 172800\n", "big.toml")).nat
     assert defaults.max_lease == 172800  # never below the lease asked for
 

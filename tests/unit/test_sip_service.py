@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 
 from autonat.acl import AclSet
-from autonat.advertise import ProfileSettings
+from autonat.advertise import Addressing
 from autonat.engine.engine import NatEngine
 from autonat.engine.events import EventKind
 from autonat.engine.settings import NatSettings
 from autonat.proto.errors import DecodeError
 from autonat.service.profiles import ProfileManager
-from autonat.service.settings import SipProfileSettings, SipSettings
+from autonat.service.settings import ProfileSettings, ProfileSip, SipSettings
 from autonat.service.sip import SipService
 from autonat.sip import client as sipclient
 from autonat.sip.digest import client_authorization, parse_challenge
@@ -152,13 +152,16 @@ async def running(
         auth_failures=auth_failures,
     )
     tls_port = free_port(socket.SOCK_STREAM) if tls else None
-    profile = ProfileSettings(name="test", sip_ip=ip_address(LOOPBACK), sip_port=port, tls_sip_port=tls_port)
+    certificate, key = tls or (None, None)
+    profile = ProfileSettings(
+        "test",
+        Addressing(sip_ip=ip_address(LOOPBACK), sip_port=port, tls_sip_port=tls_port),
+        ProfileSip(tls_cert=certificate, tls_key=key, auth_calls=auth_calls),
+    )
     engine = NatEngine(NatSettings(enabled=False), None)
     await engine.start()
     profiles = ProfileManager((profile,), AclSet(), engine)
-    certificate, key = tls or (None, None)
-    extra = SipProfileSettings(tls_cert=certificate, tls_key=key, auth_calls=auth_calls)
-    service = SipService(settings, profiles, engine, {"test": extra}, b"k" * 32)
+    service = SipService(settings, profiles, engine, b"k" * 32)
     await service.start()
     rig = Rig(service, engine, port)
     try:
@@ -658,9 +661,7 @@ async def test_gateway_registration_and_an_outbound_call_with_digest_on_both() -
     provider_media, _, provider_media_port = await media_socket()
     digest = DigestServer("provider", b"p" * 32)
     gateway = GatewaySettings("prov", LOOPBACK, provider.port, username="200", password="pw200", expires=300)
-    extra = SipProfileSettings(
-        dialplan=(Extension(compile_pattern(r"0(\d+)"), Action.GATEWAY, "prov"),), gateways=(gateway,)
-    )
+    extra = ProfileSip(dialplan=(Extension(compile_pattern(r"0(\d+)"), Action.GATEWAY, "prov"),), gateways=(gateway,))
 
     def authorized(request: Request, header: str) -> bool:
         value = request.headers.get(header)
@@ -674,10 +675,10 @@ async def test_gateway_registration_and_an_outbound_call_with_digest_on_both() -
     settings = SipSettings(
         users=(("105", "pw105"),), rtp_start_port=start, rtp_end_port=start + 11, t1=0.05, t2=0.2, inactivity=5.0
     )
-    profile = ProfileSettings(name="test", sip_ip=ip_address(LOOPBACK), sip_port=port)
+    profile = ProfileSettings("test", Addressing(sip_ip=ip_address(LOOPBACK), sip_port=port), extra)
     engine = NatEngine(NatSettings(enabled=False), None)
     await engine.start()
-    service = SipService(settings, ProfileManager((profile,), AclSet(), engine), engine, {"test": extra}, b"k" * 32)
+    service = SipService(settings, ProfileManager((profile,), AclSet(), engine), engine, b"k" * 32)
     await service.start()
     stopped = False
     try:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from autonat.acl import AclError, AclList, AclSet, parse_acl_conf_xml
 from autonat.addresses import IPAddress, parse_address
-from autonat.advertise import ExtKind, ExtValue, ProfileSettings, parse_ext_value
+from autonat.advertise import Addressing, ExtKind, ExtValue, parse_ext_value
 from autonat.engine.settings import DEFAULT_MAX_LEASE, DEFAULT_UPNP_LEASE, NatSettings, ProtocolName
 from autonat.errors import AutonatError
 from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME
@@ -37,7 +37,8 @@ from autonat.service.settings import (
     Action,
     Extension,
     GatewaySettings,
-    SipProfileSettings,
+    ProfileSettings,
+    ProfileSip,
     SipSettings,
     compile_pattern,
 )
@@ -138,7 +139,6 @@ class Config:
     acls: tuple[AclList, ...] = ()
     profiles: tuple[ProfileSettings, ...] = ()
     sip: SipSettings = field(default_factory=SipSettings)
-    sip_profiles: tuple[tuple[str, SipProfileSettings], ...] = ()  # (profile name, its SIP service)
     log_format: LogFormat = "text"
     web: WebConfig = field(default_factory=WebConfig)
 
@@ -428,7 +428,7 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
     log_format = log.choice("format", _LOG_FORMATS, "text")
     log.finish()
     acls = _acls(top, report)
-    profiles, sip_profiles = _profiles(top, report, {*BUILTIN_ACL_NAMES, *(acl.name for acl in acls)})
+    profiles = _profiles(top, report, {*BUILTIN_ACL_NAMES, *(acl.name for acl in acls)})
     sip = _sip(_section(top, "sip"), top, report)
     web = _web(_section(top, "web"), report, file_mode, control)
     top.finish()
@@ -449,7 +449,6 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
         acls,
         profiles,
         sip,
-        sip_profiles,
         log_format,
         web,
     )
@@ -867,11 +866,8 @@ def _acls(top: _Table, report: _Report) -> tuple[AclList, ...]:
     return tuple(lists)
 
 
-def _profiles(
-    top: _Table, report: _Report, acl_names: set[str]
-) -> tuple[tuple[ProfileSettings, ...], tuple[tuple[str, SipProfileSettings], ...]]:
+def _profiles(top: _Table, report: _Report, acl_names: set[str]) -> tuple[ProfileSettings, ...]:
     profiles: list[ProfileSettings] = []
-    services: list[tuple[str, SipProfileSettings]] = []
     names: set[str] = set()
     for _, table in _array_of_tables(top, "profile"):
         mistakes = len(report.errors)
@@ -895,31 +891,30 @@ def _profiles(
             hint = f' (did you mean "{close[0]}"?)' if close else ""
             table.error("local-network-acl", f"names an unknown ACL list {_quote(acl)}{hint}")
         if len(report.errors) == mistakes:
-            profiles.append(
-                ProfileSettings(
-                    name=name,
-                    sip_ip=sip_ip,
-                    rtp_ip=rtp_ip,
-                    sip_port=sip_port,
-                    tls_sip_port=tls_port or None,
-                    ext_sip_ip=ext_sip,
-                    ext_rtp_ip=ext_rtp,
-                    local_network_acl=None if acl.lower() == "none" else acl,
-                )
+            addressing = Addressing(
+                sip_ip=sip_ip,
+                rtp_ip=rtp_ip,
+                sip_port=sip_port,
+                tls_sip_port=tls_port or None,
+                ext_sip_ip=ext_sip,
+                ext_rtp_ip=ext_rtp,
+                local_network_acl=None if acl.lower() == "none" else acl,
             )
-            services.append((name, service))
+            profiles.append(ProfileSettings(name, addressing, service))
     listeners: dict[tuple[str, int], str] = {}
-    for profile, (_, service) in zip(profiles, services, strict=True):
-        ports = [profile.sip_port] + ([profile.tls_sip_port] if profile.tls_sip_port and service.tls_cert else [])
+    for profile in profiles:
+        where_ip, service = profile.addressing.sip_ip, profile.sip
+        tls = profile.addressing.tls_sip_port
+        ports = [profile.addressing.sip_port] + ([tls] if tls and service.tls_cert else [])
         for port in ports if service.listen else []:
-            where = (str(profile.sip_ip or "default"), port)
+            where = (str(where_ip or "default"), port)
             if where in listeners:
                 report.error(
                     f"profile {_quote(profile.name)} listens on port {port} like profile {_quote(listeners[where])}:"
                     " give one of them another sip-port (or listen = false)"
                 )
             listeners[where] = profile.name
-    return tuple(profiles), tuple(services)
+    return tuple(profiles)
 
 
 _ACTIONS: Final = {"echo": Action.ECHO, "user": Action.USER, "gateway": Action.GATEWAY}
@@ -928,7 +923,7 @@ _USER_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_PATTERN_LENGTH: Final = 200
 
 
-def _sip_profile(table: _Table, report: _Report) -> SipProfileSettings:
+def _sip_profile(table: _Table, report: _Report) -> ProfileSip:
     """A profile's SIP service: listeners, TLS files, dialplan ([[profile.extension]]) and gateways."""
     listen = table.flag("listen", True)
     tcp = table.flag("tcp", True)
@@ -984,7 +979,7 @@ def _sip_profile(table: _Table, report: _Report) -> SipProfileSettings:
             ext.error("gateway", f"must name a [[profile.gateway]] of this profile, not {_quote(gateway or '')}")
             continue
         dialplan.append(Extension(pattern, action, gateway))
-    extra = SipProfileSettings(listen, tcp, Path(cert) if cert else None, Path(key) if key else None)
+    extra = ProfileSip(listen, tcp, Path(cert) if cert else None, Path(key) if key else None)
     return replace(
         extra,
         dialplan=tuple(dialplan) or extra.dialplan,

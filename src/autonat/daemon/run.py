@@ -81,11 +81,7 @@ class Daemon:
         self.journal = Journal(config.journal_path) if config.nat.enabled else None
         self.engine = NatEngine(config.nat, self.journal)
         self.profiles = ProfileManager(config.profiles, AclSet(config.acls, host_networks()), self.engine)
-        self.sip = (
-            SipService(config.sip, self.profiles, self.engine, dict(config.sip_profiles), host_secret())
-            if config.profiles
-            else None
-        )
+        self.sip = SipService(config.sip, self.profiles, self.engine, host_secret()) if config.profiles else None
         self.control = ControlServer(
             self.engine,
             config.control.socket,
@@ -225,7 +221,7 @@ class Daemon:
         if [p.name for p in new.profiles] != [p.name for p in old.profiles]:
             result.restart_needed.append("profiles added or removed")
         elif self.sip is not None:
-            applied, needed = self.sip.reload(new.sip, new.profiles, dict(new.sip_profiles))
+            applied, needed = self.sip.reload(new.sip, new.profiles)
             result.changes += applied
             result.restart_needed += needed
         else:

@@ -30,7 +30,7 @@ class CoreAddresses:
         return self._profiles.advertise(profile, peer_ip, media=True)
 
     def rtp_local(self, profile: str) -> IPAddress:
-        return self._profiles.get(profile).rtp_ip or self.local[profile]
+        return self._profiles.get(profile).addressing.rtp_ip or self.local[profile]
 
     def external_known(self) -> bool:
         return self._engine.external_ip is not None

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autonat.acl import AclSet
 from autonat.addresses import IPAddress
 from autonat.advertise import (
     ExtKind,
     ExtValue,
-    ProfileSettings,
     ProfileStatus,
     Resolved,
     choose,
@@ -30,6 +29,9 @@ from autonat.aio.stun import parse_stun_target, resolve_server, stun_binding
 from autonat.engine.engine import NatEngine
 from autonat.engine.events import EventKind
 from autonat.errors import AutonatError
+
+if TYPE_CHECKING:
+    from autonat.service.settings import ProfileSettings
 
 log = logging.getLogger("autonat.profiles")
 LOOKUP_INTERVAL = 300.0
@@ -73,7 +75,12 @@ class ProfileManager:
                 log.warning("cannot read the interfaces for the .auto ACL lists: %s", exc)
 
     def _lookup_values(self) -> list[ExtValue]:
-        values = [v for p in self.profiles.values() for v in (p.ext_sip_ip, p.ext_rtp_ip) if v is not None]
+        values = [
+            v
+            for p in self.profiles.values()
+            for v in (p.addressing.ext_sip_ip, p.addressing.ext_rtp_ip)
+            if v is not None
+        ]
         return [value for value in values if value.needs_lookup]
 
     async def _lookups(self) -> None:
@@ -130,13 +137,15 @@ class ProfileManager:
         return resolve(value, router_external=self.engine.external_ip, local=local, looked_up=looked_up)
 
     def update(self, profiles: tuple[ProfileSettings, ...]) -> list[str]:
-        """A reload: the addressing of profiles that exist already (ext-sip-ip, ext-rtp-ip, local-network-acl)
-        changes at once (every answer reads it); returns the names whose settings changed."""
+        """A reload: the settings of profiles that exist already change at once (every answer reads them); returns
+        the names whose addressing (ext-sip-ip, ext-rtp-ip, local-network-acl...) changed."""
         changed = []
         for profile in profiles:
-            if profile.name in self.profiles and self.profiles[profile.name] != profile:
+            old = self.profiles.get(profile.name)
+            if old is not None and old != profile:
                 self.profiles[profile.name] = profile
-                changed.append(profile.name)
+                if old.addressing != profile.addressing:
+                    changed.append(profile.name)
         return changed
 
     def get(self, name: str) -> ProfileSettings:
@@ -147,11 +156,12 @@ class ProfileManager:
         return profile
 
     def status(self, name: str) -> ProfileStatus:
-        profile = self.get(name)
+        profile = self.get(name).addressing
         local = profile.sip_ip or self.local_address()
         rtp_local = profile.rtp_ip or local
         auto_nat = any(v is not None and v.from_router for v in (profile.ext_sip_ip, profile.ext_rtp_ip))
         return profile_status(
+            name,
             profile,
             local=local,
             sip=self._resolve(profile.ext_sip_ip, local),
@@ -161,7 +171,7 @@ class ProfileManager:
 
     def advertise(self, name: str, destination: str, media: bool) -> IPAddress:
         """The address profile `name` puts in SIP (or, with `media`, SDP) for a peer at `destination`."""
-        profile = self.get(name)
+        profile = self.get(name).addressing
         local = (profile.rtp_ip if media else None) or profile.sip_ip or self.local_address()
         external = self._resolve(profile.ext_rtp_ip if media else profile.ext_sip_ip, local).address
         acl = profile.local_network_acl

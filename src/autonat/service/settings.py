@@ -1,12 +1,14 @@
-"""Settings of the SIP service: the `[sip]` table, `[[user]]`s, and each profile's listeners, dialplan and
-gateways (`[[profile.extension]]`, `[[profile.gateway]]`). Validated by autonat.daemon.config."""
+"""Settings of the SIP service: the `[sip]` table and `[[user]]`s, and the one settings type of a profile
+(`[[profile]]` with its addressing, listeners, dialplan and gateways: `[[profile.extension]]`,
+`[[profile.gateway]]`). Validated by autonat.daemon.config."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from autonat.advertise import ProfileSettings
+from autonat.advertise import Addressing
 from autonat.engine.settings import NatSettings
 from autonat.sip.core import CoreConfig, ProfileConfig
 from autonat.sip.dialplan import (
@@ -25,7 +27,8 @@ __all__ = [
     "Extension",
     "GatewaySettings",
     "Pattern",
-    "SipProfileSettings",
+    "ProfileSettings",
+    "ProfileSip",
     "SipSettings",
     "compile_pattern",
     "core_config",
@@ -33,7 +36,9 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
-class SipProfileSettings:
+class ProfileSip:
+    """A profile's SIP service: its listeners, dialplan, gateways and call rules."""
+
     listen: bool = True
     tcp: bool = True
     tls_cert: Path | None = None
@@ -43,6 +48,16 @@ class SipProfileSettings:
     max_media_calls: int | None = None  # calls at once with mapped media on this profile (None: the global cap)
     auth_calls: bool = True  # INVITEs to users and gateways need digest auth of a [[user]] (FreeSWITCH's auth-calls)
     auth_echo: bool = False  # the echo test needs it too (it is open by default: the test call from anywhere)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSettings:
+    """One `[[profile]]`, the only settings type of a profile: every part that reads it (the advertised
+    addresses in autonat.service.profiles, the SIP service, the status) gets this object, not a join by name."""
+
+    name: str
+    addressing: Addressing = field(default_factory=Addressing)
+    sip: ProfileSip = field(default_factory=ProfileSip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,24 +91,20 @@ class SipSettings:
     register_wait: float = 10.0  # a gateway's first REGISTER waits this long for the external address
 
 
-def core_config(
-    settings: SipSettings,
-    profiles: dict[str, ProfileSettings],
-    extra: dict[str, SipProfileSettings],
-    nat: NatSettings,
-) -> CoreConfig:
+def core_config(settings: SipSettings, profiles: Iterable[ProfileSettings], nat: NatSettings) -> CoreConfig:
     """The call core's configuration: the `[sip]` table and each listening profile's. A profile maps media for
     peers outside when its ext-rtp-ip follows the router and the engine maps (not --nonat/--nonatmap), and its
     gateways wait for the router's address when its ext-sip-ip follows the router."""
     configs = []
-    for name, profile in profiles.items():
-        more = extra[name]
+    for profile in (p for p in profiles if p.sip.listen):
+        addressing, more = profile.addressing, profile.sip
         sip_auto, rtp_auto = (
-            v is not None and v.from_router and nat.enabled for v in (profile.ext_sip_ip, profile.ext_rtp_ip)
+            v is not None and v.from_router and nat.enabled for v in (addressing.ext_sip_ip, addressing.ext_rtp_ip)
         )
         configs.append(
             ProfileConfig(
-                name, profile.sip_port, profile.tls_sip_port if more.tls_cert else None, more.dialplan, more.gateways,
+                profile.name, addressing.sip_port, addressing.tls_sip_port if more.tls_cert else None, more.dialplan,
+                more.gateways,
                 more.auth_calls, more.auth_echo, more.max_media_calls, external_media=rtp_auto and nat.mapping,
                 external_sip=sip_auto,
             )

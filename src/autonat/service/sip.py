@@ -19,7 +19,6 @@ from collections import deque
 from dataclasses import replace
 from typing import Any
 
-from autonat.advertise import ProfileSettings
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.events import EventKind
 from autonat.engine.pool import PortPairs, RtpPool
@@ -28,7 +27,7 @@ from autonat.proto.types import Transport
 from autonat.service.calls import CallView, CoreAddresses
 from autonat.service.media import CallMedia
 from autonat.service.profiles import ProfileManager
-from autonat.service.settings import SipProfileSettings, SipSettings, core_config
+from autonat.service.settings import ProfileSettings, SipSettings, core_config
 from autonat.service.transport import SipTransport
 from autonat.sip import core
 from autonat.sip.admission import Admission, AdmissionLimits
@@ -57,11 +56,11 @@ class SipService:
         settings: SipSettings,
         profiles: ProfileManager,
         engine: NatEngine,
-        profile_settings: dict[str, SipProfileSettings],
         secret: bytes,
     ) -> None:
+        """`profiles` holds every profile's settings; those with `sip.listen` get listeners and calls."""
         self.settings, self.profiles, self.engine = settings, profiles, engine
-        self.extra = {name: extra for name, extra in profile_settings.items() if extra.listen}
+        self.listening = [name for name, profile in profiles.profiles.items() if profile.sip.listen]
         self.registrar = Registrar(dict(settings.users), DigestServer(settings.realm, secret),
                                    min_expires=settings.min_expires, max_expires=settings.max_expires)  # fmt: skip
         self.admission = Admission(AdmissionLimits(
@@ -73,7 +72,7 @@ class SipService:
                                max_ban=max(settings.auth_ban, settings.auth_max_ban))  # fmt: skip
         self.pairs = PortPairs(range(settings.rtp_start_port, settings.rtp_end_port + 1))
         self.pool: RtpPool | None = None
-        config = core_config(settings, {name: profiles.get(name) for name in self.extra}, self.extra, engine.settings)
+        config = core_config(settings, profiles.profiles.values(), engine.settings)
         self.addresses = CoreAddresses(profiles, engine)
         self.core = core.SipCore(config, self.addresses, registrar=self.registrar, admission=self.admission,
                                  guard=self.guard)  # fmt: skip
@@ -120,7 +119,7 @@ class SipService:
         background: a profile answers at once with its local address and picks up the external one when
         discovery completes."""
         try:
-            for name in self.extra:
+            for name in self.listening:
                 await self._listen(name)
         except SipError:
             for transport in self.transports.values():
@@ -138,7 +137,8 @@ class SipService:
         self._perform(self.core.start(self._now()))
 
     async def _listen(self, name: str) -> None:
-        profile, extra = self.profiles.get(name), self.extra[name]
+        settings = self.profiles.get(name)
+        profile, extra = settings.addressing, settings.sip
         local = profile.sip_ip or self.profiles.local_address()
         self.addresses.local[name] = local
         context = None
@@ -177,8 +177,7 @@ class SipService:
     def reload(
         self,
         settings: SipSettings,
-        addressing: tuple[ProfileSettings, ...],
-        profile_settings: dict[str, SipProfileSettings],
+        profiles: tuple[ProfileSettings, ...],
     ) -> tuple[list[str], list[str]]:
         """A reload: users, each profile's addressing, dialplan, auth-calls/auth-echo, media cap and gateways
         change live (no call dropped); the rest of [sip] (ports, caps, timers, realm) and profiles added or
@@ -195,20 +194,23 @@ class SipService:
         if settings.users != self.settings.users:
             dropped = self.registrar.set_users(dict(settings.users))
             changes.append("users" + (f" (bindings of {', '.join(dropped)} dropped)" if dropped else ""))
-        changes += [f"addressing of {name}" for name in self.profiles.update(addressing)]
-        extra = {name: more for name, more in profile_settings.items() if more.listen}
-        if set(extra) != set(self.extra):
+        listening = [profile.name for profile in profiles if profile.sip.listen]
+        if set(listening) != set(self.listening):
             restart.append("SIP profiles added or removed")
+            # The addressing of the profiles that stay still applies; their SIP part waits for the restart.
+            kept = [
+                replace(p, sip=self.profiles.profiles[p.name].sip) for p in profiles if p.name in self.profiles.profiles
+            ]
+            changes += [f"addressing of {name}" for name in self.profiles.update(tuple(kept))]
         else:
-            for name, more in extra.items():
-                old = self.extra[name]
-                if (more.tcp, more.tls_cert, more.tls_key) != (old.tcp, old.tls_cert, old.tls_key):
-                    restart.append(f"profile {name} listeners")
-            config = core_config(
-                settings, {name: self.profiles.get(name) for name in extra}, extra, self.engine.settings
+            for profile in profiles:
+                new, old = profile.sip, self.profiles.get(profile.name).sip
+                if (new.tcp, new.tls_cert, new.tls_key) != (old.tcp, old.tls_cert, old.tls_key):
+                    restart.append(f"profile {profile.name} listeners")
+            changes += [f"addressing of {name}" for name in self.profiles.update(profiles)]
+            actions, applied, needed = self.core.reconfigure(
+                core_config(settings, self.profiles.profiles.values(), self.engine.settings), self._now()
             )
-            actions, applied, needed = self.core.reconfigure(config, self._now())
-            self.extra = extra
             changes += applied
             restart += needed
             self._perform(actions)
