@@ -565,11 +565,24 @@ async def test_echo_call_over_tcp_is_answered_on_the_same_connection() -> None:
     async with running() as rig:
         reader, writer = await asyncio.open_connection(LOOPBACK, rig.port)
         phone = StreamPhone(reader, writer)
-        writer.write(b"\r\n\r\n")  # RFC 5626 ping: answered with a pong, nothing else
         await echo_over_stream(rig, phone, "tcp", rig.port)
         writer.close()
         await asyncio.sleep(0.05)
         assert rig.service.calls == [] and rig.service.active_calls == 0
+
+
+async def test_a_crlf_ping_over_tcp_is_answered_with_a_pong_and_nothing_else() -> None:
+    # RFC 5626 §3.5.1: a double CRLF from the client is a ping; the server answers one CRLF (the pong).
+    async with running() as rig:
+        reader, writer = await asyncio.open_connection(LOOPBACK, rig.port)
+        writer.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(reader.readexactly(2), timeout=2) == b"\r\n"
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), timeout=0.2)  # no second pong, no SIP message
+        writer.write(b"\r\n\r\n")  # the connection stays usable: a second ping, a second pong
+        assert await asyncio.wait_for(reader.readexactly(2), timeout=2) == b"\r\n"
+        writer.close()
+        assert rig.service.transports["test"].stats.malformed == 0
 
 
 @pytest.fixture(scope="module")
