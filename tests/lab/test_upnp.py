@@ -13,6 +13,12 @@ from autonat.lab import Lab
 from tests.lab.cli_helpers import autonat, autonat_json, listed, reaches_lan
 
 pytestmark = pytest.mark.lab
+# The router's SSDP responder made silent: M-SEARCHes dropped before miniupnpd sees them (no ICMP either).
+SILENT_SSDP = (
+    "add table inet autonat_test_silence; "
+    "add chain inet autonat_test_silence input { type filter hook input priority -10; }; "
+    "add rule inet autonat_test_silence input udp dport 1900 drop"
+)
 IGD_SERVER = str(Path(__file__).parents[1] / "fakes" / "igd_server.py")
 
 
@@ -105,10 +111,11 @@ def test_a_port_held_by_another_host_moves_our_mapping_elsewhere(lab: Lab, state
 
 def test_a_hostile_neighbour_neither_wins_nor_hides_why_it_was_discarded(lab: Lab, state_dir: Path) -> None:
     """A host on the LAN (here: beside us on the lan host, our address as its LOCATION) answers SSDP too
-    and serves a 100 MB header line. The real router still wins; with the router silent (all its
-    datagrams lost: a stopped daemon would refuse SSDP at once, which ends discovery before the
-    neighbour is heard, see aio/ssdp.py), the one-line error names the neighbour's offence, within the
-    deadline."""
+    and serves a 100 MB header line. The real router still wins; with the router silent (its SSDP
+    dropped in the router: a stopped daemon would refuse SSDP at once, which ends discovery before the
+    neighbour is heard, see aio/ssdp.py; and loss on the LAN link would drop our own multicast looped back
+    to the neighbour as well, since the lab's loss rule sits on the LAN host's ingress), the one-line error
+    names the neighbour's offence, within the deadline."""
     log = state_dir.parent / "neighbour.log"
     neighbour = lab.popen(
         "lan",
@@ -126,7 +133,7 @@ def test_a_hostile_neighbour_neither_wins_nor_hides_why_it_was_discarded(lab: La
         outcomes = {candidate["location"]: candidate["outcome"] for candidate in upnp["candidates"]}
         assert outcomes[lab.root_url] == "usable"
         assert outcomes.get(hostile, "failed") in ("failed", "unfinished")  # never chosen, whenever it answered
-        lab.set_loss(99)
+        lab.run("router", ["nft", SILENT_SSDP], check=True)
         started = time.monotonic()
         result = autonat(lab, state_dir, "probe", "--protocol", "upnp", "--timeout", "2")
         assert time.monotonic() - started < 2 * 1.1 + 1  # the deadline +10 %, plus the process's start
@@ -136,4 +143,4 @@ def test_a_hostile_neighbour_neither_wins_nor_hides_why_it_was_discarded(lab: La
     finally:
         neighbour.kill()
         neighbour.wait(timeout=10)
-        lab.set_loss(0)
+        lab.run("router", ["nft", "delete table inet autonat_test_silence"])
