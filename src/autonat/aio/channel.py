@@ -28,6 +28,7 @@ from collections.abc import Callable, Hashable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, TypeVar
 
+from autonat.aio import trace as wiretrace
 from autonat.aio.udp import MAX_DATAGRAM, open_socket
 from autonat.errors import RouterTimeout
 from autonat.proto.exchange import Endpoint, Exchange
@@ -124,6 +125,8 @@ class DatagramChannel:
         return source
 
     def _datagram(self, data: bytes, source: Endpoint) -> None:
+        if wiretrace.ON:
+            wiretrace.datagram_received(data, source, self._loop.time())
         if len(data) > MAX_DATAGRAM:
             self.drops["oversized datagram"] += 1
             return
@@ -154,6 +157,8 @@ class DatagramChannel:
 
     def _unreachable(self) -> None:
         """ICMP port unreachable from the server we are connected to: every pending exchange ends."""
+        if wiretrace.ON:
+            wiretrace.unreachable(self._remote)
         self.drops["ICMP port unreachable"] += 1
         for pending in list(self._pending):
             pending.exchange.unreachable()
@@ -190,6 +195,8 @@ class DatagramChannel:
         exchange = pending.exchange
         exchange.handle_timer(now)
         for datagram in exchange.datagrams_to_send(now):
+            if wiretrace.ON:
+                wiretrace.datagram_sent(datagram, exchange.server, exchange.started, exchange.transmissions)
             self._send(datagram, exchange.server)
             if exchange.done:  # the send itself learned that nothing listens there
                 break

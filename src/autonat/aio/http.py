@@ -34,11 +34,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
 
+from autonat.aio import trace as wiretrace
 from autonat.errors import RouterRefused, RouterTimeout
 
 MAX_HEADER_SIZE = 16 * 1024
@@ -307,7 +310,7 @@ def _split_url(url: str) -> tuple[str, int, str, str]:
     return parts.hostname, port, target, parts.netloc
 
 
-async def request(
+def request(
     method: str,
     url: str,
     *,
@@ -317,14 +320,50 @@ async def request(
     content: bytes = b"",
     trace: list[Progress] | None = None,
     connections: Connections | None = None,
-) -> HttpReply:
-    """One request, within `deadline` seconds in all; errors are one line.
+) -> Coroutine[Any, Any, HttpReply]:
+    """One request, within `deadline` seconds in all; errors are one line. Await it.
 
     On a new connection, closed after the reply, unless `connections` is given: then a connection the
     router keeps open is reused for the next request to it (see `Connections`).
     `trace`, if given, gets this exchange's `Progress` appended at the start, so a caller that
     cancels it (its own deadline came first) can still say how far it got.
+    With the wire trace on for upnp (aio/trace.py), the request and its answer or failure are traced;
+    a plain function returning the coroutine, so that with it off this costs no extra coroutine.
     """
+    exchange = _request(method, url, max_body, deadline, headers, content, trace, connections)
+    if not wiretrace.ON:
+        return exchange
+    return _traced(exchange, method, url, headers or {}, content)
+
+
+async def _traced(
+    exchange: Coroutine[Any, Any, HttpReply], method: str, url: str, headers: dict[str, str], content: bytes
+) -> HttpReply:
+    try:
+        parts = urlsplit(url)
+        peer = (parts.hostname or url, parts.port or 80)
+    except ValueError:  # a malformed URL: the request itself says so
+        peer = (url, 0)
+    token = wiretrace.http_sent(method, url, headers, content, peer)
+    try:
+        reply = await exchange
+    except BaseException as exc:
+        wiretrace.http_failed(token, exc)
+        raise
+    wiretrace.http_received(token, reply.status, reply.body)
+    return reply
+
+
+async def _request(
+    method: str,
+    url: str,
+    max_body: int,
+    deadline: float,
+    headers: dict[str, str] | None,
+    content: bytes,
+    trace: list[Progress] | None,
+    connections: Connections | None,
+) -> HttpReply:
     host, port, target, netloc = _split_url(url)
     payload = _serialize(method, target, netloc, headers or {}, content, connections is not None)
     progress = Progress(url, max_body)

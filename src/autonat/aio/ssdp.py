@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
+from autonat.aio import trace as wiretrace
 from autonat.aio.route import RouterLocation
 from autonat.proto import ssdp
 from autonat.proto.errors import DecodeError
@@ -95,6 +96,8 @@ class _SearchProtocol(asyncio.DatagramProtocol):
         self.drops: Counter[str] = Counter()
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if wiretrace.ON:
+            wiretrace.ssdp_received(data, addr)
         try:
             responder = ip_address(addr[0])
             message = ssdp.parse_datagram(data)
@@ -147,6 +150,8 @@ class _SearchProtocol(asyncio.DatagramProtocol):
             error = next((struct.unpack_from("=I", data)[0] for _, _, data in ancillary if len(data) >= 4), 0)
             refused = error == errno.ECONNREFUSED
             self.drops["ICMP port unreachable" if refused else f"ICMP error: {os.strerror(error)}"] += 1
+            if refused and wiretrace.ON:
+                wiretrace.unreachable(destination, "upnp")
             if refused and destination is not None and tuple(destination[:2]) == gateway and not self.unreachable:
                 self.unreachable = True
                 self.found.put_nowait(Unreachable(self.where.gateway))
@@ -183,6 +188,8 @@ async def search(
     def send_all() -> None:
         for message, host in unicast + multicast:
             datagram_transport.sendto(message, (host, ssdp.PORT))
+            if wiretrace.ON:
+                wiretrace.ssdp_sent(message, (host, ssdp.PORT))
 
     async def retransmit() -> None:
         started = loop.time()

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from autonat.cli.doctor import start_trace, trace_option
 from autonat.errors import AutonatError
 
 EXAMPLES = {
@@ -40,8 +41,15 @@ def _fail(exc: AutonatError) -> None:
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Over the config's [log] level."
 )
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Over the config's [log] format.")
+@trace_option
 def run(
-    config_path: Path | None, nonat: bool, nonatmap: bool, check: bool, log_level: str | None, log_format: str | None
+    config_path: Path | None,
+    nonat: bool,
+    nonatmap: bool,
+    check: bool,
+    log_level: str | None,
+    log_format: str | None,
+    trace_list: str | None,
 ) -> None:
     """Run the daemon in the foreground: keep the configured mappings, answer nat_map, stop on SIGTERM,
     re-read the config on SIGHUP."""
@@ -60,6 +68,7 @@ def run(
         click.echo(f"{path or 'the built-in defaults'}: good")
         return
     overrides: dict[str, Any] = {"nonat": nonat, "nonatmap": nonatmap, "log_level": log_level, "log_format": log_format}
+    start_trace(trace_list, daemon=True)  # on top of [log] trace, through reloads (aio/trace.py pin)
 
     def go() -> Coroutine[Any, Any, int]:
         from autonat.daemon.run import run_daemon

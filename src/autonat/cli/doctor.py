@@ -4,12 +4,54 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 DEFAULT_BUDGET = 30.0
 QUICK_BUDGET = 5.0
+TRACE_HELP = "Log each exchange on stderr, decoded: a list of pcp, natpmp, upnp, stun, sip, or all."
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _check_trace(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from autonat.aio import trace
+
+    try:
+        trace.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def trace_option(function: F) -> F:
+    """`--trace LIST`, for every command that talks to the router or runs the SIP service (the wire
+    trace is imported only when the option is given)."""
+    return click.option("--trace", "trace_list", metavar="LIST", callback=_check_trace, help=TRACE_HELP)(function)
+
+
+def start_trace(protocols: str | None, *, keep: str = "", daemon: bool = False) -> None:
+    """Turn the wire trace on for this process: `protocols` logged, `keep` kept for the report only.
+
+    One-shot commands log the trace alone on stderr, in the daemon's line format (their results stay
+    on stdout). For the daemon (`run`) the protocols are pinned: its own log carries them, and a reload's
+    `[log] trace` adds to them but cannot switch them off."""
+    if protocols is None and not keep:
+        return
+    from autonat.aio import trace
+
+    if daemon:
+        trace.pin(protocols or ())
+        return
+    trace.configure(protocols or (), keep=keep)
+    if protocols:
+        from autonat.daemon import logs
+
+        logs.trace_output()
 
 
 @click.command()
@@ -19,7 +61,7 @@ QUICK_BUDGET = 5.0
     "--share",
     "share_path",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Also write a Markdown report for a bug report (external address masked).",
+    help="Also write a Markdown report for a bug report (external address masked, the run's wire trace attached).",
 )
 @click.option("--show-address", is_flag=True, help="With --share: keep the external address in the report.")
 @click.option("--stun", "stun_server", help="stun:HOST[:PORT] answering from a second address (RFC 5780).")
@@ -28,6 +70,7 @@ QUICK_BUDGET = 5.0
 @click.option("--root-url", help="UPnP root description URL (UPnP without SSDP).")
 @click.option("--timeout", type=float, default=2.0, show_default=True, help="Per router request.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="For [nat] stun.")
+@trace_option
 def doctor(
     quick: bool,
     as_json: bool,
@@ -39,6 +82,7 @@ def doctor(
     root_url: str | None,
     timeout: float,
     config_path: Path | None,
+    trace_list: str | None,
 ) -> None:
     """Check the router and the path to the internet; exit 0 when autonat can work with it, 1 if not."""
     import json
@@ -51,6 +95,8 @@ def doctor(
     from autonat.engine.journal import Journal, JournalError
     from autonat.errors import AutonatError
 
+    # --share attaches the wire trace of the run: every protocol goes to the ring, --trace's to stderr too.
+    start_trace(trace_list, keep="all" if share_path is not None else "")
     if stun_server is None:
         with contextlib.suppress(AutonatError):
             path = config_path or default_config_path()
@@ -78,5 +124,8 @@ def doctor(
     else:
         click.echo(report.text(measurements, findings))
     if share_path is not None:
-        share_path.write_text(report.share(measurements, findings, show_address=show_address))
+        from autonat.aio import trace
+
+        shared = report.share(measurements, findings, show_address=show_address, trace=trace.records())
+        share_path.write_text(shared)
     sys.exit(exit_status(findings))

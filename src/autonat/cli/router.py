@@ -12,6 +12,7 @@ import click
 
 from autonat.addresses import is_public
 from autonat.aio.router import ProbeResult, ProtocolChoice, RouterSession
+from autonat.cli.doctor import start_trace, trace_option
 from autonat.cli.main import print_json, run_async, transport_argument
 from autonat.errors import AutonatError
 from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME, Mapping, MappingRequest
@@ -27,7 +28,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def router_options(function: F) -> F:
-    """--gateway, --interface, --timeout and --json, shared by every command that talks to the router."""
+    """--gateway, --interface, --timeout, --root-url, --json and --trace, shared by every command that talks
+    to the router."""
     decorators = [
         click.option("--gateway", metavar="IP", help="Router address (default: gateway of the default route)."),
         click.option("--interface", metavar="NAME", help="Use the route and address of this interface."),
@@ -44,6 +46,7 @@ def router_options(function: F) -> F:
             help="UPnP: the IGD's root description URL (skips SSDP discovery).",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        trace_option,
     ]
     return functools.reduce(lambda f, decorate: decorate(f), reversed(decorators), function)
 
@@ -107,8 +110,10 @@ def probe(
     as_json: bool,
     protocol: str,
     stun: str | None,
+    trace_list: str | None,
 ) -> None:
     """Find the router, ask every protocol at once, report what works and the external address."""
+    start_trace(trace_list)
     from autonat.aio.stun import parse_stun_target, stun_binding
 
     target = None
@@ -187,8 +192,10 @@ def map_add(
     timeout: float,
     root_url: str | None,
     as_json: bool,
+    trace_list: str | None,
 ) -> None:
     """Map PORT (udp or tcp) of this host on the router and print the external address and port."""
+    start_trace(trace_list)
     request = MappingRequest(Transport.parse(transport), port, external_port, lifetime)
 
     async def go() -> tuple[Mapping, bool]:
@@ -232,8 +239,10 @@ def map_del(
     timeout: float,
     root_url: str | None,
     as_json: bool,
+    trace_list: str | None,
 ) -> None:
     """Delete this host's mapping of PORT (udp or tcp). Deleting a mapping that is not there succeeds."""
+    start_trace(trace_list)
     parsed = Transport.parse(transport)
 
     async def go() -> str:
@@ -249,8 +258,16 @@ def map_del(
 
 @map_group.command(name="list")
 @router_options
-def map_list(gateway: str | None, interface: str | None, timeout: float, root_url: str | None, as_json: bool) -> None:
+def map_list(
+    gateway: str | None,
+    interface: str | None,
+    timeout: float,
+    root_url: str | None,
+    as_json: bool,
+    trace_list: str | None,
+) -> None:
     """List the router's whole UPnP mapping table, ours or not (like `upnpc -l`)."""
+    start_trace(trace_list)
 
     async def go() -> tuple[list[igd.PortMappingEntry], str]:
         async with await RouterSession.open(gateway, interface, timeout, root_url) as router:

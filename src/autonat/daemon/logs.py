@@ -12,6 +12,11 @@ Three formats, one per situation:
 The security records (every hole opened, changed, lost and closed: "autonat.holes"; every failed
 authentication: "autonat.auth"; every config reload: "autonat.reload") are logged whatever the level.
 Their lines carry their fields as `key=value` words in the text formats too, so one line says it all.
+
+The wire trace ("autonat.trace", autonat/aio/trace.py) sets its own logger's level when it is on, so its
+DEBUG records show whatever the level; they come out in these formats (JSON: with `protocol`,
+`direction`, `peer`, `elapsed_ms`). A one-shot command (`probe --trace`) gets them on stderr alone
+through `trace_output`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any, Final, TextIO
 FORMATS: Final = ("text", "json")
 LEVELS: Final = ("debug", "info", "warning", "error")
 ALWAYS: Final = ("autonat.holes", "autonat.auth", "autonat.reload")  # logged whatever the level
+TRACE: Final = "autonat.trace"  # its level is the wire trace's own (aio/trace.py), never set here
 # sd-daemon(3) priorities: <3> err, <4> warning, <6> info, <7> debug
 _PRIORITY: Final = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -103,14 +109,7 @@ def configure(
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    out = stream if stream is not None else sys.stderr
-    handler = logging.StreamHandler(out)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    elif under_journald(out, os.environ if environ is None else environ):
-        handler.setFormatter(JournaldFormatter())
-    else:
-        handler.setFormatter(TextFormatter())
+    handler = _handler(fmt, stream, environ)
     root = logging.getLogger("autonat")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -120,6 +119,35 @@ def configure(
         logger.setLevel(logging.INFO)
         logger.handlers.clear()  # the one-shot CLI's own stderr handler for holes: the daemon's format wins
         logger.propagate = True
+    trace = logging.getLogger(TRACE)
+    trace.handlers.clear()  # as for the holes: a `trace_output` handler gives way to the daemon's
+    trace.propagate = True
+    return handler
+
+
+def _handler(fmt: str, stream: TextIO | None, environ: Mapping[str, str] | None) -> logging.Handler:
+    out = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(out)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    elif under_journald(out, os.environ if environ is None else environ):
+        handler.setFormatter(JournaldFormatter())
+    else:
+        handler.setFormatter(TextFormatter())
+    return handler
+
+
+def trace_output(
+    fmt: str = "text", *, stream: TextIO | None = None, environ: Mapping[str, str] | None = None
+) -> logging.Handler:
+    """The wire trace's records, and only those, to `stream` (stderr) in these formats: for one-shot
+    commands (`probe`, `map`, `doctor` with `--trace`), whose other output is their own."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    handler = _handler(fmt, stream, environ)
+    trace = logging.getLogger(TRACE)
+    trace.handlers[:] = [handler]
+    trace.propagate = False
     return handler
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -46,9 +47,30 @@ def _redact(value: str, external: str | None) -> str:
     return _address(external).sub(MASK, value) if external else value
 
 
-def share(m: Measurements, findings: list[Finding], *, show_address: bool = False) -> str:
+def _fenced(lines: Sequence[str]) -> str:
+    """`lines` as a fenced code block whose fence no line can close (CommonMark §4.5: a longer run of
+    backticks than any inside)."""
+    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n" + "".join(f"{line}\n" for line in lines) + f"{fence}\n"
+
+
+def _trace_section(trace: Sequence[str], external: str | None) -> str:
+    lines = [_redact(line, external) for line in trace]
+    if not lines:
+        return "\n## Wire trace\n\nNothing was traced.\n"
+    return (
+        f"\n## Wire trace\n\nThe run's exchanges, decoded ({len(lines)} records, oldest first; time since the first;"
+        " digest responses and tokens redacted).\n\n" + _fenced(lines)
+    )
+
+
+def share(
+    m: Measurements, findings: list[Finding], *, show_address: bool = False, trace: Sequence[str] | None = None
+) -> str:
     """Markdown to paste into a bug report; the external address masked unless asked, no token or secret
-    (doctor holds none)."""
+    (doctor holds none; the wire trace, `trace`, comes redacted from autonat.aio.trace and is masked
+    here like the rest), with the wire trace of the run as a fenced section at the end when given."""
     external = None if show_address else m.external_ip
     rows = "\n".join(
         f"| {f.verdict} | {f.check} | {_redact(f.summary, external)}"
@@ -68,7 +90,7 @@ def share(m: Measurements, findings: list[Finding], *, show_address: bool = Fals
         f"{rows}\n\n"
         "<details><summary>measurements</summary>\n\n```json\n"
         f"{details}\n```\n\n</details>\n"
-    )
+    ) + ("" if trace is None else _trace_section(trace, external))
 
 
 def masked(report: str, address: str) -> bool:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from autonat.aio import trace as wiretrace
 from autonat.proto.errors import DecodeError
 from autonat.sip.message import BadRequest, KeepAlive, Request, Response, StreamParser, parse_message
 from autonat.sip.peer import Peer
@@ -57,6 +58,8 @@ class _Datagram(asyncio.DatagramProtocol):
         self.owner = owner
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if wiretrace.ON:
+            wiretrace.sip_received(data, "udp", addr)
         owner = self.owner
         try:
             message = parse_message(data)
@@ -106,6 +109,8 @@ class _Stream(asyncio.Protocol):
         try:
             messages = self.parser.feed(data)
         except DecodeError as exc:
+            if wiretrace.ON:
+                wiretrace.sip_received(exc, self.kind, (self.peer.ip, self.peer.port))
             self.owner.stats.malformed += 1
             log.debug("closing %s: %s", self.peer, exc)
             if isinstance(exc, BadRequest):
@@ -113,6 +118,8 @@ class _Stream(asyncio.Protocol):
             self.transport.close()
             return
         for message in messages:
+            if wiretrace.ON:
+                wiretrace.sip_received(message, self.kind, (self.peer.ip, self.peer.port))
             if isinstance(message, KeepAlive):
                 self.transport.write(b"\r\n")  # RFC 5626 §3.5.1 pong
                 continue
@@ -229,12 +236,16 @@ class SipTransport:
             if self._udp is None:
                 return False
             self._udp.sendto(data, (peer.ip, peer.port))
+            if wiretrace.ON:
+                wiretrace.sip_sent(message, "udp", (peer.ip, peer.port))
             self.stats.sent += 1
             return True
         stream = self._streams.get(peer.connection)
         if stream is None or stream.transport is None or stream.transport.is_closing():
             return False
         stream.transport.write(data)
+        if wiretrace.ON:
+            wiretrace.sip_sent(message, peer.transport, (peer.ip, peer.port))
         stream.last_active = time.monotonic()
         self.stats.sent += 1
         return True
