@@ -19,9 +19,13 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.quirks import Profile
+
 GATEWAY = "10.77.0.1"
 CLIENT = "10.77.0.2"
 SERVER = str(Path(__file__).parents[1] / "fakes" / "igd_server.py")
+PMP_SERVER = str(Path(__file__).parents[1] / "fakes" / "pcp_natpmp_router.py")
+ENGINE_DRIVER = str(Path(__file__).parent / "engine_driver.py")
 MEASURED = (
     "import atexit, os, resource, sys\n"
     "atexit.register(lambda: open(os.environ['RSS_FILE'], 'w').write("
@@ -72,6 +76,29 @@ class FakeNet:
         seconds = time.monotonic() - started
         rss = int(rss_file.read_text() or 0) if rss_file.exists() else 0
         return Result(done.returncode, done.stdout, done.stderr, seconds, rss)
+
+    def engine(self, timeout: float = 20, **config: Any) -> dict[str, Any]:
+        """Run a NatEngine in the client namespace (tests/fakeigd/engine_driver.py) and return what it saw."""
+        env = {**os.environ, "AUTONAT_STATE_DIR": str(self.tmp / "state")}
+        done = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.client_ns,
+                sys.executable,
+                ENGINE_DRIVER,
+                json.dumps({"gateway": GATEWAY, **config}),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +172,48 @@ def fake_igd(fakenet: FakeNet, request: pytest.FixtureRequest, tmp_path: Path) -
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+@dataclass
+class RunningQuirk:
+    """A quirk profile's fakes, running on the gateway (tests/fakes/quirks.py)."""
+
+    profile: Profile
+    log: Path
+
+    def requests(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+def _start(command: list[str]) -> subprocess.Popen[str]:
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    if server.stdout.readline().strip() != "ready":
+        server.kill()
+        raise AssertionError(server.stderr.read() if server.stderr else "fake did not start")
+    return server
+
+
+@pytest.fixture
+def quirk_router(fakenet: FakeNet, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningQuirk]:
+    """Start the fakes of the quirk profile given as the test's `quirk_router` parameter."""
+    profile: Profile = request.param
+    log = tmp_path / "igd.log"
+    started: list[subprocess.Popen[str]] = []
+    try:
+        if profile.igd is not None:
+            started.append(
+                _start(
+                    ["ip", "netns", "exec", fakenet.gateway_ns, sys.executable, SERVER, profile.igd, GATEWAY, str(log)]
+                )
+            )
+        if profile.pmp is not None:
+            config = json.dumps(dict(profile.pmp))
+            started.append(
+                _start(["ip", "netns", "exec", fakenet.gateway_ns, sys.executable, PMP_SERVER, GATEWAY, config])
+            )
+        yield RunningQuirk(profile, log)
+    finally:
+        for server in started:
+            server.kill()
+            server.wait(timeout=10)

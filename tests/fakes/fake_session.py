@@ -105,6 +105,9 @@ class FakeSession:
     def close(self) -> None:
         self.closed = True
 
+    def router_errors(self) -> dict[tuple[str, int], int]:
+        return {}
+
 
 def factory_for(session: FakeSession) -> Any:
     async def factory(*_: Any, **__: Any) -> FakeSession:

@@ -16,36 +16,71 @@ import re
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 ST_IGD1 = "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
 SERVICE = "urn:schemas-upnp-org:service:WANIPConnection:1"
+PPP_SERVICE = "urn:schemas-upnp-org:service:WANPPPConnection:1"
 HTTP_PORT = 5000
+# The legacy DSL Forum (TR-064) types: Tailscale's `legacy_upnp.go` (docs/QUIRKS.md U13).
+DSLFORUM_IGD = "urn:dslforum-org:device:InternetGatewayDevice:1"
+DSLFORUM_SERVICE = "urn:dslforum-org:service:WANIPConnection:1"
+# What Sagemcom F@st3890 V3 answers `ssdp:all` with, its first descriptor only (docs/QUIRKS.md S6).
+WFA_DEVICE = "urn:schemas-wifialliance-org:device:WFADevice:1"
+DROP_AFTER = 2.0  # `drop_after`: "drops mappings after a minute", a minute made 2 s (docs/QUIRKS.md U14)
+FORCED_LEASE = 86400  # `lease_day`: Technicolor's lease, whatever was asked (docs/QUIRKS.md U15)
 
 
-def description(address: str, port: int = HTTP_PORT) -> bytes:
+def description(
+    address: str,
+    port: int = HTTP_PORT,
+    services: tuple[tuple[str, str], ...] = ((SERVICE, "/ctl/IPConn"),),
+    igd_type: str = ST_IGD1,
+) -> bytes:
+    """The root description; `services` are (service type, control path) pairs, one WAN connection device
+    each (several: docs/QUIRKS.md U12)."""
+    urn = igd_type.split(":")[1]  # schemas-upnp-org, or dslforum-org for TR-064
+    connections = "".join(
+        f"""<device>
+    <deviceType>urn:{urn}:device:WANConnectionDevice:1</deviceType><friendlyName>WANConn{index}</friendlyName>
+    <manufacturer>t</manufacturer><modelName>t</modelName><UDN>uuid:fake-wanconn{index}</UDN>
+    <serviceList><service>
+     <serviceType>{kind}</serviceType><serviceId>urn:upnp-org:serviceId:Conn{index}</serviceId>
+     <controlURL>{path}</controlURL><eventSubURL>/evt{path}</eventSubURL><SCPDURL>/WANIPCn.xml</SCPDURL>
+    </service></serviceList>
+   </device>"""
+        for index, (kind, path) in enumerate(services)
+    )
     return f"""<?xml version="1.0"?>
 <root xmlns="urn:schemas-upnp-org:device-1-0">
  <specVersion><major>1</major><minor>0</minor></specVersion>
  <device>
-  <deviceType>{ST_IGD1}</deviceType><friendlyName>Fake IGD</friendlyName>
+  <deviceType>{igd_type}</deviceType><friendlyName>Fake IGD</friendlyName>
   <manufacturer>autonat tests</manufacturer><modelName>quirk box</modelName><modelNumber>1</modelNumber>
   <UDN>uuid:fake-igd</UDN>
   <deviceList><device>
-   <deviceType>urn:schemas-upnp-org:device:WANDevice:1</deviceType><friendlyName>WAN</friendlyName>
+   <deviceType>urn:{urn}:device:WANDevice:1</deviceType><friendlyName>WAN</friendlyName>
    <manufacturer>t</manufacturer><modelName>t</modelName><UDN>uuid:fake-wan</UDN>
-   <deviceList><device>
-    <deviceType>urn:schemas-upnp-org:device:WANConnectionDevice:1</deviceType><friendlyName>WANConn</friendlyName>
-    <manufacturer>t</manufacturer><modelName>t</modelName><UDN>uuid:fake-wanconn</UDN>
-    <serviceList><service>
-     <serviceType>{SERVICE}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId>
-     <controlURL>/ctl/IPConn</controlURL><eventSubURL>/evt/IPConn</eventSubURL><SCPDURL>/WANIPCn.xml</SCPDURL>
-    </service></serviceList>
-   </device></deviceList>
+   <deviceList>{connections}</deviceList>
   </device></deviceList>
  </device>
  <URLBase>http://{address}:{port}/</URLBase>
+</root>""".encode()
+
+
+def wfa_description() -> bytes:
+    """A Wi-Fi Alliance (WPS) device: no WAN connection service at all."""
+    return f"""<?xml version="1.0"?>
+<root xmlns="urn:schemas-upnp-org:device-1-0">
+ <specVersion><major>1</major><minor>0</minor></specVersion>
+ <device><deviceType>{WFA_DEVICE}</deviceType><friendlyName>WFADevice</friendlyName>
+  <manufacturer>t</manufacturer><modelName>t</modelName><UDN>uuid:fake-wfa</UDN>
+  <serviceList><service><serviceType>urn:schemas-wifialliance-org:service:WFAWLANConfig:1</serviceType>
+   <serviceId>urn:wifialliance-org:serviceId:WFAWLANConfig1</serviceId><controlURL>/wfa</controlURL>
+   <eventSubURL>/wfa/evt</eventSubURL><SCPDURL>/wfa.xml</SCPDURL></service></serviceList>
+ </device>
 </root>""".encode()
 
 
@@ -63,12 +98,12 @@ BOMB = b"""<?xml version="1.0"?>
 <root><device><friendlyName>&lol4;</friendlyName></device></root>"""
 
 
-def soap_ok(action: str, outputs: dict[str, str]) -> bytes:
+def soap_ok(action: str, outputs: dict[str, str], service: str = SERVICE) -> bytes:
     args = "".join(f"<{k}>{v}</{k}>" for k, v in outputs.items())
     return (
         '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
         's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
-        f'<u:{action}Response xmlns:u="{SERVICE}">{args}</u:{action}Response></s:Body></s:Envelope>'
+        f'<u:{action}Response xmlns:u="{service}">{args}</u:{action}Response></s:Body></s:Envelope>'
     ).encode()
 
 
@@ -94,6 +129,7 @@ class FakeIgd:
     address: str
     log_path: str
     mappings: dict[tuple[str, int], dict[str, str]] = field(default_factory=dict)
+    made_at: dict[tuple[str, int], float] = field(default_factory=dict)  # monotonic, for `drop_after`
     adds: int = 0
     port: int = HTTP_PORT
     external: str = "203.0.113.9"  # what GetExternalIPAddress answers (a router behind another NAT: private)
@@ -115,22 +151,64 @@ class FakeIgd:
             return None
         if self.scenario == "multicast_only" and not multicast:
             return None
+        match = re.search(rb"(?im)^ST:\s*(\S+)", request)
+        target = match.group(1).decode() if match else ""
+        location, st = self.location(), ST_IGD1
+        if self.scenario == "ssdp_all_first_only":
+            # Sagemcom F@st3890 V3: `ssdp:all` draws its first descriptor only; IGD:1 is answered.
+            if target == "ssdp:all":
+                location, st = f"http://{self.address}:{self.port}/WFADevice.xml", WFA_DEVICE
+            elif target != ST_IGD1:
+                return None
+        elif self.scenario == "dslforum":
+            # TR-064 only: the schemas-upnp-org types are not its own, `ssdp:all` and its types are.
+            if target not in ("ssdp:all", DSLFORUM_IGD, DSLFORUM_SERVICE):
+                return None
+            st = DSLFORUM_IGD
         return (
             "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\nEXT:\r\n"
-            f"LOCATION: {self.location()}\r\nSERVER: Fake/1 UPnP/1.1 FakeIGD/1\r\n"
-            f"ST: {ST_IGD1}\r\nUSN: uuid:fake-igd::{ST_IGD1}\r\n\r\n"
+            f"LOCATION: {location}\r\nSERVER: Fake/1 UPnP/1.1 FakeIGD/1\r\n"
+            f"ST: {st}\r\nUSN: uuid:fake-igd::{st}\r\n\r\n"
         ).encode()
 
+    def service_for(self, path: str) -> tuple[str, bool]:
+        """The service type behind a control path, and whether that WAN connection is up."""
+        if self.scenario == "dslforum":
+            return DSLFORUM_SERVICE, True
+        if self.scenario == "several_wan":
+            # The better-ranked WANIPConnection is down; the PPP one carries the traffic (U12).
+            return (SERVICE, False) if path == "/ctl/IPConn" else (PPP_SERVICE, True)
+        return SERVICE, True
+
+    def expire(self) -> None:
+        """`drop_after`: the router forgets a mapping DROP_AFTER s after it made it, whatever its lease."""
+        if self.scenario != "drop_after":
+            return
+        now = time.monotonic()
+        for key, made in list(self.made_at.items()):
+            if now - made > DROP_AFTER:
+                del self.made_at[key]
+                if self.mappings.pop(key, None) is not None:
+                    self.log(f"DROPPED {key[0]} {key[1]}")
+
     # --- SOAP ----------------------------------------------------------------------------------
-    def control(self, action: str, body: bytes) -> tuple[int, bytes]:
+    def control(self, action: str, body: bytes, path: str = "/ctl/IPConn", service: str = SERVICE) -> tuple[int, bytes]:
         scenario = self.scenario
+        expected, up = self.service_for(path)
+        if service != expected:
+            return 500, soap_fault(401)  # an action of a service type this control URL does not serve
+        self.expire()
         if action == "GetExternalIPAddress":
-            ip = "0.0.0.0" if scenario == "external_zero" else self.external
-            return 200, soap_ok(action, {"NewExternalIPAddress": ip})
+            ip = "0.0.0.0" if scenario == "external_zero" else self.external if up else ""
+            return 200, soap_ok(action, {"NewExternalIPAddress": ip}, service)
         if action == "GetStatusInfo":
+            # TR-064 spells the uptime NewUpTime (docs/QUIRKS.md U13).
+            uptime = "NewUpTime" if scenario == "dslforum" else "NewUptime"
+            state = "Connected" if up else "Disconnected"
             return 200, soap_ok(
                 action,
-                {"NewConnectionStatus": "Connected", "NewLastConnectionError": "ERROR_NONE", "NewUptime": "42"},
+                {"NewConnectionStatus": state, "NewLastConnectionError": "ERROR_NONE", uptime: "42"},
+                service,
             )
         if action == "AddPortMapping":
             self.adds += 1
@@ -138,10 +216,18 @@ class FakeIgd:
             external = int(argument(body, "NewExternalPort"))
             internal = int(argument(body, "NewInternalPort"))
             self.log(f"ADD {argument(body, 'NewProtocol')} {external} -> {internal} lease {lease}")
+            if not up:
+                return 500, soap_fault(501)  # a WAN connection that is down maps nothing
             if scenario == "only_permanent" and lease != 0:
+                return 500, soap_fault(725)
+            if scenario == "always_725":
                 return 500, soap_fault(725)
             if scenario == "lease_402" and lease != 604800:
                 return 500, soap_fault(402)
+            if scenario == "lease_402_finite" and lease != 0:
+                return 500, soap_fault(402)
+            if scenario == "lease_day":
+                lease = FORCED_LEASE
             if scenario == "conflict_501" and self.adds == 1:
                 return 500, soap_fault(501)
             if scenario == "conflict_718_twice" and self.adds <= 2:
@@ -162,19 +248,21 @@ class FakeIgd:
                 "NewPortMappingDescription": argument(body, "NewPortMappingDescription"),
                 "NewLeaseDuration": str(lease),
             }
+            self.made_at.setdefault((protocol, external), time.monotonic())
             self.log(f"MAPPED {protocol} {external} -> {internal} lease {lease}")
-            return 200, soap_ok(action, {})
+            return 200, soap_ok(action, {}, service)
         if action == "DeletePortMapping":
             key = (argument(body, "NewProtocol"), int(argument(body, "NewExternalPort")))
+            self.made_at.pop(key, None)
             if self.mappings.pop(key, None) is None:
                 return 500, soap_fault(714)
             self.log(f"DELETED {key[0]} {key[1]}")
-            return 200, soap_ok(action, {})
+            return 200, soap_ok(action, {}, service)
         if action == "GetSpecificPortMappingEntry":
             key = (argument(body, "NewProtocol"), int(argument(body, "NewExternalPort")))
             if key not in self.mappings:
                 return 500, soap_fault(714)
-            return 200, soap_ok(action, self.mappings[key])
+            return 200, soap_ok(action, self.mappings[key], service)
         if action == "GetGenericPortMappingEntry":
             index = int(argument(body, "NewPortMappingIndex") or "0")
             entries = sorted(self.mappings.items())
@@ -182,7 +270,9 @@ class FakeIgd:
                 return 500, soap_fault(713)
             (protocol, external), entry = entries[index]
             return 200, soap_ok(
-                action, {"NewRemoteHost": "", "NewExternalPort": str(external), "NewProtocol": protocol, **entry}
+                action,
+                {"NewRemoteHost": "", "NewExternalPort": str(external), "NewProtocol": protocol, **entry},
+                service,
             )
         return 500, soap_fault(401)
 
@@ -216,13 +306,26 @@ class FakeIgd:
             elif self.scenario in HOSTILE:
                 await HOSTILE[self.scenario](writer)
                 return
+            elif self.scenario == "dslforum":
+                status, payload = (
+                    200,
+                    description(self.address, self.port, ((DSLFORUM_SERVICE, "/ctl/IPConn"),), DSLFORUM_IGD),
+                )
+            elif self.scenario == "several_wan":
+                services = ((SERVICE, "/ctl/IPConn"), (PPP_SERVICE, "/ctl/PPPConn"))
+                status, payload = 200, description(self.address, self.port, services)
             else:
                 status, payload = 200, description(self.address, self.port)
+        elif path == "/WFADevice.xml" and self.scenario == "ssdp_all_first_only":
+            status, payload = 200, wfa_description()
         elif path == "/WANIPCn.xml":
             status, payload = 200, SCPD
-        elif path == "/ctl/IPConn" and method == "POST":
-            action = re.search(rb'(?i)soapaction:\s*"?[^#"]*#(\w+)', head)
-            status, payload = self.control(action.group(1).decode() if action else "", body)
+        elif path in ("/ctl/IPConn", "/ctl/PPPConn") and method == "POST":
+            action = re.search(rb'(?i)soapaction:\s*"?([^#"]*)#(\w+)', head)
+            if action is None:
+                status, payload = 500, soap_fault(401)
+            else:
+                status, payload = self.control(action.group(2).decode(), body, path, action.group(1).decode())
         reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}[status]
         writer.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/xml\r\nContent-Length: {len(payload)}\r\n\r\n".encode()

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from autonat.addresses import AddressKind
 from autonat.doctor import report
-from autonat.doctor.findings import Measurements, ProtocolAnswer, Trial, Verdict, exit_status, judge
+from autonat.doctor.findings import (
+    Finding,
+    Measurements,
+    ProtocolAnswer,
+    SsdpBehaviour,
+    Trial,
+    Verdict,
+    exit_status,
+    judge,
+)
 
 
 def healthy() -> Measurements:
@@ -90,3 +99,95 @@ def test_the_shared_report_masks_the_external_address_unless_asked() -> None:
     assert not report.masked(report.share(m, found, show_address=True), "203.0.113.1")
     data = report.to_dict(m, found)
     assert data["status"] == 0 and data["reachability"] == {"pcp": True} and data["external_address"] == "203.0.113.1"
+
+
+def named(m: Measurements, quirk: str) -> list[Finding]:
+    return [f for f in judge(m) if f.quirk == quirk]
+
+
+def quirks(m: Measurements) -> set[str]:
+    return {f.quirk for f in judge(m) if f.quirk}
+
+
+def test_ssdp_behaviour_names_multicast_only_other_port_and_a_partial_ssdp_all() -> None:
+    m = healthy()
+    root = "http://192.168.77.1:5000/rootDesc.xml"
+    m.ssdp = SsdpBehaviour(True, True, [1900], [root], root)
+    assert quirks(m) == set()  # a well-behaved router: nothing named
+    m.ssdp = SsdpBehaviour(False, True, [1900], [root], root)
+    assert quirks(m) == {"S1"}
+    m.ssdp = SsdpBehaviour(False, False, [], [], root)  # no answer at all: nothing to conclude
+    assert quirks(m) == set()
+    m.ssdp = SsdpBehaviour(True, True, [1900, 37098], [root], root)
+    [other_port] = named(m, "S2")
+    assert "37098" in other_port.summary and other_port.verdict is Verdict.OK
+    m.ssdp = SsdpBehaviour(True, True, [1900], ["http://192.168.77.1:1900/WFADevice.xml"], root)
+    [partial] = named(m, "S6")
+    assert "WFADevice" in partial.summary and exit_status(judge(m)) == 0
+
+
+def test_the_igd_description_names_several_wan_services_and_dslforum_types() -> None:
+    m = healthy()
+    m.igd = {"service_type": "urn:schemas-upnp-org:service:WANIPConnection:1", "skipped_services": []}
+    assert quirks(m) == set()
+    m.igd = {
+        "service_type": "urn:schemas-upnp-org:service:WANPPPConnection:1",
+        "skipped_services": [
+            {"service_type": "urn:schemas-upnp-org:service:WANIPConnection:1", "connection_status": "Disconnected"}
+        ],
+    }
+    [several] = named(m, "U12")
+    assert "Disconnected" in several.summary and "WANPPPConnection" in several.summary
+    m.igd = {"service_type": "urn:dslforum-org:service:WANIPConnection:1", "skipped_services": []}
+    assert quirks(m) == {"U13"}
+
+
+def test_the_codes_the_router_answered_tell_which_lease_and_conflict_quirk_it_is() -> None:
+    m = healthy()
+    m.trials = [Trial("upnp", 40002, 600, 0, 40002, router_codes=[402])]
+    assert quirks(m) == {"U2"}  # ARRIS: 402 where 725 is meant
+    m.trials = [Trial("upnp", 40002, 600, 0, 40002, router_codes=[725])]
+    assert quirks(m) == {"U1"}
+    m.trials = [Trial("upnp", 40002, 600, 604800, 40002, router_codes=[402, 402])]
+    assert quirks(m) == {"U3"}
+    m.trials = [Trial("upnp", 40002, 600, 600, 51234, router_codes=[501])]
+    assert quirks(m) == {"U4"}
+    m.trials = [Trial("upnp", 40002, 600, 600, 51234, router_codes=[718])]
+    assert quirks(m) == {"U5"}
+    m.trials = [Trial("upnp", 40002, 600, error="router answers UPnP error 725 ...", router_codes=[725, 725])]
+    [refused] = named(m, "G11")
+    assert refused.verdict is Verdict.FAIL and refused.fix and exit_status(judge(m)) == 1
+    m.trials = [Trial("upnp", 40002, 600, error="router ... is not public", router_codes=[725])]
+    assert quirks(m) == set()  # one 725, then autonat's own refusal: not G11
+
+
+def test_leases_the_router_forces_and_mappings_it_drops_are_named() -> None:
+    m = healthy()
+    m.trials = [Trial("natpmp", 40004, 600, 86400, 40004)]
+    assert quirks(m) == {"G1"}
+    m.trials = [Trial("pcp", 40004, 60, 120, 40004)]
+    assert quirks(m) == {"P4"}  # miniupnpd's clamp up to 120 s
+    m.trials = [Trial("upnp", 40004, 600, 600, 40004, listed=True, router_lease=86400)]
+    [held] = named(m, "U15")
+    assert "86400" in held.summary
+    m.trials = [Trial("upnp", 40004, 600, 600, 40004, listed=True, router_lease=598)]
+    assert quirks(m) == set()  # miniupnpd lists what is left of the lease
+    m.trials = [Trial("upnp", 40004, 600, 600, 40004, listed=True, still_listed_after=(12.0, False))]
+    [dropped] = named(m, "U14")
+    assert dropped.verdict is Verdict.WARNING and "verify_interval" in (dropped.fix or "")
+    m.trials = [Trial("natpmp", 40004, 600, 600, 40004, anonymous_port=4)]
+    [anonymous] = named(m, "P5")
+    assert "result 4" in anonymous.summary
+    m.trials = [Trial("natpmp", 40004, 600, 600, 40004, anonymous_port=0)]
+    assert quirks(m) == set()
+
+
+def test_natpmp_without_a_wan_address_is_named_double_nat() -> None:
+    m = healthy()
+    m.external_ip = m.external_kind = None
+    m.protocols["natpmp"] = ProtocolAnswer("natpmp", False, "network failure (NAT-PMP result 3)", 1.0, code=3)
+    m.trials = [Trial("pcp", 40000, 600, error="router refused ... double NAT, no mapping from the internet")]
+    assert quirks(m) == {"P1"} and exit_status(judge(m)) == 1
+    nothing = Measurements(gateway="192.168.1.1", local_address="192.168.1.5")
+    nothing.protocols = {"natpmp": ProtocolAnswer("natpmp", False, "network failure (NAT-PMP result 3)", code=3)}
+    assert quirks(nothing) == {"P1"}

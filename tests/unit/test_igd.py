@@ -628,6 +628,15 @@ def test_response_without_namespaces_and_empty_values() -> None:
         igd.status_info_from({"NewUptime": "-1"})
 
 
+def test_the_legacy_dslforum_uptime_spelling_is_read() -> None:
+    """TR-064 services (urn:dslforum-org) answer NewUpTime (docs/QUIRKS.md U13)."""
+    outputs = {"NewConnectionStatus": "Connected", "NewLastConnectionError": "ERROR_NONE", "NewUpTime": "42"}
+    assert igd.status_info_from(outputs) == StatusInfo("Connected", "ERROR_NONE", 42)
+    assert igd.status_info_from({**outputs, "NewUptime": "7"}).uptime == 7  # the standard name first
+    with pytest.raises(DecodeError):
+        igd.status_info_from({"NewUpTime": "soon"})
+
+
 @pytest.mark.parametrize(
     ("code", "description", "text"),
     [

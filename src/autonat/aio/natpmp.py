@@ -3,10 +3,15 @@
 The module-level functions build the exchanges and read the replies; `NatPmpClient` (asyncio) and
 `autonat.aio.blocking` (no event loop) both drive them, so the two shells decide nothing on their own.
 This module imports no asyncio itself: the blocking shell uses it without loading an event loop.
+
+A map request with no external port in mind suggests the internal port, as §3.3 says a client
+normally does, never 0: MikroTik RouterOS refuses a suggested port of 0 ("unable to allocate port for
+mapping *:0", docs/QUIRKS.md P5).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
@@ -36,6 +41,8 @@ later map request returns, instead of asking again beside every map (§3.3's rep
 Only while the map reply's epoch shows no loss of state (§3.6): a rebooted gateway is asked again. An
 address change without a reboot is multicast by the gateway (§3.2.1), which the engine listens for; a
 one-shot caller sees it at most this late, the same trust a probe's choice gets (router.PROBE_TRUST)."""
+
+MAX_CODES = 32  # distinct result codes counted per client (the field is a byte: 256 at most anyway)
 
 NatPmpReply = natpmp.ExternalAddressResponse | natpmp.MapResponse | natpmp.ErrorResponse
 
@@ -113,7 +120,11 @@ def map_exchange(
 
 
 def map_request(request: MappingRequest) -> natpmp.MapRequest:
-    return natpmp.MapRequest(request.transport, request.internal_port, request.external_port, request.lifetime)
+    """RFC 6886 §3.3. No external port asked for: suggest the internal port ("the client normally
+    requests the external port matching the internal port"); the gateway still picks another when that
+    one is taken. Not 0: MikroTik RouterOS 7.14 refuses it (docs/QUIRKS.md P5)."""
+    suggested = request.external_port or request.internal_port
+    return natpmp.MapRequest(request.transport, request.internal_port, suggested, request.lifetime)
 
 
 def check(reply: NatPmpReply) -> None:
@@ -190,16 +201,34 @@ class NatPmpClient:
         self._max_lifetime = check_max_lifetime(max_lifetime)
         self._what = f"NAT-PMP at {gateway}:{port}"
         self._address = KnownAddress()
+        # Every non-zero result the gateway answered (handled or final), by code.
+        self.router_codes: Counter[int] = Counter()
+
+    def _check(self, reply: NatPmpReply) -> None:
+        if reply.result != natpmp.ResultCode.SUCCESS and (
+            reply.result in self.router_codes or len(self.router_codes) < MAX_CODES
+        ):
+            self.router_codes[reply.result] += 1
+        check(reply)
 
     def _server(self) -> tuple[IPv4Address, int]:
         return check_gateway(self._gateway), self._port
 
     async def external_address(self) -> natpmp.ExternalAddressResponse:
-        """RFC 6886 §3.2: the gateway's external IPv4 address and its epoch."""
+        """RFC 6886 §3.2: the gateway's external IPv4 address and its epoch.
+
+        UNSUPPORTED_VERSION in answer is asked again once. A NAT-PMP-only gateway (MikroTik RouterOS,
+        docs/QUIRKS.md P5) answers the PCP ANNOUNCE of the same probe burst with exactly those 8 bytes
+        (RFC 6886 §3.5: version 0, opcode 128, result 1), which cannot be told from an answer to this
+        request; its real answer to ours, or to the second asking, follows. A PCP-only gateway says
+        UNSUPPORTED_VERSION twice (RFC 6887 §9), which is its true answer."""
         loop = self._channel.loop
         exchange = external_address_exchange(self._server(), loop.time(), self._deadline)
         reply = await self._channel.request(exchange, self._what)
-        check(reply)
+        if reply.result == natpmp.ResultCode.UNSUPPORTED_VERSION:
+            exchange = external_address_exchange(self._server(), loop.time(), self._deadline)
+            reply = await self._channel.request(exchange, self._what)
+        self._check(reply)
         assert isinstance(reply, natpmp.ExternalAddressResponse)
         self._address.learned(reply, loop.time())
         return reply
@@ -211,12 +240,14 @@ class NatPmpClient:
             reply = await self.external_address()
         except (RouterTimeout, RouterRefused, RouterNotFound) as exc:
             answered = isinstance(exc, RouterRefused)
+            # The result code tells a router without a WAN address (3 with 0.0.0.0, docs/QUIRKS.md P1).
+            result = {"result": exc.code} if isinstance(exc, RouterRefused) else {}
             return ProtocolStatus(
                 NAME,
                 available=False,
                 reason=str(exc),
                 elapsed_ms=(loop.time() - started) * 1000,
-                details={"answered": answered},
+                details={"answered": answered, **result},
             )
         return ProtocolStatus(
             NAME,
@@ -238,7 +269,7 @@ class NatPmpClient:
         address_task = None if self._address.fresh(loop.time()) else asyncio.ensure_future(self.external_address())
         try:
             reply = await self._channel.request(exchange, self._what)
-            check(reply)
+            self._check(reply)
         except BaseException:
             if address_task is not None:
                 address_task.cancel()
@@ -253,6 +284,21 @@ class NatPmpClient:
                 external = None  # the mapping exists; an unknown address is reported, not fatal
         return mapping_from(reply, request, self._local, external, self._max_lifetime)
 
+    async def anonymous_port(self, transport: Transport, internal_port: int, lifetime: int) -> int:
+        """The result code (0: granted) of RFC 6886 §3.3's request for an "anonymous" port (suggested
+        external port 0) for `internal_port`. `add` never sends one (docs/QUIRKS.md P5); `autonat doctor`
+        asks with this whether the gateway refuses it. A grant is the mapping of `internal_port` itself
+        (§3.3: one mapping per internal port), so deleting that port removes it."""
+        loop = self._channel.loop
+        request = natpmp.MapRequest(transport, internal_port, 0, lifetime)
+        exchange = map_exchange(self._server(), request, loop.time(), self._deadline)
+        reply = await self._channel.request(exchange, self._what)
+        try:
+            self._check(reply)
+        except RouterRefused as exc:
+            return exc.code
+        return 0
+
     async def delete(self, transport: Transport, internal_port: int) -> None:
         """RFC 6886 §3.4: lifetime 0 and external port 0 remove our mapping of `internal_port`."""
         loop = self._channel.loop
@@ -260,4 +306,4 @@ class NatPmpClient:
             self._server(), natpmp.MapRequest.delete(transport, internal_port), loop.time(), self._deadline
         )
         reply = await self._channel.request(exchange, self._what)
-        check(reply)
+        self._check(reply)

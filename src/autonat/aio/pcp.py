@@ -6,6 +6,7 @@ both shells (`PcpClient` here, `autonat.aio.blocking` without an event loop); no
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from autonat.aio.channel import DatagramChannel
 
 NAME = "pcp"
+MAX_CODES = 32  # distinct result codes counted per client
 NONCE_CACHE = 4096  # nonces remembered per client (an HMAC each otherwise); a daemon maps far fewer ports
 PcpReply = pcp.Response | pcp.VersionNotSupported
 
@@ -173,15 +175,24 @@ class PcpClient:
         self._max_lifetime = check_max_lifetime(max_lifetime)
         self._what = f"PCP at {gateway}:{port}"
         self._nonces = Nonces(secret, local_address)
+        # Every non-zero result the server answered (handled or final), by code.
+        self.router_codes: Counter[int] = Counter()
 
     def nonce_for(self, transport: Transport, internal_port: int) -> bytes:
         """Stable per mapping, so a later process (or a restarted daemon) can refresh or delete it."""
         return self._nonces(transport, internal_port)
 
-    async def _run(self, request: pcp.Request) -> pcp.Response:
+    async def _exchange(self, request: pcp.Request) -> PcpReply:
         loop = self._channel.loop
         exchange = exchange_for(request, (self._gateway, self._port), loop.time(), self._deadline)
-        return check(await self._channel.request(exchange, self._what))
+        reply = await self._channel.request(exchange, self._what)
+        code = reply.result if isinstance(reply, pcp.Response) else pcp.ResultCode.UNSUPP_VERSION
+        if code != pcp.ResultCode.SUCCESS and (code in self.router_codes or len(self.router_codes) < MAX_CODES):
+            self.router_codes[int(code)] += 1
+        return reply
+
+    async def _run(self, request: pcp.Request) -> pcp.Response:
+        return check(await self._exchange(request))
 
     async def probe(self) -> ProtocolStatus:
         """RFC 6887 §14.1: an ANNOUNCE request tells whether a PCP server is there, without mapping."""
@@ -215,8 +226,13 @@ class PcpClient:
     async def delete(self, transport: Transport, internal_port: int) -> None:
         """RFC 6887 §15: MAP with lifetime 0 and the mapping's nonce (see `deleted` for NO_RESOURCES)."""
         request = pcp.Request.delete(self._local, self._nonces(transport, internal_port), transport, internal_port)
+        reply = await self._exchange(request)
+        if isinstance(reply, pcp.Response) and reply.result == pcp.ResultCode.NO_RESOURCES:
+            # Whatever address it carries: miniupnpd behind another NAT refuses every MAP so, with its
+            # private WAN address (docs/QUIRKS.md P1), and so holds nothing to delete.
+            return
         try:
-            await self._run(request)
+            check(reply)
         except RouterRefused as exc:
             if not deleted(exc):
                 raise

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Hashable
+from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -169,6 +170,21 @@ class RouterSession:
 
     async def aclose(self) -> None:
         self.close()
+
+    def router_errors(self) -> dict[tuple[str, int], int]:
+        """Every error code the router answered this session, handled or final, by (protocol, code):
+        UPnP errors (725, 402, 501 ...) and PCP / NAT-PMP result codes. For the metrics and `doctor`."""
+        counts: dict[tuple[str, int], int] = {}
+        clients: list[tuple[str, MappingABC[int, int]]] = [
+            ("pcp", self.pcp.router_codes),
+            ("natpmp", self.natpmp.router_codes),
+        ]
+        if self._upnp is not None:  # never built just to be asked
+            clients.append(("upnp", self._upnp.router_codes))
+        for name, codes in clients:
+            for code, count in codes.items():
+                counts[(name, code)] = count
+        return counts
 
     def _client(self, name: str) -> PortMapper:
         if name == "pcp":

@@ -13,6 +13,11 @@ names the routers and the sources (IDs in brackets):
 - Conflicts (718/729 [U5], and 501 once, which miniupnpd built with CHECK_PORTINUSE sends for a port in
   use on the router itself [U4]) move to the next port of a sequence derived from the host secret, so a
   restart asks for the same ports in the same order.
+- 725 to a permanent lease as well is final at once (no router named yet: docs/QUIRKS.md G11); asking
+  again could only loop.
+
+Every UPnP error code the router answers, handled or final, is counted in `UpnpClient.router_codes`
+(the metrics' `autonat_router_errors_total`, and `autonat doctor`, read it).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -48,6 +54,7 @@ FAILED_WINDOW = 0.5  # after the first unusable IGD, how long another one may st
 UNREACHABLE_GRACE = 0.05
 SHOWN_REASONS = 3  # candidates named in the one-line error; `probe --json` lists them all
 MAX_REMEMBERED = 4096  # mappings made by one client remembered for a one-call delete
+MAX_CODES = 32  # distinct error codes counted per client: a router picks its own, the count stays bounded
 
 # What became of a discovery candidate.
 INSPECTING, USABLE, FAILED, REFUSED, UNFINISHED = "inspecting", "usable", "failed", "refused", "unfinished"
@@ -106,6 +113,9 @@ class Igd:
     actions: frozenset[str]
     external_ip: IPv4Address | None
     status: igd.StatusInfo | None
+    # Better-ranked connection services passed over because they were not connected (docs/QUIRKS.md U12):
+    # (service type, its connection status).
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def connected(self) -> bool:
@@ -138,6 +148,7 @@ class Igd:
             "service_type": self.service.service_type,
             "control_url": self.service.control_url,
             "connection_status": None if self.status is None else self.status.connection_status,
+            "skipped_services": [{"service_type": kind, "connection_status": state} for kind, state in self.skipped],
         }
 
 
@@ -183,6 +194,8 @@ class UpnpClient:
         # so that deleting one takes one DeletePortMapping instead of a lookup first.
         self._made: dict[tuple[Transport, int], tuple[int, float | None]] = {}
         self._external_ip_request: igd.SoapRequest | None = None
+        # Every UPnP error code the router answered (handled or final), at most MAX_CODES distinct ones.
+        self.router_codes: Counter[int] = Counter()
 
     def close(self) -> None:
         """Close the connections kept alive; the client stays usable (it opens new ones)."""
@@ -214,6 +227,10 @@ class UpnpClient:
         )
         try:
             return igd.parse_soap_response(reply.body, request, reply.status)
+        except igd.UpnpError as error:
+            if error.code in self.router_codes or len(self.router_codes) < MAX_CODES:
+                self.router_codes[error.code] += 1
+            raise
         except DecodeError as exc:
             raise RouterRefused(
                 f"router's {request.action} reply is malformed: {exc.reason}", protocol=NAME, code=reply.status
@@ -232,11 +249,14 @@ class UpnpClient:
         if not services:
             raise ProtocolUnavailable(f"{found.location.url} describes no WAN connection service")
         best: Igd | None = None
+        skipped: list[tuple[str, str]] = []
         for service in services:
             candidate = await self._inspect_service(found, description, service, trace)
             if candidate.connected:
-                return candidate
+                return replace(candidate, skipped=tuple(skipped))
             best = best or candidate
+            state = "unknown" if candidate.status is None else candidate.status.connection_status
+            skipped.append((service.service_type, state))
         assert best is not None
         return best
 
@@ -461,6 +481,13 @@ class UpnpClient:
                     lease = 0
                 elif code == 402:  # a router that caps leases at a week refuses 0 too (docs/QUIRKS.md U3)
                     lease = PERMANENT_FALLBACK_LEASE
+                elif code == 725 and lease == 0:
+                    # 725 to a permanent lease too: nothing left to ask (no router named: docs/QUIRKS.md G11).
+                    raise RouterRefused(
+                        f"router answers {error} even to a permanent lease: UPnP mappings are impossible here",
+                        protocol=NAME,
+                        code=code,
+                    ) from None
                 elif code == 725:  # MikroTik RouterOS, Netgear R7000P, ZyXEL VMG1312 (docs/QUIRKS.md U1)
                     self._require_public(found, "only supports permanent leases (UPnP error 725)")
                     lease = 0

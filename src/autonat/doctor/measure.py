@@ -3,6 +3,11 @@
 Bounded in time as a whole (`budget`), and careful: every mapping it makes is journalled before it is
 asked for and removed (then forgotten by the journal) before it returns, as the engine does.
 
+SSDP is looked at on its own (`_ssdp`), three searches from three sockets so that each answer is
+attributed: one sent to the gateway, one to the multicast group, and `ssdp:all`. That names the routers
+that answer only multicast (S1), from another port than 1900 (S2), or `ssdp:all` with another device's
+description only (S6); autonat's discovery copes with each (docs/QUIRKS.md).
+
 Reachability from outside uses a STUN server that can answer from a second address and port (RFC 5780
 CHANGE-REQUEST, also RFC 3489's; Debian's stund does): a Binding request from the mapped port asks for
 the answer to come from elsewhere. That answer is unsolicited for the NAT (no packet went to that
@@ -14,18 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from autonat.addresses import classify
 from autonat.aio import watch
 from autonat.aio.router import RouterSession
 from autonat.aio.stun import parse_stun_target, resolve_server
-from autonat.doctor.findings import Measurements, ProtocolAnswer, Trial
+from autonat.doctor.findings import Measurements, ProtocolAnswer, SsdpBehaviour, Trial
 from autonat.engine.journal import Journal, JournalEntry
 from autonat.errors import AutonatError
 from autonat.mapper import MappingRequest, PortMapper
-from autonat.proto import stun
+from autonat.proto import ssdp, stun
 from autonat.proto.errors import DecodeError
 from autonat.proto.types import Transport
 
@@ -33,6 +41,9 @@ REQUESTED_LEASE = 600  # long enough for the run, short enough that a crash leav
 PERSISTENCE = 12.0  # the full run checks the mappings again after this long ("drops after a minute" class)
 REPLY_WAIT = 1.0  # a STUN answer on the LAN/lab comes in milliseconds; a dropped one never does
 CHANGE_IP_AND_PORT = (0x04 | 0x02).to_bytes(4, "big")  # RFC 5780 §7.2 CHANGE-REQUEST flags A and B
+SSDP_WINDOW = 0.4  # how long the SSDP searches collect answers (a gateway answers a unicast one in ~1 ms)
+SSDP_RESEND = 0.1  # each search is sent twice, this far apart (a lost datagram is not a quirk)
+MAX_SSDP_REPLIES = 64  # answers kept per search socket: the LAN can answer too, and forge
 
 
 class _Socket(asyncio.DatagramProtocol):
@@ -87,6 +98,30 @@ async def _changed_reply(
     return False
 
 
+class _SsdpSocket(asyncio.DatagramProtocol):
+    """Collects the gateway's answers to one search: (source port, the answer)."""
+
+    def __init__(self, gateway: str) -> None:
+        self.gateway = gateway
+        self.answers: list[tuple[int, ssdp.SearchResponse]] = []
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if addr[0] != self.gateway or len(self.answers) >= MAX_SSDP_REPLIES:
+            return
+        with contextlib.suppress(DecodeError, ValueError):
+            message = ssdp.parse_datagram(data)
+            if isinstance(message, ssdp.SearchResponse):
+                self.answers.append((addr[1], message))
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP error for a search is simply no answer
+
+
+def _new_codes(before: Mapping[int, int], after: Mapping[int, int]) -> list[int]:
+    """The codes counted between two snapshots of a client's `router_codes`, each as often as it came."""
+    return sorted((Counter(after) - Counter(before)).elements())
+
+
 class Doctor:
     def __init__(
         self,
@@ -129,6 +164,7 @@ class Doctor:
             m.error = str(exc)
             return
         listeners: list[asyncio.BaseTransport] = []
+        ssdp_task: asyncio.Future[SsdpBehaviour | None] | None = None
         try:
             location = session.location
             m.gateway, m.local_address, m.interface = (
@@ -140,6 +176,7 @@ class Doctor:
             probe = await session.probe("auto")
             m.selected = probe.selected
             for name, status in probe.protocols.items():
+                code = status.details.get("result")
                 m.protocols[name] = ProtocolAnswer(
                     name,
                     status.available,
@@ -147,12 +184,16 @@ class Doctor:
                     status.elapsed_ms,
                     status.epoch,
                     None if status.external_ip is None else str(status.external_ip),
+                    code if isinstance(code, int) else None,
                 )
             if probe.external_ip is not None:
                 m.external_ip, m.external_kind = str(probe.external_ip), classify(probe.external_ip)
             if m.protocols.get("upnp") is not None and m.protocols["upnp"].available:
                 with contextlib.suppress(AutonatError):
                     m.igd = (await session.upnp.discover()).details()
+                if self.root_url is None and m.igd is not None:
+                    # Its own sockets and SSDP_WINDOW: it runs beside the rest, not before it.
+                    ssdp_task = asyncio.ensure_future(self._ssdp(session, str(m.igd["root_url"])))
             server = await self._stun(str(location.local_address))
             protocols = [p for p in ("pcp", "natpmp", "upnp") if p in m.protocols and m.protocols[p].available]
             if self.quick:
@@ -160,19 +201,29 @@ class Doctor:
             try:
                 for name in protocols:
                     await self._trial(session, name, server)
-                if server is not None and not self.quick and any(t.made for t in m.trials):
+                # Still there after a while? Through the mapping (with a STUN server) and, for UPnP, in
+                # the router's own table: routers that "drop mappings after a minute" (docs/QUIRKS.md U14).
+                later = [t for t in m.trials if t.made and (server is not None or t.protocol == "upnp")]
+                if not self.quick and later:
                     await asyncio.sleep(self.persistence)
-                    for trial in m.trials:
-                        if trial.made and trial.reachable:
+                    for trial in later:
+                        if server is not None and trial.reachable:
                             transport, protocol, _ = self._sockets[trial.protocol]
                             again = await _changed_reply(transport, protocol, server)
                             trial.still_reachable_after = (self.persistence, again)
+                        if trial.protocol == "upnp" and trial.listed:
+                            with contextlib.suppress(AutonatError):
+                                trial.still_listed_after = (self.persistence, await self._listed(session, trial))
                 await self._hairpin()
+                if ssdp_task is not None:
+                    m.ssdp = await ssdp_task
             finally:
                 for trial in m.trials:
                     if trial.made or trial.error is not None:
                         await self._delete(session, trial)
         finally:
+            if ssdp_task is not None and not ssdp_task.done():
+                ssdp_task.cancel()  # the budget ran out: its sockets close as it ends
             for listener in listeners:
                 listener.close()
             await session.aclose()
@@ -230,6 +281,67 @@ class Doctor:
             transport.close()
         return server
 
+    async def _ssdp(self, session: RouterSession, igd_location: str) -> SsdpBehaviour | None:
+        """Three searches, each from its own socket: the IGD type sent to the gateway, the same sent to
+        the multicast group, and `ssdp:all` sent to both (UPnP DA 1.1 §1.3.2). Bounded: SSDP_WINDOW."""
+        local, gateway = str(session.location.local_address), str(session.location.gateway)
+        group = (str(ssdp.MULTICAST_ADDRESS), ssdp.PORT)
+        loop = asyncio.get_running_loop()
+        opened: list[tuple[asyncio.DatagramTransport, _SsdpSocket]] = []
+        try:
+            for _ in range(3):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(local))
+                sock.bind((local, 0))
+                transport, protocol = await loop.create_datagram_endpoint(lambda: _SsdpSocket(gateway), sock=sock)
+                opened.append((transport, protocol))
+        except OSError:
+            for transport, _ in opened:
+                transport.close()
+            return None  # no IPv4 multicast here: nothing to tell about SSDP
+        (unicast, unicast_answers), (multicast, multicast_answers), (everything, all_answers) = opened
+        unicast_search = ssdp.build_msearch(ssdp.ST_IGD1, host=f"{gateway}:{ssdp.PORT}")
+        group_search = ssdp.build_msearch(ssdp.ST_IGD1)
+        all_unicast = ssdp.build_msearch(ssdp.ST_ALL, host=f"{gateway}:{ssdp.PORT}")
+        all_group = ssdp.build_msearch(ssdp.ST_ALL)
+        try:
+            for _ in range(2):
+                with contextlib.suppress(OSError):
+                    unicast.sendto(unicast_search, (gateway, ssdp.PORT))
+                    multicast.sendto(group_search, group)
+                    everything.sendto(all_unicast, (gateway, ssdp.PORT))
+                    everything.sendto(all_group, group)
+                await asyncio.sleep(SSDP_RESEND)
+            await asyncio.sleep(SSDP_WINDOW - 2 * SSDP_RESEND)
+        finally:
+            for transport, _ in opened:
+                transport.close()
+        answers = unicast_answers.answers + multicast_answers.answers + all_answers.answers
+        return SsdpBehaviour(
+            unicast_answered=bool(unicast_answers.answers),
+            multicast_answered=bool(multicast_answers.answers),
+            source_ports=sorted({port for port, _ in answers}),
+            all_locations=list(dict.fromkeys(answer.location for _, answer in all_answers.answers)),
+            igd_location=igd_location,
+        )
+
+    def _codes(self, session: RouterSession, name: str) -> Mapping[int, int]:
+        """A snapshot of the error codes `name`'s client has counted so far."""
+        if name == "pcp":
+            return dict(session.pcp.router_codes)
+        if name == "natpmp":
+            return dict(session.natpmp.router_codes)
+        return dict(session.upnp.router_codes)
+
+    async def _listed(self, session: RouterSession, trial: Trial) -> bool:
+        assert trial.external_port is not None
+        entry = await session.upnp.entry(Transport.UDP, trial.external_port)
+        if entry is not None and entry.internal_port == trial.internal_port:
+            trial.router_lease = entry.lease_duration
+            return True
+        return False
+
     def _client(self, session: RouterSession, name: str) -> PortMapper:
         clients: dict[str, PortMapper] = {"pcp": session.pcp, "natpmp": session.natpmp, "upnp": session.upnp}
         return clients[name]
@@ -258,11 +370,14 @@ class Doctor:
         client = self._client(session, name)
         if self.journal is not None:
             self.journal.record(self._journal_entry(session, trial, REQUESTED_LEASE, None))
+        codes = self._codes(session, name)
         try:
             granted = await client.add(MappingRequest(Transport.UDP, port, 0, REQUESTED_LEASE))
         except AutonatError as exc:
             trial.error = str(exc)
             return
+        finally:
+            trial.router_codes = _new_codes(codes, self._codes(session, name))
         trial.granted_lease, trial.external_port = granted.lifetime, granted.external_port
         if self.journal is not None:
             self.journal.record(self._journal_entry(session, trial, granted.lifetime, granted.external_port))
@@ -273,8 +388,12 @@ class Doctor:
             trial.renewal_keeps_port = again.external_port == granted.external_port
         if name == "upnp":
             with contextlib.suppress(AutonatError):
-                entry = await session.upnp.entry(Transport.UDP, granted.external_port)
-                trial.listed = entry is not None and entry.internal_port == port
+                trial.listed = await self._listed(session, trial)
+        if name == "natpmp":
+            # RFC 6886 §3.3's "anonymous" request, which autonat never sends (MikroTik refuses it, P5);
+            # a grant is this port's own mapping again, removed by its delete below.
+            with contextlib.suppress(AutonatError):
+                trial.anonymous_port = await session.natpmp.anonymous_port(Transport.UDP, port, REQUESTED_LEASE)
         if server is not None:
             trial.reachable = await _changed_reply(transport, protocol, server)
 

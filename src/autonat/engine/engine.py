@@ -139,6 +139,7 @@ class NatEngine:
         self._timer_at: float | None = None
         self._waiters: dict[Key, list[asyncio.Future[None]]] = {}
         self._wall_offset = time.time() - time.monotonic()
+        self._router_errors: dict[tuple[str, int], int] = {}  # of the sessions before the current one
 
     # --- what others read ------------------------------------------------------------------------------
 
@@ -170,6 +171,21 @@ class NatEngine:
     def removing(self) -> int:
         """Mappings decided deleted whose deletion the router has not confirmed yet."""
         return self._core.removing
+
+    def router_errors(self) -> dict[tuple[str, int], int]:
+        """Every error code the router answered since start, handled (a 725 answered with a permanent
+        lease, docs/QUIRKS.md U1) or final, by (protocol, code); the metrics' autonat_router_errors_total."""
+        counts = dict(self._router_errors)
+        if self.session is not None:
+            for key, count in self.session.router_errors().items():
+                counts[key] = counts.get(key, 0) + count
+        return counts
+
+    def _retire(self, session: RouterSession) -> None:
+        """Keep a session's error counts before it goes (the counter must never go down)."""
+        for key, count in session.router_errors().items():
+            self._router_errors[key] = self._router_errors.get(key, 0) + count
+        session.close()
 
     def lookup(self, key: Key) -> MappingStatus | None:
         return self._core.status_of(key, self._now())
@@ -246,7 +262,7 @@ class NatEngine:
         if self._timer is not None:
             self._timer.cancel()
         if self.session is not None:
-            self.session.close()
+            self._retire(self.session)
             self.session = None
         self._state = "stopped"
 
@@ -304,7 +320,7 @@ class NatEngine:
         self._close_listeners()
         self._install(session, probe)
         if old is not None:
-            old.close()
+            self._retire(old)
         await self._start_listeners()
         await self.republish()
         return probe

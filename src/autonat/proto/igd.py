@@ -645,8 +645,11 @@ def get_status_info(service_type: str) -> SoapRequest:
 
 
 def status_info_from(outputs: Mapping[str, str]) -> StatusInfo:
-    """Connection status (e.g. "Connected"), last error (e.g. "ERROR_NONE") and uptime (ui4)."""
-    uptime_text = outputs.get("NewUptime", "")
+    """Connection status (e.g. "Connected"), last error (e.g. "ERROR_NONE") and uptime (ui4).
+
+    The uptime is `NewUptime` (WANIPConnection:1 §2.4.14), or `NewUpTime` as the legacy DSL Forum
+    (TR-064, `urn:dslforum-org`) services spell it (docs/QUIRKS.md U13; Tailscale `legacy_upnp.go`)."""
+    uptime_text = outputs.get("NewUptime", "") or outputs.get("NewUpTime", "")
     return StatusInfo(
         connection_status=_clean(outputs.get("NewConnectionStatus", ""), 64),
         last_connection_error=_clean(outputs.get("NewLastConnectionError", ""), 64),

@@ -5,6 +5,8 @@ Two sources, nothing else:
   added, renewed, lost and failed (by protocol and by the router's error code), external address
   changes, router reboots, discoveries with their duration, SIP registrations;
 - values read at scrape time (`_StatusCollector`): mappings by protocol and state, the engine's state,
+  every error code the router answered (`autonat_router_errors_total`: handled ones too, such as the 725
+  of a router that only grants permanent leases, docs/QUIRKS.md U1, which no `nat-error` reports),
   the SIP service's counters (calls, auth failures, refusals), the caps hit by the control channel and
   this listener, and the process (RSS, CPU, descriptors: prometheus-client's ProcessCollector).
 
@@ -180,6 +182,21 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def _router_errors(counts: Mapping[tuple[str, int], int]) -> Metric:
+    """Every code the router answered, by protocol and code; the first MAX_CODE_LABELS (in code order)
+    get their own series, the rest count as `other` of their protocol."""
+    family = CounterMetricFamily("autonat_router_errors",
+                                 "Error codes the router answered (handled or final), by protocol and code",
+                                 labels=["protocol", "code"])  # fmt: skip
+    series: dict[tuple[str, str], int] = {}
+    for index, ((protocol, code), count) in enumerate(sorted(counts.items())):
+        label = str(code) if index < MAX_CODE_LABELS else "other"
+        series[(protocol, label)] = series.get((protocol, label), 0) + count
+    for (protocol, label), count in sorted(series.items()):
+        family.add_metric([protocol, label], count)
+    return family
+
+
 class _StatusCollector:
     """The series read at scrape time from the engine's and the SIP service's status."""
 
@@ -222,6 +239,7 @@ class _StatusCollector:
         double = GaugeMetricFamily("autonat_double_nat", "1 when there is a NAT beyond the router")
         double.add_metric([], 1 if status.double_nat else 0)
         yield double
+        yield _router_errors(self.sources.engine.router_errors())
 
     def _sip(self, statuses: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         sip = self.sources.sip
