@@ -33,6 +33,7 @@ def config_text(
     acl_node: str,
     level: str = "info",
     users: tuple[tuple[str, str], ...] = (("105", "pw105"),),
+    trace: tuple[str, ...] = (),
 ) -> str:
     rows = "".join(f'[[mapping]]\nport = {port}\ntransport = "{transport}"\n' for transport, port in mappings)
     accounts = "".join(f'[[user]]\nname = "{name}"\npassword = "{secret}"\n' for name, secret in users)
@@ -55,7 +56,7 @@ def config_text(
         "[sip]\nrtp-timeout = 60\n"
         f'[control]\nsocket = "{directory / "control.sock"}"\n'
         f'[journal]\npath = "{directory / "journal.sqlite"}"\n'
-        f'[log]\nlevel = "{level}"\n'
+        f'[log]\nlevel = "{level}"\ntrace = {json.dumps(list(trace))}\n'
     )
 
 
@@ -123,8 +124,12 @@ def test_sighup_applies_exactly_the_edit_and_a_call_goes_on(
     ):
         eventually(lambda: request(daemon.socket_path, {"cmd": "calls"})["result"], 10, "the call is up")
         after = [("tcp", 8080), ("udp", 8082)]  # 8081 removed, 8082 added; the ACL changed; user 106 added
-        edited = config_text(
-            directory, mappings=after, acl_node="192.168.77.0/24", users=(("105", "pw105"), ("106", "pw106"))
+        edited = config_text(  # ... and the SIP wire trace switched on
+            directory,
+            mappings=after,
+            acl_node="192.168.77.0/24",
+            users=(("105", "pw105"), ("106", "pw106")),
+            trace=("sip",),
         )
         (directory / "autonat.toml").write_text(edited)
         daemon.send(signal.SIGHUP)
@@ -144,7 +149,9 @@ def test_sighup_applies_exactly_the_edit_and_a_call_goes_on(
     advertised = request(daemon.socket_path, {"cmd": "advertise", "name": "office", "destination": "192.168.77.50"})
     assert advertised["result"] == Lab.LAN_ADDRESS  # the ACL edit took effect: now a local peer
     log = daemon.log()
-    assert re.search(r"config reloaded from .*: -mapping udp 8081, \+mapping udp 8082, ACL lists, users", log), log
+    assert re.search(
+        r"config reloaded from .*: -mapping udp 8081, \+mapping udp 8082, ACL lists, trace sip, users", log
+    ), log
     assert "restart needed" not in log
     registered = run_sipp(  # the user the edit added registers at once
         lab,
@@ -160,11 +167,18 @@ def test_sighup_applies_exactly_the_edit_and_a_call_goes_on(
         workdir=tmp_path / "register",
     )
     assert registered.ok, registered.describe()
+    whole = (directory / "daemon.log").read_text()  # the trace the reload switched on shows the REGISTER
+    assert re.search(r"DEBUG trace sip <- .*REGISTER sip:", whole), whole[-3000:]
+    assert "response=<redacted>" in whole and "pw106" not in whole
 
     # A bad edit: one error line per mistake, nothing changes.
     table = ours(lab)
     bad = config_text(  # one mistake: the port
-        directory, mappings=[("udp", 70000)], acl_node="192.168.77.0/24", users=(("105", "pw105"), ("106", "pw106"))
+        directory,
+        mappings=[("udp", 70000)],
+        acl_node="192.168.77.0/24",
+        users=(("105", "pw105"), ("106", "pw106")),
+        trace=("sip",),
     )
     (directory / "autonat.toml").write_text(bad)
     daemon.send(signal.SIGHUP)

@@ -284,6 +284,9 @@ MISTAKES = [
         'log.level must be one of debug, info, warning, error, not "warn" (did you mean "warning"?)',
     ),
     ("[log]\nlevel = 3", "log.level must be a string"),
+    ('[log]\ntrace = ["sip", "rtp"]', "log.trace is not usable: unknown trace protocol 'rtp'"),
+    ("[log]\ntrace = 1", "log.trace must be a list of protocol names"),
+    ("[log]\ntrace = [1]", "log.trace must be a list of protocol names"),
     # sections of the wrong shape
     ("nat = 5", "nat must be a table ([nat]), not the integer 5"),
     ("[[nat]]\nlease = 600", "nat must be a table ([nat]), not an array of tables ([[nat]])"),
@@ -1090,3 +1093,10 @@ def test_a_web_token_without_a_listener_or_readable_by_all_is_a_warning(tmp_path
     path = write(tmp_path, f'[web]\nlisten = "127.0.0.1:8080"\ntoken = "{TOKEN}"\n', "readable.toml")
     path.chmod(0o644)
     assert load_config(path).warnings == (f"{path}: the file holds web.token but any user can read it (chmod o-r)",)
+
+
+def test_log_trace_names_the_wire_trace_s_protocols(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, '[log]\ntrace = ["SIP", " pcp"]\n')).log_trace == ("pcp", "sip")
+    assert load_config(write(tmp_path, '[log]\ntrace = "all"\n')).log_trace == ("natpmp", "pcp", "sip", "stun", "upnp")
+    assert load_config(write(tmp_path, "[log]\ntrace = []\n")).log_trace == ()
+    assert load_config(None).log_trace == ()

@@ -140,6 +140,7 @@ class Config:
     profiles: tuple[ProfileSettings, ...] = ()
     sip: SipSettings = field(default_factory=SipSettings)
     log_format: LogFormat = "text"
+    log_trace: tuple[str, ...] = ()  # [log] trace: protocols whose exchanges are logged (autonat.aio.trace)
     web: WebConfig = field(default_factory=WebConfig)
 
     def with_overrides(
@@ -426,6 +427,7 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
     log = _section(top, "log")
     level = log.choice("level", _LOG_LEVELS, "info")
     log_format = log.choice("format", _LOG_FORMATS, "text")
+    log_trace = _trace_protocols(log)
     log.finish()
     acls = _acls(top, report)
     profiles = _profiles(top, report, {*BUILTIN_ACL_NAMES, *(acl.name for acl in acls)})
@@ -450,8 +452,28 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
         profiles,
         sip,
         log_format,
+        log_trace,
         web,
     )
+
+
+def _trace_protocols(log: _Table) -> tuple[str, ...]:
+    """`[log] trace = ["sip", "pcp"]` (or "all"): the wire trace's protocols, checked by the trace itself."""
+    value = log.get("trace")
+    if isinstance(value, _Missing):
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or len(value) > 16 or not all(isinstance(item, str) for item in value):
+        log.wrong_type("trace", 'a list of protocol names (e.g. ["sip", "pcp"])', value)
+        return ()
+    from autonat.aio.trace import parse  # here, not at the top: `autonat reload` and `--check` stay light
+
+    try:
+        return tuple(sorted(parse(value)))
+    except ValueError as exc:
+        log.error("trace", f"is not usable: {exc}")
+        return ()
 
 
 def _section(top: _Table, key: str) -> _Table:

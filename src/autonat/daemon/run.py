@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autonat.acl import AclSet
+from autonat.aio import trace
 from autonat.aio.interfaces import host_networks
 from autonat.daemon import logs
 from autonat.daemon.config import Config, ConfigError, StaticMapping, load_config
@@ -210,6 +211,9 @@ class Daemon:
         if (new.log_level, new.log_format) != (old.log_level, old.log_format):
             logs.configure(new.log_level, new.log_format)
             result.changes.append(f"log {new.log_level}/{new.log_format}")
+        if new.log_trace != old.log_trace:
+            trace.configure(new.log_trace)
+            result.changes.append(f"trace {','.join(new.log_trace) or 'off'}")
         for name, changed in (
             ("[nat]", new.nat != old.nat),
             ("[control]", new.control != old.control),
@@ -254,11 +258,20 @@ def _applied(old: Config, new: Config) -> Config:
     """The config now in effect when some of `new` waits for a restart: what a reload applies, from `new`."""
     from dataclasses import replace
 
-    return replace(old, mappings=new.mappings, acls=new.acls, log_level=new.log_level, log_format=new.log_format)
+    return replace(
+        old,
+        mappings=new.mappings,
+        acls=new.acls,
+        log_level=new.log_level,
+        log_format=new.log_format,
+        log_trace=new.log_trace,
+    )
 
 
 async def run_daemon(config: Config, *, overrides: dict[str, Any] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
+    if config.log_trace:
+        trace.configure(config.log_trace)
     for warning in config.warnings:
         log.warning("%s", warning)
     return await Daemon(config, overrides=overrides).run()
