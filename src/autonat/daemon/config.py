@@ -457,22 +457,22 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
     )
 
 
-def _trace_protocols(log: _Table) -> tuple[str, ...]:
+def _trace_protocols(section: _Table) -> tuple[str, ...]:
     """`[log] trace = ["sip", "pcp"]` (or "all"): the wire trace's protocols, checked by the trace itself."""
-    value = log.get("trace")
+    value = section.get("trace")
     if isinstance(value, _Missing):
         return ()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or len(value) > 16 or not all(isinstance(item, str) for item in value):
-        log.wrong_type("trace", 'a list of protocol names (e.g. ["sip", "pcp"])', value)
+        section.wrong_type("trace", 'a list of protocol names (e.g. ["sip", "pcp"])', value)
         return ()
     from autonat.aio.trace import parse  # here, not at the top: `autonat reload` and `--check` stay light
 
     try:
         return tuple(sorted(parse(value)))
     except ValueError as exc:
-        log.error("trace", f"is not usable: {exc}")
+        section.error("trace", f"is not usable: {exc}")
         return ()
 
 
