@@ -45,6 +45,7 @@ CORES = [
     "sip/session.py",
     "sip/ice.py",
     "sip/rtp.py",
+    "sip/probecall.py",
 ]
 IO_MODULES = {"asyncio", "socket", "selectors", "threading", "time", "sqlite3", "subprocess", "ssl"}
 

@@ -33,6 +33,7 @@ DESCRIPTION = "Port mapping through the home router (PCP, NAT-PMP, UPnP IGD), Fr
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "acl": ("autonat.cli.acl:acl", "Is IP allowed by ACL list LIST? Prints true or false..."),
+    "call": ("autonat.cli.call:call", "Test call from the daemon to URI (an echo): does audio get..."),
     "calls": ("autonat.cli.control:calls", "Live calls of the daemon's SIP service, with their legs and..."),
     "doctor": ("autonat.cli.doctor:doctor", "Check the router and the path to the internet; exit 0 when..."),
     "events": ("autonat.cli.control:events", "Stream the daemon's events as JSON lines (nat-add, nat-lost,..."),

@@ -9,9 +9,20 @@ it is allowed):
     {"cmd": "profiles"} | {"cmd": "profile", "name": "external"} | {"cmd": "calls"} | {"cmd": "registrations"}
     {"cmd": "advertise", "name": "external", "destination": "203.0.113.5", "media": false}
     {"cmd": "reload"}                                  -> {"ok": true, "result": {"changes": [...], ...}}
+    {"cmd": "call", "uri": "sip:9196@203.0.113.50:5060", "profile": "external", "seconds": 5}
+                                                       -> {"ok": true, "result": {"verdict": "ok: ...", ...}}
     {"cmd": "events"}                                  -> {"ok": true}, then one event per line
 Every error is one line, {"ok": false, "error": "..."}. An error that starts with "closed:" is the last
 line of the connection: the daemon closes it right after. Requests are answered in order, one at a time.
+
+`call` is the test call (`autonat call`): the SIP service calls `uri` (sip:/sips: with an IP literal host, at
+most 256 characters) from `profile` (optional: the first SIP profile) as a phone behind the NAT, plays a known
+signal for `seconds` (optional, 1-60, default 5) once answered, hangs up and answers when the call is over and
+its RTP mappings are released: at most the answer timeout (15 s) + `seconds` + 1 s + a BYE later. The result
+is autonat.sip.probecall.report's object (the verdict line, packets each way, round-trip time, loss, RFC 3550
+jitter, the media addresses and whether the echo came in through the router mapping our SDP advertised); a
+call that fails is still a result ("ok": false). An error line instead when the daemon has no SIP profile,
+the URI or seconds are malformed, or a test call is already running (one at a time: it uses router mappings).
 
 Authentication. The Unix socket is created 0600: its file mode is the authentication, it needs no token.
 Over TCP (only when `control.tcp` is configured) the first line must be `AUTH <token>`; the daemon
@@ -72,6 +83,7 @@ from autonat.errors import AutonatError
 from autonat.proto.types import Transport
 from autonat.service.profiles import ProfileManager
 from autonat.service.sip import SipService
+from autonat.sip.probecall import DEFAULT_SECONDS
 
 log = logging.getLogger("autonat.control")
 
@@ -619,6 +631,8 @@ class ControlServer:
             return [] if self.sip is None else [call.describe() for call in {id(c): c for c in self.sip.calls}.values()]
         if command == "registrations":
             return [] if self.sip is None else self.sip.registrations()
+        if command == "call":
+            return await self._test_call(request)
         if command == "reload":
             if self._reload is None:
                 raise ControlError("this daemon cannot reload")
@@ -661,6 +675,17 @@ class ControlServer:
             await engine.set_mapping_enabled(enable)
             return {"mapping_enabled": engine.mapping_enabled}
         raise ControlError(f"unknown command {_quote(command)}")
+
+    async def _test_call(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.sip is None:
+            raise ControlError("call: this daemon has no SIP profile to call from (add a [[profile]])")
+        uri, profile = request.get("uri"), request.get("profile")
+        if not isinstance(uri, str):
+            raise ControlError("call needs uri, a SIP URI (e.g. sip:9196@203.0.113.50)")
+        if profile is not None and not isinstance(profile, str):
+            raise ControlError("call: profile must be a profile name")
+        # The service checks the rest (the URI, seconds: any JSON value) and answers SipError, one line.
+        return await self.sip.test_call(profile, uri, request.get("seconds", DEFAULT_SECONDS))
 
     def _profile_command(self, command: str, request: dict[str, Any]) -> Any:
         if self.profiles is None:

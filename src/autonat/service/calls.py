@@ -8,7 +8,7 @@ from typing import Any
 
 from autonat.addresses import IPAddress
 from autonat.engine.engine import NatEngine
-from autonat.service.media import RtpEcho, RtpRelay
+from autonat.service.media import ProbeMedia, RtpEcho, RtpRelay
 from autonat.service.profiles import ProfileManager
 from autonat.sip.dialog import Call
 
@@ -39,7 +39,7 @@ class CoreAddresses:
 class CallView:
     """A call as `autonat calls` shows it (`describe()`, what the control channel calls)."""
 
-    def __init__(self, call: Call, media: RtpEcho | RtpRelay | None, now: float) -> None:
+    def __init__(self, call: Call, media: RtpEcho | RtpRelay | ProbeMedia | None, now: float) -> None:
         self.call, self._media, self._now = call, media, now
 
     def describe(self) -> dict[str, Any]:
@@ -49,6 +49,8 @@ class CallView:
             described["rtp"] = {"received": media.stats.received, "sent": media.stats.sent}
         elif isinstance(media, RtpRelay):
             described["rtp"] = {"a_received": media.a.received, "b_received": media.b.received}
+        elif isinstance(media, ProbeMedia):  # the test call: its signal, and the echo of it
+            described["rtp"] = {"sent": media.signal.sent, "received": media.signal.received}
         else:
             described["rtp"] = {}
         return described

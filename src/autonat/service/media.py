@@ -1,4 +1,5 @@
-"""Media: an RTP echo for the echo test and an RTP relay for bridged calls, both answering to packet sources.
+"""Media: an RTP echo for the echo test and an RTP relay for bridged calls, both answering to packet sources, and
+the test call's signal (`ProbeMedia`).
 
 The echo is an endpoint of its own (autonat.sip.rtp.EchoStream): what it sends back is its own stream (own SSRC,
 sequence numbers and timestamps), with its own RTCP, and the caller's RTCP is never reflected. With rtcp-mux
@@ -29,10 +30,21 @@ from typing import Any, Literal, cast
 from autonat.engine.engine import NatEngine
 from autonat.engine.pool import PortPairs, RtpPool, RtpPorts
 from autonat.proto.types import Transport
-from autonat.sip.core import AcquirePorts, DropRtcp, ReleaseMedia, SipCore, StartEcho, StartRelay, UpdateMedia
+from autonat.sip.core import (
+    AcquirePorts,
+    DropRtcp,
+    ProbeAnswered,
+    ReleaseMedia,
+    SipCore,
+    StartEcho,
+    StartProbe,
+    StartRelay,
+    UpdateMedia,
+)
 from autonat.sip.core import Action as CoreAction
 from autonat.sip.dialog import Ports
 from autonat.sip.ice import IceResponder, is_stun
+from autonat.sip.probecall import PTIME, Signal
 from autonat.sip.rtp import NTP_EPOCH_OFFSET, EchoStream, is_rtcp
 
 MAX_PACKET = 2048  # RTP over UDP stays under the path MTU; anything larger is not ours to echo or relay
@@ -629,6 +641,93 @@ class RtpRelay:
         await self._life.close()
 
 
+class _ProbeSocket(asyncio.DatagramProtocol):
+    """One socket of the test call: RTP (the signal out, its echo in) or RTCP (counted)."""
+
+    def __init__(self, owner: ProbeMedia, rtp: bool) -> None:
+        self.signal = owner.signal
+        self.rtp = rtp
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.rtp:
+            self.signal.receive(data, (addr[0], addr[1]), asyncio.get_running_loop().time())
+        else:
+            self.signal.receive_rtcp()
+
+
+class ProbeMedia:
+    """The test call's media, the shell of autonat.sip.probecall.Signal: RTP on `port` and RTCP on `port + 1` (the
+    pair the call advertised), the signal's packets sent to the answer's address when its one timer says, and
+    every datagram on the RTP socket handed to it with its arrival time. It decides nothing: what to send, when,
+    and what came back are the signal's. Like the echo it ends at `max_duration` at the latest (the call core
+    hangs the test call up long before; this bounds sockets whose call was lost), never on silence: a peer that
+    sends nothing back is what the test call is there to find."""
+
+    def __init__(self, local: IPv4Address | IPv6Address, port: int, signal: Signal, max_duration: float) -> None:
+        self.local, self.port, self.signal = local, port, signal
+        self.reason: str | None = None  # why it ended: "closed", "max duration", a socket failure
+        self.ended = asyncio.Event()
+        self._life = _Lifetime(math.inf, max_duration, _MAX_TICK, self.ended, self._on_end)
+        self._sockets = [_ProbeSocket(self, True), _ProbeSocket(self, False)]
+        self._timer: asyncio.TimerHandle | None = None
+        self._remote: tuple[str, int] | None = None
+
+    def _on_end(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.stop_sending()
+
+    def bind(self) -> None:
+        """Bind RTP and RTCP on `local`, synchronously; OSError propagates and leaves nothing bound."""
+        self._life.bind([(self.local, self.port + n, sock) for n, sock in enumerate(self._sockets)])
+
+    async def attach(self) -> None:
+        await self._life.attach()
+
+    def fail(self, reason: str) -> None:
+        self._life.end(reason)
+
+    def play(self, remote: tuple[str, int], payload_type: int) -> None:
+        """The call is answered: the signal starts now, towards `remote`."""
+        if self.ended.is_set() or self._remote is not None:
+            return
+        self._remote = remote
+        self.signal.start(asyncio.get_running_loop().time(), payload_type)
+        self._send()
+
+    def _send(self) -> None:
+        self._timer = None
+        remote, transport = self._remote, self._sockets[0].transport
+        loop = asyncio.get_running_loop()
+        if remote is None or self.ended.is_set():
+            return
+        if transport is None:  # still being handed to the loop: the signal's schedule waits one packet time
+            self._timer = loop.call_later(PTIME, self._send)
+            return
+        for packet in self.signal.due(loop.time()):
+            transport.sendto(packet, remote)
+        when = self.signal.timer()
+        if when is not None:
+            self._timer = loop.call_at(when, self._send)
+
+    def stop_sending(self) -> None:
+        """No more packets (the call is over); what still arrives is counted until the sockets close."""
+        self.signal.stop()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def close(self) -> None:
+        await self._life.close()
+
+
 class CallMedia:
     """The media side of the SIP shell: performs the call core's media actions and reports back to it.
 
@@ -651,7 +750,7 @@ class CallMedia:
         self.core, self.pairs, self.engine = core, pairs, engine
         self.pool: RtpPool | None = None
         self.inactivity, self.max_duration = inactivity, max_duration
-        self.media: dict[str, RtpEcho | RtpRelay] = {}
+        self.media: dict[str, RtpEcho | RtpRelay | ProbeMedia] = {}
         self._report, self._spawn = report, spawn
         self._starting: dict[str, asyncio.Event] = {}  # media being bound, by call
 
@@ -677,13 +776,15 @@ class CallMedia:
             self.core.ports_ready(action.call, action.leg, None if mapped is None else _ports(mapped), self._now())
         )
 
-    def start(self, action: StartEcho | StartRelay) -> list[CoreAction]:
+    def start(self, action: StartEcho | StartRelay | StartProbe) -> list[CoreAction]:
         """Bind the media at once (the call is answered the moment its ports are certainly ours), then hand
         the sockets to the event loop in the background."""
-        media: RtpEcho | RtpRelay
+        media: RtpEcho | RtpRelay | ProbeMedia
         if isinstance(action, StartEcho):
             media = RtpEcho(action.local, action.port, self.inactivity, self.max_duration, action.rtcp, action.ice,
                             action.sending, action.hold)  # fmt: skip
+        elif isinstance(action, StartProbe):
+            media = ProbeMedia(action.local, action.port, Signal(action.seconds), self.max_duration)
         else:
             media = RtpRelay(action.local, action.port_a, action.local, action.port_b, self.inactivity,
                              self.max_duration, ice_a=action.ice_a)  # fmt: skip
@@ -698,7 +799,7 @@ class CallMedia:
         self._spawn(self._run(action.call, media), "media")
         return self.core.media_started(action.call, None, self._now())
 
-    async def _run(self, call: str, media: RtpEcho | RtpRelay) -> None:
+    async def _run(self, call: str, media: RtpEcho | RtpRelay | ProbeMedia) -> None:
         try:
             await media.attach()
         except OSError as exc:
@@ -708,6 +809,11 @@ class CallMedia:
         await media.ended.wait()
         reason = media.stats.reason if isinstance(media, RtpEcho) else media.reason
         self._report(self.core.media_ended(call, reason or "closed", self._now()))
+
+    def play(self, action: ProbeAnswered) -> None:
+        media = self.media.get(action.call)
+        if isinstance(media, ProbeMedia):
+            media.play(action.remote, action.payload_type)
 
     def update(self, action: UpdateMedia) -> None:
         media = self.media.get(action.call)

@@ -6,6 +6,9 @@ RTP ports (autonat.engine.pool), runs the media (autonat.service.media) and repo
 At start each listening profile binds UDP and TCP (TLS with a certificate) on its sip-ip:sip-port, and when its
 ext-sip-ip follows the router the engine maps those ports (owner "sip:<profile>", removed at stop). The address
 decision the core needs comes from autonat.service.profiles.
+
+`test_call` is `autonat call`: the core places the call, the media plays autonat.sip.probecall's signal, and the
+answer (the verdict and the figures, `probecall.report`) comes once the call is over and its ports are back.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from autonat.engine.pool import PortPairs, RtpPool
 from autonat.errors import AutonatError
 from autonat.proto.types import Transport
 from autonat.service.calls import CallView, CoreAddresses
-from autonat.service.media import CallMedia
+from autonat.service.media import CallMedia, ProbeMedia
 from autonat.service.profiles import ProfileManager
 from autonat.service.settings import ProfileSettings, SipSettings, core_config
 from autonat.service.transport import SipTransport
-from autonat.sip import core
+from autonat.sip import core, probecall
 from autonat.sip.admission import Admission, AdmissionLimits
 from autonat.sip.digest import DigestServer
 from autonat.sip.guard import AuthGuard, failure_line
@@ -42,6 +45,7 @@ __all__ = ["CallView", "SipError", "SipService"]
 log = logging.getLogger("autonat.sip")
 auth_log = logging.getLogger("autonat.auth")  # one line per failed authentication: fail2ban's input
 RELEASE_WAIT = 2.0  # at stop, for the media of the calls just hung up to give their ports back
+PROBE_GRACE = 10.0  # beyond its own deadlines (the core's), what a test call may take before it counts as stuck
 
 
 class SipError(AutonatError):
@@ -84,6 +88,8 @@ class SipService:
         self._timer_at: float | None = None
         self._sip_mappings: list[tuple[Transport, int]] = []
         self._events: asyncio.Task[None] | None = None
+        # The test call in progress: its call id, and where its outcome and figures go when it ends.
+        self._probe: tuple[str, asyncio.Future[tuple[probecall.Outcome, probecall.Figures | None]]] | None = None
 
     # ------------------------------------------------------------------------------------- what others read
     @property
@@ -112,6 +118,61 @@ class SipService:
 
     def registrations(self) -> list[dict[str, Any]]:
         return self.core.registrations(self._now())
+
+    # ------------------------------------------------------------------------------------- the test call
+    async def test_call(
+        self,
+        profile: str | None,
+        uri: str,
+        seconds: float = probecall.DEFAULT_SECONDS,
+        *,
+        answer_timeout: float = probecall.ANSWER_TIMEOUT,
+    ) -> dict[str, Any]:
+        """`autonat call`: `profile` (default: the first listening one) calls `uri` as a phone behind the NAT,
+        plays the signal for `seconds` once answered and hangs up (autonat.sip.core.SipCore.place_probe); the
+        answer is `probecall.report`'s object, given once the call's ports are back (its router mappings gone).
+        SipError (one line) when the call cannot be placed: no such profile, a malformed URI, `seconds` out of
+        range, a test call already running."""
+        name = profile if profile is not None else next(iter(self.listening), None)
+        if name is None:
+            raise SipError("call: this daemon has no SIP profile to call from (add a [[profile]])")
+        if name not in self.transports:
+            raise SipError(f"call: no SIP profile {name!r} (this daemon has: {', '.join(self.listening) or 'none'})")
+        try:
+            target = probecall.parse_target(uri)
+            call_id, actions = self.core.place_probe(name, target, seconds, self._now(), answer_timeout=answer_timeout)
+        except ValueError as exc:
+            raise SipError(f"call: {exc}") from None
+        ended: asyncio.Future[tuple[probecall.Outcome, probecall.Figures | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._probe = (call_id, ended)
+        try:
+            self._perform(actions)
+            # The core ends the call by its own deadlines; this bound only turns a bug into an error line.
+            async with asyncio.timeout(answer_timeout + seconds + probecall.DRAIN + PROBE_GRACE):
+                outcome, figures = await ended
+        except BaseException as exc:  # cancelled (the daemon stops) or stuck: the call must not outlive this
+            self._perform(self.core.abort_probe(self._now()))
+            if isinstance(exc, TimeoutError):
+                raise SipError("call: the test call did not end in time (see the daemon log)") from None
+            raise
+        finally:
+            self._probe = None
+        releasing = [task for task in self._tasks if task.get_name() == f"release {call_id}"]
+        if releasing:
+            await asyncio.wait(releasing, timeout=RELEASE_WAIT)
+        return probecall.report(outcome, figures)
+
+    def _probe_ended(self, action: core.ProbeEnded) -> None:
+        """The test call is over: its signal stops, and the waiting `test_call` gets the outcome and figures."""
+        media = self.media.media.get(action.call)
+        figures = None
+        if isinstance(media, ProbeMedia):
+            media.stop_sending()
+            figures = media.signal.figures()
+        if self._probe is not None and self._probe[0] == action.call and not self._probe[1].done():
+            self._probe[1].set_result((action.outcome, figures))
 
     # ------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -283,8 +344,12 @@ class SipService:
                 self._send(action)
             elif isinstance(action, core.AcquirePorts):
                 queue.extend(self.media.acquire(action))
-            elif isinstance(action, core.StartEcho | core.StartRelay):
+            elif isinstance(action, core.StartEcho | core.StartRelay | core.StartProbe):
                 queue.extend(self.media.start(action))
+            elif isinstance(action, core.ProbeAnswered):
+                self.media.play(action)
+            elif isinstance(action, core.ProbeEnded):
+                self._probe_ended(action)
             elif isinstance(action, core.UpdateMedia):
                 self.media.update(action)
             elif isinstance(action, core.ReleaseMedia):

@@ -7,17 +7,22 @@ Only four things drive it, each with the caller's clock `now`:
   port range), `media_started` (the sockets are bound, or could not be), `media_ended` (RTP silence or maximum
   duration), `send_failed` (a stream could not be opened), `address_changed` (the router's address is known or
   changed);
+- `place_probe` / `abort_probe`: the test call from our side (`autonat call`), asked for on the control channel;
 - `handle_timer(now)` when `timer()` is due: one deadline for everything (transactions, 2xx retransmissions,
   session timers, gateway registrations, registration expiry, the admission summary, the ban list);
 - `start`, `stop`.
 
 Each returns a list of actions for the shell to perform, in order: `Send` a message to a peer, `AcquirePorts`,
-`StartEcho` / `StartRelay` / `UpdateMedia` / `ReleaseMedia` for the RTP side, `DropRtcp` (rtcp-mux made a
-mapping useless), `Publish` an event, `AuthFailed` (the fail2ban line). The shell decides nothing: it binds,
+`StartEcho` / `StartRelay` / `StartProbe` / `UpdateMedia` / `ReleaseMedia` for the RTP side, `DropRtcp` (rtcp-mux
+made a mapping useless), `ProbeAnswered` / `ProbeEnded` for the test call's signal and result, `Publish` an
+event, `AuthFailed` (the fail2ban line). The shell decides nothing: it binds,
 sends and reports back. All state of a call is its `Call` (autonat.sip.dialog); all state of the service is here.
 
 What the core does (RFC 3261 unless named): a UAS and a B2BUA for three dialplan actions (the echo test, a
-registered user rung with media relayed through us, a call out through a gateway), a registrar (§10.3, with
+registered user rung with media relayed through us, a call out through a gateway), a UAC for the test call (one
+at a time: it places a call exactly as a phone behind the NAT would, with the SDP address and router-mapped
+RTP ports the profile advertises to that peer, plays its signal for the asked seconds and hangs up; the signal
+and the figures are autonat.sip.probecall's), a registrar (§10.3, with
 digest authentication and the guard against guessing), gateway registrations (§10.2), and the checks of §8.2
 on every request before any work: 501/405 for methods (§8.2.1), 416 for URI schemes (§8.2.2.1), 482 (§8.2.2.2),
 420 with Unsupported (§8.2.2.3), 415 with Accept (§8.2.3), 406 when the caller accepts no SDP, 483 at
@@ -56,6 +61,7 @@ from typing import Any, Protocol
 from autonat.addresses import IPAddress, is_public, uri_host
 from autonat.proto.errors import DecodeError
 from autonat.sip import client as sipclient
+from autonat.sip import probecall
 from autonat.sip.admission import Admission, Refusal, Ticket
 from autonat.sip.client import (
     ClientTransactionTable,
@@ -74,6 +80,7 @@ from autonat.sip.guard import AuthGuard, source_key
 from autonat.sip.ice import new_credentials
 from autonat.sip.message import BadRequest, Request, Response, make_response, with_received
 from autonat.sip.peer import Peer
+from autonat.sip.probecall import Outcome, ProbeTarget
 from autonat.sip.registrar import AuthFailure, Registrar
 from autonat.sip.session import (
     Candidate,
@@ -96,12 +103,16 @@ __all__ = [
     "AuthFailed",
     "CoreConfig",
     "DropRtcp",
+    "PROBE",
+    "ProbeAnswered",
+    "ProbeEnded",
     "ProfileConfig",
     "Publish",
     "ReleaseMedia",
     "Send",
     "SipCore",
     "StartEcho",
+    "StartProbe",
     "StartRelay",
     "UpdateMedia",
 ]
@@ -119,6 +130,8 @@ _TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 MAX_DESTINATIONS = 20_000  # where our client requests went, by branch (their retransmissions go the same way)
 _SEPARATOR = "\x1f"  # between a profile and a gateway name in a timer key (neither can contain it)
 GLARE_MIN, GLARE_MAX = 2.1, 4.0  # §14.1: how long the owner of the Call-ID waits before trying again
+PROBE = "probe"  # the kind of the test call (`place_probe`), beside the dialplan's echo, user and gateway
+PROBE_SOURCE = "control"  # the admission's source of the test call: the control channel, not an address
 
 
 # --------------------------------------------------------------------------------------------- actions
@@ -177,6 +190,35 @@ class StartRelay:
 
 
 @dataclass(frozen=True, slots=True)
+class StartProbe:
+    """Bind the test call's media on `local`:`port` (and `port + 1` for RTCP), ready to play a signal of
+    `seconds` (autonat.sip.probecall.Signal): answer with `media_started`."""
+
+    call: str
+    local: IPAddress
+    port: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeAnswered:
+    """The test call is answered (and ACKed): play the signal to `remote` with `payload_type` from now on."""
+
+    call: str
+    remote: tuple[str, int]
+    payload_type: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeEnded:
+    """The test call is over (its `ReleaseMedia`, if any, came first): `outcome` is its signalling and media
+    plan; the figures are the signal's."""
+
+    call: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
 class UpdateMedia:
     """Change a running echo or relay: where to send to `leg` (relay), whether to send (echo), on hold."""
 
@@ -212,7 +254,20 @@ class AuthFailed:
     peer: Peer
 
 
-Action = Send | AcquirePorts | DropRtcp | StartEcho | StartRelay | UpdateMedia | ReleaseMedia | Publish | AuthFailed
+Action = (
+    Send
+    | AcquirePorts
+    | DropRtcp
+    | StartEcho
+    | StartRelay
+    | StartProbe
+    | ProbeAnswered
+    | ProbeEnded
+    | UpdateMedia
+    | ReleaseMedia
+    | Publish
+    | AuthFailed
+)
 
 
 # --------------------------------------------------------------------------------------------- configuration
@@ -285,6 +340,20 @@ class _Profile:
     @property
     def name(self) -> str:
         return self.config.name
+
+
+@dataclass(eq=False, slots=True)
+class _Probe:
+    """The test call in progress: what its outcome will say. Its one deadline (the answer's, then the hang-up's)
+    is the timer ("probe", call)."""
+
+    call: str  # Call.id
+    target: ProbeTarget
+    seconds: float
+    invited_at: float | None = None  # (answered: the Call's answered_at)
+    status: int | None = None  # the final response to our INVITE
+    phrase: str = ""
+    answer: probecall.Answer | None = None
 
 
 class _SessionExpires:
@@ -360,6 +429,7 @@ class SipCore:
         self._out: list[Action] = []
         self._now = 0.0
         self.dropped_banned = 0  # requests from banned sources, dropped unanswered
+        self._probe: _Probe | None = None  # the test call: one at a time (it takes router mappings)
 
     # ================================================================================ the public interface
 
@@ -524,7 +594,9 @@ class SipCore:
             return self._flush()
         call.media = "up"
         p = self.profiles[call.profile]
-        if call.kind == Route.ECHO:
+        if call.kind == PROBE:
+            self._invite_probe(p, call)
+        elif call.kind == Route.ECHO:
             self._answer_echo(p, call)
         else:
             self._place_b_leg(p, call)
@@ -548,6 +620,74 @@ class SipCore:
         if isinstance(message, Request):
             self._run_client(p, p.client.transport_error(message, "connection failed"))
         self._sync(p)
+        return self._flush()
+
+    def place_probe(
+        self,
+        profile: str,
+        target: ProbeTarget,
+        seconds: float,
+        now: float,
+        *,
+        answer_timeout: float = probecall.ANSWER_TIMEOUT,
+    ) -> tuple[str, list[Action]]:
+        """The test call (`autonat call`): `profile` calls `target` as a phone behind the NAT would, with the
+        Via/Contact and SDP addresses its decision gives that peer and RTP ports from the pool when they are
+        advertised outside (within the media caps, like any call). The INVITE leaves once the media is bound;
+        without a 2xx within `answer_timeout` (from now) the call is cancelled ("no answer"); once answered and
+        ACKed the shell plays the signal (`ProbeAnswered`) and the call ends with BYE after `seconds` plus
+        probecall.DRAIN. `ProbeEnded` always comes, whatever ends it. Returns the call's id and the actions.
+
+        ValueError (one line) when it cannot start: an unknown profile, `seconds` out of range, a test call
+        already running (one at a time: it takes router mappings), a cap of the admission."""
+        self._now = now
+        p = self.profiles.get(profile)
+        if p is None:
+            raise ValueError(f"no SIP profile {profile!r}")
+        seconds = probecall.check_seconds(seconds)
+        if not 0 < answer_timeout < float("inf"):
+            raise ValueError("the answer timeout must be a positive number of seconds")
+        if self._probe is not None:
+            raise ValueError("a test call is already running (one at a time: it uses router mappings)")
+        ticket = self.admission.admit(PROBE_SOURCE, p.name, now)
+        if isinstance(ticket, Refusal):
+            raise ValueError(f"the SIP service is over {ticket}: try again later")
+        sip_address = self.addresses.sip_address(p.name, target.peer.ip)
+        host = uri_host(sip_address)
+        leg = Leg(
+            role="a",
+            peer=target.peer,
+            call_id=sipclient.new_call_id(host),
+            local_tag=sipclient.new_tag(),
+            local_uri=f"sip:autonat@{host}",
+            remote_uri=target.uri,
+            remote_target=target.uri,
+            uas=False,
+            sip_address=sip_address,
+            session_id=self._random.randrange(1, 2**31),  # an SDP session id (RFC 8866 §5.2), not a secret
+        )
+        call = Call(p.name, PROBE, target.user or "", leg, now, ticket=ticket)
+        p.calls[leg.call_id] = call
+        self._calls[call.id] = call
+        p.calls_out += 1
+        self._probe = _Probe(call.id, target, seconds)
+        self._heap.set(("probe", call.id), now + answer_timeout)
+        self._emit(
+            Publish(
+                "call-start",
+                {"profile": p.name, "call": call.id, "number": call.number, "app": PROBE, "source": PROBE_SOURCE},
+            )
+        )
+        self._want_ports(p, call, leg)
+        return call.id, self._flush()
+
+    def abort_probe(self, now: float) -> list[Action]:
+        """Whoever asked for the test call is gone (the daemon stops it): hang it up now (BYE, or CANCEL)."""
+        self._now = now
+        call = None if self._probe is None else self._calls.get(self._probe.call)
+        if call is not None:
+            self._hangup(call, "aborted", bye=True)
+            self._sync(self.profiles[call.profile])
         return self._flush()
 
     def handle_timer(self, now: float) -> list[Action]:
@@ -597,6 +737,16 @@ class SipCore:
                     log.warning("%s", line)
             elif kind == "guard":
                 self.guard.expire(now)
+            elif kind == "probe":
+                call = self._calls.get(name)
+                probe = self._probe
+                if call is not None and probe is not None and probe.call == name:
+                    if call.a.answered:
+                        reason = "test call done"
+                    else:
+                        reason = "no answer" if probe.invited_at is not None else "no RTP ports in time"
+                    self._hangup(call, reason, bye=True)
+                    touched.add(call.profile)
         for name in touched:
             self._sync(self.profiles[name])
         return self._flush()
@@ -1085,6 +1235,10 @@ class SipCore:
         call.media = "starting"
         leg = call.a
         assert leg.media is not None
+        if call.kind == PROBE:
+            assert self._probe is not None
+            self._emit(StartProbe(call.id, leg.media.local_address, leg.media.local_port, self._probe.seconds))
+            return
         if call.kind == Route.ECHO:
             mux = leg.remote is not None and leg.remote.rtcp_mux
             if mux and leg.media.ports.mapped:
@@ -1294,7 +1448,9 @@ class SipCore:
             self._after_end(p, leg, item, method, cseq)
             return
         if not leg.uas and leg.invite is not None and method == "INVITE" and cseq == leg.invite.cseq()[0]:
-            if isinstance(item, TimedOut):
+            if call.kind == PROBE:
+                self._on_probe_response(p, call, leg, item)
+            elif isinstance(item, TimedOut):
                 status = 503 if isinstance(item, TransportError) else 408
                 self._fail(call, status, "callee did not answer" if status == 408 else "callee unreachable")
             else:
@@ -1335,13 +1491,20 @@ class SipCore:
             if credentials is not None:
                 self._send_b_invite(p, call, leg, [credentials])
                 return
-        if status == 422 and not leg.se_retried:
-            leg.se_retried = True
-            minimum = response.headers.get("Min-SE")
-            if minimum is not None and minimum.split(";")[0].strip().isdigit():
-                self._send_b_invite(p, call, leg, [("Session-Expires", minimum.split(";")[0].strip())])
-                return
+        if self._retry_interval(p, call, leg, response):
+            return
         self._fail(call, status if status < 700 else 500, response.reason or None)
+
+    def _retry_interval(self, p: _Profile, call: Call, leg: Leg, response: Response) -> bool:
+        """RFC 4028 §8.1: a 422 to our INVITE names its Min-SE; the INVITE goes again, once, with that interval."""
+        if response.status != 422 or leg.se_retried:
+            return False
+        leg.se_retried = True
+        minimum = (response.headers.get("Min-SE") or "").split(";")[0].strip()
+        if not minimum.isdigit():
+            return False
+        self._send_b_invite(p, call, leg, [("Session-Expires", minimum)])
+        return True
 
     def _gateway_credentials(
         self, gateway: GatewaySettings, response: Response, method: str, uri: str
@@ -1364,18 +1527,23 @@ class SipCore:
         )
         return ("Authorization" if response.status == 401 else "Proxy-Authorization", credentials)
 
+    def _confirm_answer(self, leg: Leg, response: Response) -> bool:
+        """A 2xx to the INVITE we placed on `leg`: the first one makes the dialog (§12.1.2) and its session
+        timer (RFC 4028 §9); True for that first one, False for a retransmission."""
+        if leg.answered:
+            return False
+        leg.confirm_uac(response)
+        leg.answered = True
+        expires = _safe_expires(response)
+        if expires is not None:
+            leg.se_interval = expires.interval
+            leg.se_refresher_us = expires.refresher != "uas"  # we are the UAC of this INVITE
+            self._arm_session_timer(leg)
+        return True
+
     def _on_b_answered(self, p: _Profile, call: Call, leg: Leg, response: Response) -> None:
         assert leg.invite is not None
-        first = not leg.answered
-        if first:
-            leg.confirm_uac(response)
-            leg.answered = True
-            expires = _safe_expires(response)
-            if expires is not None:
-                leg.se_interval = expires.interval
-                leg.se_refresher_us = expires.refresher != "uas"  # we are the UAC of this INVITE
-                self._arm_session_timer(leg)
-        if not first:
+        if not self._confirm_answer(leg, response):
             if leg.late_ack is None:
                 self._send_ack(p, leg, leg.invite, response)  # a retransmitted 2xx: its ACK again (§13.2.2.4)
             return
@@ -1435,6 +1603,87 @@ class SipCore:
         leg.acked = True
         self._send(p, ack, leg.peer)
 
+    # ================================================================================ the test call
+
+    def _invite_probe(self, p: _Profile, call: Call) -> None:
+        """The test call's media is bound: our offer (G.711 only: the signal is PCMU or PCMA) at the address
+        and ports the decision advertises to the peer, in an INVITE like leg b's."""
+        leg, probe = call.a, self._probe
+        assert leg.media is not None and probe is not None
+        media = leg.media
+        offer = echo_offer(
+            address=media.advertised,
+            port=media.advertised_port,
+            rtcp_port=media.advertised_rtcp,
+            session_id=leg.session_id,
+            version=leg.session_id,
+            formats=probecall.OFFERED,
+        )
+        leg.local_sdp = self._versioned(leg, offer.encode())
+        probe.invited_at = self._now
+        self._send_b_invite(p, call, leg)
+
+    def _on_probe_response(self, p: _Profile, call: Call, leg: Leg, item: Response | TimedOut) -> None:
+        probe = self._probe
+        if probe is None or probe.call != call.id:
+            return
+        if isinstance(item, TimedOut):
+            self._hangup(call, "peer unreachable" if isinstance(item, TransportError) else "no answer", bye=False)
+            return
+        status = item.status
+        if status < 200:
+            return
+        if status < 300:
+            self._probe_answered(p, call, leg, item, probe)
+            return
+        if self._retry_interval(p, call, leg, item):
+            return
+        probe.status, probe.phrase = status, item.reason
+        self._hangup(call, f"refused {status} {item.reason}".rstrip(), bye=False)
+
+    def _probe_answered(self, p: _Profile, call: Call, leg: Leg, response: Response, probe: _Probe) -> None:
+        """ACK the 2xx; with an answer the signal can use, play it for the asked seconds, else hang up."""
+        assert leg.invite is not None
+        first = self._confirm_answer(leg, response)
+        self._send_ack(p, leg, leg.invite, response)  # a retransmitted 2xx is ACKed again (§13.2.2.4)
+        if not first:
+            return
+        probe.status, probe.phrase = response.status, response.reason
+        call.answered_at = self._now
+        body = response.body if _media_type(response) in (None, "application/sdp") else b""
+        leg.remote = describe(body) if body else None
+        answer = probecall.choose_answer(leg.remote)
+        if isinstance(answer, str):
+            self._hangup(call, answer, bye=True)
+            return
+        probe.answer = answer
+        self._heap.set(("probe", call.id), self._now + probe.seconds + probecall.DRAIN)
+        self._emit(ProbeAnswered(call.id, answer.remote, answer.payload_type))
+
+    def _probe_outcome(self, call: Call, probe: _Probe, reason: str) -> Outcome:
+        leg, media, answer = call.a, call.a.media, probe.answer
+        invited, answered = probe.invited_at, call.answered_at
+        mapping = None
+        if media is not None and media.ports.mapped and media.ports.external_ip is not None:
+            mapping = (str(media.ports.external_ip), media.ports.external_rtp)
+        return Outcome(
+            uri=probe.target.uri,
+            profile=call.profile,
+            call_id=leg.call_id,
+            seconds=probe.seconds,
+            answered=leg.answered,
+            status=probe.status,
+            phrase=probe.phrase,
+            reason=reason,
+            setup=None if answered is None or invited is None else answered - invited,
+            duration=None if answered is None else self._now - answered,
+            local=None if media is None else (str(media.local_address), media.local_port),
+            advertised=None if media is None else (str(media.advertised), media.advertised_port),
+            mapping=mapping,
+            remote=None if answer is None else answer.remote,
+            codec=None if answer is None else answer.codec,
+        )
+
     # ================================================================================ in-dialog requests
 
     def _leg_of(self, p: _Profile, request: Request) -> tuple[Call, Leg] | None:
@@ -1464,7 +1713,7 @@ class SipCore:
         method = request.method
         if method == "BYE":
             self._reply(p, request, 200)
-            self._hangup(call, "bye from " + ("caller" if leg is call.a else "callee"), bye=True, skip=leg)
+            self._hangup(call, "bye from " + ("caller" if leg.uas else "callee"), bye=True, skip=leg)
         elif method in ("INVITE", "UPDATE"):
             self._offer_in(p, call, leg, request)
         elif method == "OPTIONS":
@@ -1753,11 +2002,12 @@ class SipCore:
         if call.ended:
             return
         p = self.profiles[call.profile]
-        p.failed_calls += 1
         a = call.a
-        if a.invite is not None and not a.answered:
-            extra = [] if call.refusal is None else [("Retry-After", str(call.refusal.retry_after))]
-            self._reply(p, a.invite, status, reason, to_tag=a.local_tag, extra=extra)
+        if a.uas:  # (the test call's leg a is ours: there is no caller to answer)
+            p.failed_calls += 1
+            if a.invite is not None and not a.answered:
+                extra = [] if call.refusal is None else [("Retry-After", str(call.refusal.retry_after))]
+                self._reply(p, a.invite, status, reason, to_tag=a.local_tag, extra=extra)
         self._hangup(call, reason or f"failed {status}", bye=False)
 
     def _hangup(self, call: Call, reason: str, *, bye: bool, skip: Leg | None = None) -> None:
@@ -1788,6 +2038,11 @@ class SipCore:
             self._emit(ReleaseMedia(call.id, ports))
         log.info("call %s (%s %s) ended: %s", call.id, call.kind, call.number, reason)
         self._emit(Publish("call-end", {"profile": call.profile, "call": call.id, "reason": reason}))
+        probe = self._probe
+        if probe is not None and probe.call == call.id:
+            self._probe = None
+            self._heap.set(("probe", call.id), None)
+            self._emit(ProbeEnded(call.id, self._probe_outcome(call, probe, reason)))
 
     def _send_bye(self, p: _Profile, leg: Leg) -> None:
         """Our BYE goes to where the peer's packets came from (its Contact may be private)."""

@@ -13,6 +13,9 @@ drop the media. FreeSWITCH's echo re-originates, and so does `EchoStream`:
 - with rtcp-mux (RFC 5761) RTCP arrives on the RTP port: `is_rtcp` tells the two apart (§4: payload types
   64-95 in the second byte, marker bit aside, are RTCP).
 
+`rtp_payload` finds the payload of any RTP packet (after CSRCs and a header extension, before padding): the
+test call (autonat.sip.probecall) recognises its signal there, whatever the echo did to the header.
+
 Pure functions of the bytes in and the clock passed in (`ntp` seconds since 1900 for the Sender Report);
 the asyncio media in autonat.service.media calls them per packet, so the hot path is one struct unpack and
 one pack_into on a copy of the packet.
@@ -24,7 +27,7 @@ import secrets
 import struct
 from collections.abc import Callable
 
-__all__ = ["EchoStream", "NTP_EPOCH_OFFSET", "is_rtcp"]
+__all__ = ["EchoStream", "NTP_EPOCH_OFFSET", "is_rtcp", "rtp_payload"]
 
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
 _HEADER = struct.Struct("!HII")  # sequence number, timestamp, SSRC at offset 2
@@ -36,6 +39,23 @@ def is_rtcp(data: bytes) -> bool:
     """RFC 5761 §4: with RTP and RTCP on one port, a second byte of 192-223 is an RTCP packet type (200 SR,
     201 RR, 202 SDES, 203 BYE, 204 APP ...); RTP payload types there would be 64-95, which §4 rules out."""
     return len(data) >= 2 and 192 <= data[1] <= 223
+
+
+def rtp_payload(packet: bytes) -> memoryview | None:
+    """The payload of an RTP `packet` (RFC 3550 §5.1: after the 12-byte header and CC CSRCs, §5.3.1: after a
+    header extension when X is set, and without the padding P announces in the last byte); None when the
+    packet is not RTP version 2 or its header and padding do not fit in it."""
+    if len(packet) < _MIN_RTP or packet[0] >> 6 != 2:
+        return None
+    start = _MIN_RTP + 4 * (packet[0] & 0x0F)
+    if packet[0] & 0x10:
+        if len(packet) < start + 4:
+            return None
+        start += 4 + 4 * int.from_bytes(packet[start + 2 : start + 4], "big")
+    end = len(packet) - (packet[-1] if packet[0] & 0x20 else 0)
+    if end < start:
+        return None
+    return memoryview(packet)[start:end]
 
 
 class EchoStream:

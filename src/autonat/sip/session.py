@@ -27,6 +27,7 @@ audio stream, is reported as None, never an exception.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -271,8 +272,18 @@ def echo_answer(
     return "\r\n".join(out) + "\r\n"
 
 
-def echo_offer(*, address: IPAddress, port: int, rtcp_port: int, session_id: int, version: int) -> str:
-    """Our offer when an INVITE came without one (RFC 3261 §13.2.1, RFC 3264 §5): one audio stream."""
+def echo_offer(
+    *,
+    address: IPAddress,
+    port: int,
+    rtcp_port: int,
+    session_id: int,
+    version: int,
+    formats: Sequence[tuple[str, str]] = _OFFERED,
+) -> str:
+    """Our offer when an INVITE came without one (RFC 3261 §13.2.1, RFC 3264 §5): one audio stream with
+    `formats` ((payload type, rtpmap) pairs; by default the echo's, which takes any codec). The test call
+    (autonat.sip.probecall) offers the G.711 pair it can send."""
     family = _family(address)
     out = [
         "v=0",
@@ -280,12 +291,13 @@ def echo_offer(*, address: IPAddress, port: int, rtcp_port: int, session_id: int
         "s=autonat",
         f"c=IN {family} {address}",
         "t=0 0",
-        f"m=audio {port} RTP/AVP {' '.join(number for number, _ in _OFFERED)}",
+        f"m=audio {port} RTP/AVP {' '.join(number for number, _ in formats)}",
     ]
     if rtcp_port != port + 1:
         out.append(f"a=rtcp:{rtcp_port}")
-    out += [f"a=rtpmap:{number} {name}" for number, name in _OFFERED]
-    out += ["a=fmtp:101 0-16", "a=ptime:20", "a=sendrecv"]
+    out += [f"a=rtpmap:{number} {name}" for number, name in formats]
+    out += [f"a=fmtp:{number} 0-16" for number, name in formats if name.lower().startswith("telephone-event/")]
+    out += ["a=ptime:20", "a=sendrecv"]
     return "\r\n".join(out) + "\r\n"
 
 
