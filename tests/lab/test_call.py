@@ -248,3 +248,45 @@ def test_a_silent_peer_is_no_audio_back_within_the_call_time_and_a_busy_one_is_4
     assert busy.returncode == 1 and result["verdict"] == "fail: call refused 486 Busy Here", result
     assert busy_sipp.ok, busy_sipp.describe()
     eventually(lambda: rtp_mappings(daemon) == set(), 2, "the busy call's RTP mapping released")
+
+
+@pytest.mark.slow  # 7 s: two doctor --quick runs, one with a 2 s test call
+def test_doctor_places_the_configured_test_call_and_reports_it(
+    healthy_lab: Lab, tmp_path: Path, started: list[Daemon]
+) -> None:
+    """`[doctor] call` (issue 14: "doctor runs it when an echo service is configured"): doctor asks the running
+    daemon for the test call and gives it a line; with no daemon to ask, the line says so (a warning)."""
+    lab = healthy_lab
+    doctor_section = f'[doctor]\ncall = "{ECHO_URI}"\ncall-seconds = 2\n'
+    daemon = start(lab, tmp_path, started, PROFILE + doctor_section, "lan")
+    wait_external(daemon)
+    config = tmp_path / "lan" / "autonat.toml"
+    with start_sipp(
+        lab,
+        "wan",
+        "uas_echo",
+        None,
+        local_ip=Lab.WAN_HOST,
+        local_port=5060,
+        media_port=ECHO_MEDIA,
+        calls=1,
+        workdir=tmp_path,
+    ):
+        done = lab.run("lan", [AUTONAT, "doctor", "--quick", "--json", "--config", str(config)], timeout=60)
+    report = json.loads(done.stdout)
+    [line] = [f for f in report["findings"] if f["check"] == "test call"]
+    assert line["verdict"] == "ok" and "audio both ways through the NAT" in line["summary"], line
+    assert report["measurements"]["call"]["media"]["through_mapping"] is True
+    assert done.returncode == 0, done.stderr
+    eventually(lambda: not rtp_mappings(daemon), 5, "the test call's RTP mapping released")
+
+    lonely = tmp_path / "lonely"  # the same [doctor] call, but no daemon behind the config's socket
+    lonely.mkdir()
+    (lonely / "autonat.toml").write_text(doctor_section + f'[control]\nsocket = "{lonely / "control.sock"}"\n')
+    done = lab.run(
+        "lan", [AUTONAT, "doctor", "--quick", "--json", "--config", str(lonely / "autonat.toml")], timeout=60
+    )
+    report = json.loads(done.stdout)
+    [line] = [f for f in report["findings"] if f["check"] == "test call"]
+    assert line["verdict"] == "warning" and "no autonat daemon is running" in line["summary"], line
+    assert done.returncode == 0, done.stderr

@@ -1100,3 +1100,16 @@ def test_log_trace_names_the_wire_trace_s_protocols(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, '[log]\ntrace = "all"\n')).log_trace == ("natpmp", "pcp", "sip", "stun", "upnp")
     assert load_config(write(tmp_path, "[log]\ntrace = []\n")).log_trace == ()
     assert load_config(None).log_trace == ()
+
+
+def test_doctor_s_test_call_is_configured_and_checked(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[doctor]\ncall = "sip:9196@203.0.113.100"\ncall-seconds = 5\n'))
+    assert (config.doctor.call, config.doctor.call_profile, config.doctor.call_seconds) == (
+        "sip:9196@203.0.113.100",
+        None,
+        5.0,
+    )
+    assert load_config(None).doctor.call is None
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, '[doctor]\ncall = "sip:9196@echo.example.org"\n'))
+    assert "doctor.call is not usable: the URI's host must be an IP address" in str(raised.value)

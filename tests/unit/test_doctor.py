@@ -191,3 +191,30 @@ def test_natpmp_without_a_wan_address_is_named_double_nat() -> None:
     nothing = Measurements(gateway="192.168.1.1", local_address="192.168.1.5")
     nothing.protocols = {"natpmp": ProtocolAnswer("natpmp", False, "network failure (NAT-PMP result 3)", code=3)}
     assert quirks(nothing) == {"P1"}
+
+
+def test_the_test_call_is_a_line_of_its_own() -> None:
+    m = healthy()
+    assert "test call" not in verdicts(m)  # none asked for: no line
+    m.call = {
+        "ok": True,
+        "answered": True,
+        "verdict": "ok: audio both ways through the NAT",
+        "uri": "sip:9196@203.0.113.100",
+        "rtp": {"sent": 150, "received": 150, "loss_percent": 0.0},
+        "rtt_ms": {"avg": 0.3},
+        "jitter_ms": 0.05,
+    }
+    [line] = [f for f in judge(m) if f.check == "test call"]
+    assert line.verdict is Verdict.OK and "150/150 packets back" in line.summary
+    m.call = {**m.call, "ok": False, "verdict": "fail: no audio back", "rtp": {"sent": 150, "received": 0}}
+    [line] = [f for f in judge(m) if f.check == "test call"]
+    assert line.verdict is Verdict.FAIL and line.fix is not None and "ext-rtp-ip" in line.fix
+    assert exit_status(judge(m)) == 1  # no audio back: autonat cannot carry calls through this path
+    m.call = {**m.call, "answered": False, "verdict": "fail: no answer"}
+    [line] = [f for f in judge(m) if f.check == "test call"]
+    assert line.verdict is Verdict.FAIL and line.fix is not None and "URI" in line.fix
+    m.call, m.call_error = None, "no autonat daemon is running (no control socket at /run/autonat/control.sock)"
+    [line] = [f for f in judge(m) if f.check == "test call"]
+    assert line.verdict is Verdict.WARNING and "no autonat daemon" in line.summary
+    assert exit_status(judge(m)) == 0  # a call that could not be asked for is not the router's failure

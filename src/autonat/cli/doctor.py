@@ -6,9 +6,13 @@ import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from autonat.daemon.config import Config
+    from autonat.doctor.findings import Measurements
 
 DEFAULT_BUDGET = 30.0
 QUICK_BUDGET = 5.0
@@ -69,7 +73,11 @@ def start_trace(protocols: str | None, *, keep: str = "", daemon: bool = False) 
 @click.option("--interface", help="Use this interface's route and address.")
 @click.option("--root-url", help="UPnP root description URL (UPnP without SSDP).")
 @click.option("--timeout", type=float, default=2.0, show_default=True, help="Per router request.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="For [nat] stun.")
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="For [nat] stun and [doctor]."
+)
+@click.option("--call", "call_uri", help="Also a test call from the running daemon to this echo (sip:9196@IP).")
+@click.option("--call-profile", help="The daemon's profile that calls (default: [doctor] call-profile, or its first).")
 @trace_option
 def doctor(
     quick: bool,
@@ -82,6 +90,8 @@ def doctor(
     root_url: str | None,
     timeout: float,
     config_path: Path | None,
+    call_uri: str | None,
+    call_profile: str | None,
     trace_list: str | None,
 ) -> None:
     """Check the router and the path to the internet; exit 0 when autonat can work with it, 1 if not."""
@@ -97,10 +107,13 @@ def doctor(
 
     # --share attaches the wire trace of the run: every protocol goes to the ring, --trace's to stderr too.
     start_trace(trace_list, keep="all" if share_path is not None else "")
-    if stun_server is None:
-        with contextlib.suppress(AutonatError):
-            path = config_path or default_config_path()
-            stun_server = load_config(path).nat.stun if path else None
+    config = None
+    with contextlib.suppress(AutonatError):
+        path = config_path or default_config_path()
+        config = load_config(path) if path else None
+    if stun_server is None and config is not None:
+        stun_server = config.nat.stun
+    call_uri = call_uri or (config.doctor.call if config is not None else None)
     journal = None
     with contextlib.suppress(JournalError):
         journal = Journal(default_journal_path())
@@ -118,6 +131,8 @@ def doctor(
     finally:
         if journal is not None:
             journal.close()
+    if call_uri is not None:
+        _test_call(measurements, call_uri, call_profile, config)
     findings = judge(measurements)
     if as_json:
         click.echo(json.dumps(report.to_dict(measurements, findings), indent=2))
@@ -129,3 +144,18 @@ def doctor(
         shared = report.share(measurements, findings, show_address=show_address, trace=trace.records())
         share_path.write_text(shared)
     sys.exit(exit_status(findings))
+
+
+def _test_call(measurements: Measurements, uri: str, profile: str | None, config: Config | None) -> None:
+    """The test call (issue 14 item 2) through the running daemon: its result, or why it was not made."""
+    from autonat.cli.call import CallError, test_call
+    from autonat.cli.main import default_socket_path
+
+    socket_path = config.control.socket if config is not None else default_socket_path()
+    settings = config.doctor if config is not None else None
+    profile = profile or (settings.call_profile if settings is not None else None)
+    seconds = settings.call_seconds if settings is not None else 3.0
+    try:
+        measurements.call = test_call(socket_path, uri, profile, seconds)
+    except CallError as exc:
+        measurements.call_error = str(exc)

@@ -110,6 +110,17 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DoctorConfig:
+    """`[doctor]`: what `autonat doctor` does besides looking at the router. With `call` (an echo such as
+    `sip:9196@IP`, e.g. a second autonat or FreeSWITCH's echo), doctor asks the running daemon for a
+    test call there (`autonat call`) and reports whether audio came back through the NAT."""
+
+    call: str | None = None
+    call_profile: str | None = None  # None: the daemon's first SIP profile
+    call_seconds: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
 class WebConfig:
     """The status page and /metrics (autonat.web): off unless `listen` is set ("IP:PORT").
 
@@ -142,6 +153,7 @@ class Config:
     log_format: LogFormat = "text"
     log_trace: tuple[str, ...] = ()  # [log] trace: protocols whose exchanges are logged (autonat.aio.trace)
     web: WebConfig = field(default_factory=WebConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
     def with_overrides(
         self,
@@ -433,6 +445,7 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
     profiles = _profiles(top, report, {*BUILTIN_ACL_NAMES, *(acl.name for acl in acls)})
     sip = _sip(_section(top, "sip"), top, report)
     web = _web(_section(top, "web"), report, file_mode, control)
+    doctor = _doctor(_section(top, "doctor"))
     top.finish()
     report.raise_if_any()
 
@@ -454,6 +467,7 @@ def _build(document: Mapping[str, object], report: _Report, source: Path | None,
         log_format,
         log_trace,
         web,
+        doctor,
     )
 
 
@@ -691,6 +705,23 @@ def _tcp(table: _Table, report: _Report) -> tuple[str, int] | None:
             f"control.tcp listens on {text.strip()}, which is not loopback: anyone who can reach it may try the token"
         )
     return host, port
+
+
+def _doctor(table: _Table) -> DoctorConfig:
+    """`[doctor] call = "sip:9196@IP"`, `call-profile`, `call-seconds`: the test call doctor places."""
+    call = table.text("call", "").strip() or None
+    profile = table.text("call-profile", "").strip() or None
+    seconds = table.number("call-seconds", 3.0, 1.0, 60.0, " s")
+    table.finish()
+    if call is not None:
+        from autonat.sip.probecall import parse_target  # here: `autonat reload` and `--check` stay light
+
+        try:
+            parse_target(call)
+        except ValueError as exc:
+            table.error("call", f"is not usable: {exc}")
+            call = None
+    return DoctorConfig(call, profile, seconds)
 
 
 def _web(table: _Table, report: _Report, file_mode: int | None, control: ControlConfig) -> WebConfig:

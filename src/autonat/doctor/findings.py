@@ -107,6 +107,8 @@ class Measurements:
     notifies: int = 0
     elapsed: float = 0.0
     quick: bool = False
+    call: dict[str, Any] | None = None  # the test call's result (autonat.sip.probecall.report), when one was made
+    call_error: str | None = None  # why the test call asked for could not be made
 
 
 def _protocol_findings(m: Measurements) -> list[Finding]:
@@ -448,6 +450,40 @@ def _ssdp_findings(m: Measurements) -> list[Finding]:
     return found
 
 
+def _call_findings(m: Measurements) -> list[Finding]:
+    """The test call (`[doctor] call` / `--call`): audio both ways through the NAT, or why not."""
+    if m.call_error is not None:
+        return [
+            Finding(
+                "test call",
+                Verdict.WARNING,
+                f"not made: {m.call_error}",
+                "start the daemon (autonat run) with a SIP profile, or leave out --call / [doctor] call",
+            )
+        ]
+    call = m.call
+    if call is None:
+        return []
+    rtp, rtt = call.get("rtp") or {}, call.get("rtt_ms") or {}
+    figures = (
+        f"; {rtp.get('received', 0)}/{rtp.get('sent', 0)} packets back, loss {rtp.get('loss_percent')} %,"
+        f" RTT {rtt.get('avg')} ms, jitter {call.get('jitter_ms')} ms"
+        if rtp.get("sent")
+        else ""
+    )
+    summary = f"{call.get('verdict')} ({call.get('uri')}){figures}"
+    if call.get("ok"):
+        return [Finding("test call", Verdict.OK, summary)]
+    if call.get("answered"):
+        fix = (
+            "the echo does not come back to the address our SDP gave: check `autonat profile status` (ext-rtp-ip"
+            " should be auto-nat) and that the call's RTP mapping was made (`autonat nat_map status`)"
+        )
+    else:
+        fix = "check the URI and that the echo service answers (a firewall on its side, a wrong port)"
+    return [Finding("test call", Verdict.FAIL, summary, fix)]
+
+
 def _path_findings(m: Measurements) -> list[Finding]:
     found = []
     if m.unsolicited_blocked is True:
@@ -506,6 +542,7 @@ def judge(m: Measurements) -> list[Finding]:
         found += _address_findings(m)
     found += _trial_findings(m)
     found += _path_findings(m)
+    found += _call_findings(m)
     if m.announcements or m.notifies:
         found.append(
             Finding(
