@@ -148,8 +148,8 @@ def test_doctor_share_attaches_the_wire_trace(healthy_lab: Lab, state_dir: Path,
     assert fence, section[-500:]
     records = fence[2].splitlines()
     assert all(re.match(r"\+\d+\.\d{3}s trace ", line) for line in records), records
-    # (doctor's own STUN reachability probes use sockets of doctor/measure.py, not traced yet)
-    for protocol in ("pcp", "natpmp", "upnp"):
+    for protocol in ("pcp", "natpmp", "upnp", "stun"):  # stun: doctor's own reachability probes
         assert any(f" trace {protocol} " in line for line in records), protocol
+    assert any(" trace stun -> " in line and "CHANGE-REQUEST=ip+port" in line for line in records), records
     assert any("NewExternalIPAddress=x.x.x.x" in line or "address=x.x.x.x" in line for line in records)
     assert not re.search(rf"(?<![\d.]){re.escape(Lab.ROUTER_WAN)}(?![\d])", shared)  # masked everywhere

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from autonat.addresses import classify
+from autonat.aio import trace as wiretrace
 from autonat.aio import watch
 from autonat.aio.router import RouterSession
 from autonat.aio.stun import parse_stun_target, resolve_server
@@ -46,11 +47,20 @@ SSDP_RESEND = 0.1  # each search is sent twice, this far apart (a lost datagram 
 MAX_SSDP_REPLIES = 64  # answers kept per search socket: the LAN can answer too, and forge
 
 
+def _send(transport: asyncio.DatagramTransport, data: bytes, peer: tuple[str, int], *, search: bool = False) -> None:
+    """Send one datagram of doctor's own (STUN, SSDP, the hairpin token), traced like the shells' (--trace)."""
+    if wiretrace.ON:
+        (wiretrace.ssdp_sent if search else wiretrace.datagram_sent)(data, peer)
+    transport.sendto(data, peer)
+
+
 class _Socket(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[tuple[bytes, tuple[Any, ...]]] = asyncio.Queue(64)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if wiretrace.ON:
+            wiretrace.datagram_received(data, addr)
         with contextlib.suppress(asyncio.QueueFull):
             self.inbox.put_nowait((data, addr))
 
@@ -92,7 +102,7 @@ async def _changed_reply(
         return not isinstance(answer, stun.ErrorCode) and (addr[0], addr[1]) != server
 
     for _ in range(tries):  # retransmissions: a lost packet (or a busy server) is not a closed door
-        transport.sendto(request, server)
+        _send(transport, request, server)
         if await _receive(protocol, accept, REPLY_WAIT / 2) is not None:
             return True
     return False
@@ -106,6 +116,8 @@ class _SsdpSocket(asyncio.DatagramProtocol):
         self.answers: list[tuple[int, ssdp.SearchResponse]] = []
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if wiretrace.ON:
+            wiretrace.ssdp_received(data, addr)
         if addr[0] != self.gateway or len(self.answers) >= MAX_SSDP_REPLIES:
             return
         with contextlib.suppress(DecodeError, ValueError):
@@ -261,7 +273,7 @@ class Doctor:
         transport, protocol, _ = await _udp(local)
         try:
             transaction = stun.new_transaction_id()
-            transport.sendto(stun.build_binding_request(transaction), server)
+            _send(transport, stun.build_binding_request(transaction), server)
 
             def accept(data: bytes, addr: tuple[Any, ...]) -> bool:
                 try:
@@ -308,10 +320,10 @@ class Doctor:
         try:
             for _ in range(2):
                 with contextlib.suppress(OSError):
-                    unicast.sendto(unicast_search, (gateway, ssdp.PORT))
-                    multicast.sendto(group_search, group)
-                    everything.sendto(all_unicast, (gateway, ssdp.PORT))
-                    everything.sendto(all_group, group)
+                    _send(unicast, unicast_search, (gateway, ssdp.PORT), search=True)
+                    _send(multicast, group_search, group, search=True)
+                    _send(everything, all_unicast, (gateway, ssdp.PORT), search=True)
+                    _send(everything, all_group, group, search=True)
                 await asyncio.sleep(SSDP_RESEND)
             await asyncio.sleep(SSDP_WINDOW - 2 * SSDP_RESEND)
         finally:
@@ -424,7 +436,7 @@ class Doctor:
             assert trial.external_port is not None
             target = (m.external_ip, trial.external_port)
             with contextlib.suppress(OSError):
-                sender.sendto(token, target)
+                _send(sender, token, target)
             m.hairpin = await _receive(protocol, lambda data, _: data == token, REPLY_WAIT / 2) is not None
         finally:
             sender.close()
