@@ -25,11 +25,11 @@ LAYERS: dict[str, int] = {
     "engine": 3,
     "service": 4,
     "doctor": 4,  # a tool beside the service: uses the protocol clients and the journal
-    "daemon": 5,
-    "web": 5,  # beside the daemon: only daemon/run.py imports it
+    "web": 5,  # under the daemon: only daemon/run.py (and daemon/config.py, for its settings) import it
     "lab": 5,  # the lab is a tool beside the daemon: it uses only the values below
-    "cli": 6,
-    "__main__": 7,
+    "daemon": 6,
+    "cli": 7,
+    "__main__": 8,
     "__init__": 0,  # the package face: a version string; its public names are imported on first use
 }
 # Sans-IO cores: no asyncio, no sockets, no threads, no clock (time is an argument).

@@ -1010,7 +1010,7 @@ def test_the_defaults_the_deploy_example_shows_are_the_real_ones(tmp_path: Path)
 
 
 def test_the_web_listener_is_off_by_default(tmp_path: Path) -> None:
-    from autonat.daemon.config import WebConfig
+    from autonat.web.settings import WebConfig
 
     assert load_config(None).web == WebConfig() and WebConfig().listen is None
     assert load_config(write(tmp_path, '[web]\nlisten = ""\n')).web.listen is None
@@ -1018,7 +1018,7 @@ def test_the_web_listener_is_off_by_default(tmp_path: Path) -> None:
 
 
 def test_a_web_table_loads_with_its_caps(tmp_path: Path) -> None:
-    from autonat.daemon.config import WebConfig
+    from autonat.web.settings import WebConfig
 
     text = (
         f'[web]\nlisten = "127.0.0.1:8080"\ntoken = "{TOKEN}"\nmax_connections = 8\nmax_request_size = 4096\n'

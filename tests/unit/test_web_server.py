@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from autonat.aio.router import ProbeResult
-from autonat.daemon.config import WebConfig
 from autonat.engine.engine import NatEngine, Wanted
 from autonat.engine.events import EventKind
 from autonat.engine.settings import NatSettings
@@ -30,6 +29,7 @@ from autonat.proto.types import Transport
 from autonat.web import server as web_server
 from autonat.web.metrics import MAX_CODE_LABELS, error_code
 from autonat.web.server import MAX_STREAMS, STATIC_FILES, STREAM_BACKLOG, WebServer
+from autonat.web.settings import WebConfig
 from autonat.web.status import Sources
 from tests.fakes.fake_session import FakeSession, factory_for
 

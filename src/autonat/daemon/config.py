@@ -43,6 +43,7 @@ from autonat.service.settings import (
     compile_pattern,
 )
 from autonat.state import state_dir
+from autonat.web.settings import WebConfig
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -118,22 +119,6 @@ class DoctorConfig:
     call: str | None = None
     call_profile: str | None = None  # None: the daemon's first SIP profile
     call_seconds: float = 3.0
-
-
-@dataclass(frozen=True, slots=True)
-class WebConfig:
-    """The status page and /metrics (autonat.web): off unless `listen` is set ("IP:PORT").
-
-    A set `token` is asked of every request (nothing on the page changes state yet, so it guards the
-    reading); a listener that is not loopback must have one. The caps bound what a LAN peer can hold:
-    `max_connections` at once, `max_request_size` bytes of request head, `idle_timeout` s without a
-    complete request."""
-
-    listen: tuple[str, int] | None = None
-    token: str | None = field(default=None, repr=False)  # a secret: kept out of logged reprs
-    max_connections: int = 32
-    max_request_size: int = 8192
-    idle_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Final, cast
 
-from autonat.daemon.config import WebConfig
 from autonat.engine.events import Event
 from autonat.errors import AutonatError
 from autonat.web.http import (
@@ -63,6 +62,7 @@ from autonat.web.http import (
     stream_head,
 )
 from autonat.web.metrics import WEB_AUTH, Metrics
+from autonat.web.settings import WebConfig
 from autonat.web.status import Sources, gather
 
 log = logging.getLogger("autonat.web")
