@@ -191,6 +191,57 @@ def test_sighup_applies_exactly_the_edit_and_a_call_goes_on(
     assert not reply["ok"] and reply["error"].startswith("reload refused, nothing changed:")
 
 
+OFFICE = """[[profile]]
+name = "office"
+sip-port = 5070
+ext-sip-ip = "auto-nat"
+ext-rtp-ip = "auto-nat"
+local-network-acl = "office"
+"""
+BRANCH = """[[profile]]
+name = "branch"
+sip-port = 5080
+ext-sip-ip = "auto-nat"
+ext-rtp-ip = "auto-nat"
+"""
+
+
+def test_a_reload_adds_and_removes_profiles_live(healthy_lab: Lab, tmp_path: Path, started: list[Daemon]) -> None:
+    """`sofia profile rescan`, live: the edit removes the office profile and adds a branch one on 5080. The
+    router's table changes by exactly their SIP ports, the new profile answers a call through the NAT at once,
+    the removed one is gone, and the profile that stayed keeps its mappings."""
+    lab = healthy_lab
+    directory = tmp_path / "daemon"
+    text = config_text(directory, mappings=[], acl_node="10.0.0.0/8")
+    assert OFFICE in text
+    daemon = start(lab, directory, started, text)
+    daemon.wait_ready(timeout=20)
+    sip = {(t, port) for t in ("udp", "tcp") for port in (5060, 5070)}
+    eventually(lambda: sip <= ours(lab), 15, "the SIP ports mapped")
+    (directory / "autonat.toml").write_text(text.replace(OFFICE, BRANCH))
+    daemon.send(signal.SIGHUP)
+    pool = {("udp", p) for p in range(16384, 32768)}
+    wanted = {(t, port) for t in ("udp", "tcp") for port in (5060, 5080)}
+    eventually(lambda: ours(lab) - pool == wanted, 10, "the router's table changed by the two profiles' ports")
+    assert re.search(r"config reloaded from .*: -profile office, \+profile branch", daemon.log()), daemon.log()
+    assert "restart needed" not in daemon.log()
+    assert request(daemon.socket_path, {"cmd": "profile", "name": "branch"})["ok"]
+    assert not request(daemon.socket_path, {"cmd": "profile", "name": "office"})["ok"]
+    called = run_sipp(  # the echo test of the profile the reload added, from the internet, through the NAT
+        lab,
+        "wan",
+        "uac_call",
+        f"{Lab.ROUTER_WAN}:5080",
+        local_ip=Lab.WAN_HOST,
+        media_port=CALLER_MEDIA,
+        variables={"expect_ip": Lab.ROUTER_WAN, "hold_ms": "500"},
+        service="9196",
+        timeout=20,
+        workdir=tmp_path / "call",
+    )
+    assert called.ok, called.describe()
+
+
 def test_every_log_line_has_a_level_and_the_hole_lines_say_everything(
     healthy_lab: Lab, tmp_path: Path, started: list[Daemon]
 ) -> None:

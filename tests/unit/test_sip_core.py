@@ -13,7 +13,7 @@ import pytest
 from autonat.proto.sdp import parse_sdp_addresses
 from autonat.sip import client as sipclient
 from autonat.sip import core
-from autonat.sip.dialplan import Action, Extension, GatewaySettings, compile_pattern
+from autonat.sip.dialplan import DEFAULT_DIALPLAN, Action, Extension, GatewaySettings, compile_pattern
 from autonat.sip.message import Request, Response, make_response
 from autonat.sip.peer import Peer
 from autonat.sip.session import describe
@@ -523,3 +523,55 @@ def test_a_registrar_on_the_local_network_gets_no_wait() -> None:
     net = Net(gateway_profile(gateway, (), external_sip=True), addresses=unknown_address())
     register = net.take(Peer("udp", "10.1.2.3", 5060), "REGISTER")
     assert register.headers.get("Contact") == f"<sip:200@{US}:5060>"
+
+
+# --------------------------------------------------------------------------------------------- reload
+
+
+def reconfigured(net: Net, *profiles: core.ProfileConfig) -> tuple[list[str], list[str]]:
+    config = core.CoreConfig(profiles, net.core.config.timers, session_expires=1800, min_se=90)
+    actions, changes, restart = net.core.reconfigure(config, net.now)
+    net.run(actions)
+    return changes, restart
+
+
+def test_a_reload_that_removes_a_profile_hangs_up_its_calls_and_forgets_it() -> None:
+    net = Net(echo_profile())
+    phone = Phone(net, CALLER)
+    echo_call(net, phone)
+    assert len(net.core.calls) == 1
+    changes, restart = reconfigured(net)
+    assert changes == ["-profile p"] and restart == []
+    bye = net.take(CALLER, "BYE")
+    assert isinstance(bye, Request) and bye.to_tag() == phone.tag
+    assert net.core.calls == [] and net.core.admission.calls == 0 and net.released  # the call's ports given back
+    assert "p" not in net.core.profiles and net.core.status("p", net.now) == {}
+    phone.net.deliver(phone.request("BYE", "9196"), CALLER)  # what the closing listener still hears: dropped
+    assert net.none(CALLER, "200")
+    net.advance(64 * T1)  # its timers are skipped, nothing is retransmitted
+    assert net.none(CALLER, "BYE")
+
+
+def test_a_reload_that_adds_a_profile_starts_it_and_its_gateways_register() -> None:
+    net = Net(echo_profile())
+    gateway = GatewaySettings("k", REGISTRAR.ip, REGISTRAR.port, username="200", password="pw")
+    added = core.ProfileConfig("q", 5070, dialplan=(), gateways=(gateway,), auth_calls=False)
+    changes, restart = reconfigured(net, echo_profile(), added)
+    assert changes == ["+profile q"] and restart == []
+    register = net.take(REGISTRAR, "REGISTER")  # from the new profile's own port
+    assert isinstance(register, Request) and register.headers.get("Contact") == f"<sip:200@{OUTSIDE}:5070>"
+    assert set(net.core.profiles) == {"p", "q"} and net.core.status("q", net.now)["Gateways"]["k"]
+
+
+def test_a_profile_moved_to_another_port_ends_its_calls_and_starts_again() -> None:
+    net = Net(echo_profile())
+    phone = Phone(net, CALLER)
+    echo_call(net, phone)
+    moved = core.ProfileConfig("p", 5080, dialplan=DEFAULT_DIALPLAN, auth_calls=False, external_media=True)
+    changes, _ = reconfigured(net, moved)
+    assert "+profile p" in changes
+    assert isinstance(net.take(CALLER, "BYE"), Request) and net.core.calls == []
+    assert net.core.profiles["p"].config.sip_port == 5080
+    second = Phone(net, THIRD)
+    echo_call(net, second)  # the profile answers again, on its new port's config
+    assert len(net.core.calls) == 1

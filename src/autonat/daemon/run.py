@@ -222,12 +222,12 @@ class Daemon:
         ):
             if changed:
                 result.restart_needed.append(name)
-        if [p.name for p in new.profiles] != [p.name for p in old.profiles]:
-            result.restart_needed.append("profiles added or removed")
-        elif self.sip is not None:
-            applied, needed = self.sip.reload(new.sip, new.profiles)
+        if self.sip is not None:
+            applied, needed = await self.sip.reload(new.sip, new.profiles)
             result.changes += applied
             result.restart_needed += needed
+        elif any(p.sip.listen for p in new.profiles):
+            result.restart_needed.append("SIP service (the daemon started without a [[profile]])")
         else:
             result.changes += [f"addressing of {name}" for name in self.profiles.update(new.profiles)]
         # What was not applied stays as it runs: the config in effect is the old one with the applied parts.

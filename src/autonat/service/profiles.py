@@ -55,7 +55,7 @@ class ProfileManager:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if any(self._lookup_values()):
-            self._tasks.append(loop.create_task(self._lookups()))
+            self._tasks.append(loop.create_task(self._lookups(), name="lookups"))
         self._tasks.append(loop.create_task(self._refresh_acls()))
 
     async def stop(self) -> None:
@@ -137,15 +137,20 @@ class ProfileManager:
         return resolve(value, router_external=self.engine.external_ip, local=local, looked_up=looked_up)
 
     def update(self, profiles: tuple[ProfileSettings, ...]) -> list[str]:
-        """A reload: the settings of profiles that exist already change at once (every answer reads them); returns
-        the names whose addressing (ext-sip-ip, ext-rtp-ip, local-network-acl...) changed."""
-        changed = []
-        for profile in profiles:
-            old = self.profiles.get(profile.name)
-            if old is not None and old != profile:
-                self.profiles[profile.name] = profile
-                if old.addressing != profile.addressing:
-                    changed.append(profile.name)
+        """A reload: the profiles become `profiles` at once (every answer reads them: added ones answer, removed
+        ones are unknown); returns the names of those that stayed and whose addressing (ext-sip-ip,
+        ext-rtp-ip, local-network-acl...) changed."""
+        changed = [
+            p.name for p in profiles if p.name in self.profiles and self.profiles[p.name].addressing != p.addressing
+        ]
+        self.profiles = {profile.name: profile for profile in profiles}
+        if self._tasks and any(str(v) not in self._looked_up for v in self._lookup_values()):  # started, new values
+            loop = asyncio.get_running_loop()
+            self._tasks = [task for task in self._tasks if not task.done()]
+            if any(task.get_name() == "lookups" for task in self._tasks):
+                self._tasks.append(loop.create_task(self.lookup_all(), name="lookup-now"))
+            else:
+                self._tasks.append(loop.create_task(self._lookups(), name="lookups"))
         return changed
 
     def get(self, name: str) -> ProfileSettings:

@@ -86,7 +86,7 @@ class SipService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._sip_mappings: list[tuple[Transport, int]] = []
+        self._sip_mappings: dict[str, list[tuple[Transport, int]]] = {}  # by profile: the SIP ports we mapped
         self._events: asyncio.Task[None] | None = None
         # The test call in progress: its call id, and where its outcome and figures go when it ends.
         self._probe: tuple[str, asyncio.Future[tuple[probecall.Outcome, probecall.Figures | None]]] | None = None
@@ -186,16 +186,22 @@ class SipService:
             for transport in self.transports.values():
                 await transport.stop()
             raise
+        await self._start_helpers()
+        self._perform(self.core.start(self._now()))
+
+    async def _start_helpers(self) -> None:
+        """The RTP pool once a profile maps media, the address follower once a profile has gateways (at start,
+        or when a reload adds such a profile)."""
         nat = self.engine.settings
-        if nat.enabled and nat.mapping and any(c.external_media for c in self.core.config.profiles):
+        wants_pool = nat.enabled and nat.mapping and any(c.external_media for c in self.core.config.profiles)
+        if self.pool is None and wants_pool:
             self.pool = RtpPool(
                 self.engine, self.pairs, size=self.settings.pool_size, refill_rate=self.settings.pool_refill_rate
             )
             self.media.pool = self.pool
             await self.pool.start()
-        if any(c.gateways for c in self.core.config.profiles):
+        if self._events is None and any(c.gateways for c in self.core.config.profiles):
             self._events = asyncio.get_running_loop().create_task(self._follow_address())
-        self._perform(self.core.start(self._now()))
 
     async def _listen(self, name: str) -> None:
         settings = self.profiles.get(name)
@@ -232,17 +238,20 @@ class SipService:
                 kind = Transport.UDP if kind_name == "udp" else Transport.TCP
                 if port is None or (kind, port) in self.engine.mappings:
                     continue  # a [[mapping]] of the user's own: keep its settings, and leave it at stop
-                self._sip_mappings.append((kind, port))
+                self._sip_mappings.setdefault(name, []).append((kind, port))
                 self._spawn(self.engine.add(Wanted(kind, port, owner=f"sip:{name}")))
 
-    def reload(
+    async def reload(
         self,
         settings: SipSettings,
         profiles: tuple[ProfileSettings, ...],
     ) -> tuple[list[str], list[str]]:
-        """A reload: users, each profile's addressing, dialplan, auth-calls/auth-echo, media cap and gateways
-        change live (no call dropped); the rest of [sip] (ports, caps, timers, realm) and profiles added or
-        removed are named as needing a restart. Returns (changes applied, needing a restart)."""
+        """A reload, no call of a profile that stays dropped: users, each profile's addressing, dialplan,
+        auth-calls/auth-echo, media cap and gateways change live; a profile added starts listening (its SIP
+        ports mapped), one removed hangs up its calls, un-registers and stops listening (its SIP mappings
+        deleted), one whose listeners changed (sip-ip, ports, tcp, TLS files) is both. The rest of [sip]
+        (the RTP range, caps, timers, realm) is named as needing a restart. Returns (applied, needing a
+        restart); a profile that cannot listen is named in the second list, the others go on."""
         changes: list[str] = []
         restart = [
             f"[sip] {key}"
@@ -255,29 +264,58 @@ class SipService:
         if settings.users != self.settings.users:
             dropped = self.registrar.set_users(dict(settings.users))
             changes.append("users" + (f" (bindings of {', '.join(dropped)} dropped)" if dropped else ""))
-        listening = [profile.name for profile in profiles if profile.sip.listen]
-        if set(listening) != set(self.listening):
-            restart.append("SIP profiles added or removed")
-            # The addressing of the profiles that stay still applies; their SIP part waits for the restart.
-            kept = [
-                replace(p, sip=self.profiles.profiles[p.name].sip) for p in profiles if p.name in self.profiles.profiles
-            ]
-            changes += [f"addressing of {name}" for name in self.profiles.update(tuple(kept))]
-        else:
-            for profile in profiles:
-                new, old = profile.sip, self.profiles.get(profile.name).sip
-                if (new.tcp, new.tls_cert, new.tls_key) != (old.tcp, old.tls_cert, old.tls_key):
-                    restart.append(f"profile {profile.name} listeners")
-            changes += [f"addressing of {name}" for name in self.profiles.update(profiles)]
-            actions, applied, needed = self.core.reconfigure(
-                core_config(settings, self.profiles.profiles.values(), self.engine.settings), self._now()
+        old = {name: self.profiles.get(name) for name in self.listening}
+        new = {profile.name: profile for profile in profiles if profile.sip.listen}
+        moved = {name for name, profile in new.items() if name in old and _listeners(profile) != _listeners(old[name])}
+        stopping = [name for name in old if name not in new or name in moved]
+        starting = [name for name in new if name not in old or name in moved]
+        staying = [profile for name, profile in new.items() if name in old and name not in moved]
+        changes += [f"addressing of {name}" for name in self.profiles.update(profiles) if name not in moved]
+        # First the profiles that keep their listeners (removed and moved ones leave the core: calls end with
+        # BYE, gateways un-register), then the new listeners, then the core takes the profiles that started.
+        actions, applied, needed = self.core.reconfigure(
+            core_config(settings, staying, self.engine.settings), self._now()
+        )
+        self._perform(actions)
+        changes += [change for change in applied if not change.startswith("-profile")]
+        restart += needed
+        self.listening = [name for name in self.listening if name not in stopping]
+        for name in stopping:
+            await self._unlisten(name)
+            changes.append(f"-profile {name}" if name not in new else f"profile {name} listeners")
+        started = []
+        for name in starting:
+            try:
+                await self._listen(name)
+            except SipError as exc:
+                log.error("reload: %s", exc)
+                restart.append(f"profile {name} ({exc})")
+                continue
+            started.append(new[name])
+            if name not in old:
+                changes.append(f"+profile {name}")
+        self.listening += [profile.name for profile in started]
+        if started:
+            actions, _, _ = self.core.reconfigure(
+                core_config(settings, staying + started, self.engine.settings), self._now()
             )
-            changes += applied
-            restart += needed
             self._perform(actions)
+        await self._start_helpers()
         self.settings = replace(self.settings, users=settings.users, session_expires=settings.session_expires,
                                 min_se=settings.min_se, register_wait=settings.register_wait)  # fmt: skip
         return changes, restart
+
+    async def _unlisten(self, name: str) -> None:
+        """A profile a reload removed (or moved): its listener closes and the SIP ports it mapped are deleted."""
+        await asyncio.sleep(0.05)  # the BYEs and un-REGISTERs the core just sent leave first
+        transport = self.transports.pop(name, None)
+        if transport is not None:
+            await transport.stop()
+        self.addresses.local.pop(name, None)
+        for kind, port in self._sip_mappings.pop(name, []):
+            with contextlib.suppress(Exception):
+                await self.engine.delete(kind, port)
+        log.info("profile %s stopped listening", name)
 
     async def stop(self) -> None:
         if self._events is not None:
@@ -298,7 +336,7 @@ class SipService:
             self._timer.cancel()
         for transport in self.transports.values():
             await transport.stop()
-        for kind, port in self._sip_mappings:
+        for kind, port in [mapping for mappings in self._sip_mappings.values() for mapping in mappings]:
             with contextlib.suppress(Exception):
                 await self.engine.delete(kind, port)
         self._sip_mappings.clear()
@@ -396,3 +434,9 @@ class SipService:
         if isinstance(message, Request) and await transport.send_request(message, peer.transport, peer.ip, peer.port):
             return
         self._perform(self.core.send_failed(profile, message, self._now()))
+
+
+def _listeners(profile: ProfileSettings) -> tuple[object, ...]:
+    """What a profile's sockets depend on: a change here means new listeners (and new SIP mappings)."""
+    a, sip = profile.addressing, profile.sip
+    return (a.sip_ip, a.sip_port, a.tls_sip_port, a.ext_sip_ip, sip.tcp, sip.tls_cert, sip.tls_key)

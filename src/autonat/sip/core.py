@@ -462,23 +462,27 @@ class SipCore:
     def reconfigure(self, config: CoreConfig, now: float) -> tuple[list[Action], list[str], list[str]]:
         """A reload (`autonat reload`, SIGHUP): what a profile answers with changes at once (dialplan,
         auth-calls/auth-echo, its media cap), calls in progress go on under their old decisions, and gateways
-        added, removed or changed register, un-register (Expires: 0) or both. What needs other listeners
-        (a profile added, removed, or on another port) or other timers is named, not applied. Returns the
+        added, removed or changed register, un-register (Expires: 0) or both. A profile removed hangs up its
+        calls (BYE) and un-registers its gateways; one added starts (its gateways register); one on another
+        port is both (the caller moves its listener). Other timers are named, not applied. Returns the
         actions, the changes applied and those that need a restart."""
         self._now = now
         changes: list[str] = []
         restart: list[str] = []
         new = {profile.name: profile for profile in config.profiles}
-        if set(new) != set(self.profiles):
-            restart.append("profiles added or removed")
         if (config.timers, config.reply_to_source) != (self.config.timers, self.config.reply_to_source):
             restart.append("[sip] t1/t2/reply-to-source")
-        for name, p in self.profiles.items():
-            wanted = new.get(name)
-            if wanted is None or wanted == p.config:
+        for name in [name for name in self.profiles if name not in new]:
+            self._retire(name, "profile removed")
+            changes.append(f"-profile {name}")
+        added = [profile for name, profile in new.items() if name not in self.profiles]
+        for name, p in list(self.profiles.items()):
+            wanted = new[name]
+            if wanted == p.config:
                 continue
             if (wanted.sip_port, wanted.tls_port) != (p.config.sip_port, p.config.tls_port):
-                restart.append(f"profile {name} ports")
+                self._retire(name, "profile moved to another port")  # its calls end; it starts again below
+                added.append(wanted)
                 continue
             old_gateways = {g.name: g for g in p.config.gateways}
             p.config = wanted
@@ -498,6 +502,15 @@ class SipCore:
                 if entry is not None and entry.machine is not None:
                     self._run_registration(p, entry, entry.machine.stop(now))
                 changes.append(f"-gateway {gone}")
+        for wanted in added:
+            p = self.profiles[wanted.name] = _Profile(
+                wanted, TransactionTable(timers=self.timers), ClientTransactionTable(timers=self.timers)
+            )
+            changes.append(f"+profile {wanted.name}")
+            for gateway in wanted.gateways:
+                if gateway.register:
+                    entry = p.gateways[gateway.name] = _Gateway(gateway)
+                    self._start_registration(p, entry)
         self.config = CoreConfig(
             tuple(p.config for p in self.profiles.values()),
             self.config.timers,
@@ -507,6 +520,21 @@ class SipCore:
             config.register_wait,
         )
         return self._flush(), changes, restart
+
+    def _retire(self, name: str, reason: str) -> None:
+        """A profile leaves (a reload): its calls end with BYE, its gateways un-register (Expires: 0), and then
+        it is gone; what it still hears is dropped and its timers are skipped."""
+        p = self.profiles[name]
+        for call in {id(call): call for call in p.calls.values()}.values():
+            self._hangup(call, reason, bye=True)
+        for entry in p.gateways.values():
+            if entry.machine is not None:
+                self._run_registration(p, entry, entry.machine.stop(self._now))
+        for kind in ("server", "client", "wait"):  # the BYEs and un-REGISTERs are sent once, not retransmitted:
+            self._heap.set((kind, name), None)  # the listener closes right after
+        for gateway in p.gateways:
+            self._heap.set(("reg", f"{name}{_SEPARATOR}{gateway}"), None)
+        del self.profiles[name]
 
     def stop(self, now: float) -> list[Action]:
         """Remove every registration (Expires: 0) and hang up every call with BYE."""
@@ -541,7 +569,9 @@ class SipCore:
 
     def receive(self, profile: str, message: Request | Response | BadRequest, peer: Peer, now: float) -> list[Action]:
         self._now = now
-        p = self.profiles[profile]
+        p = self.profiles.get(profile)
+        if p is None:
+            return []  # a profile a reload removed: its listener is closing, what it still hears is dropped
         if isinstance(message, BadRequest):
             self._bad_request(p, message, peer)
         elif isinstance(message, Response):
@@ -616,7 +646,9 @@ class SipCore:
     def send_failed(self, profile: str, message: Request | Response, now: float) -> list[Action]:
         """A stream to the peer could not be opened for `message` (§17.1.4: a request's transaction ends)."""
         self._now = now
-        p = self.profiles[profile]
+        p = self.profiles.get(profile)
+        if p is None:
+            return []
         if isinstance(message, Request):
             self._run_client(p, p.client.transport_error(message, "connection failed"))
         self._sync(p)
@@ -695,6 +727,8 @@ class SipCore:
         touched: set[str] = set()
         while (key := self._heap.pop_due(now)) is not None:
             kind, name = key
+            if kind in ("server", "client", "reg", "wait") and name.partition(_SEPARATOR)[0] not in self.profiles:
+                continue  # the timer of a profile a reload removed
             if kind == "server":
                 p = self.profiles[name]
                 self._perform_server(p, p.server.handle_timer(now))
@@ -748,13 +782,16 @@ class SipCore:
                     self._hangup(call, reason, bye=True)
                     touched.add(call.profile)
         for name in touched:
-            self._sync(self.profiles[name])
+            if name in self.profiles:
+                self._sync(self.profiles[name])
         return self._flush()
 
     # ================================================================================ status
 
     def status(self, profile: str, now: float) -> dict[str, Any]:
-        p = self.profiles[profile]
+        p = self.profiles.get(profile)
+        if p is None:
+            return {}
         live = {id(c) for c in p.calls.values()}
         return {
             "CALLS-IN": p.calls_in,
