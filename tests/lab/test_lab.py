@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,20 @@ def upnpc(lab: Lab, *args: str, host: str = "lan", url: str | None = None) -> st
     return out.stdout + out.stderr
 
 
+_ADDED: list[tuple[Lab, int]] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_added_mappings() -> Iterator[None]:
+    """upnpc's mappings have no lease: remove each test's own, so later tests see the router as it was."""
+    yield
+    while _ADDED:
+        lab, port = _ADDED.pop()
+        upnpc(lab, "-d", str(port), "UDP")
+
+
 def add_mapping(lab: Lab, port: int, desc: str = "test") -> None:
+    _ADDED.append((lab, port))
     out = upnpc(lab, "-e", desc, "-a", Lab.LAN_ADDRESS, str(port), str(port), "UDP")
     assert "is redirected to internal" in out, out
 
