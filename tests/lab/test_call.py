@@ -279,6 +279,9 @@ def test_doctor_places_the_configured_test_call_and_reports_it(
     assert report["measurements"]["call"]["media"]["through_mapping"] is True
     assert done.returncode == 0, done.stderr
     eventually(lambda: not rtp_mappings(daemon), 5, "the test call's RTP mapping released")
+    held = control(daemon, "doctor-report")  # doctor handed the daemon its summary: the status page shows it
+    assert held["status"] == 0 and "test call" in held["text"], held
+    assert [f["verdict"] for f in held["findings"]] == [f["verdict"] for f in report["findings"]]
 
     lonely = tmp_path / "lonely"  # the same [doctor] call, but no daemon behind the config's socket
     lonely.mkdir()

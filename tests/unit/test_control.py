@@ -11,6 +11,7 @@ import operator
 import socket
 import stat
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,22 @@ async def test_commands_that_need_nat_say_it_is_disabled(server: ControlServer) 
     async with ControlClient(server.socket_path) as client:
         with pytest.raises(ControlError, match=r"NAT is disabled \(--nonat\)"):
             await client.call({"cmd": "add", "port": 5060, "proto": "udp"})
+
+
+async def test_doctor_hands_its_report_over_and_the_daemon_keeps_the_last_one(server: ControlServer) -> None:
+    async with ControlClient(server.socket_path) as client:
+        assert await client.call({"cmd": "doctor-report"}) is None  # none before the first doctor run
+        first = {"status": 1, "text": "fail    gateway  no answer", "findings": []}
+        assert await client.call({"cmd": "doctor-report", "report": first}) == {"stored": True}
+        assert await client.call({"cmd": "doctor-report", "report": {"status": 0, "text": "ok"}}) == {"stored": True}
+        held = await client.call({"cmd": "doctor-report"})
+        with pytest.raises(ControlError, match=r"^doctor-report: report must be an object$"):
+            await client.call({"cmd": "doctor-report", "report": ["not", "an", "object"]})
+        with pytest.raises(ControlError, match=r"^doctor-report: the report is limited to 32768 bytes$"):
+            await client.call({"cmd": "doctor-report", "report": {"text": "x" * 40_000}})
+        assert await client.call({"cmd": "doctor-report"}) == held  # a refused report changes nothing
+    assert held["status"] == 0 and held["text"] == "ok" and abs(held["received"] - time.time()) < 60
+    assert server.last_doctor_report == held  # what the status page reads
 
 
 @pytest.mark.parametrize(("payload", "error"), HOSTILE)

@@ -41,7 +41,15 @@ def test_call(
     request: dict[str, Any] = {"cmd": "call", "uri": uri, "seconds": seconds}
     if profile is not None:
         request["profile"] = profile
-    limit = ANSWER_TIMEOUT + seconds + DRAIN + REPLY_MARGIN
+    result = ask_daemon(socket_path, request, ANSWER_TIMEOUT + seconds + DRAIN + REPLY_MARGIN, "the call")
+    if not isinstance(result, dict):
+        raise CallError("the daemon's answer to the call is not an object")
+    return result
+
+
+def ask_daemon(socket_path: Path, request: dict[str, Any], limit: float, what: str) -> Any:
+    """One control request (daemon.control's protocol) and its result; CallError, one line, when the daemon
+    cannot be asked or refuses `what`. Blocking, bounded by `limit` seconds and CONTROL_REPLY_LIMIT bytes."""
     chunks: list[bytes] = []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -70,11 +78,10 @@ def test_call(
         answer = json.loads(b"".join(chunks).split(b"\n", 1)[0])
     except ValueError:
         raise CallError("the daemon's reply is not JSON") from None
-    if not isinstance(answer, dict) or not answer.get("ok") or not isinstance(answer.get("result"), dict):
+    if not isinstance(answer, dict) or not answer.get("ok") or "result" not in answer:
         error = answer.get("error") if isinstance(answer, dict) else None
-        raise CallError(str(error or "the daemon refused the call"))
-    result: dict[str, Any] = answer["result"]
-    return result
+        raise CallError(str(error or f"the daemon refused {what}"))
+    return answer["result"]
 
 
 test_call.__test__ = False  # type: ignore[attr-defined]  # a function named test_*, not a test for pytest

@@ -12,7 +12,7 @@ import click
 
 if TYPE_CHECKING:
     from autonat.daemon.config import Config
-    from autonat.doctor.findings import Measurements
+    from autonat.doctor.findings import Finding, Measurements
 
 DEFAULT_BUDGET = 30.0
 QUICK_BUDGET = 5.0
@@ -138,12 +138,25 @@ def doctor(
         click.echo(json.dumps(report.to_dict(measurements, findings), indent=2))
     else:
         click.echo(report.text(measurements, findings))
+    _hand_to_daemon(measurements, findings, config)
     if share_path is not None:
         from autonat.aio import trace
 
         shared = report.share(measurements, findings, show_address=show_address, trace=trace.records())
         share_path.write_text(shared)
     sys.exit(exit_status(findings))
+
+
+def _hand_to_daemon(measurements: Measurements, findings: list[Finding], config: Config | None) -> None:
+    """Give the running daemon this run's summary for its status page (control verb `doctor-report`). Best
+    effort and quiet: with no daemon (or an older one) doctor's own output is the whole report."""
+    from autonat.cli.call import CallError, ask_daemon
+    from autonat.cli.main import default_socket_path
+    from autonat.doctor import report
+
+    socket_path = config.control.socket if config is not None else default_socket_path()
+    with contextlib.suppress(CallError):
+        ask_daemon(socket_path, {"cmd": "doctor-report", "report": report.summary(measurements, findings)}, 5.0, "")
 
 
 def _test_call(measurements: Measurements, uri: str, profile: str | None, config: Config | None) -> None:

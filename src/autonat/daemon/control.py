@@ -11,6 +11,8 @@ it is allowed):
     {"cmd": "reload"}                                  -> {"ok": true, "result": {"changes": [...], ...}}
     {"cmd": "call", "uri": "sip:9196@203.0.113.50:5060", "profile": "external", "seconds": 5}
                                                        -> {"ok": true, "result": {"verdict": "ok: ...", ...}}
+    {"cmd": "doctor-report", "report": {...}}          -> {"ok": true, "result": {"stored": true}}
+    {"cmd": "doctor-report"}                           -> {"ok": true, "result": the last report or null}
     {"cmd": "events"}                                  -> {"ok": true}, then one event per line
 Every error is one line, {"ok": false, "error": "..."}. An error that starts with "closed:" is the last
 line of the connection: the daemon closes it right after. Requests are answered in order, one at a time.
@@ -23,6 +25,11 @@ is autonat.sip.probecall.report's object (the verdict line, packets each way, ro
 jitter, the media addresses and whether the echo came in through the router mapping our SDP advertised); a
 call that fails is still a result ("ok": false). An error line instead when the daemon has no SIP profile,
 the URI or seconds are malformed, or a test call is already running (one at a time: it uses router mappings).
+
+`doctor-report` is how `autonat doctor` hands its summary (autonat.doctor.report.summary: status, external
+address, reachability, findings, the text lines) to the running daemon, whose status page shows the last one;
+the report must be a JSON object of at most MAX_DOCTOR_REPORT bytes re-encoded. Without "report" it answers
+the last one held (null before any).
 
 Authentication. The Unix socket is created 0600: its file mode is the authentication, it needs no token.
 Over TCP (only when `control.tcp` is configured) the first line must be `AUTH <token>`; the daemon
@@ -90,6 +97,7 @@ log = logging.getLogger("autonat.control")
 # A request line with its newline. The longest real request is under 200 bytes; 64 KiB is what the
 # channel always accepted, so no script that worked stops working.
 MAX_REQUEST: Final = 64 * 1024
+MAX_DOCTOR_REPORT: Final = 32 * 1024  # doctor's summary is ~2-4 KiB; the page shows it whole
 # `AUTH ` + the longest token the config accepts (MAX_TEXT_LENGTH characters, up to 4 UTF-8 bytes each)
 # + CRLF. All an unauthenticated TCP peer can make the daemon buffer.
 MAX_AUTH_LINE: Final = len(b"AUTH ") + 4 * MAX_TEXT_LENGTH + 2
@@ -469,6 +477,7 @@ class ControlServer:
         self.profiles = profiles
         self.sip = sip
         self._reload = reload
+        self.last_doctor_report: dict[str, Any] | None = None  # the last `autonat doctor` summary (the page's)
         self.socket_path = socket_path
         self.tcp = tcp
         self.token = token
@@ -633,6 +642,8 @@ class ControlServer:
             return [] if self.sip is None else self.sip.registrations()
         if command == "call":
             return await self._test_call(request)
+        if command == "doctor-report":
+            return self._doctor_report(request)
         if command == "reload":
             if self._reload is None:
                 raise ControlError("this daemon cannot reload")
@@ -686,6 +697,17 @@ class ControlServer:
             raise ControlError("call: profile must be a profile name")
         # The service checks the rest (the URI, seconds: any JSON value) and answers SipError, one line.
         return await self.sip.test_call(profile, uri, request.get("seconds", DEFAULT_SECONDS))
+
+    def _doctor_report(self, request: dict[str, Any]) -> Any:
+        if "report" not in request:
+            return self.last_doctor_report
+        report = request["report"]
+        if not isinstance(report, dict):
+            raise ControlError("doctor-report: report must be an object")
+        if len(json.dumps(report)) > MAX_DOCTOR_REPORT:
+            raise ControlError(f"doctor-report: the report is limited to {MAX_DOCTOR_REPORT} bytes")
+        self.last_doctor_report = {**report, "received": time.time()}
+        return {"stored": True}
 
     def _profile_command(self, command: str, request: dict[str, Any]) -> Any:
         if self.profiles is None:

@@ -92,7 +92,6 @@ class Daemon:
             self.sip,
             reload=self.reload,
         )
-        self.last_doctor_report: dict[str, Any] | None = None  # the last `autonat doctor` report: the page shows it
         self.web: WebServer | None = None
         if config.web.listen is not None:
             from autonat.web.server import WebServer  # the page and prometheus-client load only when [web] is on
@@ -102,7 +101,7 @@ class Daemon:
                 self.engine,
                 self.profiles,
                 self.sip,
-                doctor_report=lambda: self.last_doctor_report,
+                doctor_report=lambda: self.control.last_doctor_report,  # `autonat doctor` hands it over
                 control_refusals=lambda: self.control.refusals,
             )
             self.web = WebServer(config.web, sources)

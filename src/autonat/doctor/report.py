@@ -25,6 +25,19 @@ def to_dict(m: Measurements, findings: list[Finding]) -> dict[str, Any]:
     }
 
 
+def summary(m: Measurements, findings: list[Finding]) -> dict[str, Any]:
+    """What the running daemon's status page shows of a doctor run (the control verb `doctor-report`): the
+    verdicts and the text lines, without the raw measurements (kilobytes, not tens of them)."""
+    return {
+        "status": exit_status(findings),
+        "external_address": m.external_ip,
+        "reachability": {t.protocol: t.reachable for t in m.trials},
+        "findings": [f.to_dict() for f in findings],
+        "text": text(m, findings),
+        "quick": m.quick,
+    }
+
+
 def text(m: Measurements, findings: list[Finding]) -> str:
     width = max((len(f.check) for f in findings), default=10)
     lines = []

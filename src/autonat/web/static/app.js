@@ -222,7 +222,11 @@
       return;
     }
     box.className = "";
-    box.replaceChildren(el("pre", null, JSON.stringify(report, null, 2)));
+    // `autonat doctor` hands the daemon its summary (control verb doctor-report): its text lines, when.
+    const when = typeof report.received === "number" ? new Date(report.received * 1000).toLocaleString() : "";
+    const body = typeof report.text === "string" ? report.text : JSON.stringify(report, null, 2);
+    box.replaceChildren(el("div", { class: "muted" }, when ? `autonat doctor, ${when}` : "autonat doctor"),
+      el("pre", null, body));
   }
 
   // --- events -------------------------------------------------------------------------------------
