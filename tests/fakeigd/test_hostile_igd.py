@@ -12,14 +12,17 @@ import pytest
 from tests.fakeigd.conftest import GATEWAY, Baseline, FakeNet, Result, RunningIgd
 
 DEADLINE = 2.0
-SLACK = 1.10  # the "+10 %"
+SLACK = 1.10  # the "+10 %": held by the request's own clock (probe --json's elapsed_ms)
+# The whole process is judged beyond the baseline (best of three, measured once) with room for its start-up
+# varying on a busy 2-core machine (CI: 2 cores; a run beside other work measured +0.1 s): not the deadline.
+START_NOISE = 0.3
 RSS_GROWTH_KB = 20 * 1024
 LOCATION = f"http://{GATEWAY}:5000/rootDesc.xml"
 
 
 def within_bounds(result: Result, baseline: Baseline) -> None:
-    assert result.seconds - baseline.seconds <= DEADLINE * SLACK, (result.seconds, baseline.seconds)
     assert result.json()["protocols"]["upnp"]["elapsed_ms"] <= DEADLINE * SLACK * 1000
+    assert result.seconds - baseline.seconds <= DEADLINE * SLACK + START_NOISE, (result.seconds, baseline.seconds)
     assert result.max_rss_kb - baseline.max_rss_kb < RSS_GROWTH_KB, (result.max_rss_kb, baseline.max_rss_kb)
 
 
@@ -73,7 +76,8 @@ def test_a_drip_with_a_given_root_url_names_where_it_stalled(
 ) -> None:
     result = fakenet.autonat("probe", "--protocol", "upnp", "--timeout", "1", "--root-url", LOCATION, "--json")
     line = one_line_with(result, f"within 1 s ({LOCATION}: reply headers incomplete (")
-    assert result.seconds - baseline.seconds <= 1.0 * SLACK, line
+    assert result.json()["protocols"]["upnp"]["elapsed_ms"] <= 1.0 * SLACK * 1000, line
+    assert result.seconds - baseline.seconds <= 1.0 * SLACK + START_NOISE, line
 
 
 @pytest.mark.parametrize("fake_igd", ["location_loopback"], indirect=True)
