@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -141,7 +142,11 @@ def test_a_silent_router_still_gets_the_rfc_retransmissions_until_the_deadline(
         lab.set_loss(0)
     name = {"pcp": "PCP", "natpmp": "NAT-PMP"}[protocol]
     [line] = result.stderr.strip().splitlines()
-    assert f"no answer from {name} at {Lab.GATEWAY}:5351 within 2 s (4 tries)" in line, line
+    found = re.search(rf"no answer from {name} at {re.escape(Lab.GATEWAY)}:5351 within 2 s \((\d+) tries\)", line)
+    assert found, line
+    # Sent at 0, 0.25, 0.75 and 1.75 s (RFC 6886 §3.1 doubling; PCP's RAND moves each by up to 10 %, RFC 6887
+    # §8.1.1), so the 4th leaves up to 1.925 s in: on a busy machine the deadline may come first.
+    assert int(found[1]) in (3, 4), line
     assert 2.0 <= elapsed < 4.5
 
 
