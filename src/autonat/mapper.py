@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol
 
+from autonat.addresses import uri_host
 from autonat.proto.types import Transport
 
 IPAddress = IPv4Address | IPv6Address
@@ -44,7 +45,13 @@ class MappingRequest:
 
 @dataclass(frozen=True, slots=True)
 class Mapping:
-    """What the router granted."""
+    """What the router granted.
+
+    For an IPv6 internal address it is a firewall *pinhole*, not a translation: the router lets inbound
+    traffic reach our own address and port, so `external_ip` and `external_port` are the internal ones
+    (RFC 6887 §11.1 on a firewall; WANIPv6FirewallControl:1). `unique_id` is the UniqueID a UPnP IGD:2
+    router gave the pinhole (UpdatePinhole and DeletePinhole name it so), None otherwise.
+    """
 
     protocol: str
     transport: Transport
@@ -54,17 +61,25 @@ class Mapping:
     external_port: int
     lifetime: int
     epoch: int | None = None
+    unique_id: int | None = None
+
+    @property
+    def family(self) -> int:
+        """4 for a port mapping of an IPv4 address, 6 for a pinhole of an IPv6 one."""
+        return self.internal_address.version
 
     def describe(self) -> str:
+        internal = f"{uri_host(self.internal_address)}:{self.internal_port}"
+        if self.family == 6:
+            pinhole = "" if self.unique_id is None else f" (UniqueID {self.unique_id})"
+            return f"{self.transport} pinhole to {internal}{pinhole} via {self.protocol}, lease {self.lifetime} s"
         external = f"{self.external_ip or '?'}:{self.external_port}"
-        return (
-            f"{self.transport} {external} -> {self.internal_address}:{self.internal_port}"
-            f" via {self.protocol}, lease {self.lifetime} s"
-        )
+        return f"{self.transport} {external} -> {internal} via {self.protocol}, lease {self.lifetime} s"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "protocol": self.protocol,
+            "family": self.family,
             "transport": str(self.transport),
             "internal_address": str(self.internal_address),
             "internal_port": self.internal_port,
@@ -72,6 +87,7 @@ class Mapping:
             "external_port": self.external_port,
             "lifetime": self.lifetime,
             "epoch": self.epoch,
+            "unique_id": self.unique_id,
         }
 
 

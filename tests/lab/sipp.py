@@ -367,7 +367,9 @@ def listening(lab: Lab, host: str, transport: Transport, ip: str, port: int, pid
     flag = "-Hltnp" if transport == "tcp" else "-Hlunp"
     out = lab.run(host, ["ss", flag, f"sport = :{port}"], timeout=10).stdout
     for line in out.splitlines():
-        if not any(f"{address}:{port} " in line for address in (ip, "*", "0.0.0.0")):
+        # ss writes an IPv6 address in brackets, and the IPv6 wildcard as [::]
+        shown = (f"[{ip}]", "*", "[::]") if ":" in ip else (ip, "*", "0.0.0.0")
+        if not any(f"{address}:{port} " in line for address in shown):
             continue
         if pid is None or f"pid={pid}," in line:
             return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from autonat.proto.errors import DecodeError
@@ -27,16 +27,18 @@ from autonat.sip.registrar import Registrar
 from autonat.sip.transaction import Timers
 
 US = "192.168.1.10"  # our local address, behind the router
+US6 = "2001:db8:0:77::10"  # our global IPv6 address (a dual-stack profile's): no NAT in front of it
 OUTSIDE = "203.0.113.1"  # the router's address, advertised to peers on the internet
 T1 = 0.5
 
 
 def offer(port: int, *, direction: str | None = "sendrecv", address: str = "198.51.100.7", extra: str = "") -> bytes:
+    family = "IP6" if ":" in address else "IP4"
     lines = [
         "v=0",
-        f"o=phone 42 {port} IN IP4 {address}",
+        f"o=phone 42 {port} IN {family} {address}",
         "s=-",
-        f"c=IN IP4 {address}",
+        f"c=IN {family} {address}",
         "t=0 0",
         f"m=audio {port} RTP/AVP 0 8 101",
         "a=rtpmap:0 PCMU/8000",
@@ -64,8 +66,11 @@ class Addresses:
     def media_address(self, profile: str, peer_ip: str) -> IPv4Address:
         return self._choose(peer_ip)
 
-    def rtp_local(self, profile: str) -> IPv4Address:
+    def rtp_local(self, profile: str, peer_ip: str) -> IPv4Address:
         return IPv4Address(US)
+
+    def pinhole(self, profile: str, peer_ip: str) -> bool:
+        return False
 
     def external_known(self) -> bool:
         return self.external
@@ -140,6 +145,8 @@ class Net:
 
     def _ports(self, action: core.AcquirePorts) -> Ports:
         port = next(self.ports)
+        if action.mapped and action.family == 6:  # pinholes: our own address, the ports themselves
+            return Ports(port, IPv6Address(US6), port, port + 1, True, ("pool6", port))
         if action.mapped:
             return Ports(port, IPv4Address(OUTSIDE), port + 10000, port + 10001, True, ("pool", port))
         return Ports(port)
@@ -213,6 +220,7 @@ class Phone:
 
     def __init__(self, net: Net, peer: Peer, user: str = "caller") -> None:
         self.net, self.peer, self.user = net, peer, user
+        self.host = f"[{peer.ip}]" if ":" in peer.ip else peer.ip  # RFC 3261 §19.1.1: an IPv6 reference
         self.tag = sipclient.new_tag()
         self.call_id = sipclient.new_call_id(peer.ip)
         self.cseq = 0
@@ -227,7 +235,7 @@ class Phone:
         return sipclient.make_request(
             method,
             f"sip:{number}@{OUTSIDE}:5060",
-            from_uri=f"sip:{self.user}@{self.peer.ip}",
+            from_uri=f"sip:{self.user}@{self.host}",
             from_tag=self.tag,
             to_uri=f"sip:{number}@{OUTSIDE}",
             to_tag=self.remote_tag if method != "INVITE" or self.remote_tag else None,
@@ -236,7 +244,7 @@ class Phone:
             via_host=self.peer.ip,
             via_port=self.peer.port,
             transport=self.peer.transport,
-            contact=f"sip:{self.user}@{self.peer.ip}:{self.peer.port}",
+            contact=f"sip:{self.user}@{self.host}:{self.peer.port}",
             extra_headers=extra or [],
             body=body,
             content_type="application/sdp" if body else None,
@@ -275,7 +283,7 @@ class Phone:
         if body:
             headers.append(("Content-Type", "application/sdp"))
         if status < 300 and request.method == "INVITE":
-            headers.append(("Contact", f"<sip:{self.user}@{self.peer.ip}:{self.peer.port}>"))
+            headers.append(("Contact", f"<sip:{self.user}@{self.host}:{self.peer.port}>"))
         response = make_response(request, status, to_tag=self.tag if request.to_tag() is None else None,
                                  extra_headers=headers, body=body)  # fmt: skip
         self.net.deliver(response, self.peer)

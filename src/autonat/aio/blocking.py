@@ -18,6 +18,7 @@ service is known at once (ICMP port unreachable) and silence waits for the deadl
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from ipaddress import IPv4Address
 
@@ -42,6 +43,15 @@ if TYPE_CHECKING:
 
     BlockingChoice = Literal["auto", "pcp", "natpmp"]
 PROBE_GRACE = 0.25  # as router.PROBE_GRACE: once one protocol answered, how long the other may take
+_TRACE_MODULE = "autonat.aio.trace"
+
+
+def _wiretrace() -> Any:
+    """The wire trace (aio/trace.py) when it is on, else None. Looked up, never imported here: it loads
+    `logging`, which a blocking session does without, and whoever turns the trace on has imported it. So
+    with the trace off, the cost is this lookup and one flag test per exchange run."""
+    module = sys.modules.get(_TRACE_MODULE)
+    return module if module is not None and module.ON else None
 
 
 class BlockingSession:
@@ -105,6 +115,7 @@ class BlockingSession:
         DatagramChannel."""
         sock = self._sock
         server = self._server
+        trace = _wiretrace()
         cutoff: float | None = None
         while True:
             now = time.monotonic()
@@ -112,10 +123,12 @@ class BlockingSession:
             for exchange, _ in exchanges:
                 exchange.handle_timer(now)
                 for datagram in exchange.datagrams_to_send(now):
+                    if trace is not None and trace.ON:
+                        trace.datagram_sent(datagram, server, exchange.started, exchange.transmissions)
                     try:
                         sock.send(datagram)
                     except ConnectionRefusedError:
-                        self._unreachable(exchanges)
+                        self._unreachable(exchanges, trace)
                     except OSError:
                         pass  # lost, as a datagram can be: retransmission covers it
                 if not exchange.done:
@@ -133,17 +146,21 @@ class BlockingSession:
             except TimeoutError:
                 continue
             except ConnectionRefusedError:
-                self._unreachable(exchanges)
-                continue
-            if len(data) > MAX_DATAGRAM:
+                self._unreachable(exchanges, trace)
                 continue
             now = time.monotonic()
+            if trace is not None and trace.ON:
+                trace.datagram_received(data, server, now)
+            if len(data) > MAX_DATAGRAM:
+                continue
             for exchange in waiting:
                 if exchange.receive(data, server, now) is None:
                     break
 
-    @staticmethod
-    def _unreachable(exchanges: list[tuple[Exchange[Any], str]]) -> None:
+    def _unreachable(self, exchanges: list[tuple[Exchange[Any], str]], trace: Any = None) -> None:
+        """ICMP port unreachable from the server (the socket is connected to it): every exchange ends."""
+        if trace is not None and trace.ON:
+            trace.unreachable(self._server)
         for exchange, _ in exchanges:
             exchange.unreachable()
 

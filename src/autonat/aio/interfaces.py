@@ -1,6 +1,7 @@
 """This host's interfaces and their addresses, from the kernel over rtnetlink (RTM_GETADDR dump).
 
-The I/O half of the `.auto` ACL lists (autonat.acl builds them from what this returns); the codec is
+The I/O half of the `.auto` ACL lists (autonat.acl builds them from what this returns) and of the
+choice of the stable IPv6 address a pinhole is for (autonat.aio.route); the codec is
 autonat.proto.netlink.
 """
 
@@ -19,18 +20,18 @@ _MAX_DUMP_SIZE = 16 * 1024 * 1024  # ~100k addresses; a kernel that sends more i
 _seq = itertools.count(1)
 
 
-def host_networks() -> list[tuple[str, IPInterface]]:
-    """Every address of every interface of this host with its prefix, as (interface name, interface).
+class AddressDumpError(OSError):
+    """The kernel could not be asked for the host's addresses; `str()` is one line."""
 
-    Linux only (an RTM_GETADDR dump over rtnetlink); elsewhere the list is empty, so `localnet.auto`
-    allows nobody and `nat.auto` is private space. Raises AclError when the kernel can't be asked.
-    """
+
+def host_addresses() -> list[netlink.AddressInfo]:
+    """Every address of every interface, with its flags, scope and lifetimes (RTM_GETADDR over
+    rtnetlink). Linux only: elsewhere the list is empty. AddressDumpError when the kernel can't be asked."""
     if sys.platform != "linux":
         return []
     seq = next(_seq)
-    found: list[tuple[int, str | None, IPInterface]] = []
+    found: list[netlink.AddressInfo] = []
     try:
-        names = dict(socket.if_nameindex())
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
             sock.settimeout(_NETLINK_TIMEOUT)
             sock.sendto(netlink.build_getaddr_dump(seq), (0, 0))
@@ -40,13 +41,31 @@ def host_networks() -> list[tuple[str, IPInterface]]:
                 data = sock.recv(65536)
                 received += len(data)
                 if received > _MAX_DUMP_SIZE:
-                    raise AclError("netlink address dump: too large")
-                entries, done = netlink.parse_getaddr_reply(data, seq)
+                    raise AddressDumpError("netlink address dump: too large")
+                entries, done = netlink.parse_getaddr_details(data, seq)
                 found.extend(entries)
     except DecodeError as exc:
-        raise AclError(f"netlink address dump: {exc.reason}") from None
+        raise AddressDumpError(f"netlink address dump: {exc.reason}") from None
     except TimeoutError:
-        raise AclError("netlink address dump: the kernel did not answer") from None
+        raise AddressDumpError("netlink address dump: the kernel did not answer") from None
+    except AddressDumpError:
+        raise
     except OSError as exc:
-        raise AclError(f"cannot list the host's addresses over netlink: {exc.strerror or exc}") from None
-    return [(label or names.get(index, f"if{index}"), interface) for index, label, interface in found]
+        raise AddressDumpError(f"cannot list the host's addresses over netlink: {exc.strerror or exc}") from None
+    return found
+
+
+def host_networks() -> list[tuple[str, IPInterface]]:
+    """Every address of every interface of this host with its prefix, as (interface name, interface).
+
+    Linux only (an RTM_GETADDR dump over rtnetlink); elsewhere the list is empty, so `localnet.auto`
+    allows nobody and `nat.auto` is private space. Raises AclError when the kernel can't be asked.
+    """
+    if sys.platform != "linux":
+        return []
+    try:
+        names = dict(socket.if_nameindex())
+        found = host_addresses()
+    except OSError as exc:
+        raise AclError(str(exc) if isinstance(exc, AddressDumpError) else f"cannot list interfaces: {exc}") from None
+    return [(info.label or names.get(info.index, f"if{info.index}"), info.interface) for info in found]

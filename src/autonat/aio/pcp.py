@@ -7,7 +7,8 @@ both shells (`PcpClient` here, `autonat.aio.blocking` without an event loop); no
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
 
@@ -97,7 +98,20 @@ def check(reply: PcpReply) -> pcp.Response:
 
 
 def map_request(local: IPv4Address | IPv6Address, nonce: bytes, request: MappingRequest) -> pcp.Request:
-    """RFC 6887 §11: MAP for our own address (no THIRD_PARTY)."""
+    """RFC 6887 §11: MAP for our own address (no THIRD_PARTY). For an IPv6 address it is a pinhole
+    (§11.1 on a firewall): the suggested external address is `::` and the suggested external port the
+    internal one, which is what a firewall grants (miniupnpd echoes the suggestion on a refresh:
+    docs/QUIRKS.md P6)."""
+    if isinstance(local, IPv6Address):
+        return pcp.Request.new_map(
+            local,
+            nonce,
+            request.transport,
+            request.internal_port,
+            request.lifetime,
+            suggested_external_port=request.internal_port,
+            suggested_external_address=pcp.UNSPECIFIED_IPV6,
+        )
     return pcp.Request.new_map(
         local,
         nonce,
@@ -236,3 +250,58 @@ class PcpClient:
         except RouterRefused as exc:
             if not deleted(exc):
                 raise
+
+
+class PcpPinholeClient(PcpClient):
+    """PCP MAP for our own IPv6 address: a firewall pinhole (RFC 6887 §11 on a firewall, §11.1: the
+    "external" address and port are the internal ones). The channel must be bound to that address: the
+    server checks the client-IP field against the source (§8.2; ADDRESS_MISMATCH otherwise, docs/QUIRKS.md
+    U16).
+
+    Two miniupnpd 2.3.1 quirks, measured in the lab, are handled here:
+    - after its pinhole rule vanished (a flushed ruleset), the first refresh is answered NO_RESOURCES and
+      the router forgets the pinhole; the next MAP makes it again, so that MAP is sent at once (P7);
+    - a delete with a nonce other than the one that made the pinhole (made by another program, or before
+      the host secret was reset) is refused NOT_AUTHORIZED (RFC 6887 §11.3), and nothing else can close
+      it over PCP, so `fallback_delete` (the session's UPnP DeletePinhole, when the router speaks IGD:2)
+      closes it instead; without one the refusal stands and the engine retries until the lease is over (P8).
+    """
+
+    def __init__(
+        self,
+        channel: DatagramChannel,
+        gateway: IPv4Address | IPv6Address,
+        local_address: IPv4Address | IPv6Address,
+        secret: bytes,
+        *,
+        deadline: float = DEFAULT_DEADLINE,
+        port: int = pcp.SERVER_PORT,
+        max_lifetime: int = MAX_GRANTED_LIFETIME,
+    ) -> None:
+        if not isinstance(local_address, IPv6Address):
+            raise ValueError(f"pinholes are for an IPv6 address, not {local_address}")
+        super().__init__(
+            channel, gateway, local_address, secret, deadline=deadline, port=port, max_lifetime=max_lifetime
+        )
+        self.fallback_delete: Callable[[Transport, int], Awaitable[None]] | None = None
+
+    async def add(self, request: MappingRequest) -> Mapping:
+        nonce = self._nonces(request.transport, request.internal_port)
+        mapping_request = map_request(self._local, nonce, request)
+        reply = await self._exchange(mapping_request)
+        if isinstance(reply, pcp.Response) and reply.result == pcp.ResultCode.NO_RESOURCES:
+            reply = await self._exchange(mapping_request)  # P7: the second MAP makes it again
+        granted = mapping_from(check(reply), request, self._local, self._max_lifetime)
+        # §11.1 on a firewall: the pinhole is our own address and port, whatever the answer echoed (P6).
+        return replace(granted, external_ip=self._local, external_port=request.internal_port)
+
+    async def delete(self, transport: Transport, internal_port: int) -> None:
+        request = pcp.Request.delete(self._local, self._nonces(transport, internal_port), transport, internal_port)
+        reply = await self._exchange(request)
+        if isinstance(reply, pcp.Response):
+            if reply.result == pcp.ResultCode.NO_RESOURCES:
+                return  # nothing held (P2)
+            if reply.result == pcp.ResultCode.NOT_AUTHORIZED and self.fallback_delete is not None:
+                await self.fallback_delete(transport, internal_port)  # P8
+                return
+        check(reply)

@@ -23,8 +23,9 @@ from autonat.addresses import IPAddress, classify, is_public
 from autonat.aio.channel import DatagramChannel
 from autonat.aio.natpmp import NatPmpClient
 from autonat.aio.pcp import PcpClient
+from autonat.aio.pinhole import PinholeProbe, PinholeSession, burst
 from autonat.aio.route import RouterLocation, locate_router
-from autonat.errors import ProtocolUnavailable
+from autonat.errors import ProtocolUnavailable, RouterNotFound
 from autonat.mapper import (
     MAX_GRANTED_LIFETIME,
     Mapping,
@@ -70,9 +71,12 @@ class ProbeResult:
     double_nat: bool
     elapsed_ms: float
     dropped: dict[str, int]
+    # IPv6 (a session opened with ipv6=True): the pinhole probe made in the same burst, or why there is none.
+    ipv6: PinholeProbe | None = None
+    ipv6_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "gateway": str(self.location.gateway),
             "local_address": str(self.location.local_address),
             "interface": self.location.interface,
@@ -84,6 +88,11 @@ class ProbeResult:
             "elapsed_ms": round(self.elapsed_ms, 3),
             "dropped": self.dropped,
         }
+        if self.ipv6 is not None:
+            data["ipv6"] = self.ipv6.to_dict()
+        elif self.ipv6_error is not None:
+            data["ipv6"] = {"error": self.ipv6_error}
+        return data
 
 
 def reply_key(data: bytes) -> Hashable | None:
@@ -107,10 +116,15 @@ class RouterSession:
         root_url: str | None = None,
         *,
         max_lifetime: int = MAX_GRANTED_LIFETIME,
+        ipv6: PinholeSession | None = None,
+        ipv6_error: str | None = None,
     ) -> None:
         self.location = location
         self.channel = channel
         self.deadline = deadline
+        # IPv6 pinholes with the IPv6 gateway (aio/pinhole.py), probed in the same burst; or why not.
+        self.ipv6 = ipv6
+        self.ipv6_error = ipv6_error
         gateway, local = location.gateway, location.local_address
         self._secret = secret = host_secret()
         self._root_url = root_url
@@ -142,6 +156,10 @@ class RouterSession:
         root_url: str | None = None,
         *,
         max_lifetime: int = MAX_GRANTED_LIFETIME,
+        ipv6: bool = False,
+        ipv6_gateway: str | None = None,
+        ipv6_root_url: str | None = None,
+        ipv6_local_address: str | None = None,
     ) -> RouterSession:
         """Locate the router (the gateway of the route actually used, unless `gateway` / `interface`
         say otherwise) and open the session's socket, connected to the gateway's NAT-PMP/PCP port so
@@ -150,11 +168,31 @@ class RouterSession:
         `deadline`: seconds per request, retransmissions included. `root_url`: the IGD's description
         URL (UPnP without SSDP). `max_lifetime`: the longest NAT-PMP/PCP grant believed; longer ones
         are treated as it. Raises RouterNotFound when there is no gateway to talk to.
+
+        `ipv6`: also open a `PinholeSession` with the IPv6 gateway (`ipv6_gateway`, `ipv6_root_url`,
+        `ipv6_local_address` as its `open` takes them), probed in the same burst as the IPv4 protocols;
+        a host without an IPv6 route still gets its IPv4 session (`ipv6_error` says why there is none).
         """
         check_max_lifetime(max_lifetime)  # before a socket is opened
         location = locate_router(gateway, interface)
         channel = await DatagramChannel.open(location.local_address, reply_key, remote=(location.gateway, SERVER_PORT))
-        return cls(location, channel, deadline, root_url=root_url, max_lifetime=max_lifetime)
+        pinholes: PinholeSession | None = None
+        error: str | None = None
+        if ipv6:
+            try:
+                pinholes = await PinholeSession.open(
+                    ipv6_gateway,
+                    interface,
+                    deadline,
+                    ipv6_root_url,
+                    local_address=ipv6_local_address,
+                    max_lifetime=max_lifetime,
+                )
+            except RouterNotFound as exc:
+                error = str(exc)
+        return cls(
+            location, channel, deadline, root_url=root_url, max_lifetime=max_lifetime, ipv6=pinholes, ipv6_error=error
+        )
 
     async def __aenter__(self) -> RouterSession:
         return self
@@ -167,6 +205,8 @@ class RouterSession:
         self.channel.close()
         if self._upnp is not None:
             self._upnp.close()
+        if self.ipv6 is not None:
+            self.ipv6.close()
 
     async def aclose(self) -> None:
         self.close()
@@ -184,6 +224,9 @@ class RouterSession:
         for name, codes in clients:
             for code, count in codes.items():
                 counts[(name, code)] = count
+        if self.ipv6 is not None:
+            for key, count in self.ipv6.router_errors().items():
+                counts[key] = counts.get(key, 0) + count
         return counts
 
     def _client(self, name: str) -> PortMapper:
@@ -199,33 +242,20 @@ class RouterSession:
         return {"pcp": self.pcp, "natpmp": self.natpmp, "upnp": self.upnp}
 
     async def probe(self, only: ProtocolChoice = "auto") -> ProbeResult:
-        """Ask every protocol at once; return soon after the first one answers (see PROBE_GRACE)."""
+        """Ask every protocol at once; return soon after the first one answers (see PROBE_GRACE). With
+        an IPv6 session, its pinhole protocols (PCP, UPnP) are asked in the same burst ("natpmp" asks
+        none of them: NAT-PMP is IPv4 only)."""
         started = time.perf_counter()
-        clients = self._clients() if only == "auto" else {only: self._client(only)}
-        tasks: dict[asyncio.Future[ProtocolStatus], str] = {
-            asyncio.ensure_future(client.probe()): name for name, client in clients.items()
-        }
-        pending: set[asyncio.Future[ProtocolStatus]] = set(tasks)
-        statuses: dict[str, ProtocolStatus] = {}
-        first_answer: str | None = None
-        while pending and first_answer is None:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                status = task.result()
-                statuses[tasks[task]] = status
-                if status.available and first_answer is None:
-                    first_answer = tasks[task]
-        if pending:
-            done, pending = await asyncio.wait(pending, timeout=PROBE_GRACE)
-            for task in done:
-                statuses[tasks[task]] = task.result()
-            for task in pending:
-                task.cancel()
-                statuses[tasks[task]] = ProtocolStatus(
-                    tasks[task],
-                    available=False,
-                    reason=f"no answer within {PROBE_GRACE * 1000:.0f} ms after {first_answer} answered",
-                )
+        clients: dict[str, PortMapper] = self._clients() if only == "auto" else {str(only): self._client(only)}
+        pinholes: asyncio.Future[PinholeProbe] | None = None
+        if self.ipv6 is not None and only != "natpmp":
+            pinholes = asyncio.ensure_future(self.ipv6.probe(only))
+        try:
+            statuses = await burst(clients, PROBE_GRACE)
+            ipv6 = None if pinholes is None else await pinholes
+        finally:
+            if pinholes is not None and not pinholes.done():
+                pinholes.cancel()
         ordered = {name: statuses[name] for name in PREFERENCE if name in statuses}
         selected = next((name for name, status in ordered.items() if status.available), None)
         external = next((s.external_ip for s in ordered.values() if s.external_ip is not None), None)
@@ -237,6 +267,8 @@ class RouterSession:
             double_nat=external is not None and not is_public(external),
             elapsed_ms=(time.perf_counter() - started) * 1000,
             dropped={**self.channel.drops, **(self._upnp.drops if self._upnp is not None else {})},
+            ipv6=ipv6,
+            ipv6_error=self.ipv6_error,
         )
         self.last_probe = result
         if only == "auto":

@@ -32,11 +32,12 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
+from autonat.addresses import uri_host
 from autonat.aio import trace as wiretrace
-from autonat.aio.route import RouterLocation
+from autonat.aio.route import RouterLocation, source_address
 from autonat.proto import ssdp
 from autonat.proto.errors import DecodeError
 
@@ -49,6 +50,10 @@ MAX_LOCATIONS_PER_RESPONDER = 4
 MAX_CANDIDATES = 16  # fetched or refused, in all: source addresses of UDP replies are easily forged
 SHOWN_LOCATION = 100  # characters of a refused LOCATION quoted in a report
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # <linux/in.h>; Python has the name only from 3.12
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)  # <linux/in6.h>
+# IPv6 (UPnP DA 1.1 §1.1.2): the link-local group reaches the router on our link; the site-local one is
+# where miniupnpd also answers and advertises from its global address (docs/QUIRKS.md S7).
+MULTICAST6_GROUPS = (ssdp.MULTICAST_ADDRESS6_LINK, ssdp.MULTICAST_ADDRESS6_SITE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +104,7 @@ class _SearchProtocol(asyncio.DatagramProtocol):
         if wiretrace.ON:
             wiretrace.ssdp_received(data, addr)
         try:
-            responder = ip_address(addr[0])
+            responder = source_address(addr)
             message = ssdp.parse_datagram(data)
             if not isinstance(message, ssdp.SearchResponse):
                 raise DecodeError("a NOTIFY, not a search response")
@@ -140,7 +145,7 @@ class _SearchProtocol(asyncio.DatagramProtocol):
         """Drain the socket's error queue (IP_RECVERR); a port unreachable for the datagram sent to
         the gateway's SSDP port is news, any other error only a drop."""
         assert self.sock is not None
-        gateway = (str(self.where.gateway), ssdp.PORT)
+        gateway = (str(_unscoped(self.where.gateway)), ssdp.PORT)
         for _ in range(64):
             try:
                 _, ancillary, _, destination = self.sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
@@ -157,32 +162,72 @@ class _SearchProtocol(asyncio.DatagramProtocol):
                 self.found.put_nowait(Unreachable(self.where.gateway))
 
 
+def _unscoped(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
+    return IPv6Address(address.packed) if isinstance(address, IPv6Address) else address
+
+
+def _ipv6_socket(where: RouterLocation) -> socket.socket:
+    """The IPv6 search socket: bound to our (stable) address, multicast out of the route's interface."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, MULTICAST_TTL)
+        if where.interface:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex(where.interface))
+        sock.bind((str(where.local_address), 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _ipv4_socket(where: RouterLocation) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, MULTICAST_TTL)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(where.local_address)))
+        sock.bind((str(where.local_address), 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 @contextlib.asynccontextmanager
 async def search(
     where: RouterLocation, targets: tuple[str, ...] = ssdp.DEFAULT_SEARCH_TARGETS
 ) -> AsyncIterator[_SearchProtocol]:
-    """Run the search burst in the background while the caller reads `protocol.found`."""
-    if not isinstance(where.local_address, IPv4Address):
-        raise DecodeError("SSDP discovery needs an IPv4 local address")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, MULTICAST_TTL)
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(where.local_address)))
+    """Run the search burst in the background while the caller reads `protocol.found`.
+
+    IPv4: unicast to the gateway and multicast to 239.255.255.250. IPv6: unicast to the gateway and
+    multicast to FF02::C and FF05::C (UPnP DA 1.1 §1.1.2), from our own (stable) address; replies from a
+    link-local address carry the zone they arrived on, which is the only zone a link-local LOCATION
+    can get (proto/ssdp.py `validate_location`)."""
+    v6 = isinstance(where.local_address, IPv6Address)
     # Not connected to the gateway: TP-Link ER605 and Sagemcom Home Hub 3000 answer from an ephemeral
     # source port, not 1900 (docs/QUIRKS.md S2).
-    sock.bind((str(where.local_address), 0))
-    recverr = IP_RECVERR if sys.platform == "linux" else None  # ICMP errors of an unconnected socket
-    if recverr is not None:
-        sock.setsockopt(socket.IPPROTO_IP, recverr, 1)
+    try:
+        sock = _ipv6_socket(where) if v6 else _ipv4_socket(where)
+    except OSError as exc:
+        raise DecodeError(f"cannot open the SSDP search socket on {where.local_address}: {exc.strerror}") from None
+    recverr = (IPV6_RECVERR if v6 else IP_RECVERR) if sys.platform == "linux" else None
+    if recverr is not None:  # ICMP errors of an unconnected socket
+        sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, recverr, 1)
     loop = asyncio.get_running_loop()
     datagram_transport, protocol = await loop.create_datagram_endpoint(
         lambda: _SearchProtocol(where, sock if recverr is not None else None), sock=sock
     )
-    unicast = [(ssdp.build_msearch(t, mx=1, host=f"{where.gateway}:{ssdp.PORT}"), str(where.gateway)) for t in targets]
+    gateway_host = uri_host(_unscoped(where.gateway))
+    unicast = [(ssdp.build_msearch(t, mx=1, host=f"{gateway_host}:{ssdp.PORT}"), str(where.gateway)) for t in targets]
     # On loopback (tests, or a router reached through a tunnel) multicast has nowhere sensible to go.
+    groups: tuple[IPv4Address | IPv6Address, ...] = MULTICAST6_GROUPS if v6 else (ssdp.MULTICAST_ADDRESS,)
     multicast = (
         []
         if where.local_address.is_loopback
-        else [(ssdp.build_msearch(t, mx=1), str(ssdp.MULTICAST_ADDRESS)) for t in targets]
+        else [
+            (ssdp.build_msearch(t, mx=1, host=f"{uri_host(group).upper()}:{ssdp.PORT}"), str(group))
+            for group in groups
+            for t in targets
+        ]
     )
 
     def send_all() -> None:

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from autonat.addresses import is_public
@@ -37,7 +38,7 @@ from autonat.aio.route import RouterLocation
 from autonat.aio.ssdp import Found, Refused, Unreachable, search
 from autonat.errors import NotPublic, ProtocolUnavailable, RouterRefused, RouterTimeout, RouterUnreachable
 from autonat.mapper import Mapping, MappingRequest, ProtocolStatus
-from autonat.proto import igd, ssdp
+from autonat.proto import igd, pinhole, ssdp
 from autonat.proto.errors import DecodeError
 from autonat.proto.types import Transport
 from autonat.state import derive_nonce
@@ -116,16 +117,27 @@ class Igd:
     # Better-ranked connection services passed over because they were not connected (docs/QUIRKS.md U12):
     # (service type, its connection status).
     skipped: tuple[tuple[str, str], ...] = ()
+    # An IPv6 firewall control service (`service` is WANIPv6FirewallControl): its GetFirewallStatus,
+    # None when that was not answered; `pinholes` True for such an IGD.
+    firewall: pinhole.FirewallStatus | None = None
+    pinholes: bool = False
 
     @property
     def connected(self) -> bool:
         # Only "Connected": Tailscale also takes "Up" (no router named; docs/QUIRKS.md, not handled yet).
         return self.status is None or self.status.connection_status.lower() == "connected"
 
+    @property
+    def pinholes_allowed(self) -> bool:
+        """The firewall lets us open pinholes (unknown counts as yes: AddPinhole will tell)."""
+        return self.firewall is None or self.firewall.inbound_pinhole_allowed
+
     def rank(self, gateway: str) -> tuple[int, int]:
         """Lower is better: connected with a public address, then connected, then the rest;
-        ties go to the device on the default gateway."""
-        if self.connected and self.external_ip is not None and is_public(self.external_ip):
+        ties go to the device on the default gateway. For pinholes: a firewall that allows them first."""
+        if self.pinholes:
+            quality = 0 if self.pinholes_allowed else 2
+        elif self.connected and self.external_ip is not None and is_public(self.external_ip):
             quality = 0
         elif self.connected:
             quality = 1
@@ -134,6 +146,8 @@ class Igd:
         return quality, 0 if self.responder == gateway else 1
 
     def summary(self) -> str:
+        if self.pinholes:
+            return f"{self.service.service_type}, {_firewall_text(self.firewall)}"
         state = "connection status unknown" if self.status is None else self.status.connection_status
         return f"{self.service.service_type}, {state}, external address {self.external_ip or 'unknown'}"
 
@@ -149,7 +163,23 @@ class Igd:
             "control_url": self.service.control_url,
             "connection_status": None if self.status is None else self.status.connection_status,
             "skipped_services": [{"service_type": kind, "connection_status": state} for kind, state in self.skipped],
+            **(
+                {
+                    "firewall_enabled": None if self.firewall is None else self.firewall.enabled,
+                    "inbound_pinhole_allowed": None if self.firewall is None else self.firewall.inbound_pinhole_allowed,
+                }
+                if self.pinholes
+                else {}
+            ),
         }
+
+
+def _firewall_text(status: pinhole.FirewallStatus | None) -> str:
+    if status is None:
+        return "firewall status unknown"
+    if not status.enabled:
+        return "firewall off"
+    return "firewall on, " + ("inbound pinholes allowed" if status.inbound_pinhole_allowed else "NO inbound pinholes")
 
 
 def alternative_ports(secret: bytes, transport: Transport, internal_port: int) -> Iterator[int]:
@@ -168,8 +198,12 @@ def _refusal(error: igd.UpnpError, what: str) -> RouterRefused:
     return RouterRefused(f"router refused {what}: {error}", protocol=NAME, code=error.code)
 
 
-class UpnpClient:
-    """Implements `PortMapper` with UPnP IGD (WANIPConnection / WANPPPConnection)."""
+class IgdClient:
+    """What every UPnP client of an IGD shares: finding the best IGD (SSDP or a given root URL, within one
+    deadline, every candidate's fate kept), fetching its documents and calling its SOAP actions.
+
+    Subclasses say what makes an IGD usable for them (`_inspect`): `UpnpClient` wants a connected WAN
+    connection service (IPv4 port mappings), `UpnpPinholeClient` the IPv6 firewall control service."""
 
     name = NAME
 
@@ -180,22 +214,22 @@ class UpnpClient:
         *,
         deadline: float,
         root_url: str | None = None,
+        connections: http.Connections | None = None,
     ) -> None:
         self._location = location
         self._secret = secret
         self._deadline = deadline
         self._root_url = root_url
         self._igd: Igd | None = None
-        self.tag = derive_nonce(secret, "upnp-tag", size=4).hex()
         self.drops: dict[str, int] = {}
         self.candidates: list[Candidate] = []  # of the last discovery
-        self._connections = http.Connections()  # kept alive where the router keeps them (not miniupnpd)
-        # Mappings this client made: (transport, internal port) -> (external port, lease end or None),
-        # so that deleting one takes one DeletePortMapping instead of a lookup first.
-        self._made: dict[tuple[Transport, int], tuple[int, float | None]] = {}
-        self._external_ip_request: igd.SoapRequest | None = None
+        # Kept alive where the router keeps them (not miniupnpd).
+        self._connections = connections if connections is not None else http.Connections()
         # Every UPnP error code the router answered (handled or final), at most MAX_CODES distinct ones.
         self.router_codes: Counter[int] = Counter()
+
+    # The SOAP answers' reader; the firewall control service names its fault codes its own way.
+    _parse_response = staticmethod(igd.parse_soap_response)
 
     def close(self) -> None:
         """Close the connections kept alive; the client stays usable (it opens new ones)."""
@@ -226,7 +260,7 @@ class UpnpClient:
             connections=self._connections,
         )
         try:
-            return igd.parse_soap_response(reply.body, request, reply.status)
+            return self._parse_response(reply.body, request, reply.status)
         except igd.UpnpError as error:
             if error.code in self.router_codes or len(self.router_codes) < MAX_CODES:
                 self.router_codes[error.code] += 1
@@ -235,59 +269,6 @@ class UpnpClient:
             raise RouterRefused(
                 f"router's {request.action} reply is malformed: {exc.reason}", protocol=NAME, code=reply.status
             ) from None
-
-    async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
-        """Description -> connection services (best first) -> the first connected one, with its SCPD.
-        (An IGD may list several WAN services, not all connected: docs/QUIRKS.md U12.)"""
-        try:
-            description = igd.parse_device_description(
-                await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE, trace), found.location.url
-            )
-        except DecodeError as exc:
-            raise RouterRefused(f"router's description is unusable: {exc.reason}", protocol=NAME, code=0) from None
-        services = description.connection_services()
-        if not services:
-            raise ProtocolUnavailable(f"{found.location.url} describes no WAN connection service")
-        best: Igd | None = None
-        skipped: list[tuple[str, str]] = []
-        for service in services:
-            candidate = await self._inspect_service(found, description, service, trace)
-            if candidate.connected:
-                return replace(candidate, skipped=tuple(skipped))
-            best = best or candidate
-            state = "unknown" if candidate.status is None else candidate.status.connection_status
-            skipped.append((service.service_type, state))
-        assert best is not None
-        return best
-
-    async def _inspect_service(
-        self, found: Found, description: igd.DeviceDescription, service: igd.Service, trace: list[http.Progress]
-    ) -> Igd:
-        async def actions() -> frozenset[str]:
-            if not service.scpd_url:
-                return frozenset()
-            try:
-                return igd.parse_scpd(await self._fetch(service.scpd_url, igd.MAX_DESCRIPTION_SIZE, trace))
-            except (DecodeError, RouterRefused, RouterTimeout):
-                return frozenset()  # an unreadable SCPD only costs us the IGD:2 extras
-
-        async def status() -> igd.StatusInfo | None:
-            try:
-                return igd.status_info_from(
-                    await self.soap(service, igd.get_status_info(service.service_type), trace=trace)
-                )
-            except (igd.UpnpError, DecodeError, RouterRefused):
-                return None
-
-        async def external() -> IPv4Address | None:
-            try:
-                outputs = await self.soap(service, igd.get_external_ip_address(service.service_type), trace=trace)
-                return igd.external_ip_from(outputs)
-            except (igd.UpnpError, DecodeError):
-                return None
-
-        supported, state, address = await asyncio.gather(actions(), status(), external())
-        return Igd(found.location.url, str(found.responder), description, service, supported, address, state)
 
     async def discover(self) -> Igd:
         """The best IGD: `root_url` if given, else SSDP, returning once the best one is certain.
@@ -404,6 +385,83 @@ class UpnpClient:
         if loop.time() >= end:
             raise RouterTimeout(f"no usable IGD answered SSDP within {self._deadline:g} s{reasons}")
         raise ProtocolUnavailable(f"no usable IGD answered SSDP{reasons}")
+
+    async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
+        """The IGD behind `found`, usable for this client (its description, service and state), or
+        RouterRefused / RouterTimeout / ProtocolUnavailable saying why not."""
+        raise NotImplementedError
+
+
+class UpnpClient(IgdClient):
+    """Implements `PortMapper` with UPnP IGD (WANIPConnection / WANPPPConnection)."""
+
+    def __init__(
+        self,
+        location: RouterLocation,
+        secret: bytes,
+        *,
+        deadline: float,
+        root_url: str | None = None,
+    ) -> None:
+        super().__init__(location, secret, deadline=deadline, root_url=root_url)
+        self.tag = derive_nonce(secret, "upnp-tag", size=4).hex()
+        # Mappings this client made: (transport, internal port) -> (external port, lease end or None),
+        # so that deleting one takes one DeletePortMapping instead of a lookup first.
+        self._made: dict[tuple[Transport, int], tuple[int, float | None]] = {}
+        self._external_ip_request: igd.SoapRequest | None = None
+
+    async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
+        """Description -> connection services (best first) -> the first connected one, with its SCPD.
+        (An IGD may list several WAN services, not all connected: docs/QUIRKS.md U12.)"""
+        try:
+            description = igd.parse_device_description(
+                await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE, trace), found.location.url
+            )
+        except DecodeError as exc:
+            raise RouterRefused(f"router's description is unusable: {exc.reason}", protocol=NAME, code=0) from None
+        services = description.connection_services()
+        if not services:
+            raise ProtocolUnavailable(f"{found.location.url} describes no WAN connection service")
+        best: Igd | None = None
+        skipped: list[tuple[str, str]] = []
+        for service in services:
+            candidate = await self._inspect_service(found, description, service, trace)
+            if candidate.connected:
+                return replace(candidate, skipped=tuple(skipped))
+            best = best or candidate
+            state = "unknown" if candidate.status is None else candidate.status.connection_status
+            skipped.append((service.service_type, state))
+        assert best is not None
+        return best
+
+    async def _inspect_service(
+        self, found: Found, description: igd.DeviceDescription, service: igd.Service, trace: list[http.Progress]
+    ) -> Igd:
+        async def actions() -> frozenset[str]:
+            if not service.scpd_url:
+                return frozenset()
+            try:
+                return igd.parse_scpd(await self._fetch(service.scpd_url, igd.MAX_DESCRIPTION_SIZE, trace))
+            except (DecodeError, RouterRefused, RouterTimeout):
+                return frozenset()  # an unreadable SCPD only costs us the IGD:2 extras
+
+        async def status() -> igd.StatusInfo | None:
+            try:
+                return igd.status_info_from(
+                    await self.soap(service, igd.get_status_info(service.service_type), trace=trace)
+                )
+            except (igd.UpnpError, DecodeError, RouterRefused):
+                return None
+
+        async def external() -> IPv4Address | None:
+            try:
+                outputs = await self.soap(service, igd.get_external_ip_address(service.service_type), trace=trace)
+                return igd.external_ip_from(outputs)
+            except (igd.UpnpError, DecodeError):
+                return None
+
+        supported, state, address = await asyncio.gather(actions(), status(), external())
+        return Igd(found.location.url, str(found.responder), description, service, supported, address, state)
 
     async def probe(self) -> ProtocolStatus:
         started = time.perf_counter()
@@ -646,3 +704,307 @@ class UpnpClient:
             except DecodeError:
                 continue
         return walked
+
+
+# --- IPv6 firewall pinholes (IGD:2 WANIPv6FirewallControl:1) ----------------------------------------------
+
+PINHOLE_GONE = (704, 402)  # NoSuchEntry, and miniupnpd 2.3.1's answer for a UniqueID it does not hold (U18)
+# UpdatePinhole of an ID that now names another host's pinhole (a restarted router numbers from 1 again)
+# is refused 606 by miniupnpd 2.3.1 (U18): ours is gone just the same.
+UPDATE_GONE = (*PINHOLE_GONE, 606)
+PINHOLE_MIN_LEASE = 1  # LeaseTime's lower bound (§2.3.7): what a pinhole asked for only to learn its ID gets
+
+
+class SourceBound(http.Connections):
+    """HTTP connections to the router that leave from one address of ours (the stable IPv6 address).
+
+    An IGD:2 router opens a pinhole only for the address the request comes from (docs/QUIRKS.md U16),
+    and on a host with privacy addresses the kernel would pick a temporary one. `aio/http.py` asks its
+    `Connections` for a kept connection before it opens one of its own; this one always has one: a kept
+    connection the router left open, else a fresh one bound to `source` whose connect is under way
+    (the HTTP layer sends once it is writable, within the request's one deadline). What this cannot
+    cover: a connection the router closes before it answers is retried by the HTTP layer on a new,
+    unbound connection, from the kernel's choice of source; a pinhole request on it is refused (606),
+    never granted for another address.
+    """
+
+    def __init__(self, source: IPv4Address | IPv6Address) -> None:
+        super().__init__()
+        self.source = source
+
+    def take(self, address: tuple[str, int], now: float) -> socket.socket | None:
+        kept = super().take(address, now)
+        return kept if kept is not None else self._connect(address)
+
+    def _connect(self, address: tuple[str, int]) -> socket.socket:
+        host = address[0].replace("%25", "%")  # a link-local URL's zone, RFC 6874 (proto/ssdp.py)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((str(self.source), 0))
+            with contextlib.suppress(BlockingIOError):
+                sock.connect((host, address[1]))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class UpnpPinholeClient(IgdClient):
+    """Implements `PortMapper` for IPv6 with IGD:2's WANIPv6FirewallControl:1: a mapping is a pinhole to
+    our own (stable) address, `external` = internal, named by the UniqueID the router gives it.
+
+    Every request leaves from `location.local_address` (`SourceBound`), and the pinhole is for that
+    address. Renewal is UpdatePinhole by UniqueID (AddPinhole again when the router no longer knows it);
+    `check` is CheckPinholeWorking, where 709 NoTrafficReceived still means "it exists" (U18). Leases are
+    capped at 86400 s, the service's maximum (§2.3.7)."""
+
+    _parse_response = staticmethod(pinhole.parse_response)
+
+    def __init__(
+        self, location: RouterLocation, secret: bytes, *, deadline: float, root_url: str | None = None
+    ) -> None:
+        if not isinstance(location.local_address, IPv6Address):
+            raise ValueError(f"pinholes are for an IPv6 address, not {location.local_address}")
+        super().__init__(
+            location, secret, deadline=deadline, root_url=root_url, connections=SourceBound(location.local_address)
+        )
+        self._local: IPv6Address = IPv6Address(location.local_address.packed)
+        # Pinholes this client made or renewed: (transport, internal port) -> UniqueID.
+        self._made: dict[tuple[Transport, int], int] = {}
+
+    async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
+        """Description -> the WANIPv6FirewallControl service, its SCPD and GetFirewallStatus, at once."""
+        try:
+            description = igd.parse_device_description(
+                await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE, trace), found.location.url
+            )
+        except DecodeError as exc:
+            raise RouterRefused(f"router's description is unusable: {exc.reason}", protocol=NAME, code=0) from None
+        service = pinhole.firewall_service(description)
+        if service is None:
+            raise ProtocolUnavailable(
+                f"{found.location.url} describes no IPv6 firewall control (WANIPv6FirewallControl): no pinholes"
+            )
+
+        async def actions() -> frozenset[str]:
+            if not service.scpd_url:
+                return frozenset()
+            try:
+                return igd.parse_scpd(await self._fetch(service.scpd_url, igd.MAX_DESCRIPTION_SIZE, trace))
+            except (DecodeError, RouterRefused, RouterTimeout):
+                return frozenset()
+
+        async def status() -> pinhole.FirewallStatus | None:
+            try:
+                outputs = await self.soap(service, pinhole.get_firewall_status(service.service_type), trace=trace)
+                return pinhole.firewall_status_from(outputs)
+            except (igd.UpnpError, DecodeError, RouterRefused):
+                return None
+
+        supported, firewall = await asyncio.gather(actions(), status())
+        return Igd(
+            found.location.url,
+            str(found.responder),
+            description,
+            service,
+            supported,
+            None,
+            None,
+            firewall=firewall,
+            pinholes=True,
+        )
+
+    async def probe(self) -> ProtocolStatus:
+        """The IGD's firewall control service answers, and allows inbound pinholes (GetFirewallStatus)."""
+        started = time.perf_counter()
+        try:
+            found = await self.discover()
+        except (RouterRefused, RouterTimeout, ProtocolUnavailable, DecodeError) as exc:
+            return ProtocolStatus(
+                NAME,
+                available=False,
+                reason=str(exc),
+                elapsed_ms=(time.perf_counter() - started) * 1000,
+                details={"candidates": [candidate.to_dict() for candidate in self.candidates]},
+            )
+        details = found.details() | {"candidates": [candidate.to_dict() for candidate in self.candidates]}
+        elapsed = (time.perf_counter() - started) * 1000
+        kind = found.service.service_type.rsplit(":", 2)[-2]
+        if not found.pinholes_allowed:
+            reason = f"IGD answered ({kind}) but its firewall allows no inbound pinholes"
+            return ProtocolStatus(NAME, available=False, reason=reason, elapsed_ms=elapsed, details=details)
+        return ProtocolStatus(
+            NAME,
+            available=True,
+            reason=f"IGD answered ({kind}, {_firewall_text(found.firewall)})",
+            external_ip=self._local,
+            elapsed_ms=elapsed,
+            details=details,
+        )
+
+    def known(self, transport: Transport, internal_port: int) -> int | None:
+        """The UniqueID of our pinhole of `internal_port`, if this client made or renewed it."""
+        return self._made.get((transport, internal_port))
+
+    def _mapping(self, request: MappingRequest, unique_id: int, lease: int) -> Mapping:
+        return Mapping(
+            protocol=NAME,
+            transport=request.transport,
+            internal_address=self._local,
+            internal_port=request.internal_port,
+            external_ip=self._local,
+            external_port=request.internal_port,
+            lifetime=lease,
+            unique_id=unique_id,
+        )
+
+    async def add(self, request: MappingRequest, unique_id: int | None = None) -> Mapping:
+        """Open (or renew) the pinhole of `request.internal_port` for our address. `unique_id`, or the
+        one this client already holds, is renewed with UpdatePinhole; a router that no longer knows it
+        (704, or 402 from miniupnpd; 606 when the ID now names another host's pinhole: U18) gets
+        AddPinhole, as a first request does."""
+        found = await self.discover()
+        service = found.service
+        lease = min(request.lifetime, pinhole.MAX_LEASE)
+        key = (request.transport, request.internal_port)
+        known = unique_id if unique_id is not None else self._made.get(key)
+        if known is not None:
+            try:
+                await self.soap(service, pinhole.update_pinhole(service.service_type, unique_id=known, lease=lease))
+            except igd.UpnpError as error:
+                if error.code not in UPDATE_GONE:
+                    raise self._refused(error, f"UpdatePinhole {known}") from None
+                self._made.pop(key, None)
+            else:
+                self._remember(key, known)
+                return self._mapping(request, known, lease)
+        created = await self._add(service, request, lease)
+        self._remember(key, created)
+        return self._mapping(request, created, lease)
+
+    async def _add(self, service: igd.Service, request: MappingRequest, lease: int) -> int:
+        action = pinhole.add_pinhole(
+            service.service_type,
+            internal_client=self._local,
+            internal_port=request.internal_port,
+            transport=request.transport,
+            lease=lease,
+        )
+        try:
+            return pinhole.unique_id_from(await self.soap(service, action))
+        except DecodeError as exc:
+            raise RouterRefused(
+                f"router's AddPinhole answer is malformed: {exc.reason}", protocol=NAME, code=0
+            ) from None
+        except igd.UpnpError as error:
+            raise self._refused(error, f"AddPinhole {request.transport} {request.internal_port}") from None
+
+    def _refused(self, error: igd.UpnpError, what: str) -> RouterRefused:
+        if error.code == 606:
+            # miniupnpd: only for the requester's own address, and internal ports >= 1024 (U16).
+            return RouterRefused(
+                f"router's policy forbids this pinhole ({error}): it opens them only for the address a request"
+                f" comes from ({self._local} here) and, often, only for ports 1024 and up",
+                protocol=NAME,
+                code=error.code,
+            )
+        if error.code in (702, 703):
+            return RouterRefused(
+                f"router refused {what}: {error}; its firewall takes no pinholes", protocol=NAME, code=error.code
+            )
+        return _refusal(error, what)
+
+    def _remember(self, key: tuple[Transport, int], unique_id: int) -> None:
+        if key in self._made or len(self._made) < MAX_REMEMBERED:
+            self._made[key] = unique_id
+
+    async def delete_pinhole(self, unique_id: int) -> None:
+        """DeletePinhole; one the router does not hold (704, or 402 from miniupnpd: U18) is gone already."""
+        found = await self.discover()
+        for key, made in list(self._made.items()):
+            if made == unique_id:
+                del self._made[key]
+        try:
+            await self.soap(found.service, pinhole.delete_pinhole(found.service.service_type, unique_id=unique_id))
+        except igd.UpnpError as error:
+            if error.code not in PINHOLE_GONE:
+                raise self._refused(error, f"DeletePinhole {unique_id}") from None
+
+    async def delete(self, transport: Transport, internal_port: int) -> None:
+        """Delete our pinhole of `internal_port`. Without its UniqueID (made by another process whose
+        answer was lost), the ID is asked for with an AddPinhole of the same pinhole for the shortest lease:
+        miniupnpd answers one it holds with that pinhole's ID (docs/QUIRKS.md U19); a router that makes a
+        second one instead gets that one deleted, and the first ends with its own lease."""
+        unique_id = self._made.get((transport, internal_port))
+        if unique_id is None:
+            found = await self.discover()
+            unique_id = await self._add(found.service, MappingRequest(transport, internal_port), PINHOLE_MIN_LEASE)
+        await self.delete_pinhole(unique_id)
+
+    async def check(self, unique_id: int) -> bool:
+        """Does the router still hold pinhole `unique_id`? CheckPinholeWorking: an answer, or 709
+        NoTrafficReceived (miniupnpd counts no packets on its nftables rules: U18), means yes; 704 (402
+        from miniupnpd) means no. Other refusals are RouterRefused."""
+        found = await self.discover()
+        try:
+            await self.soap(
+                found.service, pinhole.check_pinhole_working(found.service.service_type, unique_id=unique_id)
+            )
+        except igd.UpnpError as error:
+            if error.code == 709:
+                return True
+            if error.code in PINHOLE_GONE:
+                return False
+            raise self._refused(error, f"CheckPinholeWorking {unique_id}") from None
+        return True
+
+    async def packets(self, unique_id: int) -> int:
+        """GetPinholePackets: how many packets went through pinhole `unique_id`."""
+        found = await self.discover()
+        try:
+            outputs = await self.soap(
+                found.service, pinhole.get_pinhole_packets(found.service.service_type, unique_id=unique_id)
+            )
+            return pinhole.pinhole_packets_from(outputs)
+        except igd.UpnpError as error:
+            raise self._refused(error, f"GetPinholePackets {unique_id}") from None
+        except DecodeError as exc:
+            raise RouterRefused(
+                f"router's pinhole packet count is malformed: {exc.reason}", protocol=NAME, code=0
+            ) from None
+
+    async def outbound_timeout(
+        self, transport: Transport, internal_port: int, remote_host: IPv6Address | None = None, remote_port: int = 0
+    ) -> int:
+        """GetOutboundPinholeTimeout: how long the firewall keeps an outbound flow from our address's
+        `internal_port` open without traffic (miniupnpd 2.3.1 answers 501: docs/QUIRKS.md U17)."""
+        found = await self.discover()
+        request = pinhole.get_outbound_pinhole_timeout(
+            found.service.service_type,
+            remote_host=remote_host,
+            remote_port=remote_port,
+            internal_client=self._local,
+            internal_port=internal_port,
+            transport=transport,
+        )
+        try:
+            return pinhole.outbound_timeout_from(await self.soap(found.service, request))
+        except igd.UpnpError as error:
+            raise self._refused(error, "GetOutboundPinholeTimeout") from None
+        except DecodeError as exc:
+            raise RouterRefused(
+                f"router's outbound pinhole timeout is malformed: {exc.reason}", protocol=NAME, code=0
+            ) from None
+
+    async def firewall_status(self) -> pinhole.FirewallStatus:
+        """GetFirewallStatus, asked again."""
+        found = await self.discover()
+        try:
+            return pinhole.firewall_status_from(
+                await self.soap(found.service, pinhole.get_firewall_status(found.service.service_type))
+            )
+        except igd.UpnpError as error:
+            raise self._refused(error, "GetFirewallStatus") from None
+        except DecodeError as exc:
+            raise RouterRefused(f"router's firewall status is malformed: {exc.reason}", protocol=NAME, code=0) from None

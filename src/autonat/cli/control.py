@@ -49,6 +49,16 @@ SOFIA_LABELS = {
 }
 
 
+def family_option(function: F) -> F:
+    return click.option(
+        "--family",
+        type=click.Choice(["4", "6"]),
+        default="4",
+        show_default=True,
+        help="4: a port mapping; 6: an IPv6 firewall pinhole for this host's stable address.",
+    )(function)
+
+
 def _print_nat_status(status: dict[str, Any]) -> None:
     """FreeSWITCH's `nat_map status` layout, so its users' scripts keep working."""
     if status["nat"] == "disabled":
@@ -60,10 +70,25 @@ def _print_nat_status(status: dict[str, Any]) -> None:
     click.echo(f"Nat Type: {nat_type}, ExtIP: {status['external_ip'] or ''}")
     click.echo(f"NAT port mapping {'enabled' if status['mapping_enabled'] else 'disabled'}.")
     click.echo("port,proto,proto_num,sticky")
-    for row in status["mappings"]:
+    mappings = [row for row in status["mappings"] if row.get("family", 4) == 4]
+    for row in mappings:
         proto_num = FREESWITCH_PROTO_NUM.get(row["proto"], -1)
         click.echo(f"{row['port']},{row['proto']},{proto_num},{int(row['sticky'])}")
-    click.echo(f"\n{len(status['mappings'])} total.")
+    click.echo(f"\n{len(mappings)} total.")
+    ipv6 = status.get("ipv6")
+    if ipv6 is None:
+        return
+    # Below FreeSWITCH's layout (which has no IPv6): our own, so its scripts still read the lines above.
+    pinholes = [row for row in status["mappings"] if row.get("family") == 6]
+    where = f"{ipv6['local_address'] or '?'} via {ipv6['gateway'] or '?'}"
+    click.echo(f"\nIPv6 pinholes ({ipv6['protocol'] or ipv6['state']}, {where}):")
+    click.echo("port,proto,sticky,state,protocol,unique_id")
+    for row in pinholes:
+        unique_id = "" if row.get("unique_id") is None else row["unique_id"]
+        click.echo(
+            f"{row['port']},{row['proto']},{int(row['sticky'])},{row['state']},{row['protocol'] or ''},{unique_id}"
+        )
+    click.echo(f"\n{len(pinholes)} pinhole{'s' if len(pinholes) != 1 else ''}.")
 
 
 @click.group(name="nat_map")
@@ -87,14 +112,20 @@ def nat_map_status(socket_path: Path, as_json: bool) -> None:
 @click.argument("port", type=click.IntRange(1, 65535))
 @transport_argument
 @click.argument("sticky", required=False, type=click.Choice(["sticky"]))
+@family_option
 @socket_option
 @click.option("--json", "as_json", is_flag=True)
-def nat_map_add(port: int, transport: str, sticky: str | None, socket_path: Path, as_json: bool) -> None:
-    """Map PORT; `sticky` keeps it across daemon restarts. Prints the external address and port."""
+def nat_map_add(port: int, transport: str, sticky: str | None, family: str, socket_path: Path, as_json: bool) -> None:
+    """Map PORT; `sticky` keeps it across daemon restarts. Prints the external address and port (with
+    --family 6, the IPv6 pinhole's own address and port)."""
     request = {"cmd": "add", "port": port, "proto": transport.lower(), "sticky": sticky is not None}
+    if family == "6":
+        request["family"] = 6
     mapping = control_call(socket_path, request)
     if as_json:
         print_json(mapping)
+    elif mapping["state"] == "active" and mapping.get("family") == 6:
+        click.echo(f"[{mapping['external_ip']}]:{mapping['external_port']}")
     elif mapping["state"] == "active":
         click.echo(f"{mapping['external_ip']}:{mapping['external_port']}")
     elif mapping["state"] == "pending":
@@ -107,10 +138,14 @@ def nat_map_add(port: int, transport: str, sticky: str | None, socket_path: Path
 @nat_map.command(name="del")
 @click.argument("port", type=click.IntRange(1, 65535))
 @transport_argument
+@family_option
 @socket_option
-def nat_map_del(port: int, transport: str, socket_path: Path) -> None:
-    """Remove a mapping from the router and from the daemon."""
-    control_call(socket_path, {"cmd": "del", "port": port, "proto": transport.lower()})
+def nat_map_del(port: int, transport: str, family: str, socket_path: Path) -> None:
+    """Remove a mapping (--family 6: a pinhole) from the router and from the daemon."""
+    request: dict[str, Any] = {"cmd": "del", "port": port, "proto": transport.lower()}
+    if family == "6":
+        request["family"] = 6
+    control_call(socket_path, request)
     click.echo("deleted")
 
 

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -21,10 +22,44 @@ from autonat.proto.types import Transport
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from autonat.aio.pinhole import PinholeChoice, PinholeProbe, PinholeSession
     from autonat.proto import igd
 
 PROTOCOLS = ("auto", "pcp", "natpmp", "upnp")
+PINHOLE_PROTOCOLS = ("auto", "pcp", "upnp")  # NAT-PMP is IPv4 only (RFC 6886 §1)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def family_option(function: F) -> F:
+    return click.option(
+        "--family",
+        type=click.Choice(["4", "6"]),
+        default="4",
+        show_default=True,
+        help="4: a port mapping on the NAT; 6: an IPv6 firewall pinhole for this host's stable address"
+        " (PCP or UPnP IGD:2, asked from that address).",
+    )(function)
+
+
+def ipv6_options(function: F) -> F:
+    """--ipv6-gateway and --ipv6-address, for the commands that talk to the IPv6 router."""
+    decorators = [
+        click.option(
+            "--ipv6-gateway", metavar="IP6", help="IPv6 router (default: the IPv6 default route's; fe80::1%eth0)."
+        ),
+        click.option(
+            "--ipv6-address",
+            metavar="IP6",
+            help="Which of this host's IPv6 addresses pinholes are for (default: its stable one).",
+        ),
+    ]
+    return functools.reduce(lambda f, decorate: decorate(f), reversed(decorators), function)
+
+
+def _pinhole_choice(text: str) -> PinholeChoice:
+    if text not in PINHOLE_PROTOCOLS:
+        raise click.BadParameter(f"IPv6 pinholes are made with pcp or upnp (NAT-PMP is IPv4 only), not {text}")
+    return text  # type: ignore[return-value]
 
 
 def router_options(function: F) -> F:
@@ -86,6 +121,25 @@ def _print_probe(result: ProbeResult) -> None:
                 where = f"{candidate['location']} from {candidate['responder']}"
                 click.echo(f"          {candidate['outcome']}: {where}: {candidate['reason']}")
     click.echo(f"Probe time:     {result.elapsed_ms:.1f} ms")
+    if result.ipv6 is not None:
+        _print_pinhole_probe(result.ipv6)
+    elif result.ipv6_error is not None:
+        click.echo(f"IPv6:           none ({result.ipv6_error})")
+
+
+def _print_pinhole_probe(probe: PinholeProbe) -> None:
+    data = probe.to_dict()
+    click.echo(f"IPv6 gateway:   {data['gateway']} (via {data['interface'] or '?'})")
+    kernel = data["kernel_source"]
+    note = f" (the kernel would send from {kernel})" if kernel and kernel != data["local_address"] else ""
+    click.echo(f"IPv6 address:   {data['local_address']}{note}")
+    click.echo(f"IPv6 pinholes:  {data['selected'] or 'none'}")
+    for name, status in probe.protocols.items():
+        mark = "yes" if status.available else "no "
+        timing = f" [{status.elapsed_ms:.1f} ms]" if status.elapsed_ms is not None else ""
+        click.echo(f"  {name:<7} {mark} {status.reason}{timing}")
+        if "root_url" in status.details:
+            click.echo(f"          {status.details['friendly_name']} at {status.details['root_url']}")
 
 
 @click.command()
@@ -102,6 +156,13 @@ def _print_probe(result: ProbeResult) -> None:
     metavar="stun:HOST[:PORT]",
     help="Also ask this STUN server what it sees; a different address than the router's means double NAT.",
 )
+@click.option(
+    "--no-ipv6",
+    is_flag=True,
+    help="Leave the IPv6 router (pinholes) out of the probe (it is, too, when --gateway names the router"
+    " and --ipv6-gateway does not).",
+)
+@ipv6_options
 def probe(
     gateway: str | None,
     interface: str | None,
@@ -110,9 +171,13 @@ def probe(
     as_json: bool,
     protocol: str,
     stun: str | None,
+    no_ipv6: bool,
+    ipv6_gateway: str | None,
+    ipv6_address: str | None,
     trace_list: str | None,
 ) -> None:
-    """Find the router, ask every protocol at once, report what works and the external address."""
+    """Find the router, ask every protocol at once, report what works and the external address; the
+    IPv6 router's pinhole protocols (PCP, UPnP IGD:2) are asked in the same burst."""
     start_trace(trace_list)
     from autonat.aio.stun import parse_stun_target, stun_binding
 
@@ -124,7 +189,17 @@ def probe(
             raise click.BadParameter(str(exc), param_hint="--stun") from None
 
     async def go() -> tuple[ProbeResult, dict[str, Any] | None]:
-        async with await RouterSession.open(gateway, interface, timeout, root_url) as router:
+        async with await RouterSession.open(
+            gateway,
+            interface,
+            timeout,
+            root_url,
+            # A router named with --gateway pins the probe to it: the IPv6 router is then asked only when
+            # named too (--ipv6-gateway), never found behind the user's back on another route.
+            ipv6=not no_ipv6 and (gateway is None or ipv6_gateway is not None),
+            ipv6_gateway=ipv6_gateway,
+            ipv6_local_address=ipv6_address,
+        ) as router:
             probe_task = asyncio.ensure_future(router.probe(_choice(protocol)))
             seen: dict[str, Any] | None = None
             if target is not None:
@@ -180,6 +255,8 @@ def map_group() -> None:
     help="Lease in seconds (finite; the router may shorten it).",
 )
 @protocol_option
+@family_option
+@ipv6_options
 @router_options
 def map_add(
     port: int,
@@ -187,6 +264,9 @@ def map_add(
     external_port: int,
     lifetime: int,
     protocol: str,
+    family: str,
+    ipv6_gateway: str | None,
+    ipv6_address: str | None,
     gateway: str | None,
     interface: str | None,
     timeout: float,
@@ -194,9 +274,24 @@ def map_add(
     as_json: bool,
     trace_list: str | None,
 ) -> None:
-    """Map PORT (udp or tcp) of this host on the router and print the external address and port."""
+    """Map PORT (udp or tcp) of this host on the router and print the external address and port; with
+    --family 6, open an IPv6 firewall pinhole to PORT of this host's stable address instead."""
     start_trace(trace_list)
     request = MappingRequest(Transport.parse(transport), port, external_port, lifetime)
+    if family == "6":
+        choice = _pinhole_choice(protocol)
+
+        async def add_pinhole() -> Mapping:
+            async with await _open_pinholes(ipv6_gateway, interface, timeout, root_url, ipv6_address) as router:
+                return await router.add(request, choice)
+
+        pinhole = run_async(add_pinhole())
+        if as_json:
+            print_json(pinhole.to_dict())
+        else:
+            click.echo(f"[{pinhole.external_ip}]:{pinhole.external_port}")
+            click.echo(f"opened {pinhole.describe()}")
+        return
 
     async def go() -> tuple[Mapping, bool]:
         async with await RouterSession.open(gateway, interface, timeout, root_url) as router:
@@ -229,11 +324,20 @@ def map_add(
 @click.argument("port", type=click.IntRange(1, 65535))
 @transport_argument
 @protocol_option
+@family_option
+@ipv6_options
+@click.option(
+    "--unique-id", type=click.IntRange(0, 65535), help="UPnP: the pinhole's UniqueID (as `map add --family 6` printed)."
+)
 @router_options
 def map_del(
     port: int,
     transport: str,
     protocol: str,
+    family: str,
+    ipv6_gateway: str | None,
+    ipv6_address: str | None,
+    unique_id: int | None,
     gateway: str | None,
     interface: str | None,
     timeout: float,
@@ -241,7 +345,8 @@ def map_del(
     as_json: bool,
     trace_list: str | None,
 ) -> None:
-    """Delete this host's mapping of PORT (udp or tcp). Deleting a mapping that is not there succeeds."""
+    """Delete this host's mapping of PORT (udp or tcp); --family 6, its IPv6 pinhole. Deleting a mapping
+    that is not there succeeds."""
     start_trace(trace_list)
     parsed = Transport.parse(transport)
 
@@ -249,16 +354,44 @@ def map_del(
         async with await RouterSession.open(gateway, interface, timeout, root_url) as router:
             return await router.delete(parsed, port, _choice(protocol))
 
-    used = run_async(go())
+    async def delete_pinhole() -> str:
+        choice = _pinhole_choice(protocol)
+        async with await _open_pinholes(ipv6_gateway, interface, timeout, root_url, ipv6_address) as router:
+            return await router.delete(parsed, port, choice, unique_id)
+
+    used = run_async(delete_pinhole() if family == "6" else go())
     if as_json:
-        print_json({"protocol": used, "transport": str(parsed), "internal_port": port, "deleted": True})
+        print_json(
+            {"protocol": used, "transport": str(parsed), "internal_port": port, "deleted": True, "family": int(family)}
+        )
     else:
-        click.echo(f"deleted {parsed} {port} via {used}")
+        click.echo(f"deleted {parsed} {port}{' pinhole' if family == '6' else ''} via {used}")
+
+
+async def _open_pinholes(
+    ipv6_gateway: str | None, interface: str | None, timeout: float, root_url: str | None, ipv6_address: str | None
+) -> PinholeSession:
+    """A PinholeSession (`root_url` is then the IGD's IPv6 root description URL), imported on use."""
+    from autonat.aio.pinhole import PinholeSession
+
+    return await PinholeSession.open(ipv6_gateway, interface, timeout, root_url, local_address=ipv6_address)
 
 
 @map_group.command(name="list")
+@family_option
+@click.option(
+    "--journal",
+    "journal_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="--family 6: the daemon's journal (default: the state directory's journal.sqlite).",
+)
+@ipv6_options
 @router_options
 def map_list(
+    family: str,
+    journal_path: Path | None,
+    ipv6_gateway: str | None,
+    ipv6_address: str | None,
     gateway: str | None,
     interface: str | None,
     timeout: float,
@@ -266,8 +399,12 @@ def map_list(
     as_json: bool,
     trace_list: str | None,
 ) -> None:
-    """List the router's whole UPnP mapping table, ours or not (like `upnpc -l`)."""
+    """List the router's whole UPnP mapping table, ours or not (like `upnpc -l`); --family 6, our IPv6
+    pinholes."""
     start_trace(trace_list)
+    if family == "6":
+        _list_pinholes(journal_path, ipv6_gateway, interface, timeout, root_url, ipv6_address, as_json)
+        return
 
     async def go() -> tuple[list[igd.PortMappingEntry], str]:
         async with await RouterSession.open(gateway, interface, timeout, root_url) as router:
@@ -299,3 +436,68 @@ def map_list(
             f" lease {row['lease']:>6} s  {row['description']!r}"
         )
     click.echo(f"{len(rows)} mapping{'s' if len(rows) != 1 else ''} (* = made by this host's autonat)")
+
+
+def _list_pinholes(
+    journal_path: Path | None,
+    ipv6_gateway: str | None,
+    interface: str | None,
+    timeout: float,
+    root_url: str | None,
+    ipv6_address: str | None,
+    as_json: bool,
+) -> None:
+    """IGD:2 has no action that lists pinholes (WANIPv6FirewallControl:1 §2.4), and PCP none at all: the
+    pinholes listed are the ones the daemon's journal holds, each UPnP one checked on the router by its
+    UniqueID (CheckPinholeWorking: "present" or "gone"); a PCP pinhole cannot be checked without
+    renewing it ("unchecked")."""
+    from autonat.daemon.config import default_journal_path
+    from autonat.engine.journal import Journal
+
+    path = journal_path or default_journal_path()
+    entries = []
+    if path.exists():
+        with Journal(path) as journal:
+            entries = [entry for entry in journal.entries() if entry.family == 6]
+
+    async def go() -> list[str]:
+        states = ["unchecked"] * len(entries)
+        if not any(entry.protocol == "upnp" and entry.unique_id is not None for entry in entries):
+            return states
+        async with await _open_pinholes(ipv6_gateway, interface, timeout, root_url, ipv6_address) as router:
+            for index, entry in enumerate(entries):
+                if entry.protocol == "upnp" and entry.unique_id is not None:
+                    try:
+                        states[index] = "present" if await router.upnp.check(entry.unique_id) else "gone"
+                    except AutonatError as exc:
+                        states[index] = f"unknown ({exc})"
+        return states
+
+    states = run_async(go())
+    rows = [
+        {
+            "family": 6,
+            "transport": str(entry.transport),
+            "internal_address": entry.internal_address,
+            "internal_port": entry.internal_port,
+            "protocol": entry.protocol,
+            "unique_id": entry.unique_id,
+            "owner": entry.owner,
+            "sticky": entry.sticky,
+            "desired": entry.desired,
+            "lease": entry.lease,
+            "gateway": entry.gateway,
+            "on_router": state,
+        }
+        for entry, state in zip(entries, states, strict=True)
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        unique_id = "" if row["unique_id"] is None else f" UniqueID {row['unique_id']}"
+        click.echo(
+            f"  {row['transport']:<3} [{row['internal_address']}]:{row['internal_port']:<5} via {row['protocol']}"
+            f"{unique_id}  {row['on_router']}  owner {row['owner']}{'' if row['desired'] else ' (being removed)'}"
+        )
+    click.echo(f"{len(rows)} pinhole{'s' if len(rows) != 1 else ''} in {path}")

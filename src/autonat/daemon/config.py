@@ -28,7 +28,13 @@ from urllib.parse import urlsplit
 from autonat.acl import AclError, AclList, AclSet, parse_acl_conf_xml
 from autonat.addresses import IPAddress, parse_address
 from autonat.advertise import Addressing, ExtKind, ExtValue, parse_ext_value
-from autonat.engine.settings import DEFAULT_MAX_LEASE, DEFAULT_UPNP_LEASE, NatSettings, ProtocolName
+from autonat.engine.settings import (
+    DEFAULT_MAX_LEASE,
+    DEFAULT_UPNP_LEASE,
+    NatSettings,
+    PinholeProtocolName,
+    ProtocolName,
+)
 from autonat.errors import AutonatError
 from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME
 from autonat.proto.exchange import DEFAULT_DEADLINE
@@ -61,6 +67,8 @@ MAX_INTERFACE_NAME: Final = 15  # IFNAMSIZ - 1
 MAX_WEB_CONNECTIONS: Final = 1024  # each is a descriptor: far below the usual 1024 soft limit with the rest
 
 _PROTOCOLS: Final[dict[str, ProtocolName]] = {"auto": "auto", "pcp": "pcp", "natpmp": "natpmp", "upnp": "upnp"}
+# IPv6 pinholes: NAT-PMP is IPv4 only (RFC 6886 §1).
+_PINHOLE_PROTOCOLS: Final[dict[str, PinholeProtocolName]] = {"auto": "auto", "pcp": "pcp", "upnp": "upnp"}
 _LOG_LEVELS: Final[dict[str, LogLevel]] = {"debug": "debug", "info": "info", "warning": "warning", "error": "error"}
 LogFormat = Literal["text", "json"]
 _LOG_FORMATS: Final[dict[str, LogFormat]] = {"text": "text", "json": "json"}
@@ -507,6 +515,10 @@ def _nat(table: _Table) -> NatConfig:
         stun=_stun(table),
         map_rate=table.number("map_rate", 10.0, 0, 1000, " new mappings a second (0: no limit)"),
         max_lease=table.integer("max_lease", max(DEFAULT_MAX_LEASE, lease), MIN_LEASE, MAX_LIFETIME, seconds),
+        ipv6=table.flag("ipv6", False),
+        ipv6_protocol=table.choice("ipv6-protocol", _PINHOLE_PROTOCOLS, "auto"),
+        ipv6_gateway=_ipv6_gateway(table),
+        ipv6_address=_ipv6_address(table),
     )
     if config.max_lease < config.lease:
         table.error("max_lease", f"must be at least lease ({config.lease}): a lease we ask for is never too long")
@@ -538,6 +550,44 @@ def _gateway(table: _Table) -> str | None:
         # An IP literal only: resolving a name for the router would trust whatever DNS says.
         table.error("gateway", f"must be an IP address (or empty for the default route), not {_quote(text)}")
         return None
+
+
+def _ipv6_literal(table: _Table, key: str, what: str) -> ipaddress.IPv6Address | None:
+    text = table.text(key, "").strip()
+    if not text:
+        return None
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        # IP literals only, as `gateway`: a name would trust whatever DNS says.
+        table.error(key, f"must be {what}, not {_quote(text)}")
+        return None
+
+
+def _ipv6_gateway(table: _Table) -> str | None:
+    """The IPv6 router for pinholes; a link-local one (the usual IPv6 default router) names its
+    interface as its zone, fe80::1%eth0, since fe80::1 exists on every link."""
+    address = _ipv6_literal(table, "ipv6-gateway", "an IPv6 address (or empty for the IPv6 default route)")
+    if address is None:
+        return None
+    if address.is_multicast or address.is_unspecified or address.ipv4_mapped is not None:
+        table.error("ipv6-gateway", f"must be a unicast IPv6 router address, not {_quote(str(address))}")
+        return None
+    if address.is_link_local and not address.scope_id:
+        table.error("ipv6-gateway", f"is link-local: name its interface, e.g. {address}%eth0")
+        return None
+    return str(address)
+
+
+def _ipv6_address(table: _Table) -> str | None:
+    """Which of the host's IPv6 addresses the pinholes are for (and asked from); empty: the stable one."""
+    address = _ipv6_literal(table, "ipv6-address", "one of this host's global IPv6 addresses (or empty)")
+    if address is None:
+        return None
+    if address.is_link_local or address.is_multicast or address.is_unspecified or address.is_loopback:
+        table.error("ipv6-address", f"must be a global IPv6 address of this host, not {_quote(str(address))}")
+        return None
+    return str(address)
 
 
 def _interface(table: _Table) -> str | None:
@@ -940,16 +990,19 @@ def _profiles(top: _Table, report: _Report, acl_names: set[str]) -> tuple[Profil
             )
             profiles.append(ProfileSettings(name, addressing, service))
     listeners: dict[tuple[str, int], str] = {}
+    reported: set[tuple[str, str, int]] = set()
     for profile in profiles:
         where_ip, service = profile.addressing.sip_ip, profile.sip
         tls = profile.addressing.tls_sip_port
         ports = [profile.addressing.sip_port] + ([tls] if tls and service.tls_cert else [])
-        for port in ports if service.listen else []:
-            where = (str(where_ip or "default"), port)
-            if where in listeners:
+        hosts = [str(where_ip or "default")] + ([str(service.sip_ip6 or "default6")] if service.ipv6 else [])
+        for where in [(host, port) for host in hosts for port in ports] if service.listen else []:
+            other = listeners.get(where)
+            if other is not None and (profile.name, other, where[1]) not in reported:  # once, not once per family
+                reported.add((profile.name, other, where[1]))
                 report.error(
-                    f"profile {_quote(profile.name)} listens on port {port} like profile {_quote(listeners[where])}:"
-                    " give one of them another sip-port (or listen = false)"
+                    f"profile {_quote(profile.name)} listens on port {where[1]} like profile"
+                    f" {_quote(listeners[where])}: give one of them another sip-port (or listen = false)"
                 )
             listeners[where] = profile.name
     return tuple(profiles)
@@ -968,6 +1021,7 @@ def _sip_profile(table: _Table, report: _Report) -> ProfileSip:
     max_media = table.integer("max-media-calls", 0, 0, 10_000, " (0: only the [sip] cap)")
     auth_calls = table.flag("auth-calls", True)
     auth_echo = table.flag("auth-echo", False)
+    ipv6, sip_ip6 = _profile_ipv6(table)
     cert = table.text("tls-cert", "").strip()
     key = table.text("tls-key", "").strip()
     for label, path_text in (("tls-cert", cert), ("tls-key", key)):
@@ -1025,7 +1079,34 @@ def _sip_profile(table: _Table, report: _Report) -> ProfileSip:
         max_media_calls=max_media or None,
         auth_calls=auth_calls,
         auth_echo=auth_echo,
+        ipv6=ipv6,
+        sip_ip6=sip_ip6,
     )
+
+
+def _profile_ipv6(table: _Table) -> tuple[bool, ipaddress.IPv6Address | None]:
+    """`sip-ipv6` (listen on IPv6 too) and `sip-ip6` (on which address: one that peers on the internet can
+    reach, so global unicast; by default the host's stable global address). `sip-ip6` alone turns IPv6 on."""
+    text = table.text("sip-ip6", "").strip()
+    ipv6 = table.flag("sip-ipv6", bool(text))
+    if not text:
+        return ipv6, None
+    try:
+        address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        table.error("sip-ip6", f"must be an IPv6 address, not {_quote(text)}")
+        return ipv6, None
+    if not isinstance(address, ipaddress.IPv6Address) or address.ipv4_mapped is not None:
+        table.error("sip-ip6", f"must be an IPv6 address, not {_quote(text)} (the IPv4 one is sip-ip)")
+    elif address.is_unspecified or address.is_multicast or address.is_link_local or address.scope_id:
+        # A wildcard would answer from whichever address the kernel picks (RFC 5118 §4 wants our Via/Contact
+        # address); a link-local one is unreachable beyond the link and has no pinhole to give.
+        table.error("sip-ip6", f"must be a unicast address beyond the link, not {_quote(text)}")
+    elif not ipv6:
+        table.error("sip-ip6", "is set while sip-ipv6 = false: remove one of them")
+    else:
+        return True, address
+    return ipv6, None
 
 
 def _is_ip(text: str) -> bool:

@@ -5,6 +5,7 @@ it is allowed):
     {"cmd": "status"}                                  -> {"ok": true, "result": {...}}
     {"cmd": "add", "port": 5060, "proto": "udp", "sticky": false, "external_port": 0}
     {"cmd": "del", "port": 5060, "proto": "udp"}
+    ("family": 6 in add or del: an IPv6 firewall pinhole for our stable address, with [nat] ipv6 on)
     {"cmd": "republish"} | {"cmd": "reinit"} | {"cmd": "mapping", "enable": true}
     {"cmd": "profiles"} | {"cmd": "profile", "name": "external"} | {"cmd": "calls"} | {"cmd": "registrations"}
     {"cmd": "advertise", "name": "external", "destination": "203.0.113.5", "media": false}
@@ -217,6 +218,12 @@ def _describe(exc: BaseException) -> str:
 def _port(value: object, name: str = "port") -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
         raise ControlError(f"{name} must be a port number 1-65535")
+    return value
+
+
+def _family(value: object) -> int:
+    if type(value) is not int or value not in (4, 6):
+        raise ControlError("family must be 4 (a port mapping) or 6 (an IPv6 pinhole)")
     return value
 
 
@@ -660,18 +667,24 @@ class ControlServer:
             if not isinstance(sticky, bool):
                 raise ControlError("sticky must be true or false")
             external = request.get("external_port", 0)
+            family = _family(request.get("family", 4))
             wanted = Wanted(
                 _transport(request.get("proto")),
                 _port(request.get("port")),
                 0 if external == 0 else _port(external, "external_port"),
                 sticky,
                 "manual",
+                family,
             )
-            return (await engine.add(wanted)).to_dict(time.time())
+            try:
+                return (await engine.add(wanted)).to_dict(time.time())
+            except AutonatError as exc:  # a pinhole with [nat] ipv6 off
+                raise ControlError(str(exc)) from None
         if command == "del":
-            found = await engine.delete(_transport(request.get("proto")), _port(request.get("port")))
+            family = _family(request.get("family", 4))
+            found = await engine.delete(_transport(request.get("proto")), _port(request.get("port")), family)
             if not found:
-                raise ControlError("no such mapping")
+                raise ControlError("no such mapping" if family == 4 else "no such pinhole")
             return {"deleted": True}
         if command == "republish":
             await engine.republish()

@@ -20,6 +20,13 @@ What the whole promises:
   announcements on 224.0.0.1:5350 and SSDP NOTIFY, and from verification; all mappings are re-made.
 - An external address change is an event (old and new), never a restart of anything.
 - `reinit` builds a complete new discovery first and swaps it in atomically.
+- With `settings.ipv6`, IPv6 firewall pinholes (`Wanted(..., family=6)`) are kept exactly so: a second
+  lifecycle core (the same class, `family=6`) with its own router, the IPv6 gateway's PCP or UPnP IGD:2
+  (aio/pinhole.py), discovered in the background beside the IPv4 one; the same journal (rows carry their
+  family and a UPnP pinhole's UniqueID), the same events (with `family: 6`), the same `map_rate` bucket.
+  The SIP service asks for an RTP pinhole as it asks for a mapping: `add(Wanted(UDP, port, owner=...,
+  family=6))`, `delete(UDP, port, family=6)`, `lookup((UDP, port), family=6)` (or `(UDP, port) in
+  engine.pinholes`), `relabel(..., family=6)`.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass
+from ipaddress import IPv6Address
 from typing import Any
 
 from autonat.addresses import IPAddress
 from autonat.aio import watch
+from autonat.aio.pinhole import PinholeProbe, PinholeSession
 from autonat.aio.router import ProbeResult, RouterSession
 from autonat.engine import lifecycle as lc
 from autonat.engine.bus import EventBus
@@ -47,12 +56,32 @@ from autonat.errors import AutonatError
 from autonat.mapper import PortMapper
 from autonat.proto.types import Transport
 
-__all__ = ["EngineStatus", "MappingStatus", "NatEngine", "State", "Wanted"]
+__all__ = ["EngineStatus", "MappingStatus", "NatEngine", "PinholeStatus", "State", "Wanted"]
 
 log = logging.getLogger("autonat.engine")
 holes = logging.getLogger("autonat.holes")
 _LOGGERS = {"holes": holes, "engine": log}
 STATUS_SCHEMA = 2  # the `schema` key of the status JSON (2: typed states, FreeSWITCH's proto_num left to the CLI)
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeStatus:
+    """The IPv6 side of the status (`ipv6` in the status JSON): where pinholes are kept, and how."""
+
+    state: str  # "disabled" | "starting" | "discovering" | "ready" | "stopped"
+    protocol: str | None
+    gateway: str | None
+    local_address: str | None  # the stable address the pinholes are for
+    last_error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "protocol": self.protocol,
+            "gateway": self.gateway,
+            "local_address": self.local_address,
+            "last_error": self.last_error,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +97,9 @@ class EngineStatus:
     stun: dict[str, Any] | None
     mapping_enabled: bool
     last_error: str | None
-    mappings: tuple[MappingStatus, ...]
+    mappings: tuple[MappingStatus, ...]  # IPv4 mappings, then IPv6 pinholes (`family` 6)
     address_history: tuple[tuple[float, IPAddress | None], ...]  # (wall time, address), oldest first
+    ipv6: PinholeStatus | None = None  # None unless `[nat] ipv6` is on
 
     def to_dict(self, wall: float) -> dict[str, Any]:
         return {
@@ -87,29 +117,35 @@ class EngineStatus:
             "address_history": [
                 {"at": round(at, 3), "address": None if a is None else str(a)} for at, a in self.address_history
             ],
+            "ipv6": None if self.ipv6 is None else self.ipv6.to_dict(),
         }
 
 
 class _Mappings(MappingABC[Key, MappingStatus]):
-    """A read-only view of the engine's mappings as snapshots."""
+    """A read-only view of the engine's mappings (or, `family` 6, its pinholes) as snapshots."""
 
-    def __init__(self, engine: NatEngine) -> None:
+    def __init__(self, engine: NatEngine, family: int = 4) -> None:
         self._engine = engine
+        self._family = family
+
+    def _records(self) -> dict[Key, lc.Record]:
+        core = self._engine._core_of(self._family, required=False)
+        return {} if core is None else core.records
 
     def __getitem__(self, key: Key) -> MappingStatus:
-        status = self._engine.lookup(key)
+        status = self._engine.lookup(key, self._family)
         if status is None:
             raise KeyError(key)
         return status
 
     def __contains__(self, key: object) -> bool:
-        return key in self._engine._core.records
+        return key in self._records()
 
     def __iter__(self) -> Iterator[Key]:
-        return iter(list(self._engine._core.records))
+        return iter(list(self._records()))
 
     def __len__(self) -> int:
-        return len(self._engine._core.records)
+        return len(self._records())
 
 
 class NatEngine:
@@ -122,6 +158,7 @@ class NatEngine:
         *,
         rand: Callable[[], float] = random.random,
         session_factory: Callable[..., Any] = RouterSession.open,
+        pinhole_factory: Callable[..., Any] = PinholeSession.open,
     ) -> None:
         self.settings = settings
         self.journal = journal
@@ -131,13 +168,21 @@ class NatEngine:
         self.stun_result: dict[str, Any] | None = None
         self._core = Lifecycle(settings, rand=rand)
         self._session_factory = session_factory
+        # IPv6 pinholes: their own core (one map_rate bucket for both), session and probe.
+        self._core6 = (
+            Lifecycle(settings, rand=rand, family=6, new_holes=self._core.new_holes) if settings.ipv6 else None
+        )
+        self._pinhole_factory = pinhole_factory
+        self.session6: PinholeSession | None = None
+        self.probe6: PinholeProbe | None = None
+        self._state6 = "disabled" if not (settings.enabled and settings.ipv6) else "starting"
         self._state = "disabled" if not settings.enabled else "starting"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[asyncio.BaseTransport] = []
         self._ready = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._waiters: dict[Key, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[tuple[int, Key], list[asyncio.Future[None]]] = {}
         self._wall_offset = time.time() - time.monotonic()
         self._router_errors: dict[tuple[str, int], int] = {}  # of the sessions before the current one
 
@@ -168,6 +213,36 @@ class NatEngine:
         return _Mappings(self)
 
     @property
+    def pinholes(self) -> MappingABC[Key, MappingStatus]:
+        """The IPv6 pinholes, by (transport, port): empty unless `settings.ipv6`."""
+        return _Mappings(self, 6)
+
+    @property
+    def ipv6_local_address(self) -> str | None:
+        """The stable IPv6 address pinholes are for (what an IPv6 peer is told), once discovered."""
+        return None if self.session6 is None else str(self.session6.location.local_address)
+
+    def _core_of(self, family: int, *, required: bool = True) -> Lifecycle | None:
+        if family == 4:
+            return self._core
+        if family == 6 and self._core6 is not None:
+            return self._core6
+        if required:
+            raise AutonatError("IPv6 pinholes are off ([nat] ipv6 = false)" if family == 6 else f"no family {family}")
+        return None
+
+    def _core_for(self, family: int) -> Lifecycle:
+        core = self._core_of(family)
+        assert core is not None
+        return core
+
+    def _cores(self) -> list[Lifecycle]:
+        return [self._core] if self._core6 is None else [self._core, self._core6]
+
+    def _has_session(self, family: int) -> bool:
+        return (self.session if family == 4 else self.session6) is not None
+
+    @property
     def removing(self) -> int:
         """Mappings decided deleted whose deletion the router has not confirmed yet."""
         return self._core.removing
@@ -176,19 +251,21 @@ class NatEngine:
         """Every error code the router answered since start, handled (a 725 answered with a permanent
         lease, docs/QUIRKS.md U1) or final, by (protocol, code); the metrics' autonat_router_errors_total."""
         counts = dict(self._router_errors)
-        if self.session is not None:
-            for key, count in self.session.router_errors().items():
-                counts[key] = counts.get(key, 0) + count
+        for session in (self.session, self.session6):
+            if session is not None:
+                for key, count in session.router_errors().items():
+                    counts[key] = counts.get(key, 0) + count
         return counts
 
-    def _retire(self, session: RouterSession) -> None:
+    def _retire(self, session: RouterSession | PinholeSession) -> None:
         """Keep a session's error counts before it goes (the counter must never go down)."""
         for key, count in session.router_errors().items():
             self._router_errors[key] = self._router_errors.get(key, 0) + count
         session.close()
 
-    def lookup(self, key: Key) -> MappingStatus | None:
-        return self._core.status_of(key, self._now())
+    def lookup(self, key: Key, family: int = 4) -> MappingStatus | None:
+        core = self._core_of(family, required=False)
+        return None if core is None else core.status_of(key, self._now())
 
     def map_budget(self) -> float:
         """How many new mappings may go to the router right now (`map_rate`): a caller that cannot wait
@@ -198,6 +275,18 @@ class NatEngine:
     def status_object(self) -> EngineStatus:
         core, now = self._core, self._now()
         probe = self.probe
+        ipv6 = None
+        mappings = core.statuses(now)
+        if self._core6 is not None:
+            mappings += self._core6.statuses(now)
+            session6 = self.session6
+            ipv6 = PinholeStatus(
+                state=self._state6,
+                protocol=None if self.probe6 is None else self.probe6.selected,
+                gateway=None if session6 is None else str(session6.location.gateway),
+                local_address=self.ipv6_local_address,
+                last_error=self._core6.last_error,
+            )
         return EngineStatus(
             nat="disabled" if not self.settings.enabled else "enabled",
             state=self._state,
@@ -209,8 +298,9 @@ class NatEngine:
             stun=self.stun_result,
             mapping_enabled=core.mapping_enabled,
             last_error=core.last_error,
-            mappings=tuple(core.statuses(now)),
+            mappings=tuple(mappings),
             address_history=tuple((at + self._wall_offset, address) for at, address in core.address_history),
+            ipv6=ipv6,
         )
 
     def status(self) -> dict[str, Any]:
@@ -223,10 +313,16 @@ class NatEngine:
         return asyncio.get_running_loop().time()
 
     async def start(self, static: Iterable[Wanted] = ()) -> None:
-        """Returns at once: discovery and mapping happen in the background."""
-        self._core.start(static, self._now())
+        """Returns at once: discovery and mapping happen in the background (for IPv6 pinholes too)."""
+        wanted = list(static)
+        for family in (6, 4):  # a family-6 wish without [nat] ipv6 fails before anything starts
+            core = self._core_of(family, required=any(w.family == family for w in wanted))
+            if core is not None:
+                core.start([w for w in wanted if w.family == family], self._now())
         if self.settings.enabled:
             self._state = "discovering"
+            if self._core6 is not None:
+                self._state6 = "discovering"
         self._run()
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -239,14 +335,17 @@ class NatEngine:
         """Delete every non-sticky mapping within `shutdown_timeout`; sticky ones stay (and stay journalled).
         What the router did not confirm by then stays tombstoned in the journal: the next start deletes it."""
         self._close_listeners()
-        keys = self._core.stop(self._now())
+        now = self._now()
+        doomed = [
+            (core.family, key) for core in self._cores() for key in core.stop(now) if self._has_session(core.family)
+        ]
         self._run()
-        if keys and self.session is not None:
+        if doomed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.shutdown_timeout):
-                    while any(key in self._core.records for key in keys):
-                        await self._settled(keys)
-            left = sum(key in self._core.records for key in keys)
+                    while any(self._pending(item) for item in doomed):
+                        await self._settled(doomed)
+            left = sum(self._pending(item) for item in doomed)
             if left:
                 log.warning(
                     "%d mapping(s) not confirmed deleted within %g s; the journal keeps them and the next start"
@@ -264,63 +363,95 @@ class NatEngine:
         if self.session is not None:
             self._retire(self.session)
             self.session = None
+        if self.session6 is not None:
+            self._retire(self.session6)
+            self.session6 = None
         self._state = "stopped"
+        if self._core6 is not None:
+            self._state6 = "stopped"
+
+    def _pending(self, item: tuple[int, Key]) -> bool:
+        """Is the mapping (family, key) still in its core (a delete not yet confirmed)?"""
+        return item[1] in self._core_for(item[0]).records
 
     # --- commands (nat_map verbs) --------------------------------------------------------------------
 
     async def add(self, wanted: Wanted, wait: float | None = None) -> MappingStatus:
-        """Want a mapping; with the router known, wait (up to `wait` s) for its first result."""
-        self._core.want(wanted, self._now())
+        """Want a mapping (`wanted.family` 6: an IPv6 pinhole); with the router known, wait (up to `wait` s)
+        for its first result. AutonatError for a pinhole while `[nat] ipv6` is off."""
+        family = wanted.family
+        core = self._core_for(family)
+        core.want(wanted, self._now())
         self._run()
-        if self.session is not None and self._core.mapping_enabled:
+        if self._has_session(family) and core.mapping_enabled:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait if wait is not None else self.settings.timeout * 3):
-                    while (record := self._core.records.get(wanted.key)) is not None and (
+                    while (record := core.records.get(wanted.key)) is not None and (
                         record.inflight is not None or record.state in (State.PENDING,)
                     ):
-                        await self._settled([wanted.key])
-        status = self.lookup(wanted.key)
+                        await self._settled([(family, wanted.key)])
+        status = self.lookup(wanted.key, family)
         assert status is not None
         return status
 
-    def relabel(self, transport: Transport, internal_port: int, owner: str) -> None:
+    def relabel(self, transport: Transport, internal_port: int, owner: str, family: int = 4) -> None:
         """Give a mapping a new owner (a pooled RTP pair taken by a call); journalled at its next refresh."""
-        self._core.relabel((transport, internal_port), owner)
+        core = self._core_of(family, required=False)
+        if core is not None:
+            core.relabel((transport, internal_port), owner)
 
-    async def delete(self, transport: Transport, internal_port: int) -> bool:
-        """Stop wanting a mapping and delete it on the router. False if there is no such mapping; True
-        once the delete is decided (and its first attempt has a result): if the router does not confirm,
-        the engine keeps trying in the background, the journal keeping it tombstoned meanwhile."""
+    async def delete(self, transport: Transport, internal_port: int, family: int = 4) -> bool:
+        """Stop wanting a mapping (`family` 6: a pinhole) and delete it on the router. False if there is no
+        such mapping; True once the delete is decided (and its first attempt has a result): if the router
+        does not confirm, the engine keeps trying in the background, the journal keeping it tombstoned."""
+        core = self._core_of(family, required=False)
         key = (transport, internal_port)
-        if not self._core.unwant(key, self._now()):
+        if core is None or not core.unwant(key, self._now()):
             return False
         self._run()
-        record = self._core.records.get(key)
-        if record is not None and record.state is State.REMOVING and self.session is not None:
+        record = core.records.get(key)
+        if record is not None and record.state is State.REMOVING and self._has_session(family):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.timeout * 3):
-                    while (record := self._core.records.get(key)) is not None and record.inflight is not None:
-                        await self._settled([key])
+                    while (record := core.records.get(key)) is not None and record.inflight is not None:
+                        await self._settled([(family, key)])
         return True
 
     async def republish(self) -> None:
-        """Re-send every mapping now (FreeSWITCH's `nat_map republish`)."""
-        self._core.republish(self._now())
+        """Re-send every mapping (and pinhole) now (FreeSWITCH's `nat_map republish`)."""
+        now = self._now()
+        for core in self._cores():
+            core.republish(now)
         self._run()
-        keys = list(self._core.records)
+        await self._until_settled()
+
+    async def _until_settled(self) -> None:
+        """Until every mapping's request now out (or about to be) has its answer, within 3 timeouts."""
+        items = [(core.family, key) for core in self._cores() for key in core.records]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.timeout * 3):
-                while self._core.settling(keys):
-                    await self._settled(keys)
+                while any(self._core_for(family).settling([key]) for family, key in items):
+                    await self._settled(items)
 
     async def reinit(self) -> ProbeResult:
-        """Rediscover; swap the new router state in only once it is complete, then re-make the mappings."""
+        """Rediscover; swap the new router state in only once it is complete, then re-make the mappings.
+        The IPv6 side too, when on: a rediscovery that fails there leaves its old state (and says why)."""
         session, probe = await self._open_session()
-        old = self.session
+        session6: tuple[PinholeSession, PinholeProbe] | None = None
+        if self._core6 is not None:
+            try:
+                session6 = await self._open_session6()
+            except AutonatError as exc:
+                self._core6.last_error = str(exc)
+        old, old6 = self.session, self.session6
         self._close_listeners()
         self._install(session, probe)
+        if session6 is not None:
+            self._install6(*session6)
         if old is not None:
             self._retire(old)
+        if old6 is not None and session6 is not None:
+            self._retire(old6)
         await self._start_listeners()
         await self.republish()
         return probe
@@ -328,40 +459,40 @@ class NatEngine:
     async def set_mapping_enabled(self, enabled: bool) -> None:
         """`nat_map mapping enable|disable`: disabling removes our mappings from the router but keeps
         them wanted, so enabling puts them back."""
-        self._core.set_enabled(enabled, self._now())
+        now = self._now()
+        for core in self._cores():
+            core.set_enabled(enabled, now)
         self._run()
-        keys = list(self._core.records)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.timeout * 3):
-                while self._core.settling(keys):
-                    await self._settled(keys)
+        await self._until_settled()
 
     async def check_router(self) -> None:
         """Ask the router for its external address now (and, through the epoch, whether it rebooted)."""
-        self._core.check_address(self._now())
+        now = self._now()
+        for core in self._cores():
+            core.check_address(now)
         self._run()
         await asyncio.sleep(0)
 
     # --- driving the core ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Perform what the core decided, then re-arm the one timer."""
-        actions = self._core.actions()
-        journal: list[lc.Action] = []
-        for action in actions:
-            if isinstance(action, lc.JOURNAL_ACTIONS):
-                journal.append(action)
-                continue
+        """Perform what the cores decided (each core's actions in their order), then re-arm the one timer."""
+        for core in self._cores():
+            journal: list[lc.Action] = []
+            for action in core.actions():
+                if isinstance(action, lc.JOURNAL_ACTIONS):
+                    journal.append(action)
+                    continue
+                if journal:
+                    self._write_journal(journal)  # durable before any request that follows it
+                    journal = []
+                self._perform(action, core.family)
             if journal:
-                self._write_journal(journal)  # durable before any request that follows it
-                journal = []
-            self._perform(action)
-        if journal:
-            self._write_journal(journal)
+                self._write_journal(journal)
         self._arm()
 
     def _arm(self) -> None:
-        when = self._core.timer()
+        when = min((t for core in self._cores() if (t := core.timer()) is not None), default=None)
         if when == self._timer_at and self._timer is not None:
             return
         if self._timer is not None:
@@ -375,27 +506,30 @@ class NatEngine:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self._core.handle_timer(self._now())
+        now = self._now()
+        for core in self._cores():
+            core.handle_timer(now)
         self._run()
 
-    def _perform(self, action: lc.Action) -> None:
+    def _perform(self, action: lc.Action, family: int = 4) -> None:
         if isinstance(action, lc.RequestMap):
-            self._spawn(self._map(action))
+            self._spawn(self._map(action) if family == 4 else self._map6(action))
         elif isinstance(action, lc.RequestDelete):
-            self._spawn(self._delete(action))
+            self._spawn(self._delete(action) if family == 4 else self._delete6(action))
         elif isinstance(action, lc.RequestVerify):
+            assert family == 4, "a pinhole is refreshed, never verified (lifecycle: U18)"
             self._spawn(self._verify(action))
         elif isinstance(action, lc.QueryAddress):
-            self._spawn(self._query_address(action.protocol))
+            self._spawn(self._query_address(action.protocol) if family == 4 else self._query_epoch6())
         elif isinstance(action, lc.Discover):
-            self._spawn(self._discover())
+            self._spawn(self._discover() if family == 4 else self._discover6())
         elif isinstance(action, lc.Emit):
             self.events.publish(action.kind, **action.data)
         elif isinstance(action, lc.Log):
             extra = None if action.fields is None else {"fields": action.fields}
             getattr(_LOGGERS[action.channel], action.level)("%s", action.message, extra=extra)
         elif isinstance(action, lc.Settled):
-            for waiter in self._waiters.pop(action.key, []):
+            for waiter in self._waiters.pop((action.family, action.key), []):
                 if not waiter.done():
                     waiter.set_result(None)
         elif isinstance(action, lc.AddressChanged) and self.settings.stun and action.old is not None:
@@ -423,17 +557,19 @@ class NatEngine:
                     external_port=action.external_port,
                     lease=action.lease,
                     updated_at=wall,
+                    family=action.family,
+                    unique_id=action.unique_id,
                 )
                 operations.append(("record", entry))
             elif isinstance(action, lc.JournalTombstone):
-                operations.append(("tombstone", [(action.gateway, *key) for key in action.keys]))
+                operations.append(("tombstone", [(action.gateway, *key, action.family) for key in action.keys]))
             else:
                 assert isinstance(action, lc.JournalRemove)
-                operations.append(("remove", [(action.gateway, *action.key)]))
+                operations.append(("remove", [(action.gateway, *action.key, action.family)]))
         self.journal.apply(operations, wall)
 
-    async def _settled(self, keys: list[Key]) -> None:
-        """Until one of `keys` has a result."""
+    async def _settled(self, keys: list[tuple[int, Key]]) -> None:
+        """Until one of `keys` ((family, key) pairs) has a result."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         for key in keys:
@@ -460,6 +596,53 @@ class NatEngine:
             # A bug must be loud, not a silently dead background task.
             log.error("engine task %s failed: %r", task.get_coro(), task.exception())
             self._core.last_error = f"internal error: {task.exception()!r}"
+
+    # --- the IPv6 pinholes' router requests (aio/pinhole.py) ---------------------------------------------
+
+    def _pinhole_mapper(self, protocol: str) -> PortMapper:
+        assert self.session6 is not None
+        return self.session6.pcp if protocol == "pcp" else self.session6.upnp
+
+    async def _map6(self, action: lc.RequestMap) -> None:
+        assert self.session6 is not None and self._core6 is not None
+        try:
+            if action.protocol == "upnp":
+                granted = await self.session6.upnp.add(action.request, unique_id=action.unique_id)
+            else:
+                granted = await self._pinhole_mapper(action.protocol).add(action.request)
+        except AutonatError as exc:
+            self._core6.request_failed(
+                action.key, str(exc), self._now(), code=getattr(exc, "code", None), protocol=action.protocol
+            )
+        else:
+            self._core6.granted(action.key, granted, self._now())
+        self._run()
+
+    async def _delete6(self, action: lc.RequestDelete) -> None:
+        assert self.session6 is not None and self._core6 is not None
+        transport, port = action.key
+        try:
+            if action.protocol == "upnp" and action.unique_id is not None:
+                await self.session6.upnp.delete_pinhole(action.unique_id)
+            else:
+                await self._pinhole_mapper(action.protocol).delete(transport, port)
+        except AutonatError as exc:
+            self._core6.delete_failed(
+                action.key, str(exc), self._now(), code=getattr(exc, "code", None), protocol=action.protocol
+            )
+        else:
+            self._core6.deleted(action.key, self._now())
+        self._run()
+
+    async def _query_epoch6(self) -> None:
+        """PCP's ANNOUNCE (RFC 6887 §14.1): the IPv6 router's epoch, which tells a reboot."""
+        assert self.session6 is not None and self._core6 is not None
+        status = await self.session6.pcp.probe()
+        if status.available:
+            self._core6.address("pcp", None, status.epoch, self._now())
+        else:
+            self._core6.address_failed(status.reason, self._now())
+        self._run()
 
     # --- the router requests ---------------------------------------------------------------------------
 
@@ -553,9 +736,63 @@ class NatEngine:
             return
         self._install(session, probe)
         if self.journal is not None:
-            self._core.adopt(self._leftovers(), self._now())
+            self._core.adopt(self._leftovers(4), self._now())
         self._run()
         await self._start_listeners()
+
+    async def _open_session6(self) -> tuple[PinholeSession, PinholeProbe]:
+        settings = self.settings
+        session: PinholeSession = await self._pinhole_factory(
+            settings.ipv6_gateway,
+            settings.interface,
+            settings.timeout,
+            None,
+            local_address=settings.ipv6_address,
+            max_lifetime=settings.max_lease,
+        )
+        try:
+            probe = await session.probe(settings.ipv6_protocol)
+            if probe.selected is None:
+                reasons = "; ".join(f"{name}: {status.reason}" for name, status in probe.protocols.items())
+                raise AutonatError(f"no pinhole protocol works with {session.location.gateway} ({reasons})")
+        except BaseException:
+            session.close()
+            raise
+        return session, probe
+
+    async def _discover6(self) -> None:
+        assert self._core6 is not None
+        try:
+            session, probe = await self._open_session6()
+        except AutonatError as exc:
+            self._core6.discovery_failed(str(exc), self._now())
+            self._run()
+            return
+        self._install6(session, probe)
+        if self.journal is not None:
+            self._core6.adopt(self._leftovers(6), self._now())
+        self._run()
+        await self._start_listeners6()
+
+    def _install6(self, session: PinholeSession, probe: PinholeProbe) -> None:
+        assert probe.selected is not None and self._core6 is not None
+        self.session6, self.probe6 = session, probe
+        router = Router(
+            gateway=str(session.location.gateway),
+            local_address=str(session.location.local_address),
+            protocol=probe.selected,
+        )
+        self._state6 = "ready"
+        log.info("IPv6 pinholes: %s via %s for %s", probe.selected, router.gateway, router.local_address)
+        self.events.publish(
+            EventKind.DISCOVERED,
+            protocol=probe.selected,
+            gateway=router.gateway,
+            local_address=router.local_address,
+            family=6,
+        )
+        self._core6.discovered(router, None, self._now())
+        self._run()
 
     def _install(self, session: RouterSession, probe: ProbeResult) -> None:
         assert probe.selected is not None
@@ -583,7 +820,7 @@ class NatEngine:
             self._spawn(self.stun_check())
         self._run()
 
-    def _leftovers(self) -> list[lc.Leftover]:
+    def _leftovers(self, family: int) -> list[lc.Leftover]:
         assert self.journal is not None
         wall = time.time()
         return [
@@ -599,8 +836,10 @@ class NatEngine:
                 external_port=entry.external_port,
                 lease=entry.lease,
                 age=max(0.0, wall - entry.updated_at),
+                unique_id=entry.unique_id,
             )
             for entry in self.journal.entries()
+            if entry.family == family
         ]
 
     async def _start_listeners(self) -> None:
@@ -615,13 +854,35 @@ class NatEngine:
                 continue
             self._listeners.append(transport)
 
+    async def _start_listeners6(self) -> None:
+        if self.session6 is None:
+            return
+        location = self.session6.location
+        local, gateway = self.session6.local_address, location.gateway
+        assert isinstance(gateway, IPv6Address)
+        try:
+            transport, _ = await watch.listen_announcements(
+                local, gateway, self._on_router_message, interface=location.interface
+            )
+            self._listeners.append(transport)
+            self._listeners.extend(
+                await watch.listen_notify6(local, gateway, self._on_router_message, interface=location.interface)
+            )
+        except OSError as exc:
+            log.info("cannot listen for IPv6 router announcements (%s); relying on periodic checks", exc)
+
     def _close_listeners(self) -> None:
         for transport in self._listeners:
             transport.close()
         self._listeners.clear()
 
     def _on_router_message(self, message: object) -> None:
-        self._core.announced(self._now())
+        """An announcement or NOTIFY from either family's gateway is a cue for both cores: in a home both
+        are one box, and miniupnpd sends its start-up ANNOUNCE over IPv4 only (docs/QUIRKS.md P9). A cue
+        only makes a core ask its own router (lifecycle `announced`), so a wrong guess costs one request."""
+        now = self._now()
+        for core in self._cores():
+            core.announced(now)
         self._run()
 
     async def stun_check(self) -> None:

@@ -32,14 +32,14 @@ from typing import Any, Self
 from autonat.errors import AutonatError
 from autonat.proto.types import Transport
 
-SCHEMA_VERSION = 1  # PRAGMA user_version; 0 is a fresh file
+SCHEMA_VERSION = 2  # PRAGMA user_version; 0 is a fresh file, 1 had no family / unique_id (migrated on open)
 PROTOCOLS = frozenset({"pcp", "natpmp", "upnp"})
 MAX_LEASE = 2**32 - 1  # PCP and NAT-PMP lifetimes are 32-bit; anything wider is not a lease
 BUSY_TIMEOUT_MS = 5000  # another process's write transaction is a few ms; 5 s means something is stuck
 
 _COLUMNS = (
     "gateway, transport, internal_port, owner, sticky, desired, protocol, internal_address,"
-    " requested_external_port, external_port, lease, updated_at"
+    " requested_external_port, external_port, lease, updated_at, family, unique_id"
 )
 _SCHEMA = """
 CREATE TABLE mappings (
@@ -55,23 +55,39 @@ CREATE TABLE mappings (
     external_port INTEGER,
     lease INTEGER NOT NULL,
     updated_at REAL NOT NULL,
-    PRIMARY KEY (gateway, transport, internal_port)
+    family INTEGER NOT NULL DEFAULT 4,
+    unique_id INTEGER,
+    PRIMARY KEY (gateway, transport, internal_port, family)
 )
 """
+# Schema 1 -> 2 (IPv6 pinholes, issue 15): `family` and `unique_id` added, and `family` joins the key (an
+# IPv4 mapping made through an IPv6 PCP server, as DS-Lite does, and a pinhole may share a gateway and
+# port). Every schema-1 row is an IPv4 mapping without a UniqueID, so the rows are copied as they are. SQLite
+# cannot change a primary key in place: the table is rebuilt, in the one transaction that opens the file.
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE mappings RENAME TO mappings_v1",
+    _SCHEMA,
+    "INSERT INTO mappings (gateway, transport, internal_port, owner, sticky, desired, protocol, internal_address,"
+    " requested_external_port, external_port, lease, updated_at, family, unique_id)"
+    " SELECT gateway, transport, internal_port, owner, sticky, desired, protocol, internal_address,"
+    " requested_external_port, external_port, lease, updated_at, 4, NULL FROM mappings_v1",
+    "DROP TABLE mappings_v1",
+)
 _UPSERT = f"""
-INSERT INTO mappings ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (gateway, transport, internal_port) DO UPDATE SET
+INSERT INTO mappings ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (gateway, transport, internal_port, family) DO UPDATE SET
     owner = excluded.owner, sticky = excluded.sticky, desired = excluded.desired,
     protocol = excluded.protocol, internal_address = excluded.internal_address,
     requested_external_port = excluded.requested_external_port, external_port = excluded.external_port,
-    lease = excluded.lease, updated_at = excluded.updated_at
+    lease = excluded.lease, updated_at = excluded.updated_at, unique_id = excluded.unique_id
 """  # noqa: S608 (column names are constants)
-_SELECT_ALL = f"SELECT {_COLUMNS} FROM mappings ORDER BY gateway, transport, internal_port"  # noqa: S608
-_KEY = "gateway = ? AND transport = ? AND internal_port = ?"
+_SELECT_ALL = f"SELECT {_COLUMNS} FROM mappings ORDER BY gateway, transport, internal_port, family"  # noqa: S608
+_KEY = "gateway = ? AND transport = ? AND internal_port = ? AND family = ?"
 _CORRUPT = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 
-JournalKey = tuple[str, Transport, int]  # (gateway, transport, internal_port)
+# (gateway, transport, internal_port), an IPv4 mapping, or with the family last: (..., 6) is a pinhole.
+JournalKey = tuple[str, Transport, int] | tuple[str, Transport, int, int]
 JournalOp = tuple[str, "JournalEntry | list[JournalKey]"]
 
 
@@ -89,6 +105,8 @@ def _values(entry: JournalEntry) -> tuple[Any, ...]:
         entry.external_port,
         entry.lease,
         float(entry.updated_at),
+        entry.family,
+        entry.unique_id,
     )
 
 
@@ -116,8 +134,8 @@ def _integer(value: object, what: str, low: int, high: int) -> None:
 class JournalEntry:
     """One mapping as the journal knows it. Construction validates, so a bad value never reaches SQL or a router.
 
-    Addresses are stored in canonical form; the key is (gateway, transport, internal_port): a router holds at
-    most one mapping per internal port and transport for us.
+    Addresses are stored in canonical form; the key is (gateway, transport, internal_port, family): a router
+    holds at most one mapping (family 4) and one pinhole (family 6) per internal port and transport for us.
     """
 
     transport: Transport
@@ -132,6 +150,8 @@ class JournalEntry:
     external_port: int | None  # None until the router granted one
     lease: int
     updated_at: float  # wall-clock seconds (time.time()), from the caller so tests control it
+    family: int = 4  # 6: an IPv6 firewall pinhole (its gateway and internal address are IPv6)
+    unique_id: int | None = None  # a UPnP pinhole's UniqueID (WANIPv6FirewallControl §2.3.8), 0..65535
 
     def __post_init__(self) -> None:
         if not isinstance(self.transport, Transport):
@@ -155,16 +175,23 @@ class JournalEntry:
             or not math.isfinite(self.updated_at)
         ):
             raise ValueError(f"updated_at must be a finite number of seconds, not {self.updated_at!r}")
+        if type(self.family) is not int or self.family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, not {self.family!r}")
+        if self.unique_id is not None:
+            _integer(self.unique_id, "unique id", 0, 0xFFFF)
+            if self.family != 6:
+                raise ValueError("only an IPv6 pinhole has a unique id")
 
     @property
     def key(self) -> tuple[str, Transport, int]:
+        """(gateway, transport, internal_port): with `family`, the row's primary key."""
         return (self.gateway, self.transport, self.internal_port)
 
     @classmethod
     def _from_row(cls, row: tuple[Any, ...]) -> JournalEntry:
         """Rebuild an entry from SQL values, which SQLite's loose typing lets a hand edit make anything."""
         (gateway, transport, internal_port, owner, sticky, desired, protocol, internal_address) = row[:8]
-        (requested_external_port, external_port, lease, updated_at) = row[8:]
+        (requested_external_port, external_port, lease, updated_at, family, unique_id) = row[8:]
         if not isinstance(transport, str):
             raise ValueError(f"transport must be udp or tcp, not {transport!r}")
         flags = []
@@ -187,6 +214,8 @@ class JournalEntry:
             external_port=external_port,
             lease=lease,
             updated_at=updated_at,
+            family=family,
+            unique_id=unique_id,
         )
 
 
@@ -251,6 +280,10 @@ class Journal:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version < 0:
                 raise JournalError(self._move_away(f"is not an autonat journal (schema {version})"))
+            elif version == 1:
+                for statement in _MIGRATE_1_TO_2:  # in the same transaction: all or nothing
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -278,11 +311,13 @@ class Journal:
                 raise self._error(exc) from None
 
     @staticmethod
-    def _key(gateway: str, transport: Transport, internal_port: int) -> tuple[str, str, int]:
+    def _key(gateway: str, transport: Transport, internal_port: int, family: int = 4) -> tuple[str, str, int, int]:
         if not isinstance(transport, Transport):
             raise ValueError(f"transport must be a Transport, not {transport!r}")
         _integer(internal_port, "internal port", 1, 65535)
-        return (_address(gateway, "gateway"), transport.value, internal_port)
+        if type(family) is not int or family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, not {family!r}")
+        return (_address(gateway, "gateway"), transport.value, internal_port, family)
 
     def record(self, entry: JournalEntry) -> None:
         """Insert or replace the entry under its key. Call BEFORE asking the router for the mapping."""
@@ -290,11 +325,19 @@ class Journal:
             self._db.execute(_UPSERT, _values(entry))
 
     def granted(
-        self, gateway: str, transport: Transport, internal_port: int, external_port: int, lease: int, now: float
+        self,
+        gateway: str,
+        transport: Transport,
+        internal_port: int,
+        external_port: int,
+        lease: int,
+        now: float,
+        *,
+        family: int = 4,
     ) -> None:
         """Note what the router granted. KeyError if the row is gone: the router now holds a mapping we do not
         journal (someone removed it meanwhile), and the caller must record it again or delete it."""
-        key = self._key(gateway, transport, internal_port)
+        key = self._key(gateway, transport, internal_port, family)
         _integer(external_port, "external port", 1, 65535)
         _integer(lease, "lease", 0, MAX_LEASE)
         with self._guard():
@@ -305,10 +348,10 @@ class Journal:
         if cursor.rowcount == 0:
             raise KeyError(key)
 
-    def tombstone(self, gateway: str, transport: Transport, internal_port: int, now: float) -> None:
+    def tombstone(self, gateway: str, transport: Transport, internal_port: int, now: float, *, family: int = 4) -> None:
         """Mark the mapping as no longer wanted (desired=False), BEFORE asking the router to delete it: if we
         die in between, the next start-up deletes it instead of re-establishing it. KeyError if no such row."""
-        key = self._key(gateway, transport, internal_port)
+        key = self._key(gateway, transport, internal_port, family)
         with self._guard():
             cursor = self._db.execute(
                 f"UPDATE mappings SET desired = 0, updated_at = ? WHERE {_KEY}",  # noqa: S608
@@ -320,8 +363,9 @@ class Journal:
     def apply(self, operations: list[JournalOp], now: float) -> None:
         """Several writes in ONE transaction (one fsync), in order: ("record", entry) inserts or replaces a
         row, ("tombstone", keys) marks rows no longer desired, ("remove", keys) forgets rows. Keys are
-        (gateway, transport, internal_port); a tombstone or remove of a missing row is not an error. The
-        lifecycle core batches what one step decides, so a burst of mappings costs one fsync, not one each."""
+        (gateway, transport, internal_port), with the family last for a pinhole's (6); a tombstone or remove
+        of a missing row is not an error. The lifecycle core batches what one step decides, so a burst of
+        mappings costs one fsync, not one each."""
         if not operations:
             return
         with self._guard():
@@ -350,9 +394,9 @@ class Journal:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def remove(self, gateway: str, transport: Transport, internal_port: int) -> None:
+    def remove(self, gateway: str, transport: Transport, internal_port: int, *, family: int = 4) -> None:
         """Forget the mapping. Call only AFTER the router confirmed the delete. A missing row is fine."""
-        key = self._key(gateway, transport, internal_port)
+        key = self._key(gateway, transport, internal_port, family)
         with self._guard():
             self._db.execute(f"DELETE FROM mappings WHERE {_KEY}", key)  # noqa: S608
 
@@ -368,9 +412,9 @@ class Journal:
                 good.append(entry)
         return good
 
-    def get(self, gateway: str, transport: Transport, internal_port: int) -> JournalEntry | None:
+    def get(self, gateway: str, transport: Transport, internal_port: int, *, family: int = 4) -> JournalEntry | None:
         """The entry under this key, or None if there is none (or it is unreadable, then noted in `skipped`)."""
-        key = self._key(gateway, transport, internal_port)
+        key = self._key(gateway, transport, internal_port, family)
         with self._guard():
             row = self._db.execute(f"SELECT {_COLUMNS} FROM mappings WHERE {_KEY}", key).fetchone()  # noqa: S608
         return None if row is None else self._read(row)

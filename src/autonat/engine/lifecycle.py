@@ -34,11 +34,21 @@ States and transitions (`_ALLOWED`; anything else is a bug and raises):
 
 One operation at a time per mapping (`Record.inflight`): a decision that comes while one is out waits
 for its result, which is the only concurrency device; the driver needs no locks.
+
+IPv6 firewall pinholes (`family` 6) run through this same core, one instance per family: the same states,
+schedule, caps, journal rule and events, for the IPv6 gateway's PCP or UPnP IGD:2. What differs is
+declared here, not in the driver: a pinhole's "external" address is our own (RFC 6887 §11.1 on a
+firewall), so a grant is never taken as the router's external address and a family-6 core owns none (no
+address events, no double NAT); the address check is PCP's epoch alone (an ANNOUNCE, or the refresh of
+the mapping due soonest), UPnP has none; a UPnP pinhole is refreshed (UpdatePinhole, which also proves it
+is there: docs/QUIRKS.md U18) and deleted by the UniqueID the router gave it, which the record and the
+journal keep. Every event and journal row says its family.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import heapq
 import math
@@ -56,6 +66,7 @@ from autonat.proto.epoch import EpochTracker
 from autonat.proto.types import Transport
 
 Key = tuple[Transport, int]
+FAMILIES = (4, 6)
 
 DISCOVERY_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 FAILED_RETRY = (2.0, 5.0, 15.0, 30.0, 60.0)
@@ -93,13 +104,19 @@ class Op(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Wanted:
-    """A mapping somebody asked for."""
+    """A mapping somebody asked for; `family` 6 is an IPv6 firewall pinhole for our stable address (whose
+    `external_port` is ignored: a pinhole opens the internal port itself)."""
 
     transport: Transport
     internal_port: int
     external_port: int = 0
     sticky: bool = False
     owner: str = "manual"
+    family: int = 4
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be 4 (a port mapping) or 6 (an IPv6 pinhole), not {self.family!r}")
 
     @property
     def key(self) -> Key:
@@ -131,6 +148,7 @@ class Leftover:
     external_port: int | None
     lease: int
     age: float
+    unique_id: int | None = None  # a UPnP pinhole's UniqueID
 
 
 # --- actions ------------------------------------------------------------------------------------------
@@ -146,6 +164,7 @@ class RequestMap:
     key: Key
     protocol: str
     request: MappingRequest
+    unique_id: int | None = None  # a UPnP pinhole being refreshed: UpdatePinhole names it so
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +172,13 @@ class RequestDelete:
     key: Key
     protocol: str
     external_port: int | None  # UPnP deletes by external port
+    unique_id: int | None = None  # ... and a UPnP pinhole by its UniqueID
 
 
 @dataclass(frozen=True, slots=True)
 class RequestVerify:
-    """UPnP has no idempotent refresh to prove a mapping is there: ask GetSpecificPortMappingEntry."""
+    """UPnP has no idempotent refresh to prove a mapping is there: ask GetSpecificPortMappingEntry (IPv4
+    only: a UPnP pinhole is refreshed with UpdatePinhole instead)."""
 
     key: Key
     external_port: int
@@ -185,6 +206,8 @@ class JournalRecord:
     requested_external_port: int
     external_port: int | None
     lease: int
+    family: int = 4
+    unique_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,12 +216,14 @@ class JournalTombstone:
 
     keys: tuple[Key, ...]
     gateway: str
+    family: int = 4
 
 
 @dataclass(frozen=True, slots=True)
 class JournalRemove:
     key: Key
     gateway: str
+    family: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +248,7 @@ class Settled:
     """The operation on `key` that a caller may be waiting for (add, delete) has a result."""
 
     key: Key
+    family: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +304,7 @@ class Record:
     journalled: tuple[Any, ...] | None = None  # what the journal row holds, so refreshes write nothing
     sent_at: float | None = None  # when the request now out left (for the events' `elapsed`)
     seq: int = 0  # the heap entry that is current for this record
+    unique_id: int | None = None  # a UPnP pinhole's UniqueID (family 6): what verifies and deletes it
 
     @property
     def key(self) -> Key:
@@ -320,6 +347,8 @@ class MappingStatus:
     lease: int | None
     expires_in: float | None  # seconds from the snapshot; None: permanent or not granted
     last_error: str | None
+    family: int = 4  # 6: an IPv6 firewall pinhole (external_ip is our own address)
+    unique_id: int | None = None  # a UPnP pinhole's UniqueID
 
     @property
     def key(self) -> Key:
@@ -343,6 +372,8 @@ class MappingStatus:
             "lease": self.lease,
             "expires_at": None if self.expires_in is None else round(wall + self.expires_in, 3),
             "last_error": self.last_error,
+            "family": self.family,
+            "unique_id": self.unique_id,
         }
 
 
@@ -360,13 +391,27 @@ def _status(record: Record, now: float) -> MappingStatus:
         lease=record.lease,
         expires_in=None if record.expires_at is None else max(0.0, record.expires_at - now),
         last_error=record.last_error,
+        family=wanted.family,
+        unique_id=record.unique_id,
     )
 
 
 class Lifecycle:
     """Owns the wanted mappings, their state on the router, the router's epochs and the external address."""
 
-    def __init__(self, settings: NatSettings, *, rand: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: NatSettings,
+        *,
+        rand: Callable[[], float],
+        family: int = 4,
+        new_holes: TokenBucket | None = None,
+    ) -> None:
+        """`family` 6 makes this the core of IPv6 pinholes (see the module docstring); `new_holes`, the
+        `map_rate` bucket, is shared with the other family's core so the cap holds for both together."""
+        if family not in FAMILIES:
+            raise ValueError(f"family must be 4 or 6, not {family!r}")
+        self.family = family
         self.settings = settings
         self.records: dict[Key, Record] = {}
         self.router: Router | None = None
@@ -385,7 +430,8 @@ class Lifecycle:
         self._recent: collections.deque[float] = collections.deque()  # refresh starts, last second
         self._urgent: set[Key] = set()  # republished: refreshed now, whatever the refresh share
         # A call needs two mappings (RTP, RTCP) at once; a burst smaller than that would starve it.
-        self._new_holes = TokenBucket(settings.map_rate, max(4.0, settings.map_rate))
+        self._new_holes = new_holes or TokenBucket(settings.map_rate, max(4.0, settings.map_rate))
+        self._what = "mapping" if family == 4 else "pinhole"  # in log lines
         self._epochs = {"pcp": EpochTracker("pcp"), "natpmp": EpochTracker("natpmp")}
         self._discover_at: float | None = None  # next discovery attempt (None: none planned)
         self._discovering = False
@@ -429,14 +475,20 @@ class Lifecycle:
 
     # --- calls -----------------------------------------------------------------------------------------
 
+    def _check_family(self, wanted: Wanted) -> None:
+        if wanted.family != self.family:
+            raise ValueError(f"a family {wanted.family} mapping given to the family {self.family} core")
+
     def start(self, static: Iterable[Wanted], now: float) -> None:
         for wanted in static:
+            self._check_family(wanted)
             self.records[wanted.key] = Record(wanted, due=now)
         if self.settings.enabled:
             self._discover_at = now
 
     def want(self, wanted: Wanted, now: float) -> None:
         """Want a mapping (again): a record being removed under the same key is revived, never doubled."""
+        self._check_family(wanted)
         record = self.records.get(wanted.key)
         if record is None:
             record = self.records[wanted.key] = Record(wanted, due=now)
@@ -468,7 +520,7 @@ class Lifecycle:
             return True
         if not record.maybe_on_router and record.inflight is None:
             self._forget(record, journal=record.journalled is not None)
-            self._actions.append(Settled(key))
+            self._actions.append(Settled(key, self.family))
             return True
         self._move(record, State.REMOVING)
         record.due = now
@@ -482,7 +534,7 @@ class Lifecycle:
         record = self.records.get(key)
         if record is not None and record.state is not State.REMOVING:
             old = record.wanted
-            record.wanted = Wanted(old.transport, old.internal_port, old.external_port, old.sticky, owner)
+            record.wanted = dataclasses.replace(old, owner=owner)
 
     def set_enabled(self, enabled: bool, now: float) -> None:
         """`nat_map mapping enable|disable`: disabling deletes our mappings on the router but keeps them
@@ -577,7 +629,8 @@ class Lifecycle:
         self._discovery_attempts += 1
         if not self.stopping:
             self._discover_at = now + delay
-        self._log("engine", "warning", f"discovery failed ({error}); retrying in {delay:g} s")
+        what = "discovery" if self.family == 4 else "IPv6 pinhole discovery"
+        self._log("engine", "warning", f"{what} failed ({error}); retrying in {delay:g} s")
 
     def adopt(self, leftovers: Iterable[Leftover], now: float) -> None:
         """What an earlier run left in the journal: rows still desired and sticky are wanted again (their
@@ -589,11 +642,12 @@ class Lifecycle:
             key = (entry.transport, entry.internal_port)
             if entry.gateway != self.router.gateway:
                 if entry.external_port is None or entry.age > entry.lease:
-                    self._actions.append(JournalRemove(key, entry.gateway))  # expired there
+                    self._actions.append(JournalRemove(key, entry.gateway, self.family))  # expired there
                 continue
-            wanted = Wanted(key[0], key[1], entry.requested_external_port, entry.sticky, entry.owner)
+            wanted = Wanted(key[0], key[1], entry.requested_external_port, entry.sticky, entry.owner, self.family)
             if entry.desired and entry.sticky and key not in self.records:
-                self.records[key] = Record(wanted, due=now)
+                # Its first refresh re-takes it: the same nonce (PCP), UpdatePinhole by its UniqueID (UPnP).
+                self.records[key] = Record(wanted, due=now, unique_id=entry.unique_id)
                 self._push(self.records[key])
             if key in self.records:
                 continue  # adopted
@@ -611,13 +665,14 @@ class Lifecycle:
                 expires_at=started + entry.lease if granted and entry.lease else None,
                 open_ended=entry.lease == 0 or (entry.protocol != "upnp" and entry.lease >= self.settings.max_lease),
                 journalled=("leftover",),
+                unique_id=entry.unique_id,
             )
             self.records[key] = record
             self._push(record)
             count += 1
         if count:
             self._tombstone([r for r in self.records.values() if r.journalled == ("leftover",)])
-            self._log("engine", "info", f"deleting {count} mapping(s) an earlier run left on the router")
+            self._log("engine", "info", f"deleting {count} {self._what}(s) an earlier run left on the router")
 
     # --- results ---------------------------------------------------------------------------------------
 
@@ -630,6 +685,8 @@ class Lifecycle:
         self._address_seen(mapping.external_ip, now)
         first = record.protocol != mapping.protocol or record.state is not State.ACTIVE
         moved = record.external_port not in (None, mapping.external_port)
+        renamed = record.unique_id != mapping.unique_id  # a UPnP pinhole made anew gets a new UniqueID
+        record.unique_id = mapping.unique_id
         record.protocol = mapping.protocol
         record.external_ip = mapping.external_ip or self.external_ip
         record.external_port = mapping.external_port
@@ -641,8 +698,14 @@ class Lifecycle:
         record.expires_at = None if lifetime == 0 else now + lifetime
         # A grant at max_lease may have been cut down to it (mapper.cap_grant): the router's hold is longer.
         record.open_ended = lifetime == 0 or (mapping.protocol != "upnp" and lifetime >= self.settings.max_lease)
-        journal_key = (mapping.protocol, self._gateway(), record.wanted, record.state is not State.REMOVING)
-        if record.journalled != journal_key or moved or first:
+        journal_key = (
+            mapping.protocol,
+            self._gateway(),
+            record.wanted,
+            record.state is not State.REMOVING,
+            record.unique_id,
+        )
+        if record.journalled != journal_key or moved or first or renamed:
             self._journal(record, mapping.protocol, mapping.external_port, lifetime)
         if record.state is State.REMOVING or record.state is State.DISABLED:
             # Unwanted (or disabled) while the request was out: what was granted goes at once.
@@ -651,7 +714,7 @@ class Lifecycle:
             else:
                 self._request_delete(record, now)
             self._log_hole("opened", record)
-            self._actions.append(Settled(key))
+            self._actions.append(Settled(key, self.family))
             self._push(record)
             return
         self._move(record, State.ACTIVE)
@@ -668,7 +731,7 @@ class Lifecycle:
             self._emit(EventKind.NAT_ADD, **data)
         else:
             self._emit(EventKind.NAT_RENEW, **data)
-        self._actions.append(Settled(key))
+        self._actions.append(Settled(key, self.family))
         self._push(record)
 
     def request_failed(
@@ -697,9 +760,9 @@ class Lifecycle:
             else:
                 self._move(record, State.FAILED)
                 record.due = now + FAILED_RETRY[min(record.failures - 1, len(FAILED_RETRY) - 1)]
-                self._log("engine", "warning", f"mapping {key[0]} {key[1]} failed: {error}")
+                self._log("engine", "warning", f"{self._what} {key[0]} {key[1]} failed: {error}")
                 self._emit(EventKind.NAT_ERROR, **self._event_data(record), **failure)
-        self._actions.append(Settled(key))
+        self._actions.append(Settled(key, self.family))
         self._push(record)
 
     def deleted(self, key: Key, now: float) -> None:
@@ -710,20 +773,20 @@ class Lifecycle:
         self._log_hole("closed", record)
         if record.state is State.REMOVING:
             self._forget(record, journal=True)
-            self._emit(EventKind.NAT_DEL, port=key[1], proto=str(key[0]), owner=record.wanted.owner)
+            self._emit(EventKind.NAT_DEL, **self._deleted_data(record))
         else:
             # Wanted again meanwhile (revived, or kept while disabled): its hole is closed, its row goes
             # too; a new request will write it again before it leaves.
-            self._actions.append(JournalRemove(key, self._gateway()))
-            self._emit(EventKind.NAT_DEL, port=key[1], proto=str(key[0]), owner=record.wanted.owner)
+            self._actions.append(JournalRemove(key, self._gateway(), self.family))
+            self._emit(EventKind.NAT_DEL, **self._deleted_data(record))
             record.journalled = None
             record.protocol = record.asked_via = record.asked_until = None
-            record.external_port = record.expires_at = None
+            record.external_port = record.expires_at = record.unique_id = None
             record.due = now
             if record.state is State.ACTIVE:
                 self._move(record, State.PENDING)
             self._push(record)
-        self._actions.append(Settled(key))
+        self._actions.append(Settled(key, self.family))
 
     def delete_failed(
         self, key: Key, error: str, now: float, *, code: int | None = None, protocol: str | None = None
@@ -747,7 +810,7 @@ class Lifecycle:
             self._log("engine", "warning", f"could not delete {key[0]} {key[1]}: {error} (retrying in {delay:.0f} s)")
         else:
             self._log("engine", "warning", f"could not delete {key[0]} {key[1]}: {error}")
-        self._actions.append(Settled(key))
+        self._actions.append(Settled(key, self.family))
         self._push(record)
 
     def verified(self, key: Key, present: bool, now: float, error: str | None = None) -> None:
@@ -813,8 +876,8 @@ class Lifecycle:
             if record.maybe_on_router and record.certainly_gone(now):
                 self._log_hole("closed", record, reason="lease ran out before the router confirmed a delete")
                 self._forget(record, journal=True)
-                self._emit(EventKind.NAT_DEL, port=record.key[1], proto=str(record.key[0]), owner=record.wanted.owner)
-                self._actions.append(Settled(record.key))
+                self._emit(EventKind.NAT_DEL, **self._deleted_data(record))
+                self._actions.append(Settled(record.key, self.family))
                 return
             if self.router is None:
                 record.due = now + REMOVE_RETRY[0]
@@ -826,7 +889,12 @@ class Lifecycle:
             return
         if record.state is State.ACTIVE:
             self._recent.append(now)
-            if record.protocol == "upnp" and now < record.next_renewal and record.external_port is not None:
+            # A UPnP pinhole is not verified but refreshed (UpdatePinhole by its UniqueID, AddPinhole when the
+            # router no longer knows it): miniupnpd 2.3.1 answers CheckPinholeWorking for a pinhole whose rule
+            # a ruleset flush removed, but refuses to update it (docs/QUIRKS.md U18), like PCP's idempotent MAP.
+            verifiable = record.external_port is not None and self.family == 4
+            if record.protocol == "upnp" and now < record.next_renewal and verifiable:
+                assert record.external_port is not None
                 record.inflight = Op.VERIFY
                 self._inflight += 1
                 self._actions.append(RequestVerify(record.key, record.external_port))
@@ -870,7 +938,7 @@ class Lifecycle:
         protocol = self.router.protocol
         lease = self._lease_for(protocol)
         wanted = record.wanted
-        if record.journalled != (protocol, self.router.gateway, wanted, True):
+        if record.journalled != (protocol, self.router.gateway, wanted, True, record.unique_id):
             # A refresh of what is journalled writes nothing: renewals must not cost an fsync each.
             self._journal(record, protocol, record.external_port, lease)
         record.asked_via = protocol
@@ -881,7 +949,7 @@ class Lifecycle:
         request = MappingRequest(
             wanted.transport, wanted.internal_port, record.external_port or wanted.external_port, lease
         )
-        self._actions.append(RequestMap(record.key, protocol, request))
+        self._actions.append(RequestMap(record.key, protocol, request, record.unique_id))
 
     def _request_delete(self, record: Record, now: float | None = None) -> None:
         protocol = record.protocol or record.asked_via
@@ -890,7 +958,7 @@ class Lifecycle:
         record.sent_at = now
         record.inflight = Op.DELETE
         self._inflight += 1
-        self._actions.append(RequestDelete(record.key, protocol, record.external_port))
+        self._actions.append(RequestDelete(record.key, protocol, record.external_port, record.unique_id))
 
     def _journal(self, record: Record, protocol: str, external_port: int | None, lease: int) -> None:
         assert self.router is not None
@@ -908,14 +976,16 @@ class Lifecycle:
                 requested_external_port=wanted.external_port,
                 external_port=external_port,
                 lease=lease,
+                family=self.family,
+                unique_id=record.unique_id,
             )
         )
-        record.journalled = (protocol, self.router.gateway, wanted, desired)
+        record.journalled = (protocol, self.router.gateway, wanted, desired, record.unique_id)
 
     def _tombstone(self, records: list[Record]) -> None:
         rows = [record for record in records if record.journalled is not None]
         if rows:
-            self._actions.append(JournalTombstone(tuple(record.key for record in rows), self._gateway()))
+            self._actions.append(JournalTombstone(tuple(record.key for record in rows), self._gateway(), self.family))
             for record in rows:
                 record.journalled = None  # the row stays (tombstoned) until the delete is confirmed
 
@@ -923,13 +993,14 @@ class Lifecycle:
         del self.records[record.key]
         record.seq = -1
         if journal:
-            self._actions.append(JournalRemove(record.key, self._gateway()))
+            self._actions.append(JournalRemove(record.key, self._gateway(), self.family))
 
     def _lost(self, record: Record, why: str, now: float) -> None:
         self._log_hole("lost", record, level="warning", reason=why)
         self._emit(EventKind.NAT_LOST, reason=why, **self._event_data(record))
         self._move(record, State.PENDING)
         record.due = now
+        record.unique_id = None  # a pinhole the router no longer holds: its UniqueID names nothing now
 
     def _epoch_seen(self, protocol: str, epoch: int | None, now: float) -> None:
         tracker = self._epochs.get(protocol)
@@ -939,8 +1010,11 @@ class Lifecycle:
         for other in self._epochs.values():
             if other is not tracker:
                 other.reset()
-        self._log("engine", "warning", f"router lost its state ({protocol} epoch went back): re-creating every mapping")
-        self._emit(EventKind.ROUTER_REBOOT, reason="epoch went back", gateway=self._gateway())
+        router = "router" if self.family == 4 else "IPv6 router"
+        self._log(
+            "engine", "warning", f"{router} lost its state ({protocol} epoch went back): re-creating every {self._what}"
+        )
+        self._emit(EventKind.ROUTER_REBOOT, reason="epoch went back", gateway=self._gateway(), **self._family_data())
         for record in self.records.values():
             if record.state is State.ACTIVE:
                 self._move(record, State.PENDING)
@@ -949,8 +1023,9 @@ class Lifecycle:
         self._address_at = now
 
     def _address_seen(self, address: IPAddress | None, now: float) -> None:
-        """Every answer that carries the external address comes here: one address, one owner."""
-        if address is None or address == self.external_ip:
+        """Every answer that carries the external address comes here: one address, one owner. A pinhole
+        core owns none: the "external" address of a pinhole is our own (RFC 6887 §11.1 on a firewall)."""
+        if address is None or address == self.external_ip or self.family == 6:
             return
         old, self.external_ip = self.external_ip, address
         self.address_history.append((now, address))
@@ -969,8 +1044,8 @@ class Lifecycle:
         GetExternalIPAddress, and with PCP alone (which has no such request) a refresh of the mapping due
         soonest, whose answer carries the address; with no mapping, a PCP ANNOUNCE for the epoch."""
         router = self.router
-        if router is None:
-            return
+        if router is None or (self.family == 6 and router.protocol == "upnp"):
+            return  # UPnP pinholes: no epoch to ask for; verification and NOTIFY cover a router restart
         if router.natpmp_available or router.protocol in ("natpmp", "upnp"):
             self._address_inflight = True
             self._actions.append(QueryAddress("natpmp" if router.natpmp_available else router.protocol))
@@ -994,6 +1069,14 @@ class Lifecycle:
         data.pop("expires_at")
         return data
 
+    def _deleted_data(self, record: Record) -> dict[str, Any]:
+        """A nat-del event's keys: the mapping's port, transport and owner, and its family."""
+        return {"port": record.key[1], "proto": str(record.key[0]), "owner": record.wanted.owner, "family": self.family}
+
+    def _family_data(self) -> dict[str, Any]:
+        """What a pinhole core adds to its router events, so they are not taken for the IPv4 router's."""
+        return {"family": 6} if self.family == 6 else {}
+
     def _emit(self, kind: EventKind, **data: Any) -> None:
         self._actions.append(Emit(kind, data))
 
@@ -1003,9 +1086,11 @@ class Lifecycle:
     def _log_hole(self, event: str, record: Record, *, level: str = "info", reason: str | None = None) -> None:
         """One line for the security record: what happened to which hole, with every field that says so."""
         router = self.router
-        local = "?" if router is None else router.local_address
+        local = "?" if router is None else _host(router.local_address)
         transport, port = record.key
-        external = "?" if record.external_port is None else f"{record.external_ip or '?'}:{record.external_port}"
+        external = "?"
+        if record.external_port is not None:
+            external = f"{_host(str(record.external_ip or '?'))}:{record.external_port}"
         fields: dict[str, Any] = {
             "event": event,
             "protocol": record.protocol or record.asked_via,
@@ -1015,6 +1100,10 @@ class Lifecycle:
             "lease": record.lease,
             "owner": record.wanted.owner,
         }
+        if self.family == 6:
+            fields["family"] = 6
+            if record.unique_id is not None:
+                fields["unique_id"] = record.unique_id
         if reason is not None:
             fields["reason"] = reason
         words = " ".join(f"{name}={value}" for name, value in fields.items() if name not in ("event", "reason"))
@@ -1030,6 +1119,11 @@ class Lifecycle:
     def statuses(self, now: float) -> list[MappingStatus]:
         records = sorted(self.records.values(), key=lambda r: (r.key[1], r.key[0]))
         return [_status(record, now) for record in records]
+
+    @property
+    def new_holes(self) -> TokenBucket:
+        """The `map_rate` bucket: the other family's core takes it too (see `__init__`)."""
+        return self._new_holes
 
     def map_budget(self, now: float) -> float:
         """How many new mappings may go to the router right now (`map_rate`)."""
@@ -1051,3 +1145,8 @@ class Lifecycle:
     def busy(self) -> int:
         """Router requests out."""
         return self._inflight
+
+
+def _host(address: str) -> str:
+    """An address as the host part of `host:port` in a log line: IPv6 in brackets (RFC 3986 §3.2.2)."""
+    return f"[{address}]" if ":" in address else address

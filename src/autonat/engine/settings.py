@@ -9,6 +9,7 @@ from autonat.mapper import DEFAULT_LIFETIME
 from autonat.proto.exchange import DEFAULT_DEADLINE
 
 ProtocolName = Literal["auto", "pcp", "natpmp", "upnp"]
+PinholeProtocolName = Literal["auto", "pcp", "upnp"]  # NAT-PMP is IPv4 only (RFC 6886 §1)
 DEFAULT_UPNP_LEASE: Final = 3600
 DEFAULT_MAX_LEASE: Final = 86400  # a day: longer grants are taken as this (a 2**32-1 s lease is a router bug)
 
@@ -20,6 +21,11 @@ class NatSettings:
     `gateway`, `interface` and `root_url` are None for "find it myself", which is what
     `RouterSession.open` takes. `enabled` False is `--nonat` (no discovery at all); `mapping` False
     is `--nonatmap` (discovery and the external address, no mappings).
+
+    `ipv6` True also keeps IPv6 firewall pinholes (`Wanted(..., family=6)`) with the IPv6 gateway, by
+    `ipv6_protocol` (PCP or UPnP IGD:2, "auto" probes both), for the host's stable IPv6 address
+    (`ipv6_address` names another of its addresses) and through `ipv6_gateway` when given; leases,
+    renewal, verification and the journal as for IPv4 mappings (`upnp_lease` for UPnP pinholes too).
     """
 
     enabled: bool = True
@@ -39,3 +45,7 @@ class NatSettings:
     max_lease: int = (
         DEFAULT_MAX_LEASE  # a NAT-PMP/PCP grant longer than this is taken as this (and renewed accordingly)
     )
+    ipv6: bool = False
+    ipv6_protocol: PinholeProtocolName = "auto"
+    ipv6_gateway: str | None = None
+    ipv6_address: str | None = None

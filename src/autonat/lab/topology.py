@@ -248,6 +248,9 @@ class Lab:
     # IPv6: documentation prefixes (2001:db8::/32), routed by the router (no NAT), its firewall dropping
     # unsolicited inbound. The lan host has a stable address and a "temporary" one that the kernel prefers
     # as source (as use_tempaddr=2 hosts do): pinholes are granted for the request's own source only.
+    # The stable one carries `mngtmpaddr`, as a desktop's SLAAC address does (the kernel makes temporaries
+    # from it; use_tempaddr stays 0 here, so it makes none and the "temporary" one stays fixed): that flag
+    # is how a client tells the stable address from the others (autonat.proto.netlink.stable_ipv6).
     WAN6_NET: ClassVar[str] = "2001:db8:0:1::/64"
     WAN6_HOST: ClassVar[str] = "2001:db8:0:1::100"
     ROUTER_WAN6: ClassVar[str] = "2001:db8:0:1::1"
@@ -605,7 +608,8 @@ class Lab:
         self._ip("router", "-6", "addr", "add", f"{self.ROUTER_WAN6}/64", "dev", WAN_IF, "nodad")
         self._ip("router", "-6", "route", "replace", "default", "via", self.WAN6_HOST, "dev", WAN_IF)
         self._ip("router", "-6", "addr", "add", f"{self.GATEWAY6}/64", "dev", BRIDGE, "nodad")
-        self._ip("lan", "-6", "addr", "add", f"{self.LAN6_ADDRESS}/64", "dev", HOST_IF, "nodad")
+        self._sysctl("lan", f"net.ipv6.conf.{HOST_IF}.use_tempaddr", "0")  # whatever this host's default
+        self._ip("lan", "-6", "addr", "add", f"{self.LAN6_ADDRESS}/64", "dev", HOST_IF, "nodad", "mngtmpaddr")
         self._ip("lan", "-6", "addr", "add", f"{self.LAN6_TEMPORARY}/64", "dev", HOST_IF, "nodad")
         self._ip(
             "lan", "-6", "route", "replace", "default", "via", self.GATEWAY6, "dev", HOST_IF, "src", self.LAN6_TEMPORARY

@@ -150,8 +150,36 @@ NLM_F_DUMP = 0x300
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 IFA_LABEL = 3
+IFA_CACHEINFO = 6
+IFA_FLAGS = 8
+# linux/if_addr.h: the 8 flag bits of ifaddrmsg, extended to 32 by the IFA_FLAGS attribute.
+IFA_F_TEMPORARY = 0x01  # an RFC 8981 temporary (privacy) address
+IFA_F_OPTIMISTIC = 0x04
+IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20  # its preferred lifetime is over: not to be used for new connections
+IFA_F_TENTATIVE = 0x40  # duplicate address detection still running
+IFA_F_PERMANENT = 0x80  # configured by hand, no lifetime
+IFA_F_MANAGETEMPADDR = 0x100  # the stable address temporaries are made from (RFC 8981 §3.3)
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_CACHEINFO = struct.Struct("=IIII")  # preferred, valid, created, updated
+INFINITY_LIFE_TIME = 0xFFFF_FFFF
 AddressEntry = tuple[int, str | None, IPv4Interface | IPv6Interface]
+
+
+@dataclass(frozen=True, slots=True)
+class AddressInfo:
+    """One address of the RTM_GETADDR dump with what tells a stable address from a temporary one:
+    the kernel's flags (IFA_F_*), its scope (RT_SCOPE_*), and its lifetimes in seconds (None: forever)."""
+
+    index: int
+    label: str | None
+    interface: IPv4Interface | IPv6Interface
+    flags: int
+    scope: int
+    preferred: int | None
+    valid: int | None
 
 
 def build_getaddr_dump(seq: int) -> bytes:
@@ -163,7 +191,14 @@ def build_getaddr_dump(seq: int) -> bytes:
 def parse_getaddr_reply(data: bytes, seq: int) -> tuple[list[AddressEntry], bool]:
     """The addresses in one datagram of the dump as (interface index, label, interface), and whether
     it was the last. IPv4 point-to-point links carry the peer in IFA_ADDRESS, ours in IFA_LOCAL."""
-    found: list[AddressEntry] = []
+    found, done = parse_getaddr_details(data, seq)
+    return [(info.index, info.label, info.interface) for info in found], done
+
+
+def parse_getaddr_details(data: bytes, seq: int) -> tuple[list[AddressInfo], bool]:
+    """As `parse_getaddr_reply`, each address with its flags, scope and lifetimes (rtnetlink(7),
+    linux/if_addr.h): what picks the stable IPv6 address a pinhole is for."""
+    found: list[AddressInfo] = []
     for kind, payload in iter_messages(data, seq):
         if kind == NLMSG_DONE:
             return found, True
@@ -176,13 +211,68 @@ def parse_getaddr_reply(data: bytes, seq: int) -> tuple[list[AddressEntry], bool
     return found, False
 
 
-def _parse_address(payload: bytes) -> AddressEntry | None:
-    family, prefix, _flags, _scope, index = _IFADDRMSG.unpack_from(payload)
+def _lifetime(seconds: int) -> int | None:
+    return None if seconds == INFINITY_LIFE_TIME else seconds
+
+
+def _parse_address(payload: bytes) -> AddressInfo | None:
+    family, prefix, flags, scope, index = _IFADDRMSG.unpack_from(payload)
     attributes = dict(iter_attributes(payload, _IFADDRMSG.size))
     raw = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
     label = attributes[IFA_LABEL].split(b"\0", 1)[0].decode(errors="replace") if IFA_LABEL in attributes else None
+    extended = attributes.get(IFA_FLAGS)
+    if extended is not None and len(extended) == 4:
+        (flags,) = struct.unpack("=I", extended)  # the full set; the header's byte is its low 8 bits
+    preferred = valid = None
+    cache = attributes.get(IFA_CACHEINFO)
+    if cache is not None and len(cache) == _CACHEINFO.size:
+        left, total, _, _ = _CACHEINFO.unpack(cache)
+        preferred, valid = _lifetime(left), _lifetime(total)
+    interface: IPv4Interface | IPv6Interface
     if family == socket.AF_INET and raw is not None and len(raw) == 4 and prefix <= 32:
-        return index, label, IPv4Interface((IPv4Address(raw), prefix))
-    if family == socket.AF_INET6 and raw is not None and len(raw) == 16 and prefix <= 128:
-        return index, label, IPv6Interface((IPv6Address(raw), prefix))
-    return None  # another family (or a malformed entry): not an address an ACL can hold
+        interface = IPv4Interface((IPv4Address(raw), prefix))
+    elif family == socket.AF_INET6 and raw is not None and len(raw) == 16 and prefix <= 128:
+        interface = IPv6Interface((IPv6Address(raw), prefix))
+    else:
+        return None  # another family (or a malformed entry): not an address an ACL can hold
+    return AddressInfo(index, label, interface, flags, scope, preferred, valid)
+
+
+# --- the host's stable IPv6 address ------------------------------------------------------------------
+
+_UNUSABLE = IFA_F_TEMPORARY | IFA_F_DEPRECATED | IFA_F_TENTATIVE | IFA_F_DADFAILED
+
+
+def stable_ipv6(
+    addresses: list[AddressInfo], interface_index: int | None, kernel_source: IPv6Address | None = None
+) -> AddressInfo | None:
+    """The address an IPv6 pinhole is for: the host's stable global address on the route's interface.
+
+    A pinhole must outlive the address it opens, and a router grants it only for the address the
+    request comes from (docs/QUIRKS.md U16), so both the pinhole and its requests use the stable
+    address, never a temporary one (RFC 8981), which the kernel prefers as the source of new
+    connections on desktops (`use_tempaddr=2`) and which is gone within a day. Candidates: global scope,
+    neither temporary, deprecated, tentative nor failed duplicate detection. Best first: a public address
+    (a unique local one cannot be reached from the internet), the one the kernel makes temporaries from
+    (IFA_F_MANAGETEMPADDR, RFC 8981 §3.3: stable by definition), the kernel's own source choice (for a
+    host without privacy addresses that is the stable one), then the lowest address. None when the
+    interface has no usable global address.
+    """
+    from autonat.addresses import is_public
+
+    candidates = [
+        info
+        for info in addresses
+        if isinstance(info.interface, IPv6Interface)
+        and (interface_index is None or info.index == interface_index)
+        and info.scope == RT_SCOPE_UNIVERSE
+        and not info.flags & _UNUSABLE
+        and not (info.interface.ip.is_link_local or info.interface.ip.is_loopback or info.interface.ip.is_multicast)
+        and info.interface.ip.ipv4_mapped is None
+    ]
+
+    def rank(info: AddressInfo) -> tuple[bool, bool, bool, int]:
+        ip = info.interface.ip
+        return (not is_public(ip), not info.flags & IFA_F_MANAGETEMPADDR, ip != kernel_source, int(ip))
+
+    return min(candidates, key=rank, default=None)

@@ -41,6 +41,8 @@ __all__ = [
     "MAX_HEADER_LINES",
     "MAX_LINE",
     "MULTICAST_ADDRESS",
+    "MULTICAST_ADDRESS6_LINK",
+    "MULTICAST_ADDRESS6_SITE",
     "NTS_ALIVE",
     "NTS_BYEBYE",
     "NTS_UPDATE",
@@ -64,6 +66,12 @@ __all__ = [
 
 MULTICAST_ADDRESS = IPv4Address("239.255.255.250")
 """The SSDP IPv4 multicast group (§1)."""
+
+MULTICAST_ADDRESS6_LINK = IPv6Address("ff02::c")
+"""The SSDP IPv6 link-local group (§1.1.2): every host on our link, the router included."""
+
+MULTICAST_ADDRESS6_SITE = IPv6Address("ff05::c")
+"""The SSDP IPv6 site-local group (§1.1.2): miniupnpd answers and advertises on both groups."""
 
 PORT = 1900
 """The SSDP UDP port (§1)."""
@@ -427,6 +435,13 @@ def validate_location(
     named the gateway), both the responder and the LOCATION host must be that gateway: the CARP leniency
     gives way to what the user asked for.
 
+    An IPv6 link-local host (fe80::/10) is the one exception to "not link-local", with the same
+    strictness: it must be the responder itself (or the gateway, when that is link-local on the same
+    link), and the responder must carry its zone, the interface the reply arrived on (an
+    `IPv6Address` with a scope id, as the search socket reports it). The zone comes from there and
+    never from the URL (a LOCATION with a zone is refused), so a reply can only send us to the host that
+    sent it, on the link it came from; `Location.url` carries it as RFC 6874 writes it (`%25`).
+
     The parsing is done by hand rather than with urllib.parse, whose lenient corners (brackets,
     backslashes, `@` in odd places) are where two URL parsers disagree about the host.
     """
@@ -464,20 +479,47 @@ def validate_location(
     else:
         raise DecodeError(f"LOCATION port {port_text[:8]!r} is invalid")
 
-    bad = _address_class(host, local_network)
-    if bad is not None:
-        raise DecodeError(f"LOCATION points to {host}: {bad}")
-    if host.version != local_network.version or host not in local_network:
-        raise DecodeError(f"LOCATION host {host} is outside the local network {local_network}")
-    if pinned and responder != gateway:
-        raise DecodeError(f"answered by {responder}, not the gateway {gateway} asked for (--gateway)")
-    if pinned and host != gateway:
-        raise DecodeError(f"LOCATION host {host} is not the gateway {gateway} asked for (--gateway)")
-    if host not in (responder, gateway):
-        raise DecodeError(f"LOCATION host {host} is neither the responder nor the gateway")
+    if isinstance(host, IPv6Address) and host.is_link_local and host.version == local_network.version:
+        host = _link_local_host(host, responder, gateway, pinned)
+    else:
+        bad = _address_class(host, local_network)
+        if bad is not None:
+            raise DecodeError(f"LOCATION points to {host}: {bad}")
+        if host.version != local_network.version or host not in local_network:
+            raise DecodeError(f"LOCATION host {host} is outside the local network {local_network}")
+        if pinned and responder != gateway:
+            raise DecodeError(f"answered by {responder}, not the gateway {gateway} asked for (--gateway)")
+        if pinned and host != gateway:
+            raise DecodeError(f"LOCATION host {host} is not the gateway {gateway} asked for (--gateway)")
+        if host not in (responder, gateway):
+            raise DecodeError(f"LOCATION host {host} is neither the responder nor the gateway")
 
     target = target.partition("#")[0]
     if not target.startswith("/"):
         target = "/" + target
-    shown = f"[{host}]" if isinstance(host, IPv6Address) else str(host)
+    if isinstance(host, IPv6Address):
+        zone = f"%25{host.scope_id}" if host.scope_id else ""
+        shown = f"[{_unscoped(host)}{zone}]"
+    else:
+        shown = str(host)
     return Location(url=f"http://{shown}:{port}{target}", host=host, port=port, path=target)
+
+
+def _unscoped(address: IPv6Address) -> IPv6Address:
+    return IPv6Address(address.packed)
+
+
+def _link_local_host(host: IPv6Address, responder: Address, gateway: Address, pinned: bool) -> IPv6Address:
+    """A link-local LOCATION host, checked as strictly as any other (see `validate_location`), with the
+    zone of the reply it came in."""
+    zone = responder.scope_id if isinstance(responder, IPv6Address) else None
+    if not zone or not isinstance(responder, IPv6Address) or not responder.is_link_local:
+        raise DecodeError(f"LOCATION points to {host}: link-local, and the reply did not come from that link")
+    scoped = IPv6Address(f"{host}%{zone}")
+    if pinned and responder != gateway:
+        raise DecodeError(f"answered by {responder}, not the gateway {gateway} asked for (--gateway)")
+    if pinned and scoped != gateway:
+        raise DecodeError(f"LOCATION host {host} is not the gateway {gateway} asked for (--gateway)")
+    if scoped not in (responder, gateway):
+        raise DecodeError(f"LOCATION host {host} (link-local) is neither the responder nor the gateway")
+    return scoped

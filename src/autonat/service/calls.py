@@ -17,7 +17,8 @@ __all__ = ["CallView", "CoreAddresses"]
 
 class CoreAddresses:
     """autonat.sip.core.Addresses: the per-peer decision of the profile manager, the engine's external address.
-    `local` holds each started profile's local address (its sip-ip, or the route's)."""
+    `local` holds each started profile's local address (its sip-ip, or the route's); the IPv6 address of a
+    dual-stack one is the profile manager's (`ipv6_address`)."""
 
     def __init__(self, profiles: ProfileManager, engine: NatEngine) -> None:
         self._profiles, self._engine = profiles, engine
@@ -29,8 +30,15 @@ class CoreAddresses:
     def media_address(self, profile: str, peer_ip: str) -> IPAddress:
         return self._profiles.advertise(profile, peer_ip, media=True)
 
-    def rtp_local(self, profile: str) -> IPAddress:
+    def rtp_local(self, profile: str, peer_ip: str) -> IPAddress:
+        if self._profiles.serves_over_ipv6(profile, peer_ip):
+            address = self._profiles.ipv6_address(profile)
+            assert address is not None  # a profile that serves IPv6 peers has an IPv6 address
+            return address
         return self._profiles.get(profile).addressing.rtp_ip or self.local[profile]
+
+    def pinhole(self, profile: str, peer_ip: str) -> bool:
+        return self._profiles.pinhole(profile, peer_ip)
 
     def external_known(self) -> bool:
         return self._engine.external_ip is not None

@@ -731,9 +731,10 @@ class ProbeMedia:
 class CallMedia:
     """The media side of the SIP shell: performs the call core's media actions and reports back to it.
 
-    Ports come from the RTP pool (mapped ahead, `map_now` when it is empty) or the range; the echo and the
-    relay run here; at a call's end its media closes before its ports go back (a start still binding is
-    waited for first, so no socket outlives its call). What the core must hear comes back through `report`
+    Ports come from the RTP pool (mapped ahead, `map_now` when it is empty), for an IPv6 peer from the pool of
+    pinholes (`pool6`, autonat.service.pinholes), or the range; the echo and the relay run here; at a call's
+    end its media closes before its ports go back (a start still binding is waited for first, so no socket
+    outlives its call). What the core must hear comes back through `report`
     (the shell's perform loop, with the clock)."""
 
     def __init__(
@@ -749,6 +750,7 @@ class CallMedia:
     ) -> None:
         self.core, self.pairs, self.engine = core, pairs, engine
         self.pool: RtpPool | None = None
+        self.pool6: RtpPool | None = None  # RTP pairs with IPv6 firewall pinholes (dual-stack profiles)
         self.inactivity, self.max_duration = inactivity, max_duration
         self.media: dict[str, RtpEcho | RtpRelay | ProbeMedia] = {}
         self._report, self._spawn = report, spawn
@@ -759,21 +761,24 @@ class CallMedia:
         return asyncio.get_running_loop().time()
 
     def acquire(self, action: AcquirePorts) -> list[CoreAction]:
-        """Ports at once when the pool has a pair or the range a free one; else mapped in the background."""
-        if action.mapped and self.pool is not None:
-            taken = self.pool.take(action.owner)
+        """Ports at once when the pool (of the peer's family) has a pair or the range a free one; else mapped in
+        the background."""
+        pool = self.pool if action.family == 4 else self.pool6
+        if action.mapped and pool is not None:
+            taken = pool.take(action.owner)
             if taken is None:
-                self._spawn(self._map_now(action), "map")
+                self._spawn(self._map_now(action, pool), "map")
                 return []
-            return self.core.ports_ready(action.call, action.leg, _ports(taken), self._now())
+            return self.core.ports_ready(action.call, action.leg, _ports(pool, taken), self._now())
         port = None if action.mapped else self.pairs.acquire()
         return self.core.ports_ready(action.call, action.leg, None if port is None else Ports(port), self._now())
 
-    async def _map_now(self, action: AcquirePorts) -> None:
-        assert self.pool is not None
-        mapped = await self.pool.map_now(action.owner)
+    async def _map_now(self, action: AcquirePorts, pool: RtpPool) -> None:
+        mapped = await pool.map_now(action.owner)
         self._report(
-            self.core.ports_ready(action.call, action.leg, None if mapped is None else _ports(mapped), self._now())
+            self.core.ports_ready(
+                action.call, action.leg, None if mapped is None else _ports(pool, mapped), self._now()
+            )
         )
 
     def start(self, action: StartEcho | StartRelay | StartProbe) -> list[CoreAction]:
@@ -786,8 +791,8 @@ class CallMedia:
         elif isinstance(action, StartProbe):
             media = ProbeMedia(action.local, action.port, Signal(action.seconds), self.max_duration)
         else:
-            media = RtpRelay(action.local, action.port_a, action.local, action.port_b, self.inactivity,
-                             self.max_duration, ice_a=action.ice_a)  # fmt: skip
+            media = RtpRelay(action.local, action.port_a, action.local_b or action.local, action.port_b,
+                             self.inactivity, self.max_duration, ice_a=action.ice_a)  # fmt: skip
             with contextlib.suppress(ValueError):
                 media.set_peer("a", action.peer_a)
         try:
@@ -829,8 +834,9 @@ class CallMedia:
                 media.set_hold(action.hold)
 
     def drop_rtcp(self, action: DropRtcp) -> None:
-        if isinstance(action.ports.handle, RtpPorts):
-            self._spawn(self.engine.delete(Transport.UDP, action.ports.handle.rtcp), "drop rtcp")
+        held = action.ports.handle
+        if isinstance(held, _Held):  # the pool's engine: the pinholes' for a pair of the IPv6 pool
+            self._spawn(held.pool.engine.delete(Transport.UDP, held.ports.rtcp), "drop rtcp")
 
     async def release(self, action: ReleaseMedia) -> None:
         """Close the media (after its start, if that is still under way), then give the ports back."""
@@ -841,11 +847,20 @@ class CallMedia:
         if media is not None:
             await media.close()
         for ports in action.ports:
-            if isinstance(ports.handle, RtpPorts) and self.pool is not None:
-                await self.pool.release(ports.handle)
+            held = ports.handle
+            if isinstance(held, _Held):
+                await held.pool.release(held.ports)
             else:
                 self.pairs.release(ports.local)
 
 
-def _ports(mapped: RtpPorts) -> Ports:
-    return Ports(mapped.rtp, mapped.external_ip, mapped.external_rtp, mapped.external_rtcp, True, mapped)
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A mapped pair (`Ports.handle`) and the pool it goes back to: the IPv4 mappings' or the IPv6 pinholes'."""
+
+    pool: RtpPool
+    ports: RtpPorts
+
+
+def _ports(pool: RtpPool, mapped: RtpPorts) -> Ports:
+    return Ports(mapped.rtp, mapped.external_ip, mapped.external_rtp, mapped.external_rtcp, True, _Held(pool, mapped))

@@ -3,6 +3,11 @@
 `auto-nat` and `autonat:IP` are read from the engine's current external address at every question, so
 an address change reaches every profile the moment the engine learns it. `stun:` and `host:` values
 are looked up at start, when the external address changes, and every `LOOKUP_INTERVAL`.
+
+Dual-stack profiles (`sip-ipv6`, `sip-ip6`): the decision is made per family. An IPv6 peer of such a
+profile is told our global IPv6 address, in SIP and SDP alike (RFC 5118: there is no NAT to see through on
+IPv6, so no ext-sip-ip / ext-rtp-ip rewriting); what it needs instead is a firewall pinhole for our media
+ports, when it is outside the local network (`pinhole`). An IPv4 peer gets exactly what it got before.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from ipaddress import IPv6Address
 from typing import TYPE_CHECKING, Any
 
 from autonat.acl import AclSet
-from autonat.addresses import IPAddress
+from autonat.addresses import IPAddress, parse_address
 from autonat.advertise import (
     ExtKind,
     ExtValue,
@@ -24,11 +30,11 @@ from autonat.advertise import (
     resolve,
 )
 from autonat.aio.interfaces import host_networks
-from autonat.aio.route import locate_router
+from autonat.aio.route import locate_router, locate_router6
 from autonat.aio.stun import parse_stun_target, resolve_server, stun_binding
 from autonat.engine.engine import NatEngine
 from autonat.engine.events import EventKind
-from autonat.errors import AutonatError
+from autonat.errors import AutonatError, RouterNotFound
 
 if TYPE_CHECKING:
     from autonat.service.settings import ProfileSettings
@@ -51,6 +57,8 @@ class ProfileManager:
         self._looked_up: dict[str, IPAddress | None] = {}  # str(ExtValue) -> last lookup result
         self._tasks: list[asyncio.Task[None]] = []
         self._route_local: IPAddress | None = None  # our address towards the router, with no engine session
+        self._route_local6: IPv6Address | None = None  # our stable IPv6 address, with no IPv6 engine session
+        self.bound6: dict[str, IPv6Address] = {}  # the IPv6 address each started dual-stack profile listens on
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -69,6 +77,7 @@ class ProfileManager:
         while True:
             await asyncio.sleep(ACL_REFRESH_INTERVAL)
             self._route_local = None  # looked up again at the next question: interfaces may have changed
+            self._route_local6 = None
             try:
                 self.acls.refresh(host_networks())
             except OSError as exc:
@@ -132,6 +141,67 @@ class ProfileManager:
             self._route_local = locate_router(settings.gateway, settings.interface).local_address
         return self._route_local
 
+    def local_address6(self) -> IPv6Address:
+        """Our stable global IPv6 address: the engine's (the address its pinholes are for), else one kernel
+        route lookup with the same choice (autonat.proto.netlink.stable_ipv6: never a temporary address, which
+        the kernel prefers as a source and which is gone within a day), kept until the next interface refresh.
+        ProfileError (one line) when the host has no IPv6 default route or no stable global address."""
+        known = self.engine.ipv6_local_address
+        if known is not None:
+            return IPv6Address(known.partition("%")[0])
+        if self._route_local6 is None:
+            settings = self.engine.settings
+            try:
+                location = locate_router6(settings.ipv6_gateway, settings.interface, settings.ipv6_address)
+            except RouterNotFound as exc:
+                raise ProfileError(f"no IPv6 address to listen on: {exc} (set sip-ip6)") from None
+            local = location.local_address
+            assert isinstance(local, IPv6Address)
+            self._route_local6 = local
+        return self._route_local6
+
+    def ipv6_address(self, name: str) -> IPv6Address | None:
+        """The IPv6 address profile `name` listens on (the one it bound; before that its `sip-ip6`, else our
+        stable one); None when it does not listen on IPv6. ProfileError when it should and the host has none."""
+        sip = self.get(name).sip
+        if not sip.ipv6:
+            return None
+        return self.bound6.get(name) or sip.sip_ip6 or self.local_address6()
+
+    def serves_over_ipv6(self, name: str, destination: str) -> bool:
+        """Whether profile `name` talks to a peer at `destination` over IPv6 (a dual-stack profile, an IPv6 peer)."""
+        return self._v6_peer(name, destination) is not None
+
+    def _v6_peer(self, name: str, destination: str | IPAddress) -> IPv6Address | None:
+        """`destination` as an IPv6 address when profile `name` serves it over IPv6 (an IPv4-mapped address
+        is an IPv4 peer, as the ACLs judge it); else None."""
+        if not self.get(name).sip.ipv6:
+            return None
+        try:
+            peer = parse_address(str(destination).partition("%")[0])
+        except ValueError:
+            return None
+        if not isinstance(peer, IPv6Address) or peer.ipv4_mapped is not None:
+            return None
+        return peer
+
+    def pinhole(self, name: str, destination: str) -> bool:
+        """Whether media for a peer at `destination` needs IPv6 firewall pinholes: an IPv6 peer of a dual-stack
+        profile, outside the local network (not loopback, not link-local, not in `local-network-acl`: those are
+        on our side of the router's firewall), and the engine keeps pinholes (`[nat] ipv6`, mapping on) with an
+        IPv6 router it found: until then (or with a router that offers none) a call goes ahead without, as an
+        IPv4 call is answered with the local address while the router's external one is unknown."""
+        peer = self._v6_peer(name, destination)
+        nat = self.engine.settings
+        if peer is None or not (nat.enabled and nat.mapping and nat.ipv6):
+            return False
+        if self.engine.ipv6_local_address is None:
+            return False
+        if peer.is_loopback or peer.is_link_local:
+            return False
+        acl = self.get(name).addressing.local_network_acl
+        return acl is None or not self.acls.lookup(peer, acl)
+
     def _resolve(self, value: ExtValue | None, local: IPAddress) -> Resolved:
         looked_up = None if value is None else self._looked_up.get(str(value))
         return resolve(value, router_external=self.engine.external_ip, local=local, looked_up=looked_up)
@@ -175,7 +245,13 @@ class ProfileManager:
         )
 
     def advertise(self, name: str, destination: str, media: bool) -> IPAddress:
-        """The address profile `name` puts in SIP (or, with `media`, SDP) for a peer at `destination`."""
+        """The address profile `name` puts in SIP (or, with `media`, SDP) for a peer at `destination`: for an
+        IPv6 peer of a dual-stack profile our global IPv6 address as it is (RFC 5118 §4: no NAT, nothing to
+        rewrite), else the ext-sip-ip / ext-rtp-ip decision."""
+        if self._v6_peer(name, destination) is not None:
+            address = self.ipv6_address(name)
+            assert address is not None
+            return address
         profile = self.get(name).addressing
         local = (profile.rtp_ip if media else None) or profile.sip_ip or self.local_address()
         external = self._resolve(profile.ext_rtp_ip if media else profile.ext_sip_ip, local).address

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv6Address
 from pathlib import Path
 
 from autonat.advertise import Addressing
@@ -48,6 +49,8 @@ class ProfileSip:
     max_media_calls: int | None = None  # calls at once with mapped media on this profile (None: the global cap)
     auth_calls: bool = True  # INVITEs to users and gateways need digest auth of a [[user]] (FreeSWITCH's auth-calls)
     auth_echo: bool = False  # the echo test needs it too (it is open by default: the test call from anywhere)
+    ipv6: bool = False  # `sip-ipv6`: listen on IPv6 too (dual-stack): UDP/TCP/TLS on `sip_ip6`, IPv6 peers' media
+    sip_ip6: IPv6Address | None = None  # `sip-ip6`: the IPv6 address to listen on; None: our stable global one
 
 
 @dataclass(frozen=True, slots=True)

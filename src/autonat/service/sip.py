@@ -7,6 +7,10 @@ At start each listening profile binds UDP and TCP (TLS with a certificate) on it
 ext-sip-ip follows the router the engine maps those ports (owner "sip:<profile>", removed at stop). The address
 decision the core needs comes from autonat.service.profiles.
 
+A dual-stack profile (`sip-ipv6`) binds the same listeners on its IPv6 address too, and with `[nat] ipv6` the
+engine opens firewall pinholes for them (`family` 6, the same owner), as it maps the IPv4 ports; IPv6 calls take
+their RTP pairs from a second pool whose pairs are pinholes (autonat.service.pinholes).
+
 `test_call` is `autonat call`: the core places the call, the media plays autonat.sip.probecall's signal, and the
 answer (the verdict and the figures, `probecall.report`) comes once the call is over and its ports are back.
 """
@@ -29,7 +33,8 @@ from autonat.errors import AutonatError
 from autonat.proto.types import Transport
 from autonat.service.calls import CallView, CoreAddresses
 from autonat.service.media import CallMedia, ProbeMedia
-from autonat.service.profiles import ProfileManager
+from autonat.service.pinholes import pinhole_pool
+from autonat.service.profiles import ProfileError, ProfileManager
 from autonat.service.settings import ProfileSettings, SipSettings, core_config
 from autonat.service.transport import SipTransport
 from autonat.sip import core, probecall
@@ -76,6 +81,7 @@ class SipService:
                                max_ban=max(settings.auth_ban, settings.auth_max_ban))  # fmt: skip
         self.pairs = PortPairs(range(settings.rtp_start_port, settings.rtp_end_port + 1))
         self.pool: RtpPool | None = None
+        self.pool6: RtpPool | None = None  # RTP pairs with IPv6 pinholes, once a dual-stack profile needs them
         config = core_config(settings, profiles.profiles.values(), engine.settings)
         self.addresses = CoreAddresses(profiles, engine)
         self.core = core.SipCore(config, self.addresses, registrar=self.registrar, admission=self.admission,
@@ -86,7 +92,8 @@ class SipService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._sip_mappings: dict[str, list[tuple[Transport, int]]] = {}  # by profile: the SIP ports we mapped
+        # By profile: the SIP ports we mapped (family 4) or opened pinholes for (family 6).
+        self._sip_mappings: dict[str, list[tuple[Transport, int, int]]] = {}
         self._events: asyncio.Task[None] | None = None
         # The test call in progress: its call id, and where its outcome and figures go when it ends.
         self._probe: tuple[str, asyncio.Future[tuple[probecall.Outcome, probecall.Figures | None]]] | None = None
@@ -110,9 +117,11 @@ class SipService:
         if transport is None:
             return {}
         stats = transport.stats
+        dual_stack = {} if transport.host6 is None else {"SIP-IP6": transport.host6}  # IPv4 profiles: as before
         return {
             **self.core.status(name, self._now()),
             "Transports": ",".join(transport.transports),
+            **dual_stack,
             "SIP-Messages": {"received": stats.received, "sent": stats.sent, "malformed": stats.malformed},
         }
 
@@ -200,14 +209,29 @@ class SipService:
             )
             self.media.pool = self.pool
             await self.pool.start()
+        if self.pool6 is None and self._pinholes() and any(self.profiles.get(n).sip.ipv6 for n in self.listening):
+            self.pool6 = pinhole_pool(
+                self.engine, self.pairs, size=self.settings.pool_size, refill_rate=self.settings.pool_refill_rate
+            )
+            self.media.pool6 = self.pool6
+            await self.pool6.start()
         if self._events is None and any(c.gateways for c in self.core.config.profiles):
             self._events = asyncio.get_running_loop().create_task(self._follow_address())
+
+    def _pinholes(self) -> bool:
+        """Does the engine open IPv6 pinholes (`[nat] ipv6`, and neither --nonat nor --nonatmap)?"""
+        nat = self.engine.settings
+        return nat.enabled and nat.mapping and nat.ipv6
 
     async def _listen(self, name: str) -> None:
         settings = self.profiles.get(name)
         profile, extra = settings.addressing, settings.sip
         local = profile.sip_ip or self.profiles.local_address()
         self.addresses.local[name] = local
+        try:
+            local6 = self.profiles.ipv6_address(name)
+        except ProfileError as exc:
+            raise SipError(f"profile {name}: {exc}") from None
         context = None
         if profile.tls_sip_port and extra.tls_cert:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -222,24 +246,29 @@ class SipService:
             tcp=extra.tcp,
             tls_port=profile.tls_sip_port,
             tls=context,
+            host6=None if local6 is None else str(local6),
         )
+        where = f"{local}:{profile.sip_port}" + ("" if local6 is None else f" and [{local6}]:{profile.sip_port}")
         try:
             await transport.start()
         except (OSError, ssl.SSLError) as exc:
-            raise SipError(
-                f"profile {name}: cannot listen on {local}:{profile.sip_port}: {exc.strerror or exc}"
-            ) from None
+            raise SipError(f"profile {name}: cannot listen on {where}: {exc.strerror or exc}") from None
         self.transports[name] = transport
-        log.info("profile %s listening on %s:%d (%s)", name, local, profile.sip_port, ",".join(transport.transports))
+        if local6 is not None:
+            self.profiles.bound6[name] = local6
+        log.info("profile %s listening on %s (%s)", name, where, ",".join(transport.transports))
         nat, ext = self.engine.settings, profile.ext_sip_ip
-        if nat.enabled and nat.mapping and ext is not None and ext.from_router:
+        families = [4] if nat.enabled and nat.mapping and ext is not None and ext.from_router else []
+        if local6 is not None and self._pinholes():
+            families.append(6)  # no NAT on IPv6, but the router's firewall: ext-sip-ip has no say in it
+        for family in families:
             for kind_name in transport.transports:
                 port = profile.tls_sip_port if kind_name == "tls" else profile.sip_port
                 kind = Transport.UDP if kind_name == "udp" else Transport.TCP
-                if port is None or (kind, port) in self.engine.mappings:
+                if port is None or self.engine.lookup((kind, port), family) is not None:
                     continue  # a [[mapping]] of the user's own: keep its settings, and leave it at stop
-                self._sip_mappings.setdefault(name, []).append((kind, port))
-                self._spawn(self.engine.add(Wanted(kind, port, owner=f"sip:{name}")))
+                self._sip_mappings.setdefault(name, []).append((kind, port, family))
+                self._spawn(self.engine.add(Wanted(kind, port, owner=f"sip:{name}", family=family)))
 
     async def reload(
         self,
@@ -312,9 +341,10 @@ class SipService:
         if transport is not None:
             await transport.stop()
         self.addresses.local.pop(name, None)
-        for kind, port in self._sip_mappings.pop(name, []):
+        self.profiles.bound6.pop(name, None)
+        for kind, port, family in self._sip_mappings.pop(name, []):
             with contextlib.suppress(Exception):
-                await self.engine.delete(kind, port)
+                await self.engine.delete(kind, port, family)
         log.info("profile %s stopped listening", name)
 
     async def stop(self) -> None:
@@ -336,16 +366,17 @@ class SipService:
             self._timer.cancel()
         for transport in self.transports.values():
             await transport.stop()
-        for kind, port in [mapping for mappings in self._sip_mappings.values() for mapping in mappings]:
+        for kind, port, family in [mapping for mappings in self._sip_mappings.values() for mapping in mappings]:
             with contextlib.suppress(Exception):
-                await self.engine.delete(kind, port)
+                await self.engine.delete(kind, port, family)
         self._sip_mappings.clear()
         if self.admission.timer() is not None:
             line = self.admission.summary(float("inf"))  # what was refused since the last summary
             if line is not None:
                 log.warning("%s", line)
-        if self.pool is not None:
-            await self.pool.stop()
+        for pool in (self.pool, self.pool6):
+            if pool is not None:
+                await pool.stop()
 
     async def _follow_address(self) -> None:
         """A new external address reaches the gateways' Contact at once (no restart, no dropped call)."""
@@ -439,4 +470,5 @@ class SipService:
 def _listeners(profile: ProfileSettings) -> tuple[object, ...]:
     """What a profile's sockets depend on: a change here means new listeners (and new SIP mappings)."""
     a, sip = profile.addressing, profile.sip
-    return (a.sip_ip, a.sip_port, a.tls_sip_port, a.ext_sip_ip, sip.tcp, sip.tls_cert, sip.tls_key)
+    return (a.sip_ip, a.sip_port, a.tls_sip_port, a.ext_sip_ip, sip.tcp, sip.tls_cert, sip.tls_key, sip.ipv6,
+            sip.sip_ip6)  # fmt: skip

@@ -6,6 +6,11 @@ peer: over UDP to the packet's source, over TCP/TLS on the same connection (§18
 originate over a stream reuse an open connection to the target when there is one (§18.1.1), else
 connect.
 
+A dual-stack profile (`host6`) has the same listeners on its IPv6 address too: a datagram is answered from
+the socket of the peer's family, and a stream we open to an IPv6 peer leaves from `host6` (RFC 5118 §4: the
+address in our Via and Contact must be one the peer can reach us at; left to the kernel the source would be
+a temporary address, RFC 8981, which the router's pinholes are not for).
+
 Hostile input is bounded here: datagrams and stream messages go through the codec's caps, a stream
 that sends garbage or more than `MAX_TCP_MESSAGE` bytes unframed is closed, at most `max_connections`
 streams are open (more are refused at accept), and an idle stream is closed after `idle_timeout`. A
@@ -139,7 +144,7 @@ class _Stream(asyncio.Protocol):
 
 
 class SipTransport:
-    """The listeners of one profile on `host`: UDP and TCP on `port`, TLS on `tls_port` with `tls`."""
+    """The listeners of one profile on `host` (and `host6`): UDP and TCP on `port`, TLS on `tls_port` with `tls`."""
 
     def __init__(
         self,
@@ -152,8 +157,10 @@ class SipTransport:
         tls: ssl.SSLContext | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        host6: str | None = None,
     ) -> None:
         self.host = host
+        self.host6 = host6
         self.port = port
         self.handler = handler
         self.tcp = tcp
@@ -163,6 +170,7 @@ class SipTransport:
         self.idle_timeout = idle_timeout
         self.stats = TransportStats()
         self._udp: asyncio.DatagramTransport | None = None
+        self._udp6: asyncio.DatagramTransport | None = None
         self._servers: list[asyncio.Server] = []
         self._streams: dict[int, _Stream] = {}
         self._by_address: dict[tuple[str, str, int], int] = {}
@@ -181,36 +189,45 @@ class SipTransport:
         """Bind every listener; OSError (port in use, address not here) after closing what was bound."""
         loop = asyncio.get_running_loop()
         try:
-            udp, _ = await loop.create_datagram_endpoint(lambda: _Datagram(self), local_addr=(self.host, self.port))
-            self._udp = udp
-            sock = udp.get_extra_info("socket")
-            with contextlib.suppress(OSError):
-                # A burst of INVITEs must queue, not drop: the kernel default (~200 KiB) overflows near
-                # 700 calls/s. The kernel caps this at net.core.rmem_max.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
-            if self.tcp:
-                self._servers.append(
-                    await loop.create_server(lambda: _Stream(self, "tcp"), self.host, self.port, reuse_address=True)
-                )
-            if self.tls_port and self.tls is not None:
-                self._servers.append(
-                    await loop.create_server(
-                        lambda: _Stream(self, "tls"), self.host, self.tls_port, ssl=self.tls, reuse_address=True
+            self._udp = await self._bind_udp(self.host)
+            if self.host6 is not None:
+                self._udp6 = await self._bind_udp(self.host6)
+            for host in (self.host,) if self.host6 is None else (self.host, self.host6):
+                if self.tcp:
+                    self._servers.append(
+                        await loop.create_server(lambda: _Stream(self, "tcp"), host, self.port, reuse_address=True)
                     )
-                )
+                if self.tls_port and self.tls is not None:
+                    self._servers.append(
+                        await loop.create_server(
+                            lambda: _Stream(self, "tls"), host, self.tls_port, ssl=self.tls, reuse_address=True
+                        )
+                    )
         except OSError:
             await self.stop()
             raise
         self._reaper = loop.create_task(self._reap_idle())
+
+    async def _bind_udp(self, host: str) -> asyncio.DatagramTransport:
+        udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _Datagram(self), local_addr=(host, self.port)
+        )
+        sock = udp.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            # A burst of INVITEs must queue, not drop: the kernel default (~200 KiB) overflows near
+            # 700 calls/s. The kernel caps this at net.core.rmem_max.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        return udp
 
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        if self._udp is not None:
-            self._udp.close()
-            self._udp = None
+        for udp in (self._udp, self._udp6):
+            if udp is not None:
+                udp.close()
+        self._udp = self._udp6 = None
         for server in self._servers:
             server.close()
         for stream in list(self._streams.values()):
@@ -233,9 +250,10 @@ class SipTransport:
         """Send over UDP to `peer`, or on its stream; False when the stream is gone."""
         data = message.serialize()
         if peer.transport == "udp":
-            if self._udp is None:
+            udp = self._udp6 if ":" in peer.ip and self._udp6 is not None else self._udp
+            if udp is None:
                 return False
-            self._udp.sendto(data, (peer.ip, peer.port))
+            udp.sendto(data, (peer.ip, peer.port))
             if wiretrace.ON:
                 wiretrace.sip_sent(message, "udp", (peer.ip, peer.port))
             self.stats.sent += 1
@@ -262,8 +280,11 @@ class SipTransport:
         context = None
         if transport == "tls":
             context = ssl.create_default_context()
+        source = (self.host6, 0) if self.host6 is not None and ":" in ip else None
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, protocol = await loop.create_connection(lambda: _Stream(self, transport), ip, port, ssl=context)
+            _, protocol = await loop.create_connection(
+                lambda: _Stream(self, transport), ip, port, ssl=context, local_addr=source
+            )
         stream = protocol
         if stream.peer is None:
             raise OSError("too many SIP connections")

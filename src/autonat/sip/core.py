@@ -149,12 +149,14 @@ class Send:
 @dataclass(frozen=True, slots=True)
 class AcquirePorts:
     """Media ports for one leg: `mapped` from the RTP pool (or mapped now), else a pair of the port range.
-    Answer with `ports_ready(call, leg, ports or None, now)`; `owner` labels the router mappings."""
+    Answer with `ports_ready(call, leg, ports or None, now)`; `owner` labels the router mappings. `family` 6 with
+    `mapped`: the holes are IPv6 firewall pinholes (an IPv6 peer outside; the pool of pinholes)."""
 
     call: str
     leg: str
     mapped: bool
     owner: str
+    family: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +181,8 @@ class StartEcho:
 
 @dataclass(frozen=True, slots=True)
 class StartRelay:
-    """Bind a relay between leg a (`port_a`) and leg b (`port_b`): answer with `media_started`."""
+    """Bind a relay between leg a (`local`:`port_a`) and leg b (`local_b`:`port_b`; None: `local`, the legs'
+    families alike): answer with `media_started`. A dual-stack profile bridges an IPv6 phone to an IPv4 one."""
 
     call: str
     local: IPAddress
@@ -187,6 +190,7 @@ class StartRelay:
     port_b: int
     ice_a: tuple[str, str] | None
     peer_a: tuple[str, int] | None
+    local_b: IPAddress | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,11 +285,17 @@ class Addresses(Protocol):
         ...
 
     def media_address(self, profile: str, peer_ip: str) -> IPAddress:
-        """Our address in SDP for a peer at `peer_ip`."""
+        """Our address in SDP for a peer at `peer_ip` (of the peer's family on a dual-stack profile)."""
         ...
 
-    def rtp_local(self, profile: str) -> IPAddress:
-        """The local address the media sockets bind."""
+    def rtp_local(self, profile: str, peer_ip: str) -> IPAddress:
+        """The local address the media sockets for a peer at `peer_ip` bind (the profile's IPv6 address for an
+        IPv6 peer of a dual-stack profile)."""
+        ...
+
+    def pinhole(self, profile: str, peer_ip: str) -> bool:
+        """Whether media for an IPv6 peer at `peer_ip` needs firewall pinholes (the peer is outside the local
+        network and the engine keeps pinholes): there is no NAT on IPv6, only the router's firewall."""
         ...
 
     def external_known(self) -> bool:
@@ -602,7 +612,7 @@ class SipCore:
             return self._flush()
         profile = call.profile
         advertised = target.media_address or self.addresses.media_address(profile, target.peer.ip)
-        local = self.addresses.rtp_local(profile)
+        local = self.addresses.rtp_local(profile, target.peer.ip)
         if ports.mapped and ports.external_ip is not None:
             media = MediaPorts(ports, local, ports.external_ip, ports.external_rtp, ports.external_rtcp)
         elif ports.mapped:
@@ -1186,20 +1196,29 @@ class SipCore:
         leg.se_refresher_us = refresher == "uas"
 
     def _mapped_for(self, call: Call, role: str) -> bool:
-        """Whether `role`'s peer is told our external address for media, so its ports must be mapped (the
-        decision is kept on the leg: `ports_ready` advertises what it decided)."""
+        return self._holes_for(call, role) != 0
+
+    def _holes_for(self, call: Call, role: str) -> int:
+        """Which holes `role`'s media ports need in the router: 4 when its peer is told our external address (a
+        port mapping), 6 when it is an IPv6 peer outside told our global address (firewall pinholes: no NAT on
+        IPv6), 0 for none. The address decision is kept on the leg: `ports_ready` advertises what it decided."""
         leg = call.a if role == "a" else call.b
         if leg is None:
-            return False
+            return 0
         p = self.profiles[call.profile]
         if leg.media_address is None:
             leg.media_address = self.addresses.media_address(p.name, leg.peer.ip)
-        return p.config.external_media and leg.media_address != self.addresses.rtp_local(p.name)
+        if leg.media_address.version == 6 and self.addresses.pinhole(p.name, leg.peer.ip):
+            return 6
+        mapped = p.config.external_media and leg.media_address != self.addresses.rtp_local(p.name, leg.peer.ip)
+        return 4 if mapped else 0
 
     def _want_ports(self, p: _Profile, call: Call, leg: Leg) -> bool:
         """Ask the shell for `leg`'s media ports: mapped ones (within the media caps) when the peer is told our
-        external address, else a local pair. False when a cap refused (the call was failed)."""
-        mapped = self._mapped_for(call, leg.role)
+        external address, pinholed ones (the same caps) for an IPv6 peer outside, else a local pair. False when a
+        cap refused (the call was failed)."""
+        holes = self._holes_for(call, leg.role)
+        mapped = holes != 0
         if mapped:
             assert call.ticket is not None
             call.refusal = self.admission.admit_media(call.ticket, p.config.max_media_calls, self._now)
@@ -1207,7 +1226,7 @@ class SipCore:
                 self._fail(call, 503, f"over {call.refusal}")
                 return False
         owner = call.a.call_id if leg.role == "a" else call.a.call_id + "-b"
-        self._emit(AcquirePorts(call.id, leg.role, mapped, owner))
+        self._emit(AcquirePorts(call.id, leg.role, mapped, owner, 6 if holes == 6 else 4))
         return True
 
     def _media_legs(self, call: Call) -> list[Leg]:
@@ -1291,8 +1310,11 @@ class SipCore:
         peer_a = None
         if leg.remote is not None and leg.remote.audio.address is not None:
             peer_a = (str(leg.remote.audio.address), leg.remote.audio.port)
+        local_b = b.media.local_address if b.media.local_address != leg.media.local_address else None
         self._emit(
-            StartRelay(call.id, leg.media.local_address, leg.media.local_port, b.media.local_port, leg.ice, peer_a)
+            StartRelay(
+                call.id, leg.media.local_address, leg.media.local_port, b.media.local_port, leg.ice, peer_a, local_b
+            )
         )
 
     def _ice(self, leg: Leg) -> IceLocal | None:

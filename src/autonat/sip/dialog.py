@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from autonat.addresses import IPAddress
+from autonat.addresses import IPAddress, uri_host
 from autonat.proto.errors import DecodeError
 from autonat.sip.admission import Refusal, Ticket
 from autonat.sip.dialplan import GatewaySettings
@@ -231,7 +231,7 @@ class Call:
                     "peer": str(leg.peer),
                     "call_id": leg.call_id,
                     "rtp_port": None if media is None else media.local_port,
-                    "advertised": None if media is None else f"{media.advertised}:{media.advertised_port}",
+                    "advertised": None if media is None else f"{uri_host(media.advertised)}:{media.advertised_port}",
                     "mapped": media is not None and media.ports.mapped,
                     # What the phone last said it does (RFC 3264 §6.1): "sendonly" while it holds the call.
                     "direction": None if leg.remote is None else leg.remote.direction,
