@@ -266,6 +266,23 @@ def test_new_holes_are_held_to_map_rate_and_refreshes_to_the_renewal_share() -> 
     assert busiest <= 5, busiest
 
 
+def test_a_delete_or_a_new_mapping_never_waits_behind_refreshes_held_by_the_renewal_share() -> None:
+    rig = make(map_rate=0, lease=120, verify_interval=10_000)
+    for port in range(20000, 20100):
+        rig.core.want(Wanted(UDP, port), rig.now)
+    rig.advance(0)
+    assert len(rig.table) == 100
+    rig.advance(67.5)  # every first renewal is due now (same rand): 5 go, 95 wait for the next second
+    rig.requests.clear()
+    rig.core.want(Wanted(UDP, 21000), rig.now)
+    rig.core.unwant((UDP, 20050), rig.now)
+    sent = rig.step()
+    assert any(isinstance(a, lc.RequestMap) and a.key == (UDP, 21000) for a in sent), sent
+    assert any(isinstance(a, lc.RequestDelete) and a.key == (UDP, 20050) for a in sent), sent
+    assert (UDP, 21000) in rig.table and (UDP, 20050) not in rig.table
+    assert rig.core.timer() == rig.now + 1.0  # the held renewals: at the next second of the share
+
+
 def test_at_most_concurrency_requests_are_out_at_once() -> None:
     core = Lifecycle(NatSettings(protocol="pcp", map_rate=0), rand=lambda: 0.5)
     core.start([Wanted(UDP, p) for p in range(30000, 30100)], 0.0)

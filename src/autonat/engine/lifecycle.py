@@ -424,7 +424,12 @@ class Lifecycle:
         self.last_error: str | None = None
         self._rand = rand
         self._actions: list[Action] = []
-        self._heap: list[tuple[float, int, Key]] = []
+        # Two queues, so routine work never holds up the rest: `_work` (new mappings, retries, deletes, what
+        # republish asked for now) waits only for the in-flight cap; `_refreshes` (renewals and verifications
+        # of active mappings) also for the renewal share. One queue let a refresh held back by the share stop
+        # every delete and new mapping due behind it for up to a second.
+        self._work: list[tuple[float, int, Key]] = []
+        self._refreshes: list[tuple[float, int, Key]] = []
         self._seq = 0
         self._inflight = 0  # router requests out (map, delete, verify)
         self._recent: collections.deque[float] = collections.deque()  # refresh starts, last second
@@ -449,23 +454,22 @@ class Lifecycle:
     def timer(self) -> float | None:
         """When `handle_timer` must run next (None: nothing planned)."""
         times = [t for t in (self._discover_at, self._address_at) if t is not None]
-        while self._heap:
-            when, seq, key = self._heap[0]
-            record = self.records.get(key)
-            if record is None or record.seq != seq:
-                heapq.heappop(self._heap)  # superseded or forgotten
-                continue
-            times.append(max(when, self._refresh_slot()) if self._blocked(record) else when)
-            break
+        for queue, routine in ((self._work, False), (self._refreshes, True)):
+            while queue:
+                when, seq, key = queue[0]
+                record = self.records.get(key)
+                if record is None or record.seq != seq:
+                    heapq.heappop(queue)  # superseded or forgotten
+                    continue
+                times.append(max(when, self._refresh_slot()) if self._blocked(record, routine) else when)
+                break
         return min(times, default=None)
 
-    def _blocked(self, record: Record) -> bool:
-        """A refresh held back by the renewal share, or any request by the in-flight cap."""
+    def _blocked(self, record: Record, routine: bool) -> bool:
+        """A routine refresh held back by the renewal share, or any request by the in-flight cap."""
         if self._inflight >= CONCURRENCY:
             return True
-        if record.key in self._urgent:
-            return False  # asked for now (republish): not a routine refresh
-        return record.state is State.ACTIVE and len(self._recent) >= self._refresh_cap()
+        return routine and record.state is State.ACTIVE and len(self._recent) >= self._refresh_cap()
 
     def _refresh_cap(self) -> int:
         return max(MIN_REFRESHES_PER_SECOND, math.floor(len(self.records) * RENEWAL_SHARE))
@@ -856,18 +860,19 @@ class Lifecycle:
             self._query_address(now)
         while self._recent and self._recent[0] <= now - 1.0:
             self._recent.popleft()
-        while self._heap and self._heap[0][0] <= now:
-            _, seq, key = self._heap[0]
-            record = self.records.get(key)
-            if record is None or record.seq != seq:
-                heapq.heappop(self._heap)
-                continue
-            if self._blocked(record):
-                break  # the in-flight cap or the refresh share: timer() says when to come back
-            heapq.heappop(self._heap)
-            record.seq = 0
-            self._urgent.discard(key)
-            self._service(record, now)
+        for queue, routine in ((self._work, False), (self._refreshes, True)):
+            while queue and queue[0][0] <= now:
+                _, seq, key = queue[0]
+                record = self.records.get(key)
+                if record is None or record.seq != seq:
+                    heapq.heappop(queue)
+                    continue
+                if self._blocked(record, routine):
+                    break  # the in-flight cap or the refresh share: timer() says when to come back
+                heapq.heappop(queue)
+                record.seq = 0
+                self._urgent.discard(key)
+                self._service(record, now)
 
     def _service(self, record: Record, now: float) -> None:
         if record.inflight is not None:
@@ -920,7 +925,8 @@ class Lifecycle:
         self._seq += 1
         record.seq = self._seq
         if when != math.inf:
-            heapq.heappush(self._heap, (when, self._seq, record.key))
+            routine = record.state is State.ACTIVE and record.key not in self._urgent
+            heapq.heappush(self._refreshes if routine else self._work, (when, self._seq, record.key))
 
     def _result(self, key: Key) -> Record | None:
         record = self.records.get(key)

@@ -21,9 +21,11 @@ import collections
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 from autonat.addresses import IPAddress
-from autonat.engine.engine import MappingStatus, NatEngine, Wanted
+from autonat.engine.engine import MappingStatus, Wanted
+from autonat.engine.lifecycle import Key
 from autonat.limits import TokenBucket
 from autonat.proto.types import Transport
 
@@ -64,10 +66,30 @@ class PortPairs:
         return len(self._free)
 
 
+class PoolEngine(Protocol):
+    """What the pool asks of its engine: a NatEngine for port mappings, or
+    autonat.service.pinholes.FamilyEngine for the same engine's IPv6 pinholes."""
+
+    @property
+    def mapping_enabled(self) -> bool: ...
+
+    def lookup(self, key: Key) -> MappingStatus | None: ...
+
+    def relabel(self, transport: Transport, internal_port: int, owner: str) -> None: ...
+
+    async def add(self, wanted: Wanted, wait: float | None = None) -> MappingStatus: ...
+
+    async def delete(self, transport: Transport, internal_port: int) -> bool: ...
+
+    def map_budget(self) -> float: ...
+
+    async def wait_ready(self, timeout: float) -> bool: ...
+
+
 class RtpPool:
     def __init__(
         self,
-        engine: NatEngine,
+        engine: PoolEngine,
         ports: range | PortPairs,
         size: int = 4,
         transport: Transport = Transport.UDP,

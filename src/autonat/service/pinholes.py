@@ -8,15 +8,14 @@ same pool mechanism (pairs opened ahead, `take()` at once, `map_now()` on demand
 `release()` at hang-up, refilled in the background), over the same RTP range (`PortPairs`, shared with
 the IPv4 pool: one port pair is one call's, whatever its family).
 
-The pool speaks to its engine through five calls (`lookup`, `relabel`, `add`, `delete`, `map_budget`) and
-two readiness questions; `FamilyEngine` answers them for family 6, so the pool needs no second copy.
+The pool speaks to its engine through `autonat.engine.pool.PoolEngine` (five calls and two readiness
+questions); `FamilyEngine` answers them for family 6, so the pool needs no second copy.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import cast
 
 from autonat.engine.engine import MappingStatus, NatEngine, Wanted
 from autonat.engine.lifecycle import Key
@@ -69,5 +68,4 @@ class FamilyEngine:
 
 def pinhole_pool(engine: NatEngine, pairs: PortPairs, *, size: int, refill_rate: float) -> RtpPool:
     """An RTP pool whose pairs are IPv6 pinholes (owner "rtp-pool", then "call:<id>", like the IPv4 pool's)."""
-    # RtpPool is typed for the whole engine but uses only what FamilyEngine has (see the module docstring).
-    return RtpPool(cast(NatEngine, FamilyEngine(engine)), pairs, size=size, refill_rate=refill_rate)
+    return RtpPool(FamilyEngine(engine), pairs, size=size, refill_rate=refill_rate)
