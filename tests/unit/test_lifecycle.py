@@ -283,6 +283,21 @@ def test_a_delete_or_a_new_mapping_never_waits_behind_refreshes_held_by_the_rene
     assert rig.core.timer() == rig.now + 1.0  # the held renewals: at the next second of the share
 
 
+def test_refreshes_due_within_a_quarter_second_share_one_wake_up() -> None:
+    rig = make(map_rate=0, lease=120, verify_interval=10_000, external_ip_interval=10_000)
+    for offset, port in ((0.0, 21000), (0.1, 21001), (0.5, 21002)):
+        rig.advance(offset - (rig.now - 1000.0))
+        rig.core.want(Wanted(UDP, port), rig.now)
+        rig.advance(0)
+    rig.requests.clear()
+    rig.request_times.clear()
+    rig.advance(70)
+    maps = [r for r in rig.requests if isinstance(r, lc.RequestMap)]
+    sent = {r.key[1]: t for r, t in zip(maps, rig.request_times, strict=True)}
+    # Renewals due at 1067.5, 1067.6 and 1068.0 (RFC 6887 §11.2.1 with rand 0.5): the first two go together.
+    assert sent == {21000: 1067.5, 21001: 1067.5, 21002: 1068.0}, sent
+
+
 def test_at_most_concurrency_requests_are_out_at_once() -> None:
     core = Lifecycle(NatSettings(protocol="pcp", map_rate=0), rand=lambda: 0.5)
     core.start([Wanted(UDP, p) for p in range(30000, 30100)], 0.0)

@@ -72,6 +72,9 @@ DISCOVERY_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 FAILED_RETRY = (2.0, 5.0, 15.0, 30.0, 60.0)
 REMOVE_RETRY = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)  # a delete the router did not confirm, tried again
 EXPIRY_MARGIN = 60.0  # past the lease's end by this much, a router has certainly dropped the mapping
+# Routine refreshes due within this many seconds go out with the one due now: one wake-up for a few of
+# them instead of one each (the renewal window of RFC 6887 §11.2.1 is 1/8 of the lease, seconds at least).
+COALESCE = 0.25
 RENEWAL_SHARE = 0.04  # at most 4 % of the mappings refreshed in any one second ...
 MIN_REFRESHES_PER_SECOND = 5  # ... but never fewer than this, so small sets are not slowed down
 CONCURRENCY = 16  # router requests in flight: a burst of a thousand overflows a router's socket buffer
@@ -861,7 +864,8 @@ class Lifecycle:
         while self._recent and self._recent[0] <= now - 1.0:
             self._recent.popleft()
         for queue, routine in ((self._work, False), (self._refreshes, True)):
-            while queue and queue[0][0] <= now:
+            horizon = now + COALESCE if routine else now
+            while queue and queue[0][0] <= horizon:
                 _, seq, key = queue[0]
                 record = self.records.get(key)
                 if record is None or record.seq != seq:
