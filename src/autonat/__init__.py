@@ -28,8 +28,6 @@ never loads the UPnP, HTTP or XML modules; `dir(autonat)` and `__all__` list the
 subclasses of `AutonatError`, each one line fit for a user.
 """
 
-__version__ = "0.1.0"
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy treats the name alike)
 if TYPE_CHECKING:
     from autonat.addresses import AddressKind, classify, is_public
@@ -50,6 +48,7 @@ if TYPE_CHECKING:
     )
     from autonat.mapper import DEFAULT_LIFETIME, Mapping, MappingRequest, PortMapper, ProtocolStatus
     from autonat.proto.types import Transport
+    from autonat.version import __version__
 
 # Public name -> the module that defines it. A new public name is added here and to `__all__`.
 _EXPORTS = {
@@ -84,6 +83,7 @@ _EXPORTS = {
     "RouterRefused": "autonat.errors",
     "NotPublic": "autonat.errors",
     "ProtocolUnavailable": "autonat.errors",
+    "__version__": "autonat.version",
 }
 
 __all__ = [

@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "addresses": 0,
     "limits": 0,
+    "version": 0,
     "sip": 1,
     "mapper": 1,
     "advertise": 1,
@@ -30,7 +31,7 @@ LAYERS: dict[str, int] = {
     "daemon": 6,
     "cli": 7,
     "__main__": 8,
-    "__init__": 0,  # the package face: a version string; its public names are imported on first use
+    "__init__": 0,  # the package face: its public names (and __version__) are imported on first use
 }
 # Sans-IO cores: no asyncio, no sockets, no threads, no clock (time is an argument).
 CORES = [
@@ -89,12 +90,20 @@ def test_no_import_runs_from_a_lower_layer_to_a_higher_one() -> None:
         if module == "autonat":
             # The package face re-exports the public API of every layer, but only on first use of a
             # name (PEP 562) and for type checkers: `import autonat` loads no submodule at all
-            # (tests/unit/test_import_time.py), so modules below may import `__version__` from it.
+            # (tests/unit/test_cli_lazy.py), and no module imports the face (checked below).
             continue
         for name in imports_of(path):
             if name in known and layer_of(name) > layer_of(module):
                 upward.append(f"{module} (layer {layer_of(module)}) imports {name} (layer {layer_of(name)})")
     assert not upward, "\n".join(upward)
+
+
+def test_no_module_imports_the_package_face() -> None:
+    """`autonat` re-exports every layer, so importing it from inside the package would be an arrow up
+    (the version string lives in autonat/version.py for that reason)."""
+    known = modules()
+    offenders = sorted(m for m, path in known.items() if m != "autonat" and "autonat" in imports_of(path))
+    assert not offenders, offenders
 
 
 def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:

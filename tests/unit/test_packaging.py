@@ -83,3 +83,13 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
     for setting in ("Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "ProtectHome=read-only"):
         assert setting in text, setting
+
+
+def test_the_version_is_said_once_in_the_code_and_the_same_in_pyproject() -> None:
+    import tomllib
+
+    import autonat
+    from autonat.version import __version__
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__ == autonat.__version__

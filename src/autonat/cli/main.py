@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from autonat import __version__
+from autonat.version import __version__
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:

@@ -32,8 +32,8 @@ import sys
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
-from autonat import __version__
 from autonat.proto.errors import DecodeError
+from autonat.version import __version__
 
 __all__ = [
     "DEFAULT_SEARCH_TARGETS",
