@@ -2,9 +2,10 @@
 
 A `Leg` is one dialog with one peer: its identifiers, where its requests go, its media ports, the last session
 descriptions each side sent and the offer/answer exchange in progress, its 2xx retransmissions and its session
-timer. A `Call` is one or two legs: `a` the caller (always the UAS side), `b` the leg we placed (a bridged
-call). Everything one call is made of lives here, in one place; `autonat.sip.core` is the only code that changes
-it, and it holds no I/O: the asyncio shell only ever sees the actions the core returns.
+timer. A `Call` is one or two legs: `a` the first (the caller's, a UAS dialog; for the test call, our own UAC dialog
+towards the echo), `b` the leg we placed for a bridged call. Everything one call is made of lives here, in one
+place; `autonat.sip.core` is the only code that changes it, and it holds no I/O: the asyncio shell only ever sees
+the actions the core returns.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ class BTarget:
 
 @dataclass(eq=False, slots=True)
 class Call:
-    """A call: leg `a` is the caller (always a UAS dialog), `b` the leg we placed (bridged calls)."""
+    """A call: leg `a` is the caller's (a UAS dialog; the test call's is our UAC dialog), `b` the leg we placed
+    (bridged calls)."""
 
     profile: str
     kind: str  # "echo", "user", "gateway"
