@@ -278,4 +278,5 @@ def test_the_test_call_to_an_ipv6_echo_on_the_internet(healthy_lab: Lab, tmp_pat
     assert media["advertised"] == media["mapping"] == f"[{Lab.LAN6_ADDRESS}]:{port}" and media["through_mapping"]
     assert media["remote"] == f"[{Lab.WAN6_HOST}]:{CALLER_MEDIA}"
     assert result["rtp"]["sent"] == 100 and result["rtp"]["received"] >= 97, result["rtp"]
+    assert result["verdict"] == "ok: audio both ways through the router's IPv6 firewall (pinholes)", result
     assert ("udp", port) not in holes and not opened(lab, port)  # closed when the command returned

@@ -357,6 +357,11 @@ GOOD = Figures(250, 250, rtt_min=0.0003, rtt_avg=0.0004, rtt_max=0.002, jitter=0
         (outcome(), GOOD, "ok: audio both ways through the NAT"),
         (outcome(), Figures(250, 100), "ok: audio both ways through the NAT, but 60.0 % lost"),
         (
+            outcome(mapping=("2001:db8::10", 30000), advertised=("2001:db8::10", 30000)),
+            GOOD,
+            "ok: audio both ways through the router's IPv6 firewall (pinholes)",
+        ),
+        (
             outcome(mapping=None, advertised=("192.168.77.10", 30000)),
             GOOD,
             "ok: audio both ways, not through a router mapping (our SDP gave 192.168.77.10:30000)",

@@ -385,7 +385,8 @@ def _hostport(address: tuple[str, int] | None) -> str | None:
 
 
 def verdict(outcome: Outcome, figures: Figures | None) -> tuple[bool, str]:
-    """(ok, the one line): "ok: audio both ways through the NAT", "fail: no audio back", "fail: call refused
+    """(ok, the one line): "ok: audio both ways through the NAT" (on IPv6: "... through the router's IPv6
+    firewall (pinholes)"), "fail: no audio back", "fail: call refused
     486 Busy Here", "fail: no answer", ..."""
     if not outcome.answered:
         status = outcome.status
@@ -398,7 +399,9 @@ def verdict(outcome: Outcome, figures: Figures | None) -> tuple[bool, str]:
         return False, f"fail: no audio sent ({outcome.reason})"
     if figures.received == 0:
         return False, "fail: no audio back"
-    if outcome.through_mapping:
+    if outcome.through_mapping and outcome.advertised is not None and ":" in outcome.advertised[0]:
+        line = "ok: audio both ways through the router's IPv6 firewall (pinholes)"  # no NAT on IPv6
+    elif outcome.through_mapping:
         line = "ok: audio both ways through the NAT"
     else:
         line = f"ok: audio both ways, not through a router mapping (our SDP gave {_hostport(outcome.advertised)})"
