@@ -391,6 +391,32 @@ class IgdClient:
         RouterRefused / RouterTimeout / ProtocolUnavailable saying why not."""
         raise NotImplementedError
 
+    async def _description(self, found: Found, trace: list[http.Progress]) -> igd.DeviceDescription:
+        try:
+            return igd.parse_device_description(
+                await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE, trace), found.location.url
+            )
+        except DecodeError as exc:
+            raise RouterRefused(f"router's description is unusable: {exc.reason}", protocol=NAME, code=0) from None
+
+    async def _actions(self, service: igd.Service, trace: list[http.Progress]) -> frozenset[str]:
+        """The actions `service`'s SCPD lists; none when it has no SCPD or an unreadable one (which only
+        costs the IGD:2 extras)."""
+        if not service.scpd_url:
+            return frozenset()
+        try:
+            return igd.parse_scpd(await self._fetch(service.scpd_url, igd.MAX_DESCRIPTION_SIZE, trace))
+        except (DecodeError, RouterRefused, RouterTimeout):
+            return frozenset()
+
+    def _candidates(self) -> dict[str, Any]:
+        return {"candidates": [candidate.to_dict() for candidate in self.candidates]}
+
+    def _not_found(self, exc: Exception, started: float) -> ProtocolStatus:
+        """`probe`'s answer when discovery found no usable IGD: why, and every candidate seen."""
+        elapsed = (time.perf_counter() - started) * 1000
+        return ProtocolStatus(NAME, available=False, reason=str(exc), elapsed_ms=elapsed, details=self._candidates())
+
 
 class UpnpClient(IgdClient):
     """Implements `PortMapper` with UPnP IGD (WANIPConnection / WANPPPConnection)."""
@@ -413,12 +439,7 @@ class UpnpClient(IgdClient):
     async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
         """Description -> connection services (best first) -> the first connected one, with its SCPD.
         (An IGD may list several WAN services, not all connected: docs/QUIRKS.md U12.)"""
-        try:
-            description = igd.parse_device_description(
-                await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE, trace), found.location.url
-            )
-        except DecodeError as exc:
-            raise RouterRefused(f"router's description is unusable: {exc.reason}", protocol=NAME, code=0) from None
+        description = await self._description(found, trace)
         services = description.connection_services()
         if not services:
             raise ProtocolUnavailable(f"{found.location.url} describes no WAN connection service")
@@ -437,14 +458,6 @@ class UpnpClient(IgdClient):
     async def _inspect_service(
         self, found: Found, description: igd.DeviceDescription, service: igd.Service, trace: list[http.Progress]
     ) -> Igd:
-        async def actions() -> frozenset[str]:
-            if not service.scpd_url:
-                return frozenset()
-            try:
-                return igd.parse_scpd(await self._fetch(service.scpd_url, igd.MAX_DESCRIPTION_SIZE, trace))
-            except (DecodeError, RouterRefused, RouterTimeout):
-                return frozenset()  # an unreadable SCPD only costs us the IGD:2 extras
-
         async def status() -> igd.StatusInfo | None:
             try:
                 return igd.status_info_from(
@@ -460,7 +473,7 @@ class UpnpClient(IgdClient):
             except (igd.UpnpError, DecodeError):
                 return None
 
-        supported, state, address = await asyncio.gather(actions(), status(), external())
+        supported, state, address = await asyncio.gather(self._actions(service, trace), status(), external())
         return Igd(found.location.url, str(found.responder), description, service, supported, address, state)
 
     async def probe(self) -> ProtocolStatus:
@@ -468,15 +481,9 @@ class UpnpClient(IgdClient):
         try:
             found = await self.discover()
         except (RouterRefused, RouterTimeout, ProtocolUnavailable, DecodeError) as exc:
-            return ProtocolStatus(
-                NAME,
-                available=False,
-                reason=str(exc),
-                elapsed_ms=(time.perf_counter() - started) * 1000,
-                details={"candidates": [candidate.to_dict() for candidate in self.candidates]},
-            )
+            return self._not_found(exc, started)
         elapsed = (time.perf_counter() - started) * 1000
-        candidates = {"candidates": [candidate.to_dict() for candidate in self.candidates]}
+        candidates = self._candidates()
         # miniupnpd behind another NAT answers an empty address, others 0.0.0.0 (docs/QUIRKS.md U8).
         if found.external_ip is None or not found.connected:
             state = found.status.connection_status if found.status else "unknown"
@@ -775,25 +782,12 @@ class UpnpPinholeClient(IgdClient):
 
     async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
         """Description -> the WANIPv6FirewallControl service, its SCPD and GetFirewallStatus, at once."""
-        try:
-            description = igd.parse_device_description(
-                await self._fetch(found.location.url, igd.MAX_DESCRIPTION_SIZE, trace), found.location.url
-            )
-        except DecodeError as exc:
-            raise RouterRefused(f"router's description is unusable: {exc.reason}", protocol=NAME, code=0) from None
+        description = await self._description(found, trace)
         service = pinhole.firewall_service(description)
         if service is None:
             raise ProtocolUnavailable(
                 f"{found.location.url} describes no IPv6 firewall control (WANIPv6FirewallControl): no pinholes"
             )
-
-        async def actions() -> frozenset[str]:
-            if not service.scpd_url:
-                return frozenset()
-            try:
-                return igd.parse_scpd(await self._fetch(service.scpd_url, igd.MAX_DESCRIPTION_SIZE, trace))
-            except (DecodeError, RouterRefused, RouterTimeout):
-                return frozenset()
 
         async def status() -> pinhole.FirewallStatus | None:
             try:
@@ -802,7 +796,7 @@ class UpnpPinholeClient(IgdClient):
             except (igd.UpnpError, DecodeError, RouterRefused):
                 return None
 
-        supported, firewall = await asyncio.gather(actions(), status())
+        supported, firewall = await asyncio.gather(self._actions(service, trace), status())
         return Igd(
             found.location.url,
             str(found.responder),
@@ -821,14 +815,8 @@ class UpnpPinholeClient(IgdClient):
         try:
             found = await self.discover()
         except (RouterRefused, RouterTimeout, ProtocolUnavailable, DecodeError) as exc:
-            return ProtocolStatus(
-                NAME,
-                available=False,
-                reason=str(exc),
-                elapsed_ms=(time.perf_counter() - started) * 1000,
-                details={"candidates": [candidate.to_dict() for candidate in self.candidates]},
-            )
-        details = found.details() | {"candidates": [candidate.to_dict() for candidate in self.candidates]}
+            return self._not_found(exc, started)
+        details = found.details() | self._candidates()
         elapsed = (time.perf_counter() - started) * 1000
         kind = found.service.service_type.rsplit(":", 2)[-2]
         if not found.pinholes_allowed:
