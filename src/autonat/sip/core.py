@@ -1471,21 +1471,8 @@ class SipCore:
             ("Min-SE", str(self.config.min_se)),
             *headers,
         ]
-        invite = sipclient.make_request(
-            "INVITE",
-            leg.remote_target,
-            from_uri=leg.local_uri,
-            from_tag=leg.local_tag,
-            to_uri=leg.remote_uri,
-            call_id=leg.call_id,
-            cseq=leg.next_cseq(),
-            via_host=str(leg.sip_address),
-            via_port=p.config.sip_port,
-            transport=leg.peer.transport,
-            contact=self._contact_uri(p, leg.sip_address, user_of(leg.local_uri) or "autonat", leg.peer.transport),
-            extra_headers=extra,
-            body=leg.local_sdp,
-            content_type="application/sdp" if leg.local_sdp else None,
+        invite = self._request(
+            p, leg, "INVITE", leg.next_cseq(), in_dialog=False, contact=True, extra_headers=extra, body=leg.local_sdp
         )
         leg.invite = invite
         self._start_request(p, invite, leg.peer)
@@ -1643,22 +1630,7 @@ class SipCore:
                 invite, response, branch=sipclient.new_branch(), body=body, content_type=content_type
             )
         else:
-            ack = sipclient.make_request(
-                "ACK",
-                leg.remote_target,
-                from_uri=leg.local_uri,
-                from_tag=leg.local_tag,
-                to_uri=leg.remote_uri,
-                to_tag=leg.remote_tag,
-                call_id=leg.call_id,
-                cseq=invite.cseq()[0],
-                via_host=str(leg.sip_address),
-                via_port=p.config.sip_port,
-                transport=leg.peer.transport,
-                route=leg.route_set,
-                body=body,
-                content_type=content_type,
-            )
+            ack = self._request(p, leg, "ACK", invite.cseq()[0], body=body)
         leg.acked = True
         self._send(p, ack, leg.peer)
 
@@ -1859,24 +1831,7 @@ class SipCore:
     def _send_out(self, p: _Profile, call: Call, leg: Leg, method: str, sdp: bytes, *, origin: Leg | None) -> None:
         """Our re-INVITE or UPDATE on `leg`: an offer (`sdp`), or a bare session refresh."""
         extra = [("Allow", ALLOW), ("Supported", ", ".join(sorted(SUPPORTED))), *self._timer_headers(leg, uas=False)]
-        request = sipclient.make_request(
-            method,
-            leg.remote_target,
-            from_uri=leg.local_uri,
-            from_tag=leg.local_tag,
-            to_uri=leg.remote_uri,
-            to_tag=leg.remote_tag,
-            call_id=leg.call_id,
-            cseq=leg.next_cseq(),
-            via_host=str(leg.sip_address),
-            via_port=p.config.sip_port,
-            transport=leg.peer.transport,
-            contact=self._contact_uri(p, leg.sip_address, user_of(leg.local_uri) or "autonat", leg.peer.transport),
-            route=leg.route_set,
-            extra_headers=extra,
-            body=sdp,
-            content_type="application/sdp" if sdp else None,
-        )
+        request = self._request(p, leg, method, leg.next_cseq(), contact=True, extra_headers=extra, body=sdp)
         leg.out = request
         leg.out_origin = origin
         if sdp:
@@ -2103,23 +2058,46 @@ class SipCore:
             self._heap.set(("probe", call.id), None)
             self._emit(ProbeEnded(call.id, self._probe_outcome(call, probe, reason)))
 
-    def _send_bye(self, p: _Profile, leg: Leg) -> None:
-        """Our BYE goes to where the peer's packets came from (its Contact may be private)."""
-        bye = sipclient.make_request(
-            "BYE",
+    def _request(
+        self,
+        p: _Profile,
+        leg: Leg,
+        method: str,
+        cseq: int,
+        *,
+        in_dialog: bool = True,
+        contact: bool = False,
+        extra_headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> Request:
+        """A request of ours on `leg` (§8.1.1), sent where the peer is: within its dialog (§12.2.1.1: the
+        remote tag and the route set) or, `in_dialog` False, the dialog-creating INVITE. `contact` adds ours."""
+        return sipclient.make_request(
+            method,
             leg.remote_target,
             from_uri=leg.local_uri,
             from_tag=leg.local_tag,
             to_uri=leg.remote_uri,
-            to_tag=leg.remote_tag,
+            to_tag=leg.remote_tag if in_dialog else None,
             call_id=leg.call_id,
-            cseq=leg.next_cseq(),
+            cseq=cseq,
             via_host=str(leg.sip_address),
             via_port=p.config.sip_port,
             transport=leg.peer.transport,
-            route=leg.route_set,
+            contact=(
+                self._contact_uri(p, leg.sip_address, user_of(leg.local_uri) or "autonat", leg.peer.transport)
+                if contact
+                else None
+            ),
+            route=leg.route_set if in_dialog else (),
+            extra_headers=extra_headers,
+            body=body,
+            content_type="application/sdp" if body else None,
         )
-        self._start_request(p, bye, leg.peer)
+
+    def _send_bye(self, p: _Profile, leg: Leg) -> None:
+        """Our BYE goes to where the peer's packets came from (its Contact may be private)."""
+        self._start_request(p, self._request(p, leg, "BYE", leg.next_cseq()), leg.peer)
 
     # ================================================================================ responses
 
