@@ -34,7 +34,6 @@ class FamilyEngine:
 
     def __init__(self, engine: NatEngine) -> None:
         self.engine = engine
-        self.settings = engine.settings
 
     def lookup(self, key: Key) -> MappingStatus | None:
         return self.engine.lookup(key, family=self.family)
