@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import sys
 import tempfile
@@ -12,6 +13,34 @@ from pathlib import Path
 from typing import Any
 
 Figures = dict[str, dict[str, float]]
+
+
+def raw_soap(
+    service: str, action: str, arguments: str, control: tuple[str, int, str], *, source: str | None = None
+) -> bytes:
+    """The least a client can do for SOAP: one prebuilt request on a fresh TCP connection (miniupnpd closes
+    every connection after its reply), from `source` when given (an IPv6 pinhole's request must come from the
+    address it is for). `control` is (host, port, path) of the service's control URL."""
+    host, port, path = control
+    body = (
+        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
+        f'<u:{action} xmlns:u="{service}">{arguments}</u:{action}></s:Body></s:Envelope>'
+    ).encode()
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    head = (
+        f'POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: text/xml; charset="utf-8"\r\n'
+        f'SOAPAction: "{service}#{action}"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n'
+    ).encode()
+    bind = None if source is None else (source, 0)
+    with socket.create_connection((host, port), timeout=2, source_address=bind) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    reply = b"".join(chunks)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    return reply
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

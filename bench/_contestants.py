@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from _common import raw_soap
+
 GATEWAY = "192.168.77.1"
 LOCAL = "192.168.77.10"
 ROOT_URL = f"http://{GATEWAY}:5000/rootDesc.xml"
@@ -250,29 +252,6 @@ class Upnpclient(Contestant):
 # --- the raw exchanges ----------------------------------------------------------------------------------
 
 
-def raw_soap(action: str, arguments: str) -> bytes:
-    """The least a client can do for SOAP: one prebuilt request on a fresh TCP connection (miniupnpd
-    closes every connection after its reply)."""
-    host, port, path = CONTROL
-    body = (
-        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
-        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
-        f'<u:{action} xmlns:u="{SERVICE}">{arguments}</u:{action}></s:Body></s:Envelope>'
-    ).encode()
-    head = (
-        f'POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: text/xml; charset="utf-8"\r\n'
-        f'SOAPAction: "{SERVICE}#{action}"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n'
-    ).encode()
-    with socket.create_connection((host, port), timeout=2) as sock:
-        sock.sendall(head + body)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    reply = b"".join(chunks)
-    assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
-    return reply
-
-
 class Raw(Contestant):
     """Prebuilt bytes on one blocking socket, no validation beyond the length: the floor."""
 
@@ -286,7 +265,7 @@ class Raw(Contestant):
             "natpmp external IP": lambda _: timed(lambda: self.call(b"\0\0", 12)),
             "natpmp map+unmap": lambda i: timed(lambda: self.natpmp_map_unmap(23000 + i % 1000)),
             "pcp map+delete": lambda i: timed(lambda: self.pcp_map_delete(i, 33000 + i % 1000)),
-            "upnp external IP": lambda _: timed(lambda: raw_soap("GetExternalIPAddress", "")),
+            "upnp external IP": lambda _: timed(lambda: raw_soap(SERVICE, "GetExternalIPAddress", "", CONTROL)),
             "upnp add+delete": lambda i: timed(lambda: self.soap_add_delete(46000 + i % 1000)),
         }
 
@@ -309,12 +288,14 @@ class Raw(Contestant):
             f"<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>UDP</NewProtocol>"
         )
         raw_soap(
+            SERVICE,
             "AddPortMapping",
             f"{common}<NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LOCAL}</NewInternalClient>"
             "<NewEnabled>1</NewEnabled><NewPortMappingDescription>raw</NewPortMappingDescription>"
             "<NewLeaseDuration>3600</NewLeaseDuration>",
+            CONTROL,
         )
-        raw_soap("DeletePortMapping", common)
+        raw_soap(SERVICE, "DeletePortMapping", common, CONTROL)
 
 
 CONTESTANTS: dict[str, Callable[[], Contestant]] = {

@@ -20,7 +20,7 @@ from ipaddress import IPv6Address
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import main_args, percentiles, report, run_in_lab, timed_async, timed_sync
+from _common import main_args, percentiles, raw_soap, report, run_in_lab, timed_async, timed_sync
 
 GATEWAY6 = "2001:db8:0:77::1"
 LOCAL6 = "2001:db8:0:77::10"  # the lab LAN host's stable address
@@ -49,39 +49,19 @@ class RawPcp:
             assert len(reply) == 60 and reply[3] == 0, reply[:4]  # SUCCESS
 
 
-def raw_soap(action: str, arguments: str, control: tuple[str, int, str]) -> bytes:
-    """One prebuilt SOAP request on a fresh TCP connection from the stable address."""
-    host, port, path = control
-    body = (
-        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
-        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
-        f'<u:{action} xmlns:u="{SERVICE}">{arguments}</u:{action}></s:Body></s:Envelope>'
-    ).encode()
-    head = (
-        f'POST {path} HTTP/1.1\r\nHost: [{host}]:{port}\r\nContent-Type: text/xml; charset="utf-8"\r\n'
-        f'SOAPAction: "{SERVICE}#{action}"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n'
-    ).encode()
-    with socket.create_connection((host, port), timeout=2, source_address=(LOCAL6, 0)) as sock:
-        sock.sendall(head + body)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    reply = b"".join(chunks)
-    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
-    return reply
-
-
 def raw_upnp_add_delete(index: int, control: tuple[str, int, str]) -> None:
     port = 40000 + index % 1000
     reply = raw_soap(
+        SERVICE,
         "AddPinhole",
         f"<RemoteHost></RemoteHost><RemotePort>0</RemotePort><InternalClient>{LOCAL6}</InternalClient>"
         f"<InternalPort>{port}</InternalPort><Protocol>17</Protocol><LeaseTime>3600</LeaseTime>",
         control,
+        source=LOCAL6,
     )
     match = _UNIQUE_ID.search(reply)
     assert match, reply[-200:]
-    raw_soap("DeletePinhole", f"<UniqueID>{match.group(1).decode()}</UniqueID>", control)
+    raw_soap(SERVICE, "DeletePinhole", f"<UniqueID>{match.group(1).decode()}</UniqueID>", control, source=LOCAL6)
 
 
 async def measure(rounds: int) -> dict[str, list[float]]:

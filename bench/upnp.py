@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import main_args, percentiles, report, run_in_lab, timed_async, timed_sync
+from _common import main_args, percentiles, raw_soap, report, run_in_lab, timed_async, timed_sync
 
 GATEWAY = "192.168.77.1"
 LOCAL = "192.168.77.10"
@@ -24,31 +23,10 @@ ROOT_URL = f"http://{GATEWAY}:5000/rootDesc.xml"
 SERVICE = "urn:schemas-upnp-org:service:WANIPConnection:1"
 
 
-def raw_soap(action: str, arguments: str, control: tuple[str, int, str]) -> bytes:
-    """The least a client can do: one prebuilt HTTP request on a fresh TCP connection."""
-    host, port, path = control
-    body = (
-        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
-        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
-        f'<u:{action} xmlns:u="{SERVICE}">{arguments}</u:{action}></s:Body></s:Envelope>'
-    ).encode()
-    head = (
-        f'POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: text/xml; charset="utf-8"\r\n'
-        f'SOAPAction: "{SERVICE}#{action}"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n'
-    ).encode()
-    with socket.create_connection((host, port), timeout=2) as sock:
-        sock.sendall(head + body)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    reply = b"".join(chunks)
-    assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
-    return reply
-
-
 def raw_add_delete(index: int, control: tuple[str, int, str]) -> None:
     port = 40000 + index % 1000
     raw_soap(
+        SERVICE,
         "AddPortMapping",
         f"<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>UDP</NewProtocol>"
         f"<NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LOCAL}</NewInternalClient>"
@@ -57,6 +35,7 @@ def raw_add_delete(index: int, control: tuple[str, int, str]) -> None:
         control,
     )
     raw_soap(
+        SERVICE,
         "DeletePortMapping",
         f"<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>UDP</NewProtocol>",
         control,
