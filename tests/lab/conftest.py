@@ -14,12 +14,14 @@ skipped real-router test would hide a broken set-up); `pytest -m "not root"` lea
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from autonat.lab import TEST_PROGRAMS, Lab, LabError, check_requirements
+from tests.lab.daemon_helpers import Daemon
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +61,15 @@ def _lab_baseline(request: pytest.FixtureRequest) -> None:
 def healthy_lab(lab: Lab) -> Lab:
     _baseline(lab)
     return lab
+
+
+@pytest.fixture
+def started() -> Iterator[list[Daemon]]:
+    """Daemons a test started (tests/lab/daemon_helpers.Daemon), stopped with SIGTERM afterwards."""
+    daemons: list[Daemon] = []
+    yield daemons
+    for daemon in daemons:
+        daemon.stop(signal.SIGTERM, timeout=20)
 
 
 @pytest.fixture

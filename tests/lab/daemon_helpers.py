@@ -9,12 +9,24 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from autonat.lab import Lab
 from tests.lab.cli_helpers import AUTONAT
+
+
+def eventually(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """`check()`'s first true value, polled every `interval` s; fails naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(interval)
 
 
 def write_config(
@@ -154,3 +166,10 @@ class Daemon:
     def log(self) -> str:
         path = self.directory / "daemon.log"
         return path.read_text()[-4000:] if path.exists() else ""
+
+
+def control(daemon: Daemon, command: str, **args: Any) -> Any:
+    """The result of one control command; fails on an error reply."""
+    reply = request(daemon.socket_path, {"cmd": command, **args})
+    assert reply["ok"], reply
+    return reply["result"]

@@ -17,16 +17,14 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from autonat.lab import Lab
 from tests.lab.cli_helpers import upnp_entries
-from tests.lab.daemon_helpers import Daemon, request, write_config
+from tests.lab.daemon_helpers import Daemon, control, eventually, write_config
 from tests.lab.sipp import run_sipp
 
 pytestmark = pytest.mark.lab
@@ -46,16 +44,6 @@ FLOOD_SECONDS = 10
 CALLER_MEDIA = 6000
 
 
-def eventually(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(interval)
-
-
 def ours(lab: Lab) -> set[tuple[str, int]]:
     """(transport, internal port) of every mapping the router lists for our host (`upnpc -l`)."""
     return {(entry[0], entry[3]) for entry in upnp_entries(lab) if entry[2] == Lab.LAN_ADDRESS}
@@ -66,20 +54,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for {pid}")
-
-
-def control(daemon: Daemon, command: str, **args: Any) -> Any:
-    reply = request(daemon.socket_path, {"cmd": command, **args})
-    assert reply["ok"], reply
-    return reply["result"]
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop(signal.SIGTERM, timeout=20)
 
 
 def start_daemon(

@@ -14,10 +14,8 @@ Every call's RTP mapping is gone from the router when the command returns.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,9 @@ import pytest
 
 from autonat.lab import Lab
 from tests.lab.cli_helpers import AUTONAT, listed
-from tests.lab.daemon_helpers import Daemon, write_config
+from tests.lab.daemon_helpers import Daemon, control, eventually, write_config
 from tests.lab.sipp import count_rtp, start_sipp
-from tests.lab.test_sip_calls import PROFILE, control, eventually, wait_external
+from tests.lab.test_sip_calls import PROFILE, wait_external
 
 pytestmark = pytest.mark.lab
 
@@ -51,14 +49,6 @@ name = "inner"
 ext-sip-ip = "auto-nat"
 ext-rtp-ip = "auto-nat"
 """
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop(signal.SIGTERM)
 
 
 def start(lab: Lab, tmp_path: Path, started: list[Daemon], extra: str, host: str, *args: str) -> Daemon:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +23,7 @@ import pytest
 
 from autonat.lab import Lab
 from tests.lab.cli_helpers import AUTONAT
-from tests.lab.daemon_helpers import Daemon, request, write_config
+from tests.lab.daemon_helpers import Daemon, control, eventually, request, write_config
 from tests.lab.sipp import count_rtp, start_sipp
 
 pytestmark = pytest.mark.lab
@@ -62,30 +60,6 @@ import socket, sys
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 s.sendto(b"knock", (sys.argv[1], int(sys.argv[2])))
 """
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop(signal.SIGTERM)
-
-
-def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-
-
-def control(daemon: Daemon, command: str) -> Any:
-    reply = request(daemon.socket_path, {"cmd": command})
-    assert reply["ok"], reply
-    return reply["result"]
 
 
 def pinholes(daemon: Daemon) -> dict[tuple[str, int], dict[str, Any]]:
@@ -205,8 +179,18 @@ def test_an_ipv6_call_from_the_internet_goes_through_pinholes(
     assert count.sent >= 50 and count.received >= 50, count
     assert {address for address, _ in count.received_from} == {Lab.LAN6_ADDRESS}
     assert {address for address, _ in count.sent_to} == {Lab.LAN6_ADDRESS}
-    eventually(lambda: not ({("udp", port), ("udp", port + 1)} & set(pinholes(daemon))), 2.0, "RTP pinholes closed")
-    eventually(lambda: not opened(lab, port) and not opened(lab, port + 1), 2.0, "RTP pinholes gone from the router")
+    eventually(
+        lambda: not ({("udp", port), ("udp", port + 1)} & set(pinholes(daemon))),
+        2.0,
+        "RTP pinholes closed",
+        interval=0.05,
+    )
+    eventually(
+        lambda: not opened(lab, port) and not opened(lab, port + 1),
+        2.0,
+        "RTP pinholes gone from the router",
+        interval=0.05,
+    )
     assert time.monotonic() - ended <= 2.0
     assert control(daemon, "calls") == []
     assert not arrives(lab, port), "the call's RTP port is still open from the internet after the BYE"

@@ -9,15 +9,13 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from autonat.lab import Lab
 from tests.lab.cli_helpers import upnp_entries
-from tests.lab.daemon_helpers import Daemon, request
+from tests.lab.daemon_helpers import Daemon, eventually, request
 from tests.lab.sipp import count_rtp, run_sipp, start_sipp
 
 pytestmark = pytest.mark.lab
@@ -62,24 +60,6 @@ def config_text(
 
 def ours(lab: Lab) -> set[tuple[str, int]]:
     return {(e[0], e[3]) for e in upnp_entries(lab) if e[2] == Lab.LAN_ADDRESS}
-
-
-def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.1)
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop(signal.SIGTERM, timeout=20)
 
 
 def start(lab: Lab, directory: Path, started: list[Daemon], text: str, *args: str, **env: str) -> Daemon:

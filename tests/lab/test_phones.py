@@ -22,14 +22,12 @@ import pytest
 
 from autonat.lab import Lab
 from tests.lab.cli_helpers import listed
-from tests.lab.daemon_helpers import Daemon, request
+from tests.lab.daemon_helpers import Daemon, control, eventually, request
 from tests.lab.phones import BARESIP, KAMAILIO, KAMCMD, Baresip, Kamailio, require
 from tests.lab.sipp import RtpCount, count_rtp
-from tests.lab.test_sip_calls import PROFILE, control, eventually, start_service, started, wait_external
+from tests.lab.test_sip_calls import PROFILE, start_service, wait_external
 
 pytestmark = pytest.mark.lab
-
-__all__ = ["started"]  # the fixture, shared with test_sip_calls
 
 CALLER_RTP = 7000
 CALLEE_RTP = 7100

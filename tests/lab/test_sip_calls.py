@@ -10,17 +10,14 @@ behind the lab's double NAT, one registered to the other, holding a 60 s call wi
 from __future__ import annotations
 
 import re
-import signal
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from autonat.lab import Lab
 from tests.lab.cli_helpers import AUTONAT, listed
-from tests.lab.daemon_helpers import Daemon, request, write_config
+from tests.lab.daemon_helpers import Daemon, control, eventually, request, write_config
 from tests.lab.sipp import SippResult, count_rtp, run_sipp, start_sipp
 
 pytestmark = pytest.mark.lab
@@ -47,30 +44,6 @@ ext-rtp-ip = "auto-nat"
 """
 CALLER_MEDIA = 6000
 PHONE_MEDIA = 7000
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop(signal.SIGTERM)
-
-
-def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.1)
-
-
-def control(daemon: Daemon, command: str) -> Any:
-    reply = request(daemon.socket_path, {"cmd": command})
-    assert reply["ok"], reply
-    return reply["result"]
 
 
 def start_service(
