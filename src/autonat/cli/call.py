@@ -2,14 +2,12 @@
 
 The daemon's SIP service calls URI as a phone behind the NAT would, plays a known signal, measures the echo
 and hangs up (autonat.sip.probecall); this module asks for it and shows the answer. `test_call` is the same
-for other commands (the doctor): a blocking request, its result as a dict, a one-line `CallError` when the
+for other commands (the doctor): a blocking request, its result as a dict, a one-line `ControlCallError` when the
 daemon cannot be asked or refuses.
 """
 
 from __future__ import annotations
 
-import json
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +15,7 @@ from typing import Any
 import click
 
 from autonat.cli.control import socket_option
-from autonat.cli.main import CONTROL_REPLY_LIMIT, print_json
-from autonat.errors import AutonatError
+from autonat.cli.main import ControlCallError, ask_daemon, print_json
 from autonat.sip.probecall import ANSWER_TIMEOUT, DEFAULT_SECONDS, DRAIN, MAX_SECONDS, MIN_SECONDS
 
 # What the daemon may take beyond the call's own bound (answer timeout + seconds + drain): its BYE, the ports
@@ -26,16 +23,12 @@ from autonat.sip.probecall import ANSWER_TIMEOUT, DEFAULT_SECONDS, DRAIN, MAX_SE
 REPLY_MARGIN = 20.0
 
 
-class CallError(AutonatError):
-    exit_code = 8  # as every control verb's error (daemon.control.ControlError)
-
-
 def test_call(
     socket_path: Path, uri: str, profile: str | None = None, seconds: float = DEFAULT_SECONDS
 ) -> dict[str, Any]:
     """Ask the daemon at `socket_path` for a test call from `profile` (None: its first SIP profile) to `uri`
     with `seconds` of signal, and return the result (autonat.sip.probecall.report: "ok", "verdict", the
-    figures). A call that fails is a result ("ok": false), not an error. CallError, one line, when the daemon
+    figures). A call that fails is a result ("ok": false), not an error. ControlCallError, one line, when the daemon
     cannot be asked or refuses (none running, no SIP profile, a malformed URI, a test call already running).
     Blocking, and bounded: the call's own limit plus REPLY_MARGIN."""
     request: dict[str, Any] = {"cmd": "call", "uri": uri, "seconds": seconds}
@@ -43,45 +36,8 @@ def test_call(
         request["profile"] = profile
     result = ask_daemon(socket_path, request, ANSWER_TIMEOUT + seconds + DRAIN + REPLY_MARGIN, "the call")
     if not isinstance(result, dict):
-        raise CallError("the daemon's answer to the call is not an object")
+        raise ControlCallError("the daemon's answer to the call is not an object")
     return result
-
-
-def ask_daemon(socket_path: Path, request: dict[str, Any], limit: float, what: str) -> Any:
-    """One control request (daemon.control's protocol) and its result; CallError, one line, when the daemon
-    cannot be asked or refuses `what`. Blocking, bounded by `limit` seconds and CONTROL_REPLY_LIMIT bytes."""
-    chunks: list[bytes] = []
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(limit)
-            try:
-                sock.connect(str(socket_path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise CallError(f"no autonat daemon is running (no control socket at {socket_path})") from None
-            except PermissionError:
-                raise CallError(f"no permission to use the control socket {socket_path} (run as its owner)") from None
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            size = 0
-            while not chunks or not chunks[-1].endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise CallError("the daemon closed the control connection")
-                size += len(chunk)
-                if size > CONTROL_REPLY_LIMIT:
-                    raise CallError(f"the daemon's reply exceeds {CONTROL_REPLY_LIMIT} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise CallError(f"the daemon did not answer within {limit:g} s") from None
-    except OSError as exc:
-        raise CallError(f"control socket {socket_path}: {exc.strerror or exc}") from None
-    try:
-        answer = json.loads(b"".join(chunks).split(b"\n", 1)[0])
-    except ValueError:
-        raise CallError("the daemon's reply is not JSON") from None
-    if not isinstance(answer, dict) or not answer.get("ok") or "result" not in answer:
-        error = answer.get("error") if isinstance(answer, dict) else None
-        raise CallError(str(error or f"the daemon refused {what}"))
-    return answer["result"]
 
 
 test_call.__test__ = False  # type: ignore[attr-defined]  # a function named test_*, not a test for pytest
@@ -154,7 +110,7 @@ def call(uri: str, profile: str | None, seconds: int, socket_path: Path, as_json
     """
     try:
         result = test_call(socket_path, uri, profile, seconds)
-    except CallError as exc:
+    except ControlCallError as exc:
         click.echo(f"autonat: {exc}", err=True)
         sys.exit(exc.exit_code)
     if as_json:

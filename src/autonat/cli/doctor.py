@@ -150,19 +150,18 @@ def doctor(
 def _hand_to_daemon(measurements: Measurements, findings: list[Finding], config: Config | None) -> None:
     """Give the running daemon this run's summary for its status page (control verb `doctor-report`). Best
     effort and quiet: with no daemon (or an older one) doctor's own output is the whole report."""
-    from autonat.cli.call import CallError, ask_daemon
-    from autonat.cli.main import default_socket_path
+    from autonat.cli.main import ControlCallError, ask_daemon, default_socket_path
     from autonat.doctor import report
 
     socket_path = config.control.socket if config is not None else default_socket_path()
-    with contextlib.suppress(CallError):
-        ask_daemon(socket_path, {"cmd": "doctor-report", "report": report.summary(measurements, findings)}, 5.0, "")
+    with contextlib.suppress(ControlCallError):
+        ask_daemon(socket_path, {"cmd": "doctor-report", "report": report.summary(measurements, findings)}, 5.0)
 
 
 def _test_call(measurements: Measurements, uri: str, profile: str | None, config: Config | None) -> None:
     """The test call (issue 14 item 2) through the running daemon: its result, or why it was not made."""
-    from autonat.cli.call import CallError, test_call
-    from autonat.cli.main import default_socket_path
+    from autonat.cli.call import test_call
+    from autonat.cli.main import ControlCallError, default_socket_path
 
     socket_path = config.control.socket if config is not None else default_socket_path()
     settings = config.doctor if config is not None else None
@@ -170,5 +169,5 @@ def _test_call(measurements: Measurements, uri: str, profile: str | None, config
     seconds = settings.call_seconds if settings is not None else 3.0
     try:
         measurements.call = test_call(socket_path, uri, profile, seconds)
-    except CallError as exc:
+    except ControlCallError as exc:
         measurements.call_error = str(exc)

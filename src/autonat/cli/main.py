@@ -133,58 +133,65 @@ def default_socket_path() -> Path:
     return state_dir() / "control.sock"
 
 
-def control_call(socket_path: Path, request: dict[str, Any]) -> Any:
-    """One request to the daemon's control socket (a JSON line each way, the protocol of
-    daemon.control), its result; a failure is one line on stderr and exit status 8.
+class ControlCallError(Exception):
+    """The daemon could not be asked, or refused: one line for the user (exit status CONTROL_ERROR_EXIT)."""
 
-    Blocking and without the daemon's modules or asyncio: a verb like `nat_map status` costs the
-    interpreter, click and a round trip (bench/cli.py)."""
+    exit_code = CONTROL_ERROR_EXIT
+
+
+def ask_daemon(
+    socket_path: Path, request: dict[str, Any], limit: float = CONTROL_TIMEOUT, what: str | None = None
+) -> Any:
+    """One request to the daemon's control socket (a JSON line each way, the protocol of daemon.control) and
+    its result; ControlCallError, one line, when the daemon cannot be asked or refuses (`what`, to name it).
+    Blocking, bounded by `limit` seconds and CONTROL_REPLY_LIMIT bytes, and without the daemon's modules or
+    asyncio: a verb like `nat_map status` costs the interpreter, click and a round trip (bench/cli.py)."""
     import json
     import socket
 
-    def fail(message: str) -> None:
-        sys.stderr.write(f"autonat: {message}\n")
-        sys.exit(CONTROL_ERROR_EXIT)
-
-    reply = b""
+    chunks: list[bytes] = []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(CONTROL_TIMEOUT)
+            sock.settimeout(limit)
             try:
                 sock.connect(str(socket_path))
             except (FileNotFoundError, ConnectionRefusedError):
-                fail(f"no autonat daemon is running (no control socket at {socket_path})")
+                raise ControlCallError(f"no autonat daemon is running (no control socket at {socket_path})") from None
             except PermissionError:
-                fail(f"no permission to use the control socket {socket_path} (run as its owner)")
+                raise ControlCallError(
+                    f"no permission to use the control socket {socket_path} (run as its owner)"
+                ) from None
             sock.sendall(json.dumps(request).encode() + b"\n")
-            chunks: list[bytes] = []
             size = 0
-            while True:
+            while not chunks or not chunks[-1].endswith(b"\n"):
                 chunk = sock.recv(65536)
                 if not chunk:
-                    break
-                newline = chunk.find(b"\n")
-                if newline >= 0:
-                    chunks.append(chunk[: newline + 1])
-                    break
-                chunks.append(chunk)
+                    raise ControlCallError("the daemon closed the control connection")
                 size += len(chunk)
                 if size > CONTROL_REPLY_LIMIT:
-                    fail(f"the daemon's reply exceeds {CONTROL_REPLY_LIMIT} bytes")
-            reply = b"".join(chunks)
+                    raise ControlCallError(f"the daemon's reply exceeds {CONTROL_REPLY_LIMIT} bytes")
+                chunks.append(chunk)
     except TimeoutError:
-        fail(f"the daemon did not answer within {CONTROL_TIMEOUT:g} s")
+        raise ControlCallError(f"the daemon did not answer within {limit:g} s") from None
     except OSError as exc:
-        fail(f"control socket {socket_path}: {exc.strerror or exc}")
-    if not reply.endswith(b"\n"):
-        fail("the daemon closed the control connection")
+        raise ControlCallError(f"control socket {socket_path}: {exc.strerror or exc}") from None
     try:
-        answer = json.loads(reply)
+        answer = json.loads(b"".join(chunks).split(b"\n", 1)[0])
     except ValueError:
-        fail("the daemon's reply is not JSON")
+        raise ControlCallError("the daemon's reply is not JSON") from None
     if not isinstance(answer, dict) or not answer.get("ok"):
-        fail(str(answer.get("error", "the daemon refused") if isinstance(answer, dict) else "the daemon refused"))
+        error = answer.get("error") if isinstance(answer, dict) else None
+        raise ControlCallError(str(error or ("the daemon refused" if what is None else f"the daemon refused {what}")))
     return answer.get("result")
+
+
+def control_call(socket_path: Path, request: dict[str, Any]) -> Any:
+    """`ask_daemon` for a command: its result, or the one line on stderr and exit status 8."""
+    try:
+        return ask_daemon(socket_path, request)
+    except ControlCallError as exc:
+        sys.stderr.write(f"autonat: {exc}\n")
+        sys.exit(CONTROL_ERROR_EXIT)
 
 
 def transport_argument(function: F) -> F:
