@@ -97,5 +97,13 @@ class BucketTable:
             self._buckets.move_to_end(key)
         return bucket.take(now, count)
 
+    def level(self, key: Hashable, now: float) -> float:
+        """The tokens `key` has now (a key not in the table has a full bucket; no limit: inf). Reading it
+        does not count as a use of the key."""
+        if self.rate == 0:
+            return math.inf
+        bucket = self._buckets.get(key)
+        return self.burst if bucket is None else bucket.available(now)
+
     def __len__(self) -> int:
         return len(self._buckets)

@@ -18,15 +18,13 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import pytest
 
 from autonat.lab import Lab
-from tests.lab import daemon_helpers
 from tests.lab.cli_helpers import upnp_entries
-from tests.lab.daemon_helpers import Daemon, control, write_config
+from tests.lab.daemon_helpers import Daemon, control, eventually, write_config
 from tests.lab.sipp import run_sipp
 
 pytestmark = pytest.mark.lab
@@ -44,13 +42,6 @@ MAX_MEDIA_CALLS = 64  # [sip] max-media-calls default
 FLOOD_RATE = 500
 FLOOD_SECONDS = 10
 CALLER_MEDIA = 6000
-
-
-# This file polls at 0.2 s, as it always has: the flood test's call during the flood's tail is answered only if
-# a pool pair is free at that moment, which depends on when the flood starts after settled() (polled at 0.1 s
-# it started ~0.1 s sooner and the call got 503 no-rtp-mapping: one source at its call rate can take the
-# whole map_rate; noted on the issue).
-eventually = partial(daemon_helpers.eventually, interval=0.2)
 
 
 def ours(lab: Lab) -> set[tuple[str, int]]:
@@ -187,9 +178,13 @@ def test_an_invite_flood_opens_no_hole_beyond_the_caps_and_leaves_none_behind(
         stderr=subprocess.DEVNULL,
         cwd=flood_dir,
     )
+    flood_started = time.monotonic()
     try:
         with Sampler(lab, pid) as during:
-            time.sleep(FLOOD_SECONDS * 0.6)
+            # Two callers' calls while one source floods: the pair held back for calm sources is theirs.
+            time.sleep(FLOOD_SECONDS * 0.3)
+            echo_call(lab, tmp_path, "during the flood")
+            time.sleep(max(0.0, FLOOD_SECONDS * 0.7 - (time.monotonic() - flood_started)))
             echo_call(lab, tmp_path, "during the flood's tail")
             flood.wait(timeout=FLOOD_SECONDS + 60)
     finally:

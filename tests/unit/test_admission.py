@@ -133,3 +133,40 @@ def test_the_summary_remembers_a_bounded_number_of_sources() -> None:
         admission.admit(source, "p", 0.0)  # the second of each is refused
     assert len(admission._window_sources) <= 1000
     assert admission.refused[Refusal.SOURCE_RATE] == 20_000
+
+
+def test_only_a_calm_source_may_use_the_reserve() -> None:
+    """The pair held back in the pool and in map_rate goes to a source holding no mapped call and calling well
+    under its burst: never to a flooding one, always to a person dialling in during the flood."""
+    admission = Admission(AdmissionLimits(source_rate=5, source_burst=10, source_calls=16))
+    flood = [admitted(admission.admit("203.0.113.100", "p", 0.0)) for _ in range(2)]
+    assert admission.admit_media(flood[0], None, 0.0) is None and flood[0].reserve  # its first call is calm
+    assert admission.admit_media(flood[1], None, 0.0) is None and not flood[1].reserve  # it holds one already
+    admission.release(flood[0])
+    admission.release(flood[1])
+    flood += [admitted(admission.admit("203.0.113.100", "p", 0.0)) for _ in range(4)]
+    assert admission.admit_media(flood[-1], None, 0.0) is None and not flood[-1].reserve  # over half its burst
+    person = admitted(admission.admit("203.0.113.7", "p", 0.0))
+    assert admission.admit_media(person, None, 0.0) is None and person.reserve
+    for ticket in [*flood, person]:
+        admission.release(ticket)
+    # Calm again once it has stopped calling for a while and holds nothing.
+    later = admitted(admission.admit("203.0.113.100", "p", 10.0))
+    assert admission.admit_media(later, None, 10.0) is None and later.reserve
+    admission.release(later)
+    assert admission._per_source_media == {}  # live sources only
+
+
+def test_without_a_source_rate_a_source_is_calm_while_it_holds_no_mapped_call() -> None:
+    admission = Admission(AdmissionLimits(source_rate=0))
+    first, second = (admitted(admission.admit("203.0.113.100", "p", 0.0)) for _ in range(2))
+    assert admission.admit_media(first, None, 0.0) is None and first.reserve
+    assert admission.admit_media(second, None, 0.0) is None and not second.reserve
+
+
+def test_a_bucket_tables_level_reads_without_touching() -> None:
+    table = BucketTable(rate=1, burst=4, max_keys=2)
+    assert table.level("a", 0.0) == 4 and len(table) == 0  # unknown: a full bucket, nothing stored
+    table.take("a", 0.0, 3)
+    assert table.level("a", 0.0) == 1 and table.level("a", 2.0) == 3
+    assert BucketTable(0, 0, 1).level("a", 0.0) == math.inf

@@ -82,6 +82,15 @@ def test_an_echo_call_is_answered_on_mapped_ports_resent_until_acked_and_release
     assert [e.kind for e in net.of(core.Publish)] == ["call-start", "call-end"]
 
 
+def test_a_second_call_from_a_source_holding_one_may_not_use_the_reserved_pair() -> None:
+    """The pool's held-back pair goes to calls from calm sources only (sip/admission.py, engine/pool.py)."""
+    net = Net(echo_profile())
+    for phone in (Phone(net, CALLER), Phone(net, CALLER), Phone(net, THIRD)):
+        phone.call()
+        phone.answered()
+    assert [(a.mapped, a.reserve) for a in net.of(core.AcquirePorts)] == [(True, True), (True, False), (True, True)]
+
+
 def test_no_ack_ends_the_call_with_bye_after_64_t1() -> None:
     net = Net(echo_profile())
     phone = Phone(net, CALLER)

@@ -9,9 +9,14 @@ renewed, verified, journalled and cleaned after a crash like every other.
 
 Bounded under a flood of calls: the pool refills at most `refill_rate` pairs a second, and `map_now`
 maps on demand only while the engine's `map_rate` allows (else it returns None at once and the call is
-refused without a new hole). A pair whose delete the router did not confirm goes back to the range at
-once: the engine keeps the one mapping object for that port, retries its delete, and simply wants it
-again if a later call takes the port.
+refused without a new hole). And one source must not take it all: the last ready pair and the last
+pair's worth of `map_rate` (RESERVE_PAIRS) go only to a call whose `reserve` flag says its source is
+not flooding (autonat.sip.admission decides), so a person dialling in during a flood still gets a
+mapped pair.
+
+A pair whose delete the router did not confirm goes back to the range at once: the engine keeps the one
+mapping object for that port, retries its delete, and simply wants it again if a later call takes the
+port.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from autonat.proto.types import Transport
 log = logging.getLogger("autonat.pool")
 REFILL_RETRY = 5.0  # after a refill that could not complete (router busy, ports taken)
 REFILL_DELAY = 0.2  # after a take(), before refilling
+RESERVE_PAIRS = 1  # ready pairs, and pairs' worth of map_rate, held back for calls with `reserve`
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,10 +137,12 @@ class RtpPool:
     def _pair_active(self, port: int) -> bool:
         return all((m := self._mapping(p)) is not None and m.active for p in (port, port + 1))
 
-    def take(self, call_id: str) -> RtpPorts | None:
-        """A mapped pair for a call, at once; None when the pool is empty (the caller may then map on
-        demand or answer 183 first)."""
-        while self._ready:
+    def take(self, call_id: str, *, reserve: bool = True) -> RtpPorts | None:
+        """A mapped pair for a call, at once; None when the pool is empty, or holds only the reserve and the
+        call may not use it (`reserve` False: the SIP service's call from a source that is flooding; the
+        caller may then map on demand)."""
+        held_back = 0 if reserve else RESERVE_PAIRS
+        while len(self._ready) > held_back:
             port = self._ready.pop(0)
             if not self._pair_active(port):  # lost since it was mapped: let the refill replace it
                 self.pairs.release(port)
@@ -161,11 +169,12 @@ class RtpPool:
         self.pairs.release(ports.rtp)
         self._wake.set()
 
-    async def map_now(self, call_id: str) -> RtpPorts | None:
+    async def map_now(self, call_id: str, *, reserve: bool = True) -> RtpPorts | None:
         """A pair mapped on demand, for when the pool is empty: the caller waits for the router (the
         latency the pool exists to avoid). None if no pair is free, the router refused, or `map_rate`
-        allows no new mapping now (a flood must not turn into holes; the call is refused instead)."""
-        if self.engine.map_budget() < 2:
+        allows no new mapping now (a flood must not turn into holes; the call is refused instead); without
+        `reserve`, unless `map_rate` would still allow RESERVE_PAIRS more pairs after this one."""
+        if self.engine.map_budget() < 2 * (1 if reserve else 1 + RESERVE_PAIRS):
             return None
         port = self.pairs.acquire()
         if port is None:

@@ -765,7 +765,7 @@ class CallMedia:
         the background."""
         pool = self.pool if action.family == 4 else self.pool6
         if action.mapped and pool is not None:
-            taken = pool.take(action.owner)
+            taken = pool.take(action.owner, reserve=action.reserve)
             if taken is None:
                 self._spawn(self._map_now(action, pool), "map")
                 return []
@@ -774,7 +774,7 @@ class CallMedia:
         return self.core.ports_ready(action.call, action.leg, None if port is None else Ports(port), self._now())
 
     async def _map_now(self, action: AcquirePorts, pool: RtpPool) -> None:
-        mapped = await pool.map_now(action.owner)
+        mapped = await pool.map_now(action.owner, reserve=action.reserve)
         self._report(
             self.core.ports_ready(
                 action.call, action.leg, None if mapped is None else _ports(pool, mapped), self._now()

@@ -13,6 +13,12 @@ costs two router mappings (RTP and RTCP), so each cap here bounds the holes a fl
 - `max_media_calls`: calls at once whose media ports are mapped on the router (all profiles), and the
   same per profile (`profile_cap` of `admit_media`).
 
+Those caps bound the holes, but one source at its own call rate could still take every mapped pair the
+router's `map_rate` and the RTP pool can give, so a caller arriving during the flood would find none. So a
+ticket says whether its call may use the **reserve** (`Ticket.reserve`: the last ready pool pair and the
+last pair's worth of `map_rate`, autonat.engine.pool): only a call from a source that holds no mapped call
+and has used less than half its call burst, which a flooding source never is and a person dialling is.
+
 A call over a cap is refused before it costs a mapping: the service answers 503 with Retry-After
 (RFC 3261 §21.5.4). Refusals are counted per cap (`refused`, for the status and the closing figures)
 and summed up in one log line per `summary_interval` (`summary()`), never one line per packet.
@@ -61,6 +67,7 @@ class Ticket:
     profile: str
     media: bool = False
     released: bool = False
+    reserve: bool = False  # may use the pair held back for callers that are not flooding (set by admit_media)
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Admission:
     media_calls: int = 0
     refused: collections.Counter[Refusal] = field(default_factory=collections.Counter)
     _per_source: collections.Counter[str] = field(default_factory=collections.Counter)
+    _per_source_media: collections.Counter[str] = field(default_factory=collections.Counter)
     _per_profile_media: collections.Counter[str] = field(default_factory=collections.Counter)
     _window: collections.Counter[Refusal] = field(default_factory=collections.Counter)
     _window_sources: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -107,9 +115,19 @@ class Admission:
         if profile_cap is not None and self._per_profile_media[ticket.profile] >= profile_cap:
             return self._refuse(Refusal.PROFILE_MEDIA_CALLS, ticket.source, now)
         ticket.media = True
+        ticket.reserve = self._calm(ticket.source, now)
         self.media_calls += 1
         self._per_profile_media[ticket.profile] += 1
+        self._per_source_media[ticket.source] += 1
         return None
+
+    def _calm(self, source: str, now: float) -> bool:
+        """May a new mapped call from `source` use the reserve? Not while it holds another mapped call, nor
+        once it has spent half its call burst (with `source_rate` 0, the first test alone)."""
+        assert self._rates is not None
+        if self._per_source_media[source]:
+            return False
+        return self._rates.level(source, now) >= self.limits.source_burst / 2
 
     def no_mapping(self, ticket: Ticket, now: float) -> Refusal:
         """The call was admitted but no RTP mapping could be had (map rate, range): count it like a cap."""
@@ -126,9 +144,10 @@ class Admission:
             del self._per_source[ticket.source]  # the table holds live sources only: bounded by max_calls
         if ticket.media:
             self.media_calls -= 1
-            self._per_profile_media[ticket.profile] -= 1
-            if self._per_profile_media[ticket.profile] <= 0:
-                del self._per_profile_media[ticket.profile]
+            for table, key in ((self._per_profile_media, ticket.profile), (self._per_source_media, ticket.source)):
+                table[key] -= 1
+                if table[key] <= 0:
+                    del table[key]  # live keys only: bounded by max_media_calls
 
     def profile_media_calls(self, profile: str) -> int:
         return self._per_profile_media[profile]

@@ -150,13 +150,15 @@ class Send:
 class AcquirePorts:
     """Media ports for one leg: `mapped` from the RTP pool (or mapped now), else a pair of the port range.
     Answer with `ports_ready(call, leg, ports or None, now)`; `owner` labels the router mappings. `family` 6 with
-    `mapped`: the holes are IPv6 firewall pinholes (an IPv6 peer outside; the pool of pinholes)."""
+    `mapped`: the holes are IPv6 firewall pinholes (an IPv6 peer outside; the pool of pinholes). `reserve`: the
+    call may use the pair held back for callers that are not flooding (`Ticket.reserve`, sip/admission.py)."""
 
     call: str
     leg: str
     mapped: bool
     owner: str
     family: int = 4
+    reserve: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1226,7 +1228,8 @@ class SipCore:
                 self._fail(call, 503, f"over {call.refusal}")
                 return False
         owner = call.a.call_id if leg.role == "a" else call.a.call_id + "-b"
-        self._emit(AcquirePorts(call.id, leg.role, mapped, owner, 6 if holes == 6 else 4))
+        reserve = mapped and call.ticket is not None and call.ticket.reserve
+        self._emit(AcquirePorts(call.id, leg.role, mapped, owner, 6 if holes == 6 else 4, reserve))
         return True
 
     def _media_legs(self, call: Call) -> list[Leg]:
