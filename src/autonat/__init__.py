@@ -46,7 +46,8 @@ if TYPE_CHECKING:
         RouterTimeout,
         RouterUnreachable,
     )
-    from autonat.mapper import DEFAULT_LIFETIME, Mapping, MappingRequest, PortMapper, ProtocolStatus
+    from autonat.mapper import DEFAULT_LIFETIME, Mapping, MappingRequest, ProtocolStatus
+    from autonat.portmapper import PortMapper
     from autonat.proto.types import Transport
     from autonat.version import __version__
 
@@ -62,7 +63,7 @@ _EXPORTS = {
     "locate_router": "autonat.aio.route",
     "Mapping": "autonat.mapper",
     "MappingRequest": "autonat.mapper",
-    "PortMapper": "autonat.mapper",
+    "PortMapper": "autonat.portmapper",
     "ProtocolStatus": "autonat.mapper",
     "DEFAULT_LIFETIME": "autonat.mapper",
     "Transport": "autonat.proto.types",

@@ -1,17 +1,21 @@
-"""The one small interface every port-mapping protocol sits behind, and the values it speaks in.
+"""The values every port-mapping protocol speaks in: what we ask for, what the router granted.
 
-A mapper talks to one gateway on behalf of one local address. The engine (and the one-shot CLI) only
-ever see `PortMapper`; whether PCP, NAT-PMP or UPnP IGD is underneath is a detail of construction.
+The one small interface the protocols sit behind is `autonat.portmapper.PortMapper`. These values are
+`Record`s, not dataclasses: a one-shot blocking request loads this module, and `dataclasses` alone would
+cost it more than the request (autonat.proto.record).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Protocol
 
 from autonat.addresses import uri_host
+from autonat.proto.record import Record, init_fields
 from autonat.proto.types import Transport
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -25,26 +29,29 @@ at half of it) and would outlive, on paper, a router that forgot it long ago."""
 HOLES_LOGGER = "autonat.holes"  # every hole opened or closed; logging is imported only when one is logged
 
 
-@dataclass(frozen=True, slots=True)
-class MappingRequest:
+class MappingRequest(Record):
     """What we ask for: forward `external_port` (0 = any) on the router to our `internal_port`."""
 
+    _fields = ("transport", "internal_port", "external_port", "lifetime")
+    __slots__ = _fields
     transport: Transport
     internal_port: int
-    external_port: int = 0
-    lifetime: int = DEFAULT_LIFETIME
+    external_port: int
+    lifetime: int
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.internal_port <= 65535:
-            raise ValueError(f"internal port must be 1-65535, not {self.internal_port}")
-        if not 0 <= self.external_port <= 65535:
-            raise ValueError(f"external port must be 0-65535, not {self.external_port}")
-        if not 1 <= self.lifetime <= MAX_LIFETIME:
-            raise ValueError(f"lifetime must be 1-{MAX_LIFETIME} s (finite leases only), not {self.lifetime}")
+    def __init__(
+        self, transport: Transport, internal_port: int, external_port: int = 0, lifetime: int = DEFAULT_LIFETIME
+    ) -> None:
+        if not 1 <= internal_port <= 65535:
+            raise ValueError(f"internal port must be 1-65535, not {internal_port}")
+        if not 0 <= external_port <= 65535:
+            raise ValueError(f"external port must be 0-65535, not {external_port}")
+        if not 1 <= lifetime <= MAX_LIFETIME:
+            raise ValueError(f"lifetime must be 1-{MAX_LIFETIME} s (finite leases only), not {lifetime}")
+        init_fields(self, transport, internal_port, external_port, lifetime)
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
+class Mapping(Record):
     """What the router granted.
 
     For an IPv6 internal address it is a firewall *pinhole*, not a translation: the router lets inbound
@@ -53,6 +60,18 @@ class Mapping:
     router gave the pinhole (UpdatePinhole and DeletePinhole name it so), None otherwise.
     """
 
+    _fields = (
+        "protocol",
+        "transport",
+        "internal_address",
+        "internal_port",
+        "external_ip",
+        "external_port",
+        "lifetime",
+        "epoch",
+        "unique_id",
+    )
+    __slots__ = _fields
     protocol: str
     transport: Transport
     internal_address: IPAddress
@@ -60,8 +79,25 @@ class Mapping:
     external_ip: IPAddress | None
     external_port: int
     lifetime: int
-    epoch: int | None = None
-    unique_id: int | None = None
+    epoch: int | None
+    unique_id: int | None
+
+    def __init__(
+        self,
+        protocol: str,
+        transport: Transport,
+        internal_address: IPAddress,
+        internal_port: int,
+        external_ip: IPAddress | None,
+        external_port: int,
+        lifetime: int,
+        epoch: int | None = None,
+        unique_id: int | None = None,
+    ) -> None:
+        init_fields(
+            self, protocol, transport, internal_address, internal_port, external_ip, external_port, lifetime, epoch,
+            unique_id,
+        )  # fmt: skip
 
     @property
     def family(self) -> int:
@@ -91,17 +127,32 @@ class Mapping:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class ProtocolStatus:
+class ProtocolStatus(Record):
     """One protocol's answer to a probe: does it work here, and if not, why."""
 
+    _fields = ("protocol", "available", "reason", "external_ip", "epoch", "elapsed_ms", "details")
+    __slots__ = _fields
     protocol: str
     available: bool
     reason: str
-    external_ip: IPAddress | None = None
-    epoch: int | None = None
-    elapsed_ms: float | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+    external_ip: IPAddress | None
+    epoch: int | None
+    elapsed_ms: float | None
+    details: dict[str, Any]
+
+    def __init__(
+        self,
+        protocol: str,
+        available: bool,
+        reason: str,
+        external_ip: IPAddress | None = None,
+        epoch: int | None = None,
+        elapsed_ms: float | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        init_fields(
+            self, protocol, available, reason, external_ip, epoch, elapsed_ms, {} if details is None else details
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,24 +163,6 @@ class ProtocolStatus:
             "elapsed_ms": None if self.elapsed_ms is None else round(self.elapsed_ms, 3),
             **self.details,
         }
-
-
-class PortMapper(Protocol):
-    """A port-mapping protocol client bound to one gateway and one local address."""
-
-    name: str
-
-    async def probe(self) -> ProtocolStatus:
-        """Ask the gateway whether this protocol works; never raises for a silent or refusing router."""
-        ...
-
-    async def add(self, request: MappingRequest) -> Mapping:
-        """Create or refresh a mapping. Raises RouterRefused / RouterTimeout with a one-line reason."""
-        ...
-
-    async def delete(self, transport: Transport, internal_port: int) -> None:
-        """Remove our mapping of `internal_port`; deleting one that is not there is success."""
-        ...
 
 
 def check_max_lifetime(max_lifetime: int) -> int:
@@ -155,4 +188,4 @@ def cap_grant(mapping: Mapping, max_lifetime: int) -> Mapping:
         mapping.protocol,
         max_lifetime,
     )
-    return replace(mapping, lifetime=max_lifetime)
+    return mapping.replace(lifetime=max_lifetime)

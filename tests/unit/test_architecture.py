@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "version": 0,
     "sip": 1,
     "mapper": 1,
+    "portmapper": 1,
     "advertise": 1,
     "acl": 1,
     "state": 1,

@@ -17,6 +17,7 @@ service is known at once (ICMP port unreachable) and silence waits for the deadl
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 import time
@@ -74,6 +75,10 @@ class BlockingSession:
         self.deadline = deadline
         self._sock = sock
         self._server = (location.gateway, server_port)
+        # Built once: every exchange names its server in a possible error, and NAT-PMP checks the family.
+        self._natpmp_what = f"NAT-PMP at {location.gateway}:{server_port}"
+        self._pcp_what = f"PCP at {location.gateway}:{server_port}"
+        self._natpmp_at: tuple[IPv4Address, int] | None = None
         self._max_lifetime = check_max_lifetime(max_lifetime)
         self._address = natpmp_client.KnownAddress()
         self._nonces: pcp_client.Nonces | None = None
@@ -113,6 +118,9 @@ class BlockingSession:
         """Drive `exchanges` (all to our server, on our socket) until each is done, or until `grace`
         seconds after the first answer. A datagram goes to the first exchange that accepts it, as in
         DatagramChannel."""
+        if len(exchanges) == 1 and grace is None:
+            self._run_one(exchanges[0][0])
+            return
         sock = self._sock
         server = self._server
         trace = _wiretrace()
@@ -157,6 +165,43 @@ class BlockingSession:
                 if exchange.receive(data, server, now) is None:
                     break
 
+    def _run_one(self, exchange: Exchange[Any]) -> None:
+        """`_run` for one exchange, the common case, with nothing on the way between the socket and the
+        exchange: what runs between the reply's arrival and the caller's return is the cost a warm
+        request adds to the router's own time (bench/peers.py)."""
+        sock = self._sock
+        server = self._server
+        trace = _wiretrace()
+        now = time.monotonic()
+        while True:
+            exchange.handle_timer(now)
+            for datagram in exchange.datagrams_to_send(now):
+                if trace is not None and trace.ON:
+                    trace.datagram_sent(datagram, server, exchange.started, exchange.transmissions)
+                try:
+                    sock.send(datagram)
+                except ConnectionRefusedError:
+                    self._unreachable([(exchange, "")], trace)
+                except OSError:
+                    pass  # lost, as a datagram can be: retransmission covers it
+            due = exchange.timer()
+            if due is None:
+                return
+            sock.settimeout(max(0.0, due - now))
+            try:
+                data = sock.recv(MAX_DATAGRAM + 1)
+            except TimeoutError:
+                now = time.monotonic()
+                continue
+            except ConnectionRefusedError:
+                self._unreachable([(exchange, "")], trace)
+                return
+            now = time.monotonic()
+            if trace is not None and trace.ON:
+                trace.datagram_received(data, server, now)
+            if len(data) <= MAX_DATAGRAM and exchange.receive(data, server, now) is None:
+                return
+
     def _unreachable(self, exchanges: list[tuple[Exchange[Any], str]], trace: Any = None) -> None:
         """ICMP port unreachable from the server (the socket is connected to it): every exchange ends."""
         if trace is not None and trace.ON:
@@ -171,16 +216,10 @@ class BlockingSession:
             raise failure
         return exchange.result
 
-    @property
-    def _natpmp_what(self) -> str:
-        return f"NAT-PMP at {self._server[0]}:{self._server[1]}"
-
-    @property
-    def _pcp_what(self) -> str:
-        return f"PCP at {self._server[0]}:{self._server[1]}"
-
     def _natpmp_server(self) -> tuple[IPv4Address, int]:
-        return natpmp_client.check_gateway(self._server[0]), self._server[1]
+        if self._natpmp_at is None:
+            self._natpmp_at = natpmp_client.check_gateway(self._server[0]), self._server[1]
+        return self._natpmp_at
 
     def _nonce(self, transport: Transport, internal_port: int) -> bytes:
         if self._nonces is None:
@@ -264,7 +303,9 @@ class BlockingSession:
             mapping = self._natpmp_add(request, local)
         else:
             raise ValueError(f"protocol must be auto, pcp or natpmp here (UPnP needs RouterSession), not {protocol!r}")
-        _log_hole("opened %s", mapping.describe())
+        holes = _holes()
+        if holes is not None:
+            holes.info("opened %s", mapping.describe())
         return mapping
 
     def _natpmp_add(self, request: MappingRequest, local: IPv4Address | IPv6Address) -> Mapping:
@@ -322,7 +363,9 @@ class BlockingSession:
             natpmp_client.check(self._one(unmap, self._natpmp_what))
         else:
             raise ValueError(f"protocol must be auto, pcp or natpmp here (UPnP needs RouterSession), not {protocol!r}")
-        _log_hole("closed %s %s:%d via %s", transport, local, internal_port, chosen)
+        holes = _holes()
+        if holes is not None:
+            holes.info("closed %s %s:%d via %s", transport, local, internal_port, chosen)
         return chosen
 
     def remove(self, mapping: Mapping) -> None:
@@ -332,12 +375,17 @@ class BlockingSession:
         self.delete(mapping.transport, mapping.internal_port, "pcp" if mapping.protocol == "pcp" else "natpmp")
 
 
-def _log_hole(message: str, *args: object) -> None:
-    import logging  # only when a hole is opened or closed: the cold path stays without it
+@functools.cache
+def _holes_logger() -> Any:
+    import logging  # on the first hole opened or closed: the cold path stays without it
 
-    logger = logging.getLogger(HOLES_LOGGER)
-    if logger.isEnabledFor(logging.INFO):
-        logger.info(message, *args)
+    return logging.getLogger(HOLES_LOGGER)
+
+
+def _holes() -> Any:
+    """The `autonat.holes` logger when it logs INFO, else None (then the line is not even formatted)."""
+    logger = _holes_logger()
+    return logger if logger.isEnabledFor(20) else None  # 20: logging.INFO
 
 
 def external_address(

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
 
 from autonat.errors import RouterNotFound, RouterRefused, RouterTimeout
 from autonat.mapper import (
@@ -31,6 +30,7 @@ from autonat.proto.errors import DecodeError
 from autonat.proto.exchange import DEFAULT_DEADLINE, NATPMP_SCHEDULE, Exchange
 from autonat.proto.types import Transport
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the cold path: proto/record.py)
 if TYPE_CHECKING:
     from autonat.aio.channel import DatagramChannel
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
 
@@ -293,7 +292,7 @@ class PcpPinholeClient(PcpClient):
             reply = await self._exchange(mapping_request)  # P7: the second MAP makes it again
         granted = mapping_from(check(reply), request, self._local, self._max_lifetime)
         # §11.1 on a firewall: the pinhole is our own address and port, whatever the answer echoed (P6).
-        return replace(granted, external_ip=self._local, external_port=request.internal_port)
+        return granted.replace(external_ip=self._local, external_port=request.internal_port)
 
     async def delete(self, transport: Transport, internal_port: int) -> None:
         request = pcp.Request.delete(self._local, self._nonces(transport, internal_port), transport, internal_port)

@@ -34,7 +34,8 @@ from autonat.aio.channel import DatagramChannel
 from autonat.aio.pcp import PcpPinholeClient
 from autonat.aio.route import RouterLocation, locate_router6
 from autonat.errors import ProtocolUnavailable
-from autonat.mapper import MAX_GRANTED_LIFETIME, Mapping, MappingRequest, PortMapper, ProtocolStatus, check_max_lifetime
+from autonat.mapper import MAX_GRANTED_LIFETIME, Mapping, MappingRequest, ProtocolStatus, check_max_lifetime
+from autonat.portmapper import PortMapper
 from autonat.proto import pcp
 from autonat.proto.exchange import DEFAULT_DEADLINE
 from autonat.proto.types import Transport

@@ -21,13 +21,16 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Any
 
 from autonat.errors import RouterNotFound
 from autonat.proto import netlink
 from autonat.proto.errors import DecodeError
+from autonat.proto.record import Record, init_fields
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the cold path: proto/record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Any address routed like "the internet"; only looked up in the routing table, never sent to.
 # A documentation address (RFC 5737) so that a misbehaving lookup can't reach a real host.
@@ -38,16 +41,28 @@ _NETLINK_TIMEOUT = 1.0
 _seq = itertools.count(1)
 
 
-@dataclass(frozen=True, slots=True)
-class RouterLocation:
+class RouterLocation(Record):
     """The gateway to talk to, the address it sees us as, and the LAN they share."""
 
+    _fields = ("gateway", "local_address", "interface", "network", "pinned", "kernel_source")
+    __slots__ = _fields
     gateway: IPv4Address | IPv6Address
     local_address: IPv4Address | IPv6Address
     interface: str | None
-    network: IPv4Network | IPv6Network | None = None
-    pinned: bool = False  # the user named the gateway (--gateway): no other host may stand in for it
-    kernel_source: IPv4Address | IPv6Address | None = None  # IPv6: the source the kernel would pick itself
+    network: IPv4Network | IPv6Network | None
+    pinned: bool  # the user named the gateway (--gateway): no other host may stand in for it
+    kernel_source: IPv4Address | IPv6Address | None  # IPv6: the source the kernel would pick itself
+
+    def __init__(
+        self,
+        gateway: IPv4Address | IPv6Address,
+        local_address: IPv4Address | IPv6Address,
+        interface: str | None,
+        network: IPv4Network | IPv6Network | None = None,
+        pinned: bool = False,
+        kernel_source: IPv4Address | IPv6Address | None = None,
+    ) -> None:
+        init_fields(self, gateway, local_address, interface, network, pinned, kernel_source)
 
     @property
     def local_network(self) -> IPv4Network | IPv6Network:

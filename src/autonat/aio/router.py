@@ -30,10 +30,10 @@ from autonat.mapper import (
     MAX_GRANTED_LIFETIME,
     Mapping,
     MappingRequest,
-    PortMapper,
     ProtocolStatus,
     check_max_lifetime,
 )
+from autonat.portmapper import PortMapper
 from autonat.proto import natpmp, pcp
 from autonat.proto.exchange import DEFAULT_DEADLINE
 from autonat.proto.natpmp import SERVER_PORT

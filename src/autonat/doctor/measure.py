@@ -33,7 +33,8 @@ from autonat.aio.stun import parse_stun_target, resolve_server
 from autonat.doctor.findings import Measurements, ProtocolAnswer, SsdpBehaviour, Trial
 from autonat.engine.journal import Journal, JournalEntry
 from autonat.errors import AutonatError
-from autonat.mapper import MappingRequest, PortMapper
+from autonat.mapper import MappingRequest
+from autonat.portmapper import PortMapper
 from autonat.proto import ssdp, stun
 from autonat.proto.errors import DecodeError
 from autonat.proto.types import Transport

@@ -53,7 +53,7 @@ from autonat.engine.journal import Journal, JournalEntry, JournalOp
 from autonat.engine.lifecycle import Key, Lifecycle, MappingStatus, Router, State, Wanted
 from autonat.engine.settings import NatSettings
 from autonat.errors import AutonatError
-from autonat.mapper import PortMapper
+from autonat.portmapper import PortMapper
 from autonat.proto.types import Transport
 
 __all__ = ["EngineStatus", "MappingStatus", "NatEngine", "PinholeStatus", "State", "Wanted"]

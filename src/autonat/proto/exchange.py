@@ -28,37 +28,63 @@ Deliberate deviations, both in the client's favour on a one-hop link:
 from __future__ import annotations
 
 import enum
-import random
 from collections import Counter
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Generic, TypeVar
 
 from autonat.errors import AutonatError, RouterTimeout, RouterUnreachable
 from autonat.proto.errors import DecodeError
+from autonat.proto.record import Record, init_fields
 
-R = TypeVar("R")
+# A one-shot NAT-PMP request loads this module: no `typing` (nor `dataclasses`, nor `random` until a
+# schedule with jitter runs) on that path (autonat.proto.record says why). For the type checker the
+# exchange is generic in its reply type as usual.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Generic, TypeVar
+
+    R = TypeVar("R")
+
+    class _Generic(Generic[R]):
+        pass
+
+else:
+    R = object
+
+    class _Generic:
+        def __class_getitem__(cls, item: object) -> type:
+            return cls
+
+
 Endpoint = tuple[IPv4Address | IPv6Address, int]
 
 
-@dataclass(frozen=True, slots=True)
-class RetransmitSchedule:
+class RetransmitSchedule(Record):
     """Initial interval, doubling per transmission, capped at `ceiling`, with ±`jitter` relative noise."""
 
+    _fields = ("initial", "ceiling", "jitter")
+    __slots__ = _fields
     initial: float
     ceiling: float
-    jitter: float = 0.0
+    jitter: float
 
-    def __post_init__(self) -> None:
+    def __init__(self, initial: float, ceiling: float, jitter: float = 0.0) -> None:
         # RT grows from the previous *jittered* RT (RFC 6887 §8.1.1), so jitter must stay well below
         # 0.5 or the interval could stop growing; the RFC's own RAND is ±0.1.
-        if not (0 < self.initial <= self.ceiling) or not (0 <= self.jitter <= 0.25):
+        if not (0 < initial <= ceiling) or not (0 <= jitter <= 0.25):
             raise ValueError("retransmit schedule needs 0 < initial <= ceiling and 0 <= jitter <= 0.25")
+        init_fields(self, initial, ceiling, jitter)
 
-    def interval(self, previous: float | None, rand: Callable[[], float]) -> float:
-        """RFC 6887 §8.1.1: RT = (1 + RAND) * MIN(2 * RTprev, MRT), with RT = (1 + RAND) * IRT first."""
+    def interval(self, previous: float | None, rand: Callable[[], float] | None) -> float:
+        """RFC 6887 §8.1.1: RT = (1 + RAND) * MIN(2 * RTprev, MRT), with RT = (1 + RAND) * IRT first.
+        `rand` in [0, 1); None: `random.random` (asked only when the schedule has jitter)."""
         base = self.initial if previous is None else min(2 * previous, self.ceiling)
+        if not self.jitter:
+            return base
+        if rand is None:
+            import random
+
+            rand = random.random
         return base * (1 + self.jitter * (2 * rand() - 1))
 
 
@@ -74,7 +100,7 @@ class State(enum.Enum):
     UNREACHABLE = "unreachable"  # ICMP port unreachable: nothing listens on the server's port
 
 
-class Exchange(Generic[R]):
+class Exchange(_Generic[R]):
     """A request sent to `server` until `parse` accepts a reply from it, or the deadline passes.
 
     `parse` gets each datagram from the server and returns the typed reply, or raises DecodeError
@@ -91,7 +117,7 @@ class Exchange(Generic[R]):
         now: float,
         deadline: float = DEFAULT_DEADLINE,
         schedule: RetransmitSchedule = NATPMP_SCHEDULE,
-        rand: Callable[[], float] = random.random,
+        rand: Callable[[], float] | None = None,
         key: Hashable | None = None,
     ) -> None:
         """`key`, when given, is what `reply_key` of the protocol returns for this request's answers,

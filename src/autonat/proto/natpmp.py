@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from autonat.proto.errors import DecodeError
-from autonat.proto.types import Transport
+from autonat.proto.record import Record, from_wire, init_fields
+from autonat.proto.types import Transport, check_range
 
 __all__ = [
     "CLIENT_PORT",
@@ -117,25 +117,19 @@ def describe_result(code: int) -> str:
     return f"{text} (NAT-PMP result {code})"
 
 
-def _check_range(name: str, value: int, low: int, high: int) -> None:
-    # bool is an int subclass; a True port is always a caller bug.
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, not {value!r}")
-
-
 # --- requests -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ExternalAddressRequest:
+class ExternalAddressRequest(Record):
     """Ask the gateway for its external IPv4 address (§3.2)."""
+
+    __slots__ = ()
 
     def encode(self) -> bytes:
         return _HEAD.pack(VERSION, Opcode.EXTERNAL_ADDRESS)
 
 
-@dataclass(frozen=True, slots=True)
-class MapRequest:
+class MapRequest(Record):
     """Create, renew or delete a port mapping (§3.3, deletion §3.4).
 
     `external_port` is only a suggestion; 0 means no preference. A lifetime of 0 deletes the
@@ -143,24 +137,27 @@ class MapRequest:
     deletes every mapping of this transport held by the client.
     """
 
+    _fields = ("transport", "internal_port", "external_port", "lifetime")
+    __slots__ = _fields
     transport: Transport
     internal_port: int
     external_port: int
     lifetime: int
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.transport, Transport):
-            raise ValueError(f"transport must be a Transport, not {self.transport!r}")
-        _check_range("internal_port", self.internal_port, 0, MAX_U16)
-        _check_range("external_port", self.external_port, 0, MAX_U16)
-        _check_range("lifetime", self.lifetime, 0, MAX_U32)
-        if self.internal_port == 0 and self.lifetime != 0:
+    def __init__(self, transport: Transport, internal_port: int, external_port: int, lifetime: int) -> None:
+        if not isinstance(transport, Transport):
+            raise ValueError(f"transport must be a Transport, not {transport!r}")
+        check_range("internal_port", internal_port, 0, MAX_U16)
+        check_range("external_port", external_port, 0, MAX_U16)
+        check_range("lifetime", lifetime, 0, MAX_U32)
+        if internal_port == 0 and lifetime != 0:
             raise ValueError("internal_port 0 is only valid in a delete-all request (lifetime 0)")
+        init_fields(self, transport, internal_port, external_port, lifetime)
 
     @classmethod
     def delete(cls, transport: Transport, internal_port: int) -> MapRequest:
         """Delete the mapping of `internal_port` (§3.4: lifetime 0, external port 0)."""
-        _check_range("internal_port", internal_port, 1, MAX_U16)
+        check_range("internal_port", internal_port, 1, MAX_U16)
         return cls(transport, internal_port, 0, 0)
 
     @classmethod
@@ -207,26 +204,28 @@ def parse_request(data: bytes) -> ExternalAddressRequest | MapRequest:
 
 
 def _check_response_fields(result: int, epoch: int) -> None:
-    _check_range("result", result, 0, MAX_U16)
-    _check_range("epoch", epoch, 0, MAX_U32)
+    check_range("result", result, 0, MAX_U16)
+    check_range("epoch", epoch, 0, MAX_U32)
 
 
-@dataclass(frozen=True, slots=True)
-class ExternalAddressResponse:
+class ExternalAddressResponse(Record):
     """The gateway's external IPv4 address (§3.2); also the format of announcements (§3.2.1).
 
     With a non-zero result §3.2 makes the address meaningless; it is kept as received.
     `epoch` is the Seconds Since Start of Epoch field (§3.6).
     """
 
+    _fields = ("result", "epoch", "external_address")
+    __slots__ = _fields
     result: int
     epoch: int
     external_address: IPv4Address
 
-    def __post_init__(self) -> None:
-        _check_response_fields(self.result, self.epoch)
-        if not isinstance(self.external_address, IPv4Address):
-            raise ValueError(f"external_address must be an IPv4Address, not {self.external_address!r}")
+    def __init__(self, result: int, epoch: int, external_address: IPv4Address) -> None:
+        _check_response_fields(result, epoch)
+        if not isinstance(external_address, IPv4Address):
+            raise ValueError(f"external_address must be an IPv4Address, not {external_address!r}")
+        init_fields(self, result, epoch, external_address)
 
     def encode(self) -> bytes:
         return _EXTERNAL_ADDRESS_RESPONSE.pack(
@@ -238,10 +237,11 @@ class ExternalAddressResponse:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class MapResponse:
+class MapResponse(Record):
     """Reply to a mapping request (§3.3): the port actually mapped and the granted lifetime."""
 
+    _fields = ("transport", "result", "epoch", "internal_port", "external_port", "lifetime")
+    __slots__ = _fields
     transport: Transport
     result: int
     epoch: int
@@ -249,13 +249,16 @@ class MapResponse:
     external_port: int
     lifetime: int
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.transport, Transport):
-            raise ValueError(f"transport must be a Transport, not {self.transport!r}")
-        _check_response_fields(self.result, self.epoch)
-        _check_range("internal_port", self.internal_port, 0, MAX_U16)
-        _check_range("external_port", self.external_port, 0, MAX_U16)
-        _check_range("lifetime", self.lifetime, 0, MAX_U32)
+    def __init__(
+        self, transport: Transport, result: int, epoch: int, internal_port: int, external_port: int, lifetime: int
+    ) -> None:
+        if not isinstance(transport, Transport):
+            raise ValueError(f"transport must be a Transport, not {transport!r}")
+        _check_response_fields(result, epoch)
+        check_range("internal_port", internal_port, 0, MAX_U16)
+        check_range("external_port", external_port, 0, MAX_U16)
+        check_range("lifetime", lifetime, 0, MAX_U32)
+        init_fields(self, transport, result, epoch, internal_port, external_port, lifetime)
 
     def encode(self) -> bytes:
         return _MAP_RESPONSE.pack(
@@ -269,8 +272,7 @@ class MapResponse:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorResponse:
+class ErrorResponse(Record):
     """The short 8-byte reply of §3.5: version, opcode + 128, result, epoch, nothing else.
 
     Servers send it for an unsupported version or opcode, where they cannot build the full form.
@@ -278,13 +280,16 @@ class ErrorResponse:
     not know, which is precisely the unsupported-opcode case.
     """
 
+    _fields = ("opcode", "result", "epoch")
+    __slots__ = _fields
     opcode: int
     result: int
     epoch: int
 
-    def __post_init__(self) -> None:
-        _check_range("opcode", self.opcode, 0, RESPONSE_BIT - 1)
-        _check_response_fields(self.result, self.epoch)
+    def __init__(self, opcode: int, result: int, epoch: int) -> None:
+        check_range("opcode", opcode, 0, RESPONSE_BIT - 1)
+        _check_response_fields(result, epoch)
+        init_fields(self, opcode, result, epoch)
 
     def encode(self) -> bytes:
         return _RESPONSE_HEAD.pack(VERSION, RESPONSE_BIT + self.opcode, self.result, self.epoch)
@@ -311,12 +316,14 @@ def parse_response(
 
     if opcode == Opcode.EXTERNAL_ADDRESS and len(data) == _EXTERNAL_ADDRESS_RESPONSE_SIZE:
         address = _EXTERNAL_ADDRESS_RESPONSE.unpack(data)[4]
-        return ExternalAddressResponse(result, epoch, IPv4Address(address))
+        return from_wire(ExternalAddressResponse, result, epoch, IPv4Address(address))
+    # Fields in range by their width (from_wire: no checks meant for a caller's values on every reply).
     if opcode in (Opcode.MAP_UDP, Opcode.MAP_TCP) and len(data) == _MAP_RESPONSE_SIZE:
         _, _, _, _, internal_port, external_port, lifetime = _MAP_RESPONSE.unpack(data)
-        return MapResponse(Opcode(opcode).transport, result, epoch, internal_port, external_port, lifetime)
+        transport = Transport.UDP if opcode == Opcode.MAP_UDP else Transport.TCP
+        return from_wire(MapResponse, transport, result, epoch, internal_port, external_port, lifetime)
     if result != ResultCode.SUCCESS:
-        return ErrorResponse(opcode, result, epoch)
+        return from_wire(ErrorResponse, opcode, result, epoch)
     if opcode in (Opcode.EXTERNAL_ADDRESS, Opcode.MAP_UDP, Opcode.MAP_TCP):
         raise DecodeError(f"NAT-PMP success response for opcode {opcode} has wrong length {len(data)}")
     raise DecodeError(f"unknown NAT-PMP response opcode {op_byte}")

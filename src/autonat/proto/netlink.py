@@ -11,10 +11,10 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 from autonat.proto.errors import DecodeError
+from autonat.proto.record import Record, init_fields
 
 # linux/netlink.h, linux/rtnetlink.h
 NLMSG_ERROR = 2
@@ -35,14 +35,24 @@ _RTATTR = struct.Struct("=HH")  # length, type
 MAX_REPLY_SIZE = 65536
 
 
-@dataclass(frozen=True, slots=True)
-class RouteInfo:
+class RouteInfo(Record):
     """The kernel's answer: where a packet to `destination` would go."""
 
+    _fields = ("destination", "gateway", "source", "interface_index")
+    __slots__ = _fields
     destination: IPv4Address | IPv6Address
     gateway: IPv4Address | IPv6Address | None
     source: IPv4Address | IPv6Address | None
     interface_index: int | None
+
+    def __init__(
+        self,
+        destination: IPv4Address | IPv6Address,
+        gateway: IPv4Address | IPv6Address | None,
+        source: IPv4Address | IPv6Address | None,
+        interface_index: int | None,
+    ) -> None:
+        init_fields(self, destination, gateway, source, interface_index)
 
 
 def _align(length: int) -> int:
@@ -168,11 +178,12 @@ INFINITY_LIFE_TIME = 0xFFFF_FFFF
 AddressEntry = tuple[int, str | None, IPv4Interface | IPv6Interface]
 
 
-@dataclass(frozen=True, slots=True)
-class AddressInfo:
+class AddressInfo(Record):
     """One address of the RTM_GETADDR dump with what tells a stable address from a temporary one:
     the kernel's flags (IFA_F_*), its scope (RT_SCOPE_*), and its lifetimes in seconds (None: forever)."""
 
+    _fields = ("index", "label", "interface", "flags", "scope", "preferred", "valid")
+    __slots__ = _fields
     index: int
     label: str | None
     interface: IPv4Interface | IPv6Interface
@@ -180,6 +191,18 @@ class AddressInfo:
     scope: int
     preferred: int | None
     valid: int | None
+
+    def __init__(
+        self,
+        index: int,
+        label: str | None,
+        interface: IPv4Interface | IPv6Interface,
+        flags: int,
+        scope: int,
+        preferred: int | None,
+        valid: int | None,
+    ) -> None:
+        init_fields(self, index, label, interface, flags, scope, preferred, valid)
 
 
 def build_getaddr_dump(seq: int) -> bytes:

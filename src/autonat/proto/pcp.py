@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from autonat.proto.errors import DecodeError
-from autonat.proto.types import Transport
+from autonat.proto.record import from_wire
+from autonat.proto.types import Transport, check_range
 
 __all__ = [
     "CLIENT_PORT",
@@ -171,12 +172,6 @@ def is_long_lifetime_error(code: int) -> bool:
     return code in _LONG_LIFETIME_ERRORS
 
 
-def _check_range(name: str, value: int, low: int, high: int) -> None:
-    # bool is an int subclass; a True port is always a caller bug.
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, not {value!r}")
-
-
 def _normalize_address(name: str, ip: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
     # An IPv4-mapped IPv6Address and the IPv4Address have one wire form; folding them keeps
     # decode(encode(x)) == x.
@@ -244,7 +239,7 @@ class Option:
     data: bytes = b""
 
     def __post_init__(self) -> None:
-        _check_range("option code", self.code, 0, MAX_U8)
+        check_range("option code", self.code, 0, MAX_U8)
         if not isinstance(self.data, bytes):
             raise ValueError(f"option data must be bytes, not {type(self.data).__name__}")
         if len(self.data) > _MAX_OPTION_DATA:
@@ -271,8 +266,8 @@ class Option:
         Whether an IPv4 prefix counts the 96 bits of the mapped prefix is the server's business;
         only the field's range is checked here.
         """
-        _check_range("prefix_length", prefix_length, 0, 128)
-        _check_range("remote_port", remote_port, 0, MAX_U16)
+        check_range("prefix_length", prefix_length, 0, 128)
+        check_range("remote_port", remote_port, 0, MAX_U16)
         remote = encode_address(_normalize_address("remote_ip", remote_ip))
         return cls(OptionCode.FILTER, _FILTER_DATA.pack(0, prefix_length, remote_port, remote))
 
@@ -347,9 +342,9 @@ class MapData:
     def __post_init__(self) -> None:
         if not isinstance(self.nonce, bytes) or len(self.nonce) != NONCE_SIZE:
             raise ValueError(f"nonce must be {NONCE_SIZE} bytes, not {self.nonce!r}")
-        _check_range("protocol", self.protocol, 0, MAX_U8)
-        _check_range("internal_port", self.internal_port, 0, MAX_U16)
-        _check_range("external_port", self.external_port, 0, MAX_U16)
+        check_range("protocol", self.protocol, 0, MAX_U8)
+        check_range("internal_port", self.internal_port, 0, MAX_U16)
+        check_range("external_port", self.external_port, 0, MAX_U16)
         address = _normalize_address("external_address", self.external_address)
         object.__setattr__(self, "external_address", address)
 
@@ -376,7 +371,7 @@ class MapData:
         if len(data) != MAP_DATA_SIZE:
             raise DecodeError(f"PCP MAP data is {len(data)} bytes, not {MAP_DATA_SIZE}")
         nonce, protocol, internal_port, external_port, address = _MAP_DATA.unpack(data)
-        return cls(nonce, protocol, internal_port, external_port, decode_address(address))
+        return from_wire(cls, nonce, protocol, internal_port, external_port, decode_address(address))
 
 
 def _check_map(opcode: int, map_data: MapData | None, *, required: bool) -> None:
@@ -411,14 +406,16 @@ class Request:
     options: tuple[Option, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_range("opcode", self.opcode, 0, OPCODE_MASK)
-        _check_range("lifetime", self.lifetime, 0, MAX_U32)
+        check_range("opcode", self.opcode, 0, OPCODE_MASK)
+        check_range("lifetime", self.lifetime, 0, MAX_U32)
         address = _normalize_address("client_address", self.client_address)
         object.__setattr__(self, "client_address", address)
-        object.__setattr__(self, "options", tuple(self.options))
         _check_map(self.opcode, self.map, required=True)
-        _check_options(self.options)
-        _check_size(self.encoded_size)
+        if self.options.__class__ is not tuple:
+            object.__setattr__(self, "options", tuple(self.options))
+        if self.options:  # without options the size is fixed and within the cap
+            _check_options(self.options)
+            _check_size(self.encoded_size)
 
     @classmethod
     def announce(cls, client_address: IPv4Address | IPv6Address) -> Request:
@@ -439,7 +436,7 @@ class Request:
         prefer_failure: bool = False,
     ) -> Request:
         """MAP request (§11.1) for one UDP or TCP port; renewals reuse the same nonce (§11.2.1)."""
-        _check_range("internal_port", internal_port, 1, MAX_U16)
+        check_range("internal_port", internal_port, 1, MAX_U16)
         data = MapData(
             nonce,
             transport.iana_number,
@@ -469,6 +466,8 @@ class Request:
     def encode(self) -> bytes:
         header = _REQUEST_HEADER.pack(VERSION, self.opcode, 0, self.lifetime, encode_address(self.client_address))
         data = self.map.encode() if self.map is not None else b""
+        if not self.options:
+            return header + data
         return header + data + b"".join(option.encode() for option in self.options)
 
 
@@ -531,11 +530,11 @@ class Response:
     options: tuple[Option, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_range("version", self.version, 0, MAX_U8)
-        _check_range("opcode", self.opcode, 0, OPCODE_MASK)
-        _check_range("result", self.result, 0, MAX_U8)
-        _check_range("lifetime", self.lifetime, 0, MAX_U32)
-        _check_range("epoch", self.epoch, 0, MAX_U32)
+        check_range("version", self.version, 0, MAX_U8)
+        check_range("opcode", self.opcode, 0, OPCODE_MASK)
+        check_range("result", self.result, 0, MAX_U8)
+        check_range("lifetime", self.lifetime, 0, MAX_U32)
+        check_range("epoch", self.epoch, 0, MAX_U32)
         object.__setattr__(self, "options", tuple(self.options))
         _check_map(self.opcode, self.map, required=False)
         if self.opcode == Opcode.MAP and self.map is None and self.options:
@@ -619,11 +618,10 @@ def parse_response(data: bytes) -> Response | VersionNotSupported:
             body = body[MAP_DATA_SIZE:]
     elif opcode != Opcode.ANNOUNCE:
         raise DecodeError(f"unsupported PCP response opcode {opcode}")
-    options = _decode_options(body)
-    try:
-        return Response(version, opcode, result, lifetime, epoch, map_data, options)
-    except ValueError as exc:
-        raise DecodeError(f"invalid PCP response: {exc}") from None
+    options = _decode_options(body) if body else ()
+    # Every field is in range by its width, the MAP data is where the opcode wants it and the length
+    # was checked above: nothing for Response's own checks to find.
+    return from_wire(Response, version, opcode, result, lifetime, epoch, map_data, options)
 
 
 def reply_key(data: bytes) -> tuple[str, int, bytes | None] | None:

@@ -30,7 +30,7 @@ from ipaddress import IPv6Address
 
 from autonat.proto import igd
 from autonat.proto.errors import DecodeError
-from autonat.proto.types import Transport
+from autonat.proto.types import Transport, check_range
 
 __all__ = [
     "ERROR_NAMES",
@@ -110,11 +110,6 @@ def parse_response(data: bytes, request: igd.SoapRequest, http_status: int) -> d
 # --- values sent --------------------------------------------------------------------------------------
 
 
-def _check_range(name: str, value: int, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, not {value!r}")
-
-
 def _protocol(transport: Transport) -> str:
     # §2.3.5: the IANA protocol number, as PCP carries it (RFC 6887 §11.1).
     if not isinstance(transport, Transport):
@@ -143,8 +138,8 @@ def _tuple_arguments(
     internal_port: int,
     transport: Transport,
 ) -> tuple[tuple[str, str], ...]:
-    _check_range("remote_port", remote_port, 0, 0xFFFF)
-    _check_range("internal_port", internal_port, 1, 0xFFFF)
+    check_range("remote_port", remote_port, 0, 0xFFFF)
+    check_range("internal_port", internal_port, 1, 0xFFFF)
     return (
         ("RemoteHost", _host(remote_host, "remote_host")),
         ("RemotePort", str(remote_port)),
@@ -155,7 +150,7 @@ def _tuple_arguments(
 
 
 def _unique_id(unique_id: int) -> tuple[str, str]:
-    _check_range("unique_id", unique_id, 0, MAX_UNIQUE_ID)
+    check_range("unique_id", unique_id, 0, MAX_UNIQUE_ID)
     return ("UniqueID", str(unique_id))
 
 
@@ -215,7 +210,7 @@ def add_pinhole(
     anyone) to `internal_client`:`internal_port`, for `lease` s (1..86400). The internal client must be
     the address the request comes from (miniupnpd answers 606 otherwise: docs/QUIRKS.md U16). Read the
     pinhole's UniqueID with `unique_id_from`."""
-    _check_range("lease", lease, 1, MAX_LEASE)
+    check_range("lease", lease, 1, MAX_LEASE)
     arguments = _tuple_arguments(remote_host, remote_port, internal_client, internal_port, transport)
     return igd.SoapRequest("AddPinhole", service_type, (*arguments, ("LeaseTime", str(lease))))
 
@@ -227,7 +222,7 @@ def unique_id_from(outputs: Mapping[str, str]) -> int:
 
 def update_pinhole(service_type: str = SERVICE_TYPE, *, unique_id: int, lease: int) -> igd.SoapRequest:
     """UpdatePinhole (§2.4.4): the pinhole's lease starts again at `lease` s; no output arguments."""
-    _check_range("lease", lease, 1, MAX_LEASE)
+    check_range("lease", lease, 1, MAX_LEASE)
     return igd.SoapRequest("UpdatePinhole", service_type, (_unique_id(unique_id), ("NewLeaseTime", str(lease))))
 
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 import enum
 
 
+def check_range(name: str, value: int, low: int, high: int) -> None:
+    """A caller's integer field: an int (an IntEnum too, never a bool: a True port is a caller bug) in
+    low..high, else ValueError naming the field."""
+    if value.__class__ is int and low <= value <= high:
+        return  # the common case, on every request built: one test
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, not {value!r}")
+
+
 class Transport(enum.StrEnum):
     """Transport protocol of a port mapping, with its IANA protocol number (used by PCP, RFC 6887 §11.1)."""
 
