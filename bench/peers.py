@@ -163,7 +163,7 @@ def run_lab(args: argparse.Namespace) -> dict[str, Any]:
     from autonat.lab import Lab
 
     python = bench_venv()
-    lab = Lab(PREFIX)
+    lab = Lab(args.prefix)
     lab.up()
     try:
         with tempfile.TemporaryDirectory() as scratch:
@@ -456,6 +456,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--before", default="HEAD", help="git ref of the 'before' tree (default HEAD)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--prefix", default=PREFIX, help=f"the lab's name prefix (default {PREFIX}; two runs need two)")
     parser.add_argument("--phases", default="warm,process,stopped,silent", help="which parts to run (default: all)")
     parser.add_argument("--phase", choices=["warm", "process", "stopped", "silent"], help=argparse.SUPPRESS)
     args = parser.parse_args()

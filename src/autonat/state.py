@@ -9,7 +9,6 @@ restart (which is what lets us delete what an earlier run created).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from pathlib import Path
@@ -56,6 +55,13 @@ def host_secret(directory: Path | None = None) -> bytes:
 
 
 def derive_nonce(secret: bytes, *parts: object, size: int = 12) -> bytes:
-    """A nonce bound to a mapping's identity (e.g. local address, transport, internal port)."""
-    message = "|".join(str(part) for part in parts).encode()
-    return hmac.new(secret, message, hashlib.sha256).digest()[:size]
+    """A nonce bound to a mapping's identity (e.g. local address, transport, internal port): the first
+    `size` bytes of HMAC-SHA256(secret, the parts' text joined by "|"). Stable across versions: a later
+    process finds (and deletes) a mapping by it."""
+    return derive_nonce_for(secret, "|".join(str(part) for part in parts), size)
+
+
+def derive_nonce_for(secret: bytes, message: str, size: int = 12) -> bytes:
+    """`derive_nonce` of parts already joined (a caller deriving many with one prefix builds it once).
+    hmac.digest is the one-shot C path: no HMAC object per nonce."""
+    return hmac.digest(secret, message.encode(), "sha256")[:size]

@@ -43,3 +43,17 @@ def test_nonce_depends_on_every_part_and_the_secret() -> None:
 def test_state_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AUTONAT_STATE_DIR", str(tmp_path))
     assert state_dir() == tmp_path
+
+
+def test_a_pcp_nonce_is_the_same_in_every_version_and_through_the_client_cache() -> None:
+    # A later process (or a restarted daemon) refreshes and deletes a PCP mapping by this nonce: its value
+    # for given parts must never change (HMAC-SHA256 of "pcp|192.168.77.10|udp|5060", first 12 bytes).
+    from ipaddress import IPv4Address
+
+    from autonat.aio.pcp import Nonces
+    from autonat.proto.types import Transport
+
+    expected = bytes.fromhex("f7d5acb5d0e3754849d25b36")
+    local = IPv4Address("192.168.77.10")
+    assert derive_nonce(b"x" * 32, "pcp", local, Transport.UDP, 5060) == expected
+    assert Nonces(b"x" * 32, local)(Transport.UDP, 5060) == expected
