@@ -68,6 +68,12 @@ def test_a_nat_pmp_request_without_an_event_loop_loads_neither_asyncio_nor_upnp(
     assert not {"dataclasses", "inspect", "typing", "random"} & modules
 
 
+def test_a_pcp_request_without_an_event_loop_is_as_light() -> None:
+    modules = loaded_after("import autonat\nautonat.open_router; import autonat.aio.pcp")
+    assert heavy(modules) == []
+    assert not {"dataclasses", "inspect", "typing", "random", "autonat.aio.upnp"} & modules
+
+
 def test_a_pcp_session_never_loads_the_upnp_chain() -> None:
     modules = loaded_after(
         "import asyncio, autonat\n"

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
 
 from autonat.addresses import is_public
 from autonat.errors import NotPublic, RouterNotFound, RouterRefused, RouterTimeout
@@ -27,6 +26,7 @@ from autonat.proto.exchange import DEFAULT_DEADLINE, PCP_SCHEDULE, Exchange
 from autonat.proto.types import Transport
 from autonat.state import derive_nonce_for
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the cold path: proto/record.py)
 if TYPE_CHECKING:
     from autonat.aio.channel import DatagramChannel
 

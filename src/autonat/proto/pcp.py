@@ -16,11 +16,10 @@ import enum
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from autonat.proto.errors import DecodeError
-from autonat.proto.record import from_wire
+from autonat.proto.record import Record, from_wire, init_fields
 from autonat.proto.types import Transport, check_range
 
 __all__ = [
@@ -231,22 +230,24 @@ _OPTION_DATA_SIZE: dict[int, int] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
+class Option(Record):
     """One option (§7.3). `data` is unpadded; unknown codes are kept with their raw data."""
 
+    _fields = ("code", "data")
+    __slots__ = _fields
     code: int
-    data: bytes = b""
+    data: bytes
 
-    def __post_init__(self) -> None:
-        check_range("option code", self.code, 0, MAX_U8)
-        if not isinstance(self.data, bytes):
-            raise ValueError(f"option data must be bytes, not {type(self.data).__name__}")
-        if len(self.data) > _MAX_OPTION_DATA:
-            raise ValueError(f"option data of {len(self.data)} bytes cannot fit in a PCP message")
-        expected = _OPTION_DATA_SIZE.get(self.code)
-        if expected is not None and len(self.data) != expected:
-            raise ValueError(f"{OptionCode(self.code).name} option data is {len(self.data)} bytes, not {expected}")
+    def __init__(self, code: int, data: bytes = b"") -> None:
+        check_range("option code", code, 0, MAX_U8)
+        if not isinstance(data, bytes):
+            raise ValueError(f"option data must be bytes, not {type(data).__name__}")
+        if len(data) > _MAX_OPTION_DATA:
+            raise ValueError(f"option data of {len(data)} bytes cannot fit in a PCP message")
+        expected = _OPTION_DATA_SIZE.get(code)
+        if expected is not None and len(data) != expected:
+            raise ValueError(f"{OptionCode(code).name} option data is {len(data)} bytes, not {expected}")
+        init_fields(self, code, data)
 
     @classmethod
     def prefer_failure(cls) -> Option:
@@ -324,8 +325,7 @@ def _decode_options(body: bytes) -> tuple[Option, ...]:
 # --- MAP opcode data (§11.1) ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class MapData:
+class MapData(Record):
     """The 36 bytes of MAP opcode data (§11.1).
 
     In a request the external port and address are suggestions (0 and the all-zeros address mean
@@ -333,20 +333,29 @@ class MapData:
     protocol number, 0 meaning all protocols.
     """
 
+    _fields = ("nonce", "protocol", "internal_port", "external_port", "external_address")
+    __slots__ = _fields
     nonce: bytes
     protocol: int
     internal_port: int
     external_port: int
     external_address: IPv4Address | IPv6Address
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.nonce, bytes) or len(self.nonce) != NONCE_SIZE:
-            raise ValueError(f"nonce must be {NONCE_SIZE} bytes, not {self.nonce!r}")
-        check_range("protocol", self.protocol, 0, MAX_U8)
-        check_range("internal_port", self.internal_port, 0, MAX_U16)
-        check_range("external_port", self.external_port, 0, MAX_U16)
-        address = _normalize_address("external_address", self.external_address)
-        object.__setattr__(self, "external_address", address)
+    def __init__(
+        self,
+        nonce: bytes,
+        protocol: int,
+        internal_port: int,
+        external_port: int,
+        external_address: IPv4Address | IPv6Address,
+    ) -> None:
+        if not isinstance(nonce, bytes) or len(nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce must be {NONCE_SIZE} bytes, not {nonce!r}")
+        check_range("protocol", protocol, 0, MAX_U8)
+        check_range("internal_port", internal_port, 0, MAX_U16)
+        check_range("external_port", external_port, 0, MAX_U16)
+        address = _normalize_address("external_address", external_address)
+        init_fields(self, nonce, protocol, internal_port, external_port, address)
 
     @property
     def transport(self) -> Transport | None:
@@ -391,30 +400,38 @@ def _check_size(size: int) -> None:
 # --- requests (§7.1) ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(Record):
     """A PCP request (§7.1): header, opcode data (MAP only here), options.
 
     `client_address` is the address the client sends from; the server compares it with the
     packet's source to detect an unexpected NAT on the way (ADDRESS_MISMATCH, §8.2).
     """
 
+    _fields = ("opcode", "lifetime", "client_address", "map", "options")
+    __slots__ = _fields
     opcode: int
     lifetime: int
     client_address: IPv4Address | IPv6Address
-    map: MapData | None = None
-    options: tuple[Option, ...] = ()
+    map: MapData | None
+    options: tuple[Option, ...]
 
-    def __post_init__(self) -> None:
-        check_range("opcode", self.opcode, 0, OPCODE_MASK)
-        check_range("lifetime", self.lifetime, 0, MAX_U32)
-        address = _normalize_address("client_address", self.client_address)
-        object.__setattr__(self, "client_address", address)
-        _check_map(self.opcode, self.map, required=True)
-        if self.options.__class__ is not tuple:
-            object.__setattr__(self, "options", tuple(self.options))
-        if self.options:  # without options the size is fixed and within the cap
-            _check_options(self.options)
+    def __init__(
+        self,
+        opcode: int,
+        lifetime: int,
+        client_address: IPv4Address | IPv6Address,
+        map: MapData | None = None,
+        options: tuple[Option, ...] = (),
+    ) -> None:
+        check_range("opcode", opcode, 0, OPCODE_MASK)
+        check_range("lifetime", lifetime, 0, MAX_U32)
+        address = _normalize_address("client_address", client_address)
+        _check_map(opcode, map, required=True)
+        if options.__class__ is not tuple:
+            options = tuple(options)
+        init_fields(self, opcode, lifetime, address, map, options)
+        if options:  # without options the size is fixed and within the cap
+            _check_options(options)
             _check_size(self.encoded_size)
 
     @classmethod
@@ -513,34 +530,45 @@ def parse_request(data: bytes) -> Request:
 # --- responses (§7.2) -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(Record):
     """A PCP response (§7.2).
 
     For an error, `lifetime` is how long the error is expected to persist (§7.2, §7.4). `map` is
     None for ANNOUNCE, and for a MAP error response the server cut back to the bare header.
     """
 
+    _fields = ("version", "opcode", "result", "lifetime", "epoch", "map", "options")
+    __slots__ = _fields
     version: int
     opcode: int
     result: int
     lifetime: int
     epoch: int
-    map: MapData | None = None
-    options: tuple[Option, ...] = ()
+    map: MapData | None
+    options: tuple[Option, ...]
 
-    def __post_init__(self) -> None:
-        check_range("version", self.version, 0, MAX_U8)
-        check_range("opcode", self.opcode, 0, OPCODE_MASK)
-        check_range("result", self.result, 0, MAX_U8)
-        check_range("lifetime", self.lifetime, 0, MAX_U32)
-        check_range("epoch", self.epoch, 0, MAX_U32)
-        object.__setattr__(self, "options", tuple(self.options))
-        _check_map(self.opcode, self.map, required=False)
-        if self.opcode == Opcode.MAP and self.map is None and self.options:
+    def __init__(
+        self,
+        version: int,
+        opcode: int,
+        result: int,
+        lifetime: int,
+        epoch: int,
+        map: MapData | None = None,
+        options: tuple[Option, ...] = (),
+    ) -> None:
+        check_range("version", version, 0, MAX_U8)
+        check_range("opcode", opcode, 0, OPCODE_MASK)
+        check_range("result", result, 0, MAX_U8)
+        check_range("lifetime", lifetime, 0, MAX_U32)
+        check_range("epoch", epoch, 0, MAX_U32)
+        options = tuple(options)
+        _check_map(opcode, map, required=False)
+        if opcode == Opcode.MAP and map is None and options:
             # Options follow the MAP data on the wire, so without it they would be misread.
             raise ValueError("a MAP response without MAP data cannot carry options")
-        _check_options(self.options)
+        _check_options(options)
+        init_fields(self, version, opcode, result, lifetime, epoch, map, options)
         _check_size(self.encoded_size)
 
     @property
@@ -556,8 +584,7 @@ class Response:
         return header + data + b"".join(option.encode() for option in self.options)
 
 
-@dataclass(frozen=True, slots=True)
-class VersionNotSupported:
+class VersionNotSupported(Record):
     """The server does not speak PCP version 2 (§9).
 
     `server_version` 0 is a NAT-PMP-only gateway answering with its 'unsupported version' reply
@@ -565,9 +592,14 @@ class VersionNotSupported:
     `epoch` is None when the reply was too short to carry one.
     """
 
+    _fields = ("server_version", "result", "epoch")
+    __slots__ = _fields
     server_version: int
     result: int
     epoch: int | None
+
+    def __init__(self, server_version: int, result: int, epoch: int | None) -> None:
+        init_fields(self, server_version, result, epoch)
 
 
 def _parse_other_version(data: bytes) -> VersionNotSupported:
