@@ -35,12 +35,13 @@ PREFIX = "bp"
 GATEWAY = "192.168.77.1"
 ME = "autonat"
 BEFORE = "autonat (before)"
+BLOCKING = "autonat blocking"
 
 # name -> (contestant in bench/_contestants.py, which source tree: "now", "before" or None)
 CONTESTANTS: dict[str, tuple[str, str | None]] = {
     ME: ("autonat", "now"),
     "autonat+uvloop": ("autonat+uvloop", "now"),
-    "autonat blocking": ("autonat blocking", "now"),
+    BLOCKING: ("autonat blocking", "now"),
     BEFORE: ("autonat", "before"),
     "miniupnpc": ("miniupnpc", None),
     "nat-pmp": ("nat-pmp", None),
@@ -427,6 +428,12 @@ def ratios(figures: dict[str, Any]) -> list[tuple[str, float]]:
         for who, value in whos.items():
             if who != ME and value:
                 out.append((f"{op}: autonat / {who}", round(mine / value, 3)))
+        # The blocking session is the fastest path a library user has: its ratios to the floor and the peers.
+        blocking = whos.get(BLOCKING)
+        if blocking is not None:
+            for who, value in whos.items():
+                if who not in (ME, BLOCKING, BEFORE) and not who.startswith("autonat") and value:
+                    out.append((f"{op}: autonat blocking / {who}", round(blocking / value, 3)))
     return out
 
 
