@@ -41,12 +41,13 @@ SOURCE_CACHE = 64  # parsed source addresses remembered by an unconnected channe
 
 
 class _Pending:
-    __slots__ = ("exchange", "future", "what")
+    __slots__ = ("counted", "exchange", "future", "what")
 
     def __init__(self, exchange: Exchange[Any], future: asyncio.Future[Any], what: str) -> None:
         self.exchange = exchange
         self.future = future
         self.what = what
+        self.counted = True  # in the channel's `_unsettled` until settled or abandoned
 
 
 class DatagramChannel:
@@ -68,6 +69,7 @@ class DatagramChannel:
         self._sources: dict[tuple[Any, ...], Endpoint] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._unsettled = 0  # pending exchanges whose future is not done yet
         self.drops: Counter[str] = Counter()
         sock.setblocking(False)
         self._loop.add_reader(self._fd, self._read_ready)
@@ -115,6 +117,11 @@ class DatagramChannel:
                 self.drops[f"socket error: {exc.strerror or exc}"] += 1
                 return
             self._datagram(data, source)
+            if not self._unsettled:
+                # Nothing waits any more: return to the loop now, so the caller resumes without first
+                # paying a recv that can only fail (EAGAIN). Anything more that came is read at the next
+                # readiness callback (the selector reports a readable socket again).
+                return
 
     def _source(self, addr: tuple[Any, ...]) -> Endpoint:
         source = self._sources.get(addr)
@@ -170,6 +177,7 @@ class DatagramChannel:
         """Run an exchange to its end. `what` names it in the error ("NAT-PMP at 192.168.77.1:5351")."""
         pending = _Pending(exchange, self._loop.create_future(), what)
         self._pending.append(pending)
+        self._unsettled += 1
         key = exchange.key
         if key is not None:
             same = self._by_key.get(key)
@@ -184,6 +192,9 @@ class DatagramChannel:
             result: R = await pending.future
             return result
         finally:
+            if pending.counted:  # cancelled, or the socket closed: never settled
+                pending.counted = False
+                self._unsettled -= 1
             self._pending.remove(pending)
             if key is not None:
                 same = self._by_key[key]
@@ -241,6 +252,9 @@ class DatagramChannel:
     def _settle(self, pending: _Pending) -> None:
         if pending.future.done():
             return
+        if pending.counted:
+            pending.counted = False
+            self._unsettled -= 1
         failure = pending.exchange.failure(pending.what)
         if failure is not None:
             pending.future.set_exception(failure)
