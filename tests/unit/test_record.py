@@ -52,3 +52,30 @@ def test_from_wire_builds_without_the_callers_checks() -> None:
     reply = from_wire(MapResponse, Transport.UDP, 0, 5, 5060, 6000, 3600)
     assert reply == MapResponse(Transport.UDP, 0, 5, 5060, 6000, 3600)
     assert reply.external_port == 6000
+
+
+def test_every_record_class_names_each_field_once_in_slots_and_init() -> None:
+    """init_fields trusts the class: one value per field, in `_fields` order, which is `__init__`'s order."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import autonat
+    from autonat.proto.record import Record
+
+    for module in pkgutil.walk_packages(autonat.__path__, "autonat."):
+        if not module.name.startswith(("autonat.lab", "autonat.__main__")):
+            importlib.import_module(module.name)
+    classes: list[type[Record]] = []
+    pending: list[type[Record]] = [Record]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            classes.append(sub)
+            pending.append(sub)
+    assert len(classes) >= 15
+    for cls in classes:
+        assert cls.__slots__ == cls._fields and len(set(cls._fields)) == len(cls._fields), cls
+        assert len(cls._setters) == len(cls._fields), cls
+        parameters = list(inspect.signature(cls.__init__).parameters)[1:]
+        if cls._fields:
+            assert tuple(parameters) == cls._fields, cls
