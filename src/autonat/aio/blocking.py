@@ -129,16 +129,7 @@ class BlockingSession:
             now = time.monotonic()
             waiting = []
             for exchange, _ in exchanges:
-                exchange.handle_timer(now)
-                for datagram in exchange.datagrams_to_send(now):
-                    if trace is not None and trace.ON:
-                        trace.datagram_sent(datagram, server, exchange.started, exchange.transmissions)
-                    try:
-                        sock.send(datagram)
-                    except ConnectionRefusedError:
-                        self._unreachable(exchanges, trace)
-                    except OSError:
-                        pass  # lost, as a datagram can be: retransmission covers it
+                self._send_due(exchange, now, trace, exchanges)
                 if not exchange.done:
                     waiting.append(exchange)
             if grace is not None and cutoff is None and any(e.done and not e.failed for e, _ in exchanges):
@@ -172,18 +163,10 @@ class BlockingSession:
         sock = self._sock
         server = self._server
         trace = _wiretrace()
+        alone = [(exchange, "")]
         now = time.monotonic()
         while True:
-            exchange.handle_timer(now)
-            for datagram in exchange.datagrams_to_send(now):
-                if trace is not None and trace.ON:
-                    trace.datagram_sent(datagram, server, exchange.started, exchange.transmissions)
-                try:
-                    sock.send(datagram)
-                except ConnectionRefusedError:
-                    self._unreachable([(exchange, "")], trace)
-                except OSError:
-                    pass  # lost, as a datagram can be: retransmission covers it
+            self._send_due(exchange, now, trace, alone)
             due = exchange.timer()
             if due is None:
                 return
@@ -194,13 +177,29 @@ class BlockingSession:
                 now = time.monotonic()
                 continue
             except ConnectionRefusedError:
-                self._unreachable([(exchange, "")], trace)
+                self._unreachable(alone, trace)
                 return
             now = time.monotonic()
             if trace is not None and trace.ON:
                 trace.datagram_received(data, server, now)
             if len(data) <= MAX_DATAGRAM and exchange.receive(data, server, now) is None:
                 return
+
+    def _send_due(
+        self, exchange: Exchange[Any], now: float, trace: Any, everyone: list[tuple[Exchange[Any], str]]
+    ) -> None:
+        """Send what `exchange` has due at `now`; an ICMP port unreachable reported on the send ends
+        `everyone` (the socket is connected to the one server they all talk to)."""
+        exchange.handle_timer(now)
+        for datagram in exchange.datagrams_to_send(now):
+            if trace is not None and trace.ON:
+                trace.datagram_sent(datagram, self._server, exchange.started, exchange.transmissions)
+            try:
+                self._sock.send(datagram)
+            except ConnectionRefusedError:
+                self._unreachable(everyone, trace)
+            except OSError:
+                pass  # lost, as a datagram can be: retransmission covers it
 
     def _unreachable(self, exchanges: list[tuple[Exchange[Any], str]], trace: Any = None) -> None:
         """ICMP port unreachable from the server (the socket is connected to it): every exchange ends."""
