@@ -249,3 +249,20 @@ def test_a_sigkill_leaves_no_pinhole_behind_after_restart(
     assert not [m for m in again.status()["mappings"] if m["family"] == 6]
     time.sleep(0.2)
     assert not arrives(lab, PORT, Lab.LAN6_ADDRESS)
+
+
+def test_a_pinhole_pcp_will_not_delete_is_closed_by_upnp_and_reported_so(
+    lab: Lab, state_dir: Path, tmp_path: Path
+) -> None:
+    """docs/QUIRKS.md P8: another host secret means another PCP nonce, which miniupnpd refuses to delete
+    with (NOT_AUTHORIZED); the session closes the pinhole by UPnP instead and says it used UPnP."""
+    other_state = tmp_path / "other-state"
+    other_state.mkdir(mode=0o700)
+    try:
+        added = autonat_json(lab, state_dir, "map", "add", str(PORT), "udp", "--family", "6", "--protocol", "pcp")
+        assert added["protocol"] == "pcp" and pinhole_rule(lab)
+        deleted = autonat_json(lab, other_state, "map", "del", str(PORT), "udp", "--family", "6", "--protocol", "pcp")
+        assert deleted["deleted"] is True and deleted["protocol"] == "upnp", deleted
+        assert not pinhole_rule(lab)
+    finally:
+        close_all(lab, state_dir)

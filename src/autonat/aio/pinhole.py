@@ -139,6 +139,7 @@ class PinholeSession:
             max_lifetime=max_lifetime,
         )
         self.pcp.fallback_delete = self._upnp_delete
+        self._fell_back: set[tuple[Transport, int]] = set()  # deletes PCP handed to UPnP, until reported
         self._upnp: UpnpPinholeClient | None = None
         self.last_probe: PinholeProbe | None = None
 
@@ -242,9 +243,13 @@ class PinholeSession:
             await self.upnp.delete_pinhole(unique_id)
         else:
             await mapper.delete(transport, internal_port)
+        used = mapper.name
+        if (transport, internal_port) in self._fell_back:  # PCP handed it to UPnP (P8): say so
+            self._fell_back.discard((transport, internal_port))
+            used = "upnp"
         if holes.isEnabledFor(logging.INFO):
-            holes.info("closed %s pinhole to [%s]:%d via %s", transport, self.local_address, internal_port, mapper.name)
-        return mapper.name
+            holes.info("closed %s pinhole to [%s]:%d via %s", transport, self.local_address, internal_port, used)
+        return used
 
     async def remove(self, mapping: Mapping) -> None:
         """Close a pinhole `add` returned, through the protocol that made it."""
@@ -256,3 +261,4 @@ class PinholeSession:
     async def _upnp_delete(self, transport: Transport, internal_port: int) -> None:
         """PCP's fallback for a delete the router refuses (docs/QUIRKS.md P8): the same pinhole, by UPnP."""
         await self.upnp.delete(transport, internal_port)
+        self._fell_back.add((transport, internal_port))
