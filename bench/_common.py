@@ -15,12 +15,9 @@ from typing import Any
 Figures = dict[str, dict[str, float]]
 
 
-def raw_soap(
-    service: str, action: str, arguments: str, control: tuple[str, int, str], *, source: str | None = None
-) -> bytes:
-    """The least a client can do for SOAP: one prebuilt request on a fresh TCP connection (miniupnpd closes
-    every connection after its reply), from `source` when given (an IPv6 pinhole's request must come from the
-    address it is for). `control` is (host, port, path) of the service's control URL."""
+def soap_request(service: str, action: str, arguments: str, control: tuple[str, int, str]) -> bytes:
+    """The bytes of one SOAP request (UPnP DA 1.1 §3.2.1) with `Connection: close`, as a raw client would
+    prebuild them. `control` is (host, port, path) of the service's control URL."""
     host, port, path = control
     body = (
         '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
@@ -32,15 +29,36 @@ def raw_soap(
         f'POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: text/xml; charset="utf-8"\r\n'
         f'SOAPAction: "{service}#{action}"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n'
     ).encode()
-    bind = None if source is None else (source, 0)
-    with socket.create_connection((host, port), timeout=2, source_address=bind) as sock:
-        sock.sendall(head + body)
+    return head + body
+
+
+def raw_exchange(address: tuple[str, int], request: bytes, *, source: str | None = None) -> bytes:
+    """The least a Python client can do for one HTTP exchange with miniupnpd, which closes every connection
+    after its reply: a plain socket (no getaddrinfo, as `socket.create_connection` would call), one timeout,
+    connect, sendall, read until EOF; from `source` when given. The reply must be a 200."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2)
+        if source is not None:
+            sock.bind((source, 0))
+        sock.connect(address)
+        sock.sendall(request)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
+    finally:
+        sock.close()
     reply = b"".join(chunks)
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     return reply
+
+
+def raw_soap(
+    service: str, action: str, arguments: str, control: tuple[str, int, str], *, source: str | None = None
+) -> bytes:
+    """One SOAP exchange the raw way (`soap_request` + `raw_exchange`), from `source` when given (an IPv6
+    pinhole's request must come from the address it is for)."""
+    return raw_exchange(control[:2], soap_request(service, action, arguments, control), source=source)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

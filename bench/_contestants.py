@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _common import raw_soap
+from _common import raw_exchange, raw_soap, soap_request
 
 GATEWAY = "192.168.77.1"
 LOCAL = "192.168.77.10"
@@ -102,22 +102,37 @@ class Autonat(Contestant):
 
 
 class AutonatBlocking(Contestant):
-    """autonat without an event loop (`autonat.open_router()`): PCP and NAT-PMP on a blocking socket."""
+    """autonat without an event loop, `autonat.open_router()`: PCP, NAT-PMP and (its `upnp`, a
+    `BlockingUpnp`, aio/blocking_upnp.py) UPnP IGD, each on a blocking socket."""
 
     def __init__(self) -> None:
         import autonat
 
         self.request, self.udp = autonat.MappingRequest, autonat.Transport.UDP
         self.session = autonat.open_router()
+        self.upnp = self.session.upnp
+        self.upnp.discover()
         self.ops = {
             "natpmp external IP": lambda _: timed(self.session.external_address),
             "natpmp map+unmap": lambda i: timed(lambda: self.map_unmap("natpmp", 25000 + i % 1000)),
             "pcp map+delete": lambda i: timed(lambda: self.map_unmap("pcp", 35000 + i % 1000)),
+            "upnp external IP": lambda _: timed(self.upnp.external_ip),
+            "upnp add+delete": lambda i: timed(lambda: self.upnp_add_delete(47000 + i % 1000)),
+            "upnp add+delete (README: delete by internal port)": lambda i: timed(
+                lambda: self.upnp_add_delete_readme(48000 + i % 1000)
+            ),
         }
 
     def map_unmap(self, protocol: Any, port: int) -> None:
         self.session.add(self.request(self.udp, port, lifetime=3600), protocol)
         self.session.delete(self.udp, port, protocol)
+
+    def upnp_add_delete(self, port: int) -> None:
+        self.upnp.remove(self.upnp.add(self.request(self.udp, port, lifetime=3600)))
+
+    def upnp_add_delete_readme(self, port: int) -> None:
+        self.upnp.add(self.request(self.udp, port, lifetime=3600))
+        self.upnp.delete(self.udp, port)  # a mapping it made: one DeletePortMapping
 
 
 # --- the peers ------------------------------------------------------------------------------------------
@@ -261,11 +276,12 @@ class Raw(Contestant):
         self.sock.settimeout(2)
         self.sock.connect((GATEWAY, 5351))
         self.client = b"\0" * 10 + b"\xff\xff" + socket.inet_aton(LOCAL)
+        self.external_ip = soap_request(SERVICE, "GetExternalIPAddress", "", CONTROL)  # prebuilt: it never changes
         self.ops = {
             "natpmp external IP": lambda _: timed(lambda: self.call(b"\0\0", 12)),
             "natpmp map+unmap": lambda i: timed(lambda: self.natpmp_map_unmap(23000 + i % 1000)),
             "pcp map+delete": lambda i: timed(lambda: self.pcp_map_delete(i, 33000 + i % 1000)),
-            "upnp external IP": lambda _: timed(lambda: raw_soap(SERVICE, "GetExternalIPAddress", "", CONTROL)),
+            "upnp external IP": lambda _: timed(lambda: raw_exchange(CONTROL[:2], self.external_ip)),
             "upnp add+delete": lambda i: timed(lambda: self.soap_add_delete(46000 + i % 1000)),
         }
 

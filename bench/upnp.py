@@ -90,8 +90,34 @@ async def measure_autonat(rounds: int) -> dict[str, list[float]]:
     return results
 
 
+def measure_blocking(rounds: int) -> dict[str, list[float]]:
+    """The blocking client (aio/blocking_upnp.py), interleaved with the raw exchange round by round."""
+    from autonat.aio.blocking_upnp import BlockingUpnp
+    from autonat.aio.route import locate_router
+    from autonat.mapper import MappingRequest
+    from autonat.proto.types import Transport
+    from autonat.state import host_secret
+
+    upnp = BlockingUpnp(locate_router(), host_secret(), deadline=2.0)
+    control = upnp.discover().service.control_url
+    host_port, path = control.removeprefix("http://").split("/", 1)
+    host, port = host_port.split(":")
+    raw_control = (host, int(port), "/" + path)
+
+    def add_delete(index: int) -> None:
+        upnp.remove(upnp.add(MappingRequest(Transport.UDP, 44000 + index % 1000, lifetime=3600)))
+
+    ours: list[float] = []
+    raw: list[float] = []
+    for index in range(rounds):
+        ours += timed_sync(1, lambda _, i=index: add_delete(i))
+        raw += timed_sync(1, lambda _, i=index: raw_add_delete(i, raw_control))
+    return {"autonat blocking SOAP add+delete": ours, "raw SOAP add+delete (blocking run)": raw}
+
+
 def inside(rounds: int) -> dict[str, dict[str, float]]:
     samples = asyncio.run(measure_autonat(rounds))
+    samples |= measure_blocking(rounds)
     slow_rounds = max(5, rounds // 20)
     samples["upnpc -i -s (SSDP discovery + status, process)"] = timed_sync(slow_rounds, lambda _: upnpc("-i", "-s"))
     autonat = str(Path(sys.executable).with_name("autonat"))
@@ -114,6 +140,7 @@ RATIOS = [
     ("autonat probe --protocol upnp (process)", "upnpc -i -s (SSDP discovery + status, process)"),
     ("autonat SOAP add+delete", "raw SOAP add+delete"),
     ("autonat SOAP add+delete", "upnpc -u URL add + delete (two processes)"),
+    ("autonat blocking SOAP add+delete", "raw SOAP add+delete (blocking run)"),
 ]
 
 

@@ -11,7 +11,7 @@ IGD, and opens the port mappings a service needs. Everything a program needs is 
         mapping = await router.add(autonat.MappingRequest(autonat.Transport.UDP, 5060, lifetime=3600))
         await router.remove(mapping)
 
-    # no event loop: PCP and NAT-PMP on a blocking socket
+    # no event loop: PCP, NAT-PMP (and UPnP IGD) on blocking sockets
     with autonat.open_router() as router:
         mapping = router.add(autonat.MappingRequest(autonat.Transport.UDP, 5060, lifetime=3600))
         router.remove(mapping)

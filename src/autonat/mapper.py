@@ -7,6 +7,7 @@ cost it more than the request (autonat.proto.record).
 
 from __future__ import annotations
 
+import functools
 from ipaddress import IPv4Address, IPv6Address
 
 from autonat.addresses import uri_host
@@ -163,6 +164,20 @@ class ProtocolStatus(Record):
             "elapsed_ms": None if self.elapsed_ms is None else round(self.elapsed_ms, 3),
             **self.details,
         }
+
+
+@functools.cache
+def _holes() -> Any:
+    import logging  # on the first hole opened or closed: a one-shot request that opens none never loads it
+
+    return logging.getLogger(HOLES_LOGGER)
+
+
+def hole_logger() -> Any:
+    """The `autonat.holes` logger when it logs INFO, else None (then a line is not even formatted): the
+    blocking clients ask once per hole opened or closed."""
+    logger = _holes()
+    return logger if logger.isEnabledFor(20) else None  # 20: logging.INFO
 
 
 def check_max_lifetime(max_lifetime: int) -> int:

@@ -26,10 +26,16 @@ CLIENT = "10.77.0.2"
 SERVER = str(Path(__file__).parents[1] / "fakes" / "igd_server.py")
 PMP_SERVER = str(Path(__file__).parents[1] / "fakes" / "pcp_natpmp_router.py")
 ENGINE_DRIVER = str(Path(__file__).parent / "engine_driver.py")
+# The peak RSS of the command itself: VmHWM of its own memory (getrusage's ru_maxrss would include the
+# peak of the process it was forked from, the test runner, which Linux carries across exec).
 MEASURED = (
-    "import atexit, os, resource, sys\n"
-    "atexit.register(lambda: open(os.environ['RSS_FILE'], 'w').write("
-    "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+    "import atexit, os, sys\n"
+    "def peak():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            return line.split()[1]\n"
+    "    return '0'\n"
+    "atexit.register(lambda: open(os.environ['RSS_FILE'], 'w').write(peak()))\n"
     "from autonat.cli.main import main\n"
     "main(sys.argv[1:])\n"
 )

@@ -48,6 +48,8 @@ CORES = [
     "sip/ice.py",
     "sip/rtp.py",
     "sip/probecall.py",
+    "aio/upnp_core.py",  # the UPnP client's decisions, for the asyncio and the blocking shell
+    "proto/record.py",
 ]
 IO_MODULES = {"asyncio", "socket", "selectors", "threading", "time", "sqlite3", "subprocess", "ssl"}
 

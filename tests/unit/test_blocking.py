@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from autonat.aio import natpmp as natpmp_client
 from autonat.aio.blocking import BlockingSession
 from autonat.aio.channel import DatagramChannel
 from autonat.aio.natpmp import NatPmpClient
@@ -128,6 +129,22 @@ async def test_port_unreachable_ends_at_once_blocking_and_asyncio() -> None:
     assert time.monotonic() - started < 0.5
     assert channel.drops["ICMP port unreachable"] >= 1
     channel.close()
+
+
+def test_port_unreachable_during_a_burst_of_two_ends_both_without_a_traceback() -> None:
+    """The probe burst (PCP ANNOUNCE + NAT-PMP address at once): the ICMP error of the first can surface on
+    the second's send, which must end both (it raised ValueError from min() of nothing before)."""
+    port = free_port()
+    with session(port, deadline=2.0) as blocking:
+        for _ in range(20):  # the ICMP error lands on whichever operation comes next: many tries
+            exchanges = [
+                (natpmp_client.external_address_exchange((LOOPBACK, port), time.monotonic(), 2.0), what)
+                for what in ("NAT-PMP", "NAT-PMP again")
+            ]
+            started = time.monotonic()
+            blocking._run(exchanges, grace=0.25)
+            assert time.monotonic() - started < 0.5
+            assert all(exchange.refused for exchange, _ in exchanges)
 
 
 async def test_an_unconnected_channel_still_waits_for_the_deadline_on_port_unreachable() -> None:

@@ -1,11 +1,12 @@
-"""NAT-PMP and PCP without an event loop: the same exchanges as the asyncio session, on a blocking socket.
+"""PCP, NAT-PMP and UPnP IGD without an event loop: the same exchanges as the asyncio session, blocking.
 
 For a one-shot script, or a program that has no event loop, this shell drives the sans-IO `Exchange`
 core with `socket.settimeout` instead of asyncio timers; the requests and the reading of the replies
-are the very functions the asyncio clients use (`autonat.aio.natpmp`, `autonat.aio.pcp`). Importing
-it loads neither asyncio nor the UPnP/HTTP/XML modules, and logging only when a hole is opened or
-closed, so `import autonat; autonat.external_address()` costs a few milliseconds above the bare
-interpreter (bench/peers.py has the figures). UPnP IGD needs the asyncio `RouterSession`.
+are the very functions the asyncio clients use (`autonat.aio.natpmp`, `autonat.aio.pcp`). UPnP IGD is
+`autonat.aio.blocking_upnp` (the same sans-IO core as the asyncio client), loaded only when a call
+needs it. Importing this module loads neither asyncio nor the UPnP/HTTP/XML modules, and logging only
+when a hole is opened or closed, so `import autonat; autonat.external_address()` costs a few
+milliseconds above the bare interpreter (bench/peers.py has the figures).
 
     with autonat.open_router() as router:
         mapping = router.add(MappingRequest(Transport.UDP, 5060, lifetime=3600))
@@ -17,7 +18,6 @@ service is known at once (ICMP port unreachable) and silence waits for the deadl
 
 from __future__ import annotations
 
-import functools
 import socket
 import sys
 import time
@@ -27,7 +27,7 @@ from autonat.aio import natpmp as natpmp_client
 from autonat.aio.route import RouterLocation, locate_router
 from autonat.aio.udp import MAX_DATAGRAM, open_socket
 from autonat.errors import ProtocolUnavailable, RouterRefused, RouterTimeout
-from autonat.mapper import HOLES_LOGGER, MAX_GRANTED_LIFETIME, Mapping, MappingRequest, check_max_lifetime
+from autonat.mapper import MAX_GRANTED_LIFETIME, Mapping, MappingRequest, check_max_lifetime, hole_logger
 from autonat.proto import natpmp
 from autonat.proto.exchange import DEFAULT_DEADLINE, Exchange
 
@@ -40,9 +40,10 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     from autonat.aio import pcp as pcp_client
+    from autonat.aio.blocking_upnp import BlockingUpnp
     from autonat.proto.types import Transport
 
-    BlockingChoice = Literal["auto", "pcp", "natpmp"]
+    BlockingChoice = Literal["auto", "pcp", "natpmp", "upnp"]
 PROBE_GRACE = 0.25  # as router.PROBE_GRACE: once one protocol answered, how long the other may take
 _TRACE_MODULE = "autonat.aio.trace"
 
@@ -83,6 +84,7 @@ class BlockingSession:
         self._address = natpmp_client.KnownAddress()
         self._nonces: pcp_client.Nonces | None = None
         self._selected: str | None = None
+        self._upnp: BlockingUpnp | None = None
 
     @classmethod
     def open(
@@ -101,8 +103,20 @@ class BlockingSession:
         return cls(location, sock, deadline, max_lifetime=max_lifetime)
 
     def close(self) -> None:
-        """Close the socket; idempotent."""
+        """Close the socket (and any HTTP connection a UPnP router kept open); idempotent."""
         self._sock.close()
+        if self._upnp is not None:
+            self._upnp.close()
+
+    @property
+    def upnp(self) -> BlockingUpnp:
+        """The UPnP IGD client (SSDP discovery on first use, within the deadline), made when first asked for."""
+        if self._upnp is None:
+            from autonat.aio.blocking_upnp import BlockingUpnp
+            from autonat.state import host_secret
+
+            self._upnp = BlockingUpnp(self.location, host_secret(), deadline=self.deadline)
+        return self._upnp
 
     def __enter__(self) -> BlockingSession:
         return self
@@ -127,11 +141,10 @@ class BlockingSession:
         cutoff: float | None = None
         while True:
             now = time.monotonic()
-            waiting = []
             for exchange, _ in exchanges:
                 self._send_due(exchange, now, trace, exchanges)
-                if not exchange.done:
-                    waiting.append(exchange)
+            # After all the sends: an ICMP port unreachable reported on a later send ends earlier ones too.
+            waiting = [exchange for exchange, _ in exchanges if not exchange.done]
             if grace is not None and cutoff is None and any(e.done and not e.failed for e, _ in exchanges):
                 cutoff = now + grace
             if not waiting or (cutoff is not None and now >= cutoff):
@@ -272,6 +285,14 @@ class BlockingSession:
             except (RouterTimeout, RouterRefused) as exc:
                 reasons.append(f"natpmp: {exc}")
         if self._selected is None:
+            # Neither answered on port 5351: UPnP IGD, the slower discovery, only now (RouterSession's
+            # burst asks all three at once; a blocking session asks in turn).
+            try:
+                self.upnp.discover()
+                self._selected = "upnp"
+            except (RouterTimeout, RouterRefused, ProtocolUnavailable) as exc:
+                reasons.append(f"upnp: {exc}")
+        if self._selected is None:
             raise ProtocolUnavailable(f"no port-mapping protocol works with {self._server[0]} ({'; '.join(reasons)})")
         return self._selected
 
@@ -285,8 +306,9 @@ class BlockingSession:
         return exchange.result
 
     def add(self, request: MappingRequest, protocol: BlockingChoice = "auto") -> Mapping:
-        """Map `request` through PCP or NAT-PMP ("auto": PCP if the gateway speaks it). Logs the hole
-        on the `autonat.holes` logger. Raises RouterRefused / RouterTimeout / ProtocolUnavailable."""
+        """Map `request` through PCP, NAT-PMP or UPnP IGD ("auto": PCP if the gateway speaks it, else
+        NAT-PMP, else UPnP). Logs the hole on the `autonat.holes` logger. Raises RouterRefused /
+        RouterTimeout / ProtocolUnavailable."""
         chosen = self._select() if protocol == "auto" else protocol
         local = self.location.local_address
         if chosen == "pcp":
@@ -300,9 +322,11 @@ class BlockingSession:
             mapping = pcp_client.mapping_from(reply, request, local, self._max_lifetime)
         elif chosen == "natpmp":
             mapping = self._natpmp_add(request, local)
+        elif chosen == "upnp":
+            return self.upnp.add(request)  # logs its hole itself
         else:
-            raise ValueError(f"protocol must be auto, pcp or natpmp here (UPnP needs RouterSession), not {protocol!r}")
-        holes = _holes()
+            raise ValueError(f"protocol must be auto, pcp, natpmp or upnp, not {protocol!r}")
+        holes = hole_logger()
         if holes is not None:
             holes.info("opened %s", mapping.describe())
         return mapping
@@ -360,31 +384,25 @@ class BlockingSession:
                 self.deadline,
             )
             natpmp_client.check(self._one(unmap, self._natpmp_what))
+        elif chosen == "upnp":
+            self.upnp.delete(transport, internal_port)  # logs its hole itself
+            return chosen
         else:
-            raise ValueError(f"protocol must be auto, pcp or natpmp here (UPnP needs RouterSession), not {protocol!r}")
-        holes = _holes()
+            raise ValueError(f"protocol must be auto, pcp, natpmp or upnp, not {protocol!r}")
+        holes = hole_logger()
         if holes is not None:
             holes.info("closed %s %s:%d via %s", transport, local, internal_port, chosen)
         return chosen
 
     def remove(self, mapping: Mapping) -> None:
-        """Delete a mapping `add` returned, through the protocol that made it."""
-        if mapping.protocol not in ("pcp", "natpmp"):
+        """Delete a mapping `add` returned, through the protocol that made it (UPnP: by its external
+        port, one call)."""
+        if mapping.protocol == "upnp":
+            self.upnp.remove(mapping)
+        elif mapping.protocol in ("pcp", "natpmp"):
+            self.delete(mapping.transport, mapping.internal_port, "pcp" if mapping.protocol == "pcp" else "natpmp")
+        else:
             raise ValueError(f"not a mapping made by a BlockingSession: protocol {mapping.protocol!r}")
-        self.delete(mapping.transport, mapping.internal_port, "pcp" if mapping.protocol == "pcp" else "natpmp")
-
-
-@functools.cache
-def _holes_logger() -> Any:
-    import logging  # on the first hole opened or closed: the cold path stays without it
-
-    return logging.getLogger(HOLES_LOGGER)
-
-
-def _holes() -> Any:
-    """The `autonat.holes` logger when it logs INFO, else None (then the line is not even formatted)."""
-    logger = _holes_logger()
-    return logger if logger.isEnabledFor(20) else None  # 20: logging.INFO
 
 
 def external_address(
@@ -402,5 +420,6 @@ def open_router(
     *,
     max_lifetime: int = MAX_GRANTED_LIFETIME,
 ) -> BlockingSession:
-    """A `BlockingSession` with the router (a context manager): PCP and NAT-PMP without an event loop."""
+    """A `BlockingSession` with the router (a context manager): PCP, NAT-PMP and UPnP IGD without an event
+    loop."""
     return BlockingSession.open(gateway, interface, timeout, max_lifetime=max_lifetime)

@@ -1,20 +1,10 @@
-"""UPnP IGD v1/v2 client: discovery, inspection and the AddPortMapping error matrix.
+"""UPnP IGD v1/v2 client on asyncio: discovery, inspection and port mappings.
 
-The wire formats live in `autonat.proto.ssdp` and `autonat.proto.igd`; this module decides what to do
-with what the router says. Router-facing rules, each from a quirk seen in the field; docs/QUIRKS.md
-names the routers and the sources (IDs in brackets):
-
-- InternalClient is always our own address (the one the router sees us as); never another host
-  (miniupnpd's secure_mode refuses any other, [U11]).
-- Leases are finite. A router that insists on permanent mappings (725 from MikroTik RouterOS, Netgear
-  R7000P, ZyXEL VMG1312 [U1]; 402 on a finite lease from ARRIS NVG578LX [U2]) gets one only after its
-  external address checked out as public, and the mapping reports lease 0 so the caller knows it must
-  delete it itself.
-- Conflicts (718/729 [U5], and 501 once, which miniupnpd built with CHECK_PORTINUSE sends for a port in
-  use on the router itself [U4]) move to the next port of a sequence derived from the host secret, so a
-  restart asks for the same ports in the same order.
-- 725 to a permanent lease as well is final at once (no router named yet: docs/QUIRKS.md G11); asking
-  again could only loop.
+The wire formats live in `autonat.proto.ssdp` and `autonat.proto.igd`; what to do with what the router
+says (the best IGD, the AddPortMapping error matrix and its router quirks, the one-call delete) lives in
+`autonat.aio.upnp_core`, sans-IO, shared with the blocking client (`autonat.aio.blocking_upnp`). This
+module moves the bytes: SSDP through aio/ssdp.py, HTTP through aio/http.py, several requests at once
+where they are independent.
 
 Every UPnP error code the router answers, handled or final, is counted in `UpnpClient.router_codes`
 (the metrics' `autonat_router_errors_total`, and `autonat doctor`, read it).
@@ -27,175 +17,80 @@ import contextlib
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Generator
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import Any, TypeVar
 
-from autonat.addresses import is_public
 from autonat.aio import http
 from autonat.aio.route import RouterLocation
 from autonat.aio.ssdp import Found, Refused, Unreachable, search
-from autonat.errors import NotPublic, ProtocolUnavailable, RouterRefused, RouterTimeout, RouterUnreachable
+from autonat.aio.upnp_core import (
+    COLLECT_WINDOW,
+    FAILED_WINDOW,
+    INSPECTING,
+    MAX_ATTEMPTS,
+    MAX_CODES,
+    MAX_LISTED,
+    MAX_REMEMBERED,
+    NAME,
+    PERMANENT_FALLBACK_LEASE,
+    REFUSED,
+    SHOWN_REASONS,
+    UNFINISHED,
+    UNREACHABLE_GRACE,
+    USABLE,
+    Call,
+    Candidate,
+    Discovery,
+    Fetch,
+    Igd,
+    Mappings,
+    Offer,
+    RefusedOffer,
+    Soap,
+    alternative_ports,
+    firewall_text,
+    inspect,
+    reasons,
+    refusal,
+    soap_outputs,
+)
+from autonat.aio.upnp_core import FAILED_OUTCOME as FAILED
+from autonat.errors import ProtocolUnavailable, RouterRefused, RouterTimeout
 from autonat.mapper import Mapping, MappingRequest, ProtocolStatus
 from autonat.proto import igd, pinhole, ssdp
 from autonat.proto.errors import DecodeError
 from autonat.proto.types import Transport
-from autonat.state import derive_nonce
 
-NAME = "upnp"
-PERMANENT_FALLBACK_LEASE = 604800  # IGD:2 §2.3.13: what a "permanent" lease means there
-MAX_ATTEMPTS = 8  # distinct external ports tried on conflicts before giving up
-MAX_LISTED = 4096  # GetGenericPortMappingEntry walk bound, whatever the router claims
-COLLECT_WINDOW = 0.15  # after the first usable IGD, how long other (better ranked) ones may answer
-FAILED_WINDOW = 0.5  # after the first unusable IGD, how long another one may still turn up
-# After the gateway's ICMP port unreachable for the unicast search: a stack bound to the multicast group
-# only (not to the unicast address) refuses the unicast search but answers the multicast one, sent in the
-# same burst, within milliseconds; this grace lets that answer in and still fails fast.
-UNREACHABLE_GRACE = 0.05
-SHOWN_REASONS = 3  # candidates named in the one-line error; `probe --json` lists them all
-MAX_REMEMBERED = 4096  # mappings made by one client remembered for a one-call delete
-MAX_CODES = 32  # distinct error codes counted per client: a router picks its own, the count stays bounded
-
-# What became of a discovery candidate.
-INSPECTING, USABLE, FAILED, REFUSED, UNFINISHED = "inspecting", "usable", "failed", "refused", "unfinished"
-
-
-@dataclass(slots=True)
-class Candidate:
-    """One IGD candidate of a discovery and what became of it, so that a discovery that found
-    nothing usable can say why: a refused LOCATION, an oversized or malformed reply, a hang, a drip.
-    `trace` collects the HTTP exchanges made for it, to tell where an unfinished one stalled."""
-
-    location: str
-    responder: str
-    started: float
-    outcome: str = INSPECTING
-    reason: str = ""
-    trace: list[http.Progress] = field(default_factory=list)
-
-    def settle(self, outcome: str, reason: str) -> None:
-        self.outcome, self.reason = outcome, reason
-
-    def unfinished(self, now: float) -> None:
-        """Cut off by the deadline (or the window after another candidate settled)."""
-        if self.outcome != INSPECTING:
-            return
-        stalled = next((p for p in self.trace if p.phase not in (http.DONE, http.FAILED)), None)
-        where = self.location if stalled is None else f"{stalled.url}: {stalled.stalled()}"
-        self.settle(UNFINISHED, f"{where}, unfinished after {now - self.started:.1f} s")
-
-    def line(self) -> str:
-        if self.outcome == REFUSED:
-            return f"{self.responder} offered LOCATION {self.location}, refused: {self.reason}"
-        return self.reason if self.location in self.reason else f"{self.location}: {self.reason}"
-
-    def to_dict(self) -> dict[str, str]:
-        return {"location": self.location, "responder": self.responder, "outcome": self.outcome, "reason": self.reason}
-
-
-def _reasons(candidates: list[Candidate]) -> str:
-    """` (first reason; second; and N more)` for the one-line error, or nothing."""
-    failed = [candidate.line() for candidate in candidates if candidate.outcome != USABLE]
-    if not failed:
-        return ""
-    more = f"; and {len(failed) - SHOWN_REASONS} more" if len(failed) > SHOWN_REASONS else ""
-    return f" ({'; '.join(failed[:SHOWN_REASONS])}{more})"
-
-
-@dataclass(frozen=True, slots=True)
-class Igd:
-    """A usable Internet Gateway Device: its description, chosen connection service and state."""
-
-    root_url: str
-    responder: str
-    description: igd.DeviceDescription
-    service: igd.Service
-    actions: frozenset[str]
-    external_ip: IPv4Address | None
-    status: igd.StatusInfo | None
-    # Better-ranked connection services passed over because they were not connected (docs/QUIRKS.md U12):
-    # (service type, its connection status).
-    skipped: tuple[tuple[str, str], ...] = ()
-    # An IPv6 firewall control service (`service` is WANIPv6FirewallControl): its GetFirewallStatus,
-    # None when that was not answered; `pinholes` True for such an IGD.
-    firewall: pinhole.FirewallStatus | None = None
-    pinholes: bool = False
-
-    @property
-    def connected(self) -> bool:
-        # Only "Connected": Tailscale also takes "Up" (no router named; docs/QUIRKS.md, not handled yet).
-        return self.status is None or self.status.connection_status.lower() == "connected"
-
-    @property
-    def pinholes_allowed(self) -> bool:
-        """The firewall lets us open pinholes (unknown counts as yes: AddPinhole will tell)."""
-        return self.firewall is None or self.firewall.inbound_pinhole_allowed
-
-    def rank(self, gateway: str) -> tuple[int, int]:
-        """Lower is better: connected with a public address, then connected, then the rest;
-        ties go to the device on the default gateway. For pinholes: a firewall that allows them first."""
-        if self.pinholes:
-            quality = 0 if self.pinholes_allowed else 2
-        elif self.connected and self.external_ip is not None and is_public(self.external_ip):
-            quality = 0
-        elif self.connected:
-            quality = 1
-        else:
-            quality = 2
-        return quality, 0 if self.responder == gateway else 1
-
-    def summary(self) -> str:
-        if self.pinholes:
-            return f"{self.service.service_type}, {_firewall_text(self.firewall)}"
-        state = "connection status unknown" if self.status is None else self.status.connection_status
-        return f"{self.service.service_type}, {state}, external address {self.external_ip or 'unknown'}"
-
-    def details(self) -> dict[str, Any]:
-        root = self.description.root
-        return {
-            "root_url": self.root_url,
-            "friendly_name": root.friendly_name,
-            "manufacturer": root.manufacturer,
-            "model_name": root.model_name,
-            "model_number": root.model_number,
-            "service_type": self.service.service_type,
-            "control_url": self.service.control_url,
-            "connection_status": None if self.status is None else self.status.connection_status,
-            "skipped_services": [{"service_type": kind, "connection_status": state} for kind, state in self.skipped],
-            **(
-                {
-                    "firewall_enabled": None if self.firewall is None else self.firewall.enabled,
-                    "inbound_pinhole_allowed": None if self.firewall is None else self.firewall.inbound_pinhole_allowed,
-                }
-                if self.pinholes
-                else {}
-            ),
-        }
-
-
-def _firewall_text(status: pinhole.FirewallStatus | None) -> str:
-    if status is None:
-        return "firewall status unknown"
-    if not status.enabled:
-        return "firewall off"
-    return "firewall on, " + ("inbound pinholes allowed" if status.inbound_pinhole_allowed else "NO inbound pinholes")
-
-
-def alternative_ports(secret: bytes, transport: Transport, internal_port: int) -> Iterator[int]:
-    """Where to go on a conflict: the same sequence after a restart, different per mapping and host.
-    Lazy: a keyed hash per port, computed only when a conflict asks for one."""
-    seen: set[int] = {internal_port}
-    for attempt in range(1, MAX_ATTEMPTS * 4):
-        digest = derive_nonce(secret, "upnp-port", transport, internal_port, attempt, size=4)
-        port = 1024 + int.from_bytes(digest, "big") % (65536 - 1024)
-        if port not in seen:
-            seen.add(port)
-            yield port
-
-
-def _refusal(error: igd.UpnpError, what: str) -> RouterRefused:
-    return RouterRefused(f"router refused {what}: {error}", protocol=NAME, code=error.code)
+# The decisions moved to aio/upnp_core.py; their names stay importable from here.
+__all__ = [
+    "COLLECT_WINDOW",
+    "FAILED",
+    "FAILED_WINDOW",
+    "INSPECTING",
+    "MAX_ATTEMPTS",
+    "MAX_CODES",
+    "MAX_LISTED",
+    "MAX_REMEMBERED",
+    "NAME",
+    "PERMANENT_FALLBACK_LEASE",
+    "REFUSED",
+    "SHOWN_REASONS",
+    "UNFINISHED",
+    "UNREACHABLE_GRACE",
+    "USABLE",
+    "Candidate",
+    "IgdClient",
+    "Igd",
+    "SourceBound",
+    "UpnpClient",
+    "UpnpPinholeClient",
+    "alternative_ports",
+]
+_firewall_text = firewall_text
+_refusal = refusal
+_reasons = reasons
+T = TypeVar("T")
 
 
 class IgdClient:
@@ -259,16 +154,44 @@ class IgdClient:
             trace=trace,
             connections=self._connections,
         )
+        return soap_outputs(self._parse_response, reply.body, request, reply.status, self.router_codes)
+
+    async def _run(self, service: igd.Service, steps: Soap[T]) -> T:
+        """Drive a sans-IO mapping operation (aio/upnp_core.py `Mappings`): each SOAP request it yields
+        goes to `service`; its outputs go back, or the error the call ended in is thrown in."""
         try:
-            return self._parse_response(reply.body, request, reply.status)
-        except igd.UpnpError as error:
-            if error.code in self.router_codes or len(self.router_codes) < MAX_CODES:
-                self.router_codes[error.code] += 1
-            raise
-        except DecodeError as exc:
-            raise RouterRefused(
-                f"router's {request.action} reply is malformed: {exc.reason}", protocol=NAME, code=reply.status
-            ) from None
+            request = next(steps)
+            while True:
+                try:
+                    outputs = await self.soap(service, request)
+                except (igd.UpnpError, RouterRefused, RouterTimeout, DecodeError) as exc:
+                    request = steps.throw(exc)
+                else:
+                    request = steps.send(outputs)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+
+    async def _step(self, step: Fetch | Call, trace: list[http.Progress]) -> Any:
+        try:
+            if isinstance(step, Fetch):
+                return await self._fetch(step.url, step.limit, trace)
+            return await self.soap(step.service, step.request, trace=trace)
+        except (igd.UpnpError, RouterRefused, RouterTimeout, DecodeError) as exc:
+            return exc
+
+    async def _inspect_steps(
+        self, steps: Generator[tuple[Fetch | Call, ...], tuple[Any, ...], Igd], trace: list[http.Progress]
+    ) -> Igd:
+        """Drive a sans-IO inspection (aio/upnp_core.py `inspect`): each batch it yields at once."""
+        try:
+            batch = next(steps)
+            while True:
+                results = await asyncio.gather(*(self._step(step, trace) for step in batch))
+                batch = steps.send(tuple(results))
+        except StopIteration as stop:
+            found: Igd = stop.value
+            return found
 
     async def discover(self) -> Igd:
         """The best IGD: `root_url` if given, else SSDP, returning once the best one is certain.
@@ -316,19 +239,16 @@ class IgdClient:
         return igd_found
 
     async def _search(self) -> Igd:
-        gateway = str(self._location.gateway)
-        usable: list[Igd] = []
-        inspections: dict[asyncio.Future[Igd], Candidate] = {}
         loop = asyncio.get_running_loop()
-        end = loop.time() + self._deadline
-        window_end = end  # the deadline, or sooner once a candidate settled (see the windows above)
-        unreachable = False
+        discovery = Discovery(str(self._location.gateway), loop.time(), self._deadline)
+        self.candidates = discovery.candidates
+        inspections: dict[asyncio.Future[Igd], Candidate] = {}
         async with search(self._location) as searching:
             next_found: asyncio.Future[Found | Refused | Unreachable] = asyncio.ensure_future(searching.found.get())
             try:
-                while True:
+                while discovery.best is None:
                     waiting: set[asyncio.Future[Any]] = {next_found, *inspections}
-                    timeout = max(0.0, window_end - loop.time())
+                    timeout = max(0.0, discovery.window_end - loop.time())
                     done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                     if not done:
                         break  # the collection window closed, or the deadline came
@@ -337,54 +257,33 @@ class IgdClient:
                             offered = next_found.result()
                             next_found = asyncio.ensure_future(searching.found.get())
                             if isinstance(offered, Unreachable):
-                                # The gateway says no SSDP server listens (aio/ssdp.py): end now,
-                                # unless a candidate is being inspected already.
-                                unreachable = True
-                                grace = FAILED_WINDOW if inspections else UNREACHABLE_GRACE
-                                window_end = min(window_end, loop.time() + grace)
-                                continue
-                            if isinstance(offered, Refused):
-                                self.candidates.append(
-                                    Candidate(
-                                        offered.location, str(offered.responder), loop.time(), REFUSED, offered.reason
-                                    )
+                                # The gateway says no SSDP server listens (aio/ssdp.py): end soon.
+                                discovery.gateway_unreachable(loop.time())
+                            elif isinstance(offered, Refused):
+                                discovery.refused(
+                                    RefusedOffer(offered.location, offered.responder, offered.reason), loop.time()
                                 )
-                                window_end = min(window_end, loop.time() + FAILED_WINDOW)
-                                continue
-                            candidate = Candidate(offered.location.url, str(offered.responder), loop.time())
-                            self.candidates.append(candidate)
-                            inspections[asyncio.ensure_future(self._inspect(offered, candidate.trace))] = candidate
+                            else:
+                                candidate = discovery.offered(
+                                    Offer(offered.location, offered.responder, offered.search_target, offered.server),
+                                    loop.time(),
+                                )
+                                inspections[asyncio.ensure_future(self._inspect(offered, candidate.trace))] = candidate
                             continue
                         candidate = inspections.pop(task)
                         try:
                             found: Igd = task.result()
                         except (RouterRefused, RouterTimeout, ProtocolUnavailable) as exc:
-                            # A broken IGD need not cost the whole deadline: others get a window.
-                            candidate.settle(FAILED, str(exc))
-                            window_end = min(window_end, loop.time() + FAILED_WINDOW)
+                            discovery.failed(candidate, exc, loop.time())
                             continue
-                        candidate.settle(USABLE, found.summary())
-                        if found.rank(gateway) == (0, 0):
-                            return found  # cannot be beaten: stop at once
-                        usable.append(found)
-                        window_end = min(window_end, loop.time() + COLLECT_WINDOW)
+                        if discovery.found(candidate, found, loop.time()):
+                            break  # cannot be beaten: stop at once
             finally:
                 next_found.cancel()
-                now = loop.time()
-                for task, candidate in inspections.items():
+                for task in inspections:
                     task.cancel()
-                    candidate.unfinished(now)
                 self.drops = dict(searching.drops)
-        if usable:
-            return min(usable, key=lambda candidate: candidate.rank(gateway))
-        reasons = _reasons(self.candidates)
-        if unreachable and not self.candidates:
-            raise RouterUnreachable(
-                f"UPnP: the gateway {gateway} answered SSDP with ICMP port unreachable: no IGD listens there"
-            )
-        if loop.time() >= end:
-            raise RouterTimeout(f"no usable IGD answered SSDP within {self._deadline:g} s{reasons}")
-        raise ProtocolUnavailable(f"no usable IGD answered SSDP{reasons}")
+        return discovery.result(loop.time())
 
     async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
         """The IGD behind `found`, usable for this client (its description, service and state), or
@@ -419,7 +318,8 @@ class IgdClient:
 
 
 class UpnpClient(IgdClient):
-    """Implements `PortMapper` with UPnP IGD (WANIPConnection / WANPPPConnection)."""
+    """Implements `PortMapper` with UPnP IGD (WANIPConnection / WANPPPConnection). The decisions are
+    aio/upnp_core.py's (`inspect`, `Mappings`); this drives them over asyncio."""
 
     def __init__(
         self,
@@ -430,51 +330,18 @@ class UpnpClient(IgdClient):
         root_url: str | None = None,
     ) -> None:
         super().__init__(location, secret, deadline=deadline, root_url=root_url)
-        self.tag = derive_nonce(secret, "upnp-tag", size=4).hex()
-        # Mappings this client made: (transport, internal port) -> (external port, lease end or None),
-        # so that deleting one takes one DeletePortMapping instead of a lookup first.
-        self._made: dict[tuple[Transport, int], tuple[int, float | None]] = {}
-        self._external_ip_request: igd.SoapRequest | None = None
+        self._mappings = Mappings(secret, location.local_address)
+        self.tag = self._mappings.tag
+
+    @property
+    def _made(self) -> dict[tuple[Transport, int], tuple[int, float | None]]:
+        """Mappings this client made: (transport, internal port) -> (external port, lease end or None)."""
+        return self._mappings.made
 
     async def _inspect(self, found: Found, trace: list[http.Progress]) -> Igd:
-        """Description -> connection services (best first) -> the first connected one, with its SCPD.
-        (An IGD may list several WAN services, not all connected: docs/QUIRKS.md U12.)"""
-        description = await self._description(found, trace)
-        services = description.connection_services()
-        if not services:
-            raise ProtocolUnavailable(f"{found.location.url} describes no WAN connection service")
-        best: Igd | None = None
-        skipped: list[tuple[str, str]] = []
-        for service in services:
-            candidate = await self._inspect_service(found, description, service, trace)
-            if candidate.connected:
-                return replace(candidate, skipped=tuple(skipped))
-            best = best or candidate
-            state = "unknown" if candidate.status is None else candidate.status.connection_status
-            skipped.append((service.service_type, state))
-        assert best is not None
-        return best
-
-    async def _inspect_service(
-        self, found: Found, description: igd.DeviceDescription, service: igd.Service, trace: list[http.Progress]
-    ) -> Igd:
-        async def status() -> igd.StatusInfo | None:
-            try:
-                return igd.status_info_from(
-                    await self.soap(service, igd.get_status_info(service.service_type), trace=trace)
-                )
-            except (igd.UpnpError, DecodeError, RouterRefused):
-                return None
-
-        async def external() -> IPv4Address | None:
-            try:
-                outputs = await self.soap(service, igd.get_external_ip_address(service.service_type), trace=trace)
-                return igd.external_ip_from(outputs)
-            except (igd.UpnpError, DecodeError):
-                return None
-
-        supported, state, address = await asyncio.gather(self._actions(service, trace), status(), external())
-        return Igd(found.location.url, str(found.responder), description, service, supported, address, state)
+        """Description -> connection services (best first) -> the first connected one, with its SCPD
+        (aio/upnp_core.py `inspect`; its SCPD, status and address asked at once)."""
+        return await self._inspect_steps(inspect(found.location.url, str(found.responder)), trace)
 
     async def probe(self) -> ProtocolStatus:
         started = time.perf_counter()
@@ -507,149 +374,32 @@ class UpnpClient(IgdClient):
 
     def description_for(self, transport: Transport, internal_port: int) -> str:
         """Carries our instance tag so our own mappings are recognised in the router's table."""
-        return f"autonat:{self.tag} {internal_port}/{transport}"
-
-    def _require_public(self, found: Igd, why: str) -> None:
-        if found.external_ip is None or not is_public(found.external_ip):
-            raise NotPublic(
-                f"router {why}, and its external address {found.external_ip or 'is unknown'}"
-                " is not public: refusing to leave a permanent mapping for nothing"
-            )
+        return self._mappings.description_for(transport, internal_port)
 
     async def add(self, request: MappingRequest) -> Mapping:
         found = await self.discover()
-        service, st = found.service, found.service.service_type
-        lease = request.lifetime
-        external = request.external_port or request.internal_port
-        alternatives = alternative_ports(self._secret, request.transport, request.internal_port)
-        used_any = conflict_501 = same_port = False
-        for _ in range(MAX_ATTEMPTS * 2):
-            arguments: dict[str, Any] = {
-                "external_port": external,
-                "transport": request.transport,
-                "internal_port": request.internal_port,
-                "internal_client": str(self._location.local_address),
-                "description": self.description_for(request.transport, request.internal_port),
-                "lease": lease,
-            }
-            try:
-                if used_any:
-                    external = igd.reserved_port_from(
-                        await self.soap(service, igd.add_port_mapping(st, any_port=True, **arguments))
-                    )
-                else:
-                    await self.soap(service, igd.add_port_mapping(st, **arguments))
-            except igd.UpnpError as error:
-                code = error.code
-                if code == 402 and lease != 0:  # ARRIS NVG578LX: 402 where 725 is meant (docs/QUIRKS.md U2)
-                    self._require_public(found, "rejects finite leases (UPnP error 402)")
-                    lease = 0
-                elif code == 402:  # a router that caps leases at a week refuses 0 too (docs/QUIRKS.md U3)
-                    lease = PERMANENT_FALLBACK_LEASE
-                elif code == 725 and lease == 0:
-                    # 725 to a permanent lease too: nothing left to ask (no router named: docs/QUIRKS.md G11).
-                    raise RouterRefused(
-                        f"router answers {error} even to a permanent lease: UPnP mappings are impossible here",
-                        protocol=NAME,
-                        code=code,
-                    ) from None
-                elif code == 725:  # MikroTik RouterOS, Netgear R7000P, ZyXEL VMG1312 (docs/QUIRKS.md U1)
-                    self._require_public(found, "only supports permanent leases (UPnP error 725)")
-                    lease = 0
-                # 501 once: miniupnpd with CHECK_PORTINUSE, port in use on the router (docs/QUIRKS.md U4)
-                elif code in (718, 729) or (code == 501 and not conflict_501):
-                    conflict_501 = conflict_501 or code == 501
-                    if "AddAnyPortMapping" in found.actions and not used_any:
-                        used_any = True
-                    else:
-                        external = next(alternatives)
-                elif code == 724 and not same_port:
-                    same_port, external = True, request.internal_port
-                elif code in (716, 727):
-                    raise RouterRefused(
-                        f"router only maps wildcard external ports ({error}): a fixed port is impossible via UPnP",
-                        protocol=NAME,
-                        code=code,
-                    ) from None
-                elif code == 606:
-                    raise RouterRefused(
-                        f"router's policy forbids this mapping ({error}); check its UPnP permission rules",
-                        protocol=NAME,
-                        code=code,
-                    ) from None
-                elif code == 728:
-                    raise RouterRefused(
-                        f"router's mapping table is full ({error}); try again later", protocol=NAME, code=code
-                    ) from None
-                else:
-                    raise _refusal(error, f"AddPortMapping {request.transport} {external}") from None
-                continue
-            if len(self._made) < MAX_REMEMBERED:
-                self._made[(request.transport, request.internal_port)] = (
-                    external,
-                    None if lease == 0 else time.monotonic() + lease,
-                )
-            return Mapping(
-                protocol=NAME,
-                transport=request.transport,
-                internal_address=self._location.local_address,
-                internal_port=request.internal_port,
-                external_ip=found.external_ip,
-                external_port=external,
-                lifetime=lease,
-            )
-        raise RouterRefused(
-            f"router refused every external port tried for {request.transport} {request.internal_port}",
-            protocol=NAME,
-            code=718,
-        )
+        return await self._run(found.service, self._mappings.add(found, request, time.monotonic()))
 
     async def delete_external(self, transport: Transport, external_port: int) -> None:
         """DeletePortMapping; 714 (no such entry, miniupnpd's answer: docs/QUIRKS.md U10) means it is
         already gone, which is success."""
         found = await self.discover()
-        request = igd.delete_port_mapping(found.service.service_type, external_port=external_port, transport=transport)
-        for key, (made_port, _) in list(self._made.items()):
-            if key[0] == transport and made_port == external_port:
-                del self._made[key]
-        try:
-            await self.soap(found.service, request)
-        except igd.UpnpError as error:
-            if error.code not in (714, 730):
-                raise _refusal(error, f"DeletePortMapping {transport} {external_port}") from None
+        await self._run(found.service, self._mappings.delete_external(found, transport, external_port))
 
     async def entry(self, transport: Transport, external_port: int) -> igd.PortMappingEntry | None:
         """GetSpecificPortMappingEntry: the router's view of one mapping; None when it has none (714)."""
         found = await self.discover()
-        request = igd.get_specific_port_mapping_entry(
-            found.service.service_type, external_port=external_port, transport=transport
-        )
-        try:
-            outputs = await self.soap(found.service, request)
-        except igd.UpnpError as error:
-            if error.code in (714, 730):
-                return None
-            raise _refusal(error, f"GetSpecificPortMappingEntry {transport} {external_port}") from None
-        try:
-            return igd.specific_entry_from(outputs, external_port, transport)
-        except DecodeError as exc:
-            raise RouterRefused(f"router's mapping entry is malformed: {exc.reason}", protocol=NAME, code=0) from None
+        return await self._run(found.service, self._mappings.entry(found, transport, external_port))
 
     async def external_ip(self) -> IPv4Address | None:
         """GetExternalIPAddress on the chosen service, asked again (not the discovery-time answer)."""
         found = await self.discover()
-        request = self._external_ip_request
-        if request is None or request.service_type != found.service.service_type:
-            request = self._external_ip_request = igd.get_external_ip_address(found.service.service_type)
+        request = self._mappings.external_ip_request(found)
         try:
             outputs = await self.soap(found.service, request)
-            return igd.external_ip_from(outputs)
         except igd.UpnpError as error:
-            raise _refusal(error, "GetExternalIPAddress") from None
-        except DecodeError as exc:
-            raise RouterRefused(
-                f"router's external address is malformed: {exc.reason}", protocol=NAME, code=0
-            ) from None
+            raise refusal(error, "GetExternalIPAddress") from None
+        return Mappings.read_external_ip(outputs)
 
     async def delete(self, transport: Transport, internal_port: int) -> None:
         """Delete every mapping of ours (InternalClient = us) for `internal_port`.
@@ -657,60 +407,13 @@ class UpnpClient(IgdClient):
         A mapping this client made, whose lease has not run out, is deleted by its external port in
         one call; otherwise the router's table is looked up first (another process made it, or it may
         have expired and the external port been given to another host since)."""
-        made = self._made.get((transport, internal_port))
-        if made is not None and (made[1] is None or time.monotonic() < made[1]):
-            await self.delete_external(transport, made[0])
-            return
         found = await self.discover()
-        mine = str(self._location.local_address)
-        with contextlib.suppress(igd.UpnpError, RouterRefused):
-            entry = igd.specific_entry_from(
-                await self.soap(
-                    found.service,
-                    igd.get_specific_port_mapping_entry(
-                        found.service.service_type, external_port=internal_port, transport=transport
-                    ),
-                ),
-                internal_port,
-                transport,
-            )
-            if entry.internal_client == mine and entry.internal_port == internal_port:
-                await self.delete_external(transport, internal_port)
-                return
-        for entry in await self.list_mappings():
-            if entry.transport == transport and entry.internal_client == mine and entry.internal_port == internal_port:
-                await self.delete_external(transport, entry.external_port)
-
-    async def _listing(self, service: igd.Service, transport: Transport) -> list[igd.PortMappingEntry]:
-        request = igd.get_list_of_port_mappings(service.service_type, transport=transport, count=MAX_LISTED)
-        try:
-            return igd.port_listing_from(await self.soap(service, request))
-        except igd.UpnpError as error:
-            if error.code in (714, 730):  # an empty table for this transport
-                return []
-            raise
+        await self._run(found.service, self._mappings.delete(found, transport, internal_port, time.monotonic()))
 
     async def list_mappings(self) -> list[igd.PortMappingEntry]:
         """The router's whole table, ours or not (like `upnpc -l`)."""
         found = await self.discover()
-        st = found.service.service_type
-        if "GetListOfPortMappings" in found.actions:
-            with contextlib.suppress(DecodeError, igd.UpnpError):  # else walk the table one by one
-                entries: list[igd.PortMappingEntry] = []
-                for transport in Transport:
-                    entries += await self._listing(found.service, transport)
-                return sorted(entries, key=lambda e: (e.external_port, e.transport))
-        walked: list[igd.PortMappingEntry] = []
-        for index in range(MAX_LISTED):
-            try:
-                outputs = await self.soap(found.service, igd.get_generic_port_mapping_entry(st, index))
-            except igd.UpnpError:
-                break  # miniupnpd: 713 past the end (docs/QUIRKS.md U9); any other fault ends it too
-            try:
-                walked.append(igd.generic_entry_from(outputs))
-            except DecodeError:
-                continue
-        return walked
+        return await self._run(found.service, self._mappings.list_mappings(found))
 
 
 # --- IPv6 firewall pinholes (IGD:2 WANIPv6FirewallControl:1) ----------------------------------------------

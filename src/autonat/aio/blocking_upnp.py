@@ -1,0 +1,459 @@
+"""UPnP IGD without an event loop: discovery and port mappings on blocking sockets.
+
+The decisions are the asyncio client's own, sans-IO in `autonat.aio.upnp_core` (the best IGD and every
+candidate's fate, the AddPortMapping error matrix with its router quirks, the one-call delete of a mapping
+this client made); HTTP is `autonat.aio.blocking_http` (the caps and the one deadline of aio/http.py). This
+shell only moves bytes: an SSDP M-SEARCH (UPnP DA 1.1 §1.3.2) on a blocking UDP socket, sent unicast to
+the gateway and to the multicast group at once, each LOCATION inspected as it arrives (one request after
+the other where the asyncio client asks three at once), and one SOAP request (§3.2) per call, built once
+where it never changes. A given root URL (`root_url`) skips SSDP.
+
+Importing it loads neither asyncio nor logging (logging only when a hole is opened or closed), so a
+one-shot script pays for the interpreter, httptools and the XML parser, and a warm request costs about
+what the exchange costs.
+
+    with BlockingUpnp(locate_router(), host_secret(), deadline=2.0) as upnp:
+        mapping = upnp.add(MappingRequest(Transport.UDP, 5060, lifetime=3600))
+        upnp.remove(mapping)
+
+A stopped UPnP daemon is known at once: the unicast search draws an ICMP port unreachable (read from the
+socket's error queue, Linux IP_RECVERR), a refused or reset TCP connection is a one-line RouterRefused;
+silence waits for the deadline (RouterTimeout).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import sys
+import time
+from collections import Counter
+from ipaddress import IPv4Address, IPv6Address
+
+from autonat.aio import blocking_http
+from autonat.aio.route import RouterLocation, source_address
+from autonat.aio.upnp_core import FAILED_OUTCOME as FAILED
+from autonat.aio.upnp_core import (
+    NAME,
+    UNFINISHED,
+    USABLE,
+    Call,
+    Candidate,
+    Discovery,
+    Fetch,
+    Igd,
+    Inspection,
+    Mappings,
+    Offer,
+    Offers,
+    RefusedOffer,
+    Soap,
+    inspect,
+    refusal,
+    soap_outputs,
+)
+from autonat.errors import ProtocolUnavailable, RouterRefused, RouterTimeout
+from autonat.mapper import Mapping, MappingRequest, hole_logger
+from autonat.proto import igd, ssdp
+from autonat.proto.errors import DecodeError
+from autonat.proto.httpwire import HttpTimeout, Progress
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Any, TypeVar
+
+    from autonat.proto.types import Transport
+
+    T = TypeVar("T")
+
+# As aio/ssdp.py: when to (re)send the search burst, in seconds from the start; unicast replies come back
+# in ~1 ms. The same values, not imported: that module loads asyncio.
+SEARCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)
+MULTICAST_TTL = 2  # one router hop beyond us is plenty; never flood further (UPnP DA §1.1.2 suggests 2)
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # <linux/in.h>; Python has the name only from 3.12
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)  # <linux/in6.h>
+MAX_PREPARED = 16  # SOAP requests kept serialized (argument-free ones: GetExternalIPAddress, GetStatusInfo)
+_TRACE_MODULE = "autonat.aio.trace"
+_ERRORS = (igd.UpnpError, RouterRefused, RouterTimeout, DecodeError)
+
+
+def _wiretrace() -> Any:
+    """The wire trace when it is on, else None; looked up, never imported (it loads logging)."""
+    module = sys.modules.get(_TRACE_MODULE)
+    return module if module is not None and module.ON else None
+
+
+class _Cut(Exception):
+    """The discovery's time ran out while a candidate was being inspected."""
+
+
+class BlockingUpnp:
+    """A UPnP IGD client (WANIPConnection / WANPPPConnection) for one gateway, without an event loop.
+
+    `deadline` bounds each request (connect, send and every read) and the discovery in all. Errors are
+    one line: RouterRefused (with the UPnP error code), RouterTimeout, RouterUnreachable,
+    ProtocolUnavailable, NotPublic. Use it as a context manager (or call `close`), which closes any HTTP
+    connection the router kept open; mappings stay on the router until deleted or expired.
+    """
+
+    name = NAME
+
+    def __init__(
+        self, location: RouterLocation, secret: bytes, *, deadline: float, root_url: str | None = None
+    ) -> None:
+        self.location = location
+        self.deadline = deadline
+        self._root_url = root_url
+        self._igd: Igd | None = None
+        self._mappings = Mappings(secret, location.local_address)
+        self._connections = blocking_http.Connections()
+        self._prepared: dict[tuple[str, igd.SoapRequest], blocking_http.Prepared] = {}
+        self.candidates: list[Candidate] = []  # of the last discovery
+        self.drops: dict[str, int] = {}
+        # Every UPnP error code the router answered (handled or final), at most MAX_CODES distinct ones.
+        self.router_codes: Counter[int] = Counter()
+
+    def close(self) -> None:
+        """Close the connections kept alive; idempotent, and the client stays usable."""
+        self._connections.close()
+
+    def __enter__(self) -> BlockingUpnp:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def tag(self) -> str:
+        """This host's instance tag, carried in our mappings' descriptions."""
+        return self._mappings.tag
+
+    # --- HTTP and SOAP --------------------------------------------------------------------------------
+
+    def _fetch(self, url: str, limit: int, trace: list[Progress], deadline: float) -> bytes:
+        reply = blocking_http.request(
+            "GET", url, max_body=limit, deadline=deadline, trace=trace, connections=self._connections
+        )
+        if reply.status != 200:
+            raise RouterRefused(f"router answered HTTP {reply.status} for {url}", protocol=NAME, code=reply.status)
+        return reply.body
+
+    def soap(
+        self,
+        service: igd.Service,
+        request: igd.SoapRequest,
+        *,
+        deadline: float | None = None,
+        trace: list[Progress] | None = None,
+    ) -> dict[str, str]:
+        """One SOAP action; igd.UpnpError for a fault, RouterRefused/RouterTimeout for transport trouble."""
+        prepared: blocking_http.Prepared | None
+        if request.arguments:
+            prepared = blocking_http.prepare("POST", service.control_url, request.headers(), request.body())
+        else:  # the same bytes every time: built once
+            key = (service.control_url, request)
+            prepared = self._prepared.get(key)
+            if prepared is None:
+                prepared = blocking_http.prepare("POST", service.control_url, request.headers(), request.body())
+                if len(self._prepared) < MAX_PREPARED:
+                    self._prepared[key] = prepared
+        reply = blocking_http.send(
+            prepared,
+            max_body=igd.MAX_SOAP_SIZE,
+            deadline=self.deadline if deadline is None else deadline,
+            trace=trace,
+            connections=self._connections,
+        )
+        return soap_outputs(igd.parse_soap_response, reply.body, request, reply.status, self.router_codes)
+
+    def _run(self, service: igd.Service, steps: Soap[T]) -> T:
+        """Drive a sans-IO mapping operation: each SOAP request it yields goes to `service`; its outputs
+        go back, or the error the call ended in is thrown in."""
+        soap = self.soap
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    outputs = soap(service, request)
+                except _ERRORS as exc:
+                    request = steps.throw(exc)
+                else:
+                    request = steps.send(outputs)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+
+    # --- discovery ------------------------------------------------------------------------------------
+
+    def discover(self) -> Igd:
+        """The best IGD: `root_url` if given, else SSDP, returning once the best one is certain; kept.
+
+        Within the deadline in all. What became of every candidate (refused LOCATION, failed or
+        unfinished inspection) is kept in `candidates`, and the error names the first few."""
+        if self._igd is not None:
+            return self._igd
+        self.candidates = []
+        self._igd = self._inspect_root() if self._root_url is not None else self._search()
+        return self._igd
+
+    def _inspect(self, candidate: Candidate, end: float) -> Igd:
+        """Run the sans-IO inspection of `candidate`, one request after the other, all before `end`."""
+        steps: Inspection = inspect(candidate.location, candidate.responder)
+        try:
+            batch = next(steps)
+            while True:
+                batch = steps.send(tuple(self._step(step, candidate.trace, end) for step in batch))
+        except StopIteration as stop:
+            found: Igd = stop.value
+            return found
+
+    def _step(self, step: Fetch | Call, trace: list[Progress], end: float) -> Any:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise _Cut(step.url if isinstance(step, Fetch) else step.service.control_url)
+        deadline = min(self.deadline, left)
+        try:
+            if isinstance(step, Fetch):
+                return self._fetch(step.url, step.limit, trace, deadline)
+            return self.soap(step.service, step.request, deadline=deadline, trace=trace)
+        except HttpTimeout as exc:
+            if deadline < self.deadline:  # the discovery's time, not the request's, ran out
+                raise _Cut(f"{exc.url}: {exc.stalled}") from None
+            return exc
+        except _ERRORS as exc:
+            return exc
+
+    def _settle(self, candidate: Candidate, discovery: Discovery | None) -> Igd | None:
+        end = discovery.window_end if discovery is not None else time.monotonic() + self.deadline
+        try:
+            found = self._inspect(candidate, end)
+        except _Cut as cut:
+            candidate.settle(UNFINISHED, f"{cut}, unfinished after {time.monotonic() - candidate.started:.1f} s")
+            return None
+        except (RouterRefused, RouterTimeout, ProtocolUnavailable) as exc:
+            if discovery is None:
+                candidate.settle(FAILED, str(exc))
+                raise
+            discovery.failed(candidate, exc, time.monotonic())
+            return None
+        if discovery is None:
+            candidate.settle(USABLE, found.summary())
+        else:
+            discovery.found(candidate, found, time.monotonic())
+        return found
+
+    def _given_root(self) -> str:
+        """The root URL given, checked as a LOCATION from the gateway would be (proto/ssdp.py)."""
+        where = self.location
+        try:
+            location = ssdp.validate_location(
+                self._root_url or "", responder=where.gateway, gateway=where.gateway, local_network=where.local_network
+            )
+        except DecodeError as exc:
+            raise ProtocolUnavailable(f"--root-url refused: {exc.reason}") from None
+        return location.url
+
+    def _inspect_root(self) -> Igd:
+        candidate = Candidate(self._given_root(), str(self.location.gateway), time.monotonic())
+        self.candidates.append(candidate)
+        found = self._settle(candidate, None)
+        if found is None:
+            raise RouterTimeout(
+                f"no usable IGD answered {self._root_url} within {self.deadline:g} s ({candidate.line()})"
+            )
+        return found
+
+    def _search(self) -> Igd:
+        where = self.location
+        started = time.monotonic()
+        discovery = Discovery(str(where.gateway), started, self.deadline)
+        self.candidates = discovery.candidates
+        offers = Offers(where.gateway, where.local_network, where.pinned)
+        sock, recverr = _search_socket(where)
+        trace = _wiretrace()
+        messages = _search_messages(where)
+        schedule = iter(SEARCH_SCHEDULE)
+        next_send = started
+        try:
+            while discovery.best is None:
+                now = time.monotonic()
+                if now >= next_send:
+                    for message, peer in messages:
+                        if trace is not None:
+                            trace.ssdp_sent(message, peer)
+                        try:
+                            sock.sendto(message, peer)
+                        except OSError:  # lost, or an ICMP error of an earlier datagram reported here
+                            if recverr and _gateway_refused(sock, where, offers.drops, trace):
+                                discovery.gateway_unreachable(time.monotonic())
+                    next_send = started + next(schedule, float("inf"))
+                    if next_send <= now:
+                        next_send = started + next(schedule, float("inf"))
+                if now >= discovery.window_end:
+                    break
+                sock.settimeout(max(min(discovery.window_end, next_send) - now, 0.0001))
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    if recverr and _gateway_refused(sock, where, offers.drops, trace):
+                        discovery.gateway_unreachable(time.monotonic())
+                    continue
+                if trace is not None:
+                    trace.ssdp_received(data, addr)
+                try:
+                    responder = source_address(addr)
+                except ValueError as exc:
+                    offers.drops[str(exc)] += 1
+                    continue
+                offer = offers.received(data, responder)
+                if isinstance(offer, RefusedOffer):
+                    discovery.refused(offer, time.monotonic())
+                elif isinstance(offer, Offer):
+                    self._settle(discovery.offered(offer, time.monotonic()), discovery)
+        finally:
+            sock.close()
+            self.drops = dict(offers.drops)
+        return discovery.result(time.monotonic())
+
+    # --- port mappings (WANIPConnection §2.4) -----------------------------------------------------------
+
+    def external_ip(self) -> IPv4Address | None:
+        """GetExternalIPAddress on the chosen service, asked again (not the discovery-time answer)."""
+        found = self._igd or self.discover()
+        try:
+            outputs = self.soap(found.service, self._mappings.external_ip_request(found))
+        except igd.UpnpError as error:
+            raise refusal(error, "GetExternalIPAddress") from None
+        return Mappings.read_external_ip(outputs)
+
+    def add(self, request: MappingRequest) -> Mapping:
+        """AddPortMapping for our own address, conflicts moved to ports derived from the host secret,
+        permanent-lease routers handled (aio/upnp_core.py). Logs the hole on the `autonat.holes` logger."""
+        found = self._igd or self.discover()
+        mapping = self._run(found.service, self._mappings.add(found, request, time.monotonic()))
+        holes = hole_logger()
+        if holes is not None:
+            holes.info("opened %s", mapping.describe())
+        return mapping
+
+    def delete_external(self, transport: Transport, external_port: int) -> None:
+        """DeletePortMapping of `external_port`; one the router does not hold (714) is success."""
+        found = self._igd or self.discover()
+        self._run(found.service, self._mappings.delete_external(found, transport, external_port))
+        holes = hole_logger()
+        if holes is not None:
+            holes.info("closed %s external port %d via upnp", transport, external_port)
+
+    def delete(self, transport: Transport, internal_port: int) -> None:
+        """Delete every mapping of ours (InternalClient = us) for `internal_port`: one call for a mapping
+        this client made and whose lease runs, else the router's table is looked up first."""
+        found = self._igd or self.discover()
+        self._run(found.service, self._mappings.delete(found, transport, internal_port, time.monotonic()))
+        holes = hole_logger()
+        if holes is not None:
+            holes.info("closed %s %s:%d via upnp", transport, self.location.local_address, internal_port)
+
+    def remove(self, mapping: Mapping) -> None:
+        """Delete a mapping `add` returned: by its external port, one call."""
+        if mapping.protocol != NAME:
+            raise ValueError(f"not a UPnP mapping: protocol {mapping.protocol!r}")
+        self.delete_external(mapping.transport, mapping.external_port)
+
+    def entry(self, transport: Transport, external_port: int) -> igd.PortMappingEntry | None:
+        """GetSpecificPortMappingEntry: the router's view of one mapping; None when it has none (714)."""
+        found = self._igd or self.discover()
+        return self._run(found.service, self._mappings.entry(found, transport, external_port))
+
+    def list_mappings(self) -> list[igd.PortMappingEntry]:
+        """The router's whole table, ours or not (like `upnpc -l`)."""
+        found = self._igd or self.discover()
+        return self._run(found.service, self._mappings.list_mappings(found))
+
+
+# --- the search socket -------------------------------------------------------------------------------------
+
+
+def _search_socket(where: RouterLocation) -> tuple[socket.socket, bool]:
+    """The search socket, bound to our address, multicast out of it, ICMP errors queued (Linux).
+
+    Not connected to the gateway: TP-Link ER605 and Sagemcom Home Hub 3000 answer from an ephemeral
+    source port, not 1900 (docs/QUIRKS.md S2)."""
+    v6 = isinstance(where.local_address, IPv6Address)
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, MULTICAST_TTL)
+            if where.interface:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex(where.interface))
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, MULTICAST_TTL)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(where.local_address)))
+        sock.bind((str(where.local_address), 0))
+        recverr = sys.platform == "linux"
+        if recverr:
+            sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, IPV6_RECVERR if v6 else IP_RECVERR, 1)
+    except OSError as exc:
+        sock.close()
+        raise ProtocolUnavailable(
+            f"cannot open the SSDP search socket on {where.local_address}: {exc.strerror or exc}"
+        ) from None
+    return sock, recverr
+
+
+def _unscoped(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
+    return IPv6Address(address.packed) if isinstance(address, IPv6Address) else address
+
+
+def _host(address: IPv4Address | IPv6Address) -> str:
+    return f"[{address}]" if isinstance(address, IPv6Address) else str(address)
+
+
+def _search_messages(where: RouterLocation) -> list[tuple[bytes, tuple[str, int]]]:
+    """The burst (UPnP DA 1.1 §1.3.2): each search target unicast to the gateway and to the multicast
+    group(s) (Eero answers only the multicast one: docs/QUIRKS.md S1); no multicast on loopback."""
+    gateway = _unscoped(where.gateway)
+    targets = ssdp.DEFAULT_SEARCH_TARGETS
+    burst = [
+        (ssdp.build_msearch(t, mx=1, host=f"{_host(gateway)}:{ssdp.PORT}"), (str(where.gateway), ssdp.PORT))
+        for t in targets
+    ]
+    if where.local_address.is_loopback:
+        return burst
+    groups: tuple[IPv4Address | IPv6Address, ...] = (
+        (ssdp.MULTICAST_ADDRESS6_LINK, ssdp.MULTICAST_ADDRESS6_SITE)
+        if isinstance(where.local_address, IPv6Address)
+        else (ssdp.MULTICAST_ADDRESS,)
+    )
+    for group in groups:
+        burst += [
+            (ssdp.build_msearch(t, mx=1, host=f"{_host(group).upper()}:{ssdp.PORT}"), (str(group), ssdp.PORT))
+            for t in targets
+        ]
+    return burst
+
+
+def _gateway_refused(sock: socket.socket, where: RouterLocation, drops: Counter[str], trace: Any) -> bool:
+    """Drain the socket's error queue (IP_RECVERR): True if the gateway's SSDP port was unreachable."""
+    gateway = (str(_unscoped(where.gateway)), ssdp.PORT)
+    refused_by_gateway = False
+    for _ in range(64):
+        try:
+            _, ancillary, _, destination = sock.recvmsg(1, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+        except OSError:  # empty (BlockingIOError) or gone
+            break
+        # struct sock_extended_err (<linux/errqueue.h>) starts with the errno, native order.
+        error = next((struct.unpack_from("=I", data)[0] for _, _, data in ancillary if len(data) >= 4), 0)
+        refused = error == errno.ECONNREFUSED
+        drops["ICMP port unreachable" if refused else f"ICMP error: {os.strerror(error)}"] += 1
+        if refused and trace is not None:
+            trace.unreachable(destination, "upnp")
+        if refused and destination is not None and tuple(destination[:2]) == gateway:
+            refused_by_gateway = True
+    return refused_by_gateway
