@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 
 import autonat
-from autonat.aio import http
+from autonat.aio import http, upnp_core
 from autonat.aio import router as router_module
-from autonat.aio import ssdp as aio_ssdp
 from autonat.aio.channel import DatagramChannel
 from autonat.aio.http import MAX_HEADER_SIZE, MAX_HEADERS, RouterHttpError
 from autonat.aio.route import RouterLocation
@@ -599,8 +598,8 @@ async def test_probe_json_lists_every_igd_candidate(tmp_path: Path) -> None:
 FIGURES: list[tuple[str, object, object]] = [
     # (README text, the value in the code, the value the text states)
     ("`--timeout SECONDS` (default 2:", DEFAULT_DEADLINE, 2.0),
-    ("at most 4 LOCATIONs per host", aio_ssdp.MAX_LOCATIONS_PER_RESPONDER, 4),
-    ("and 16 in all are looked at", aio_ssdp.MAX_CANDIDATES, 16),
+    ("at most 4 LOCATIONs per host", upnp_core.MAX_LOCATIONS_PER_RESPONDER, 4),
+    ("and 16 in all are looked at", upnp_core.MAX_CANDIDATES, 16),
     ("reply heads are capped at 16 KiB", MAX_HEADER_SIZE, 16 * 1024),
     ("and 100 header lines", MAX_HEADERS, 100),
     ("a connection with no complete request for 10 s is closed", control.REQUEST_TIMEOUT, 10.0),

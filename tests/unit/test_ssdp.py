@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from autonat.aio import http as aio_http
 from autonat.aio import ssdp as aio_ssdp
+from autonat.aio import upnp_core
 from autonat.aio.route import RouterLocation
 from autonat.aio.upnp import Candidate, _reasons
 from autonat.proto import ssdp
@@ -488,10 +489,10 @@ async def test_what_one_host_and_all_hosts_can_offer_is_bounded() -> None:
     protocol = aio_ssdp._SearchProtocol(WHERE)
     for port in range(2000, 2100):
         protocol.datagram_received(_reply(f"http://192.168.77.66:{port}/d.xml"), ("192.168.77.66", 1900))
-    assert len(_offered(protocol)) == aio_ssdp.MAX_LOCATIONS_PER_RESPONDER
+    assert len(_offered(protocol)) == upnp_core.MAX_LOCATIONS_PER_RESPONDER
     for host in range(100, 200):  # forged source addresses, one LOCATION each
         protocol.datagram_received(_reply(f"http://192.168.77.{host}:80/d.xml"), (f"192.168.77.{host}", 1900))
-    assert len(_offered(protocol)) == aio_ssdp.MAX_CANDIDATES - aio_ssdp.MAX_LOCATIONS_PER_RESPONDER
+    assert len(_offered(protocol)) == upnp_core.MAX_CANDIDATES - upnp_core.MAX_LOCATIONS_PER_RESPONDER
     assert protocol.drops["too many LOCATIONs offered; the rest ignored"] == 96 + 88
 
 
@@ -510,7 +511,7 @@ def test_whatever_is_offered_the_search_hands_on_a_bounded_printable_list(offers
         reply = MINIUPNPD_RESPONSE.replace(b"http://192.168.77.1:5000/rootDesc.xml", location)
         protocol.datagram_received(reply, (f"192.168.77.{host}", 1900))
     offered = _offered(protocol)
-    assert len(offered) <= aio_ssdp.MAX_CANDIDATES
+    assert len(offered) <= upnp_core.MAX_CANDIDATES
     for item in offered:
         if isinstance(item, aio_ssdp.Refused):
             assert item.location.isprintable() and "\n" not in item.reason
@@ -520,8 +521,8 @@ def test_whatever_is_offered_the_search_hands_on_a_bounded_printable_list(offers
 
 @given(st.text(max_size=300))
 def test_untrusted_text_is_quoted_on_one_line(text: str) -> None:
-    shown = aio_ssdp.printable(text)
-    assert len(shown) <= aio_ssdp.SHOWN_LOCATION + 3
+    shown = upnp_core.printable(text)
+    assert len(shown) <= upnp_core.SHOWN_LOCATION + 3
     assert len(shown.splitlines()) <= 1 and shown.isprintable()
 
 

@@ -34,9 +34,12 @@ from ipaddress import IPv4Address, IPv6Address
 
 from autonat.aio import blocking_http
 from autonat.aio.route import RouterLocation, source_address
+from autonat.aio.udp import IP_RECVERR, IPV6_RECVERR
 from autonat.aio.upnp_core import FAILED_OUTCOME as FAILED
 from autonat.aio.upnp_core import (
+    MULTICAST_TTL,
     NAME,
+    SEARCH_SCHEDULE,
     UNFINISHED,
     USABLE,
     Call,
@@ -69,12 +72,6 @@ if TYPE_CHECKING:
 
     T = TypeVar("T")
 
-# As aio/ssdp.py: when to (re)send the search burst, in seconds from the start; unicast replies come back
-# in ~1 ms. The same values, not imported: that module loads asyncio.
-SEARCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)
-MULTICAST_TTL = 2  # one router hop beyond us is plenty; never flood further (UPnP DA §1.1.2 suggests 2)
-IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # <linux/in.h>; Python has the name only from 3.12
-IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)  # <linux/in6.h>
 MAX_PREPARED = 16  # SOAP requests kept serialized (argument-free ones: GetExternalIPAddress, GetStatusInfo)
 _TRACE_MODULE = "autonat.aio.trace"
 _ERRORS = (igd.UpnpError, RouterRefused, RouterTimeout, DecodeError)

@@ -29,7 +29,6 @@ import os
 import socket
 import struct
 import sys
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -38,32 +37,14 @@ from typing import Any
 from autonat.addresses import uri_host
 from autonat.aio import trace as wiretrace
 from autonat.aio.route import RouterLocation, source_address
+from autonat.aio.udp import IP_RECVERR, IPV6_RECVERR
+from autonat.aio.upnp_core import MULTICAST_TTL, SEARCH_SCHEDULE, Offer, Offers, RefusedOffer
 from autonat.proto import ssdp
 from autonat.proto.errors import DecodeError
 
-# When to (re)send the search burst, in seconds from the start; unicast replies come back in ~1 ms.
-SEARCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)  # the first burst goes out at once
-MULTICAST_TTL = 2  # one router hop beyond us is plenty; never flood further (UPnP DA §1.1.2 suggests 2)
-# A real IGD serves one root description (miniupnpd answers every search target with rootDesc.xml);
-# a host offering more is probing us. Each LOCATION handed on costs the caller a connection.
-MAX_LOCATIONS_PER_RESPONDER = 4
-MAX_CANDIDATES = 16  # fetched or refused, in all: source addresses of UDP replies are easily forged
-SHOWN_LOCATION = 100  # characters of a refused LOCATION quoted in a report
-IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # <linux/in.h>; Python has the name only from 3.12
-IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)  # <linux/in6.h>
 # IPv6 (UPnP DA 1.1 §1.1.2): the link-local group reaches the router on our link; the site-local one is
 # where miniupnpd also answers and advertises from its global address (docs/QUIRKS.md S7).
 MULTICAST6_GROUPS = (ssdp.MULTICAST_ADDRESS6_LINK, ssdp.MULTICAST_ADDRESS6_SITE)
-
-
-@dataclass(frozen=True, slots=True)
-class Found:
-    """A safe LOCATION from a search response, and who sent it."""
-
-    location: ssdp.Location
-    responder: IPv4Address | IPv6Address
-    search_target: str
-    server: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,20 +54,10 @@ class Unreachable:
     responder: IPv4Address | IPv6Address
 
 
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """A search response whose LOCATION was refused (never fetched), and why."""
-
-    location: str  # as received, shortened and made printable: it is untrusted text
-    responder: IPv4Address | IPv6Address
-    reason: str
-
-
-def printable(text: str, limit: int = SHOWN_LOCATION) -> str:
-    """Untrusted text fit for a one-line report: at most `limit` characters, no line breaks
-    (Latin-1 decoding can yield U+0085, which `str.splitlines` breaks on) or other controls."""
-    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return shown + ("..." if len(text) > limit else "")
+# What a search reply offers, read by the sans-IO core both UPnP shells share (aio/upnp_core.py: the caps
+# on LOCATIONs per responder and in all, the LOCATION checks); these names are the asyncio shell's own.
+Found = Offer
+Refused = RefusedOffer
 
 
 class _SearchProtocol(asyncio.DatagramProtocol):
@@ -95,45 +66,20 @@ class _SearchProtocol(asyncio.DatagramProtocol):
         self.sock = sock
         self.unreachable = False
         self.found: asyncio.Queue[Found | Refused | Unreachable] = asyncio.Queue()
-        self.seen: set[tuple[str, str]] = set()  # (responder, LOCATION as received)
-        self.urls: set[str] = set()  # validated LOCATIONs handed on: each is fetched once
-        self.per_responder: Counter[str] = Counter()
-        self.drops: Counter[str] = Counter()
+        self.offers = Offers(where.gateway, where.local_network, where.pinned)
+        self.drops = self.offers.drops  # socket errors counted beside the replies the core dropped
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if wiretrace.ON:
             wiretrace.ssdp_received(data, addr)
         try:
             responder = source_address(addr)
-            message = ssdp.parse_datagram(data)
-            if not isinstance(message, ssdp.SearchResponse):
-                raise DecodeError("a NOTIFY, not a search response")
-        except (DecodeError, ValueError) as exc:
+        except ValueError as exc:
             self.drops[str(exc)] += 1
             return
-        key = (str(responder), message.location)
-        if key in self.seen:
-            return  # every search target draws the same answer again: not news
-        if len(self.seen) >= MAX_CANDIDATES or self.per_responder[key[0]] >= MAX_LOCATIONS_PER_RESPONDER:
-            self.drops["too many LOCATIONs offered; the rest ignored"] += 1
-            return
-        self.seen.add(key)
-        self.per_responder[key[0]] += 1
-        try:
-            location = ssdp.validate_location(
-                message.location,
-                responder=responder,
-                gateway=self.where.gateway,
-                local_network=self.where.local_network,
-                pinned=self.where.pinned,
-            )
-        except (DecodeError, ValueError) as exc:
-            self.drops[str(exc)] += 1
-            self.found.put_nowait(Refused(printable(message.location), responder, str(exc)))
-            return
-        if location.url not in self.urls:
-            self.urls.add(location.url)
-            self.found.put_nowait(Found(location, responder, message.search_target, message.server))
+        offer = self.offers.received(data, responder)
+        if offer is not None:
+            self.found.put_nowait(offer)
 
     def error_received(self, exc: Exception) -> None:
         if self.sock is not None:

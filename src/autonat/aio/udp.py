@@ -9,6 +9,10 @@ from autonat.errors import RouterNotFound
 from autonat.proto.exchange import Endpoint
 
 MAX_DATAGRAM = 2048  # larger than any NAT-PMP or PCP message (PCP caps at 1100, RFC 6887 §7)
+# The ICMP error queue (ip(7) IP_RECVERR, ipv6(7) IPV6_RECVERR): how an SSDP search learns that nothing
+# listens on the gateway's port 1900. Python names them only from 3.12.
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # <linux/in.h>
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)  # <linux/in6.h>
 
 
 def open_socket(local_address: IPv4Address | IPv6Address, remote: Endpoint | None = None) -> socket.socket:

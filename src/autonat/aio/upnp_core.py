@@ -65,6 +65,9 @@ MAX_CODES = 32  # distinct error codes counted per client: a router picks its ow
 MAX_LOCATIONS_PER_RESPONDER = 4
 MAX_CANDIDATES = 16  # fetched or refused, in all: source addresses of UDP replies are easily forged
 SHOWN_LOCATION = 100  # characters of a refused LOCATION quoted in a report
+# When to (re)send the search burst, in seconds from the start; unicast replies come back in ~1 ms.
+SEARCH_SCHEDULE = (0.0, 0.1, 0.3, 0.7, 1.5)  # the first burst goes out at once
+MULTICAST_TTL = 2  # one router hop beyond us is plenty; never flood further (UPnP DA §1.1.2 suggests 2)
 
 # What became of a discovery candidate.
 INSPECTING, USABLE, FAILED_OUTCOME, REFUSED, UNFINISHED = "inspecting", "usable", "failed", "refused", "unfinished"
