@@ -4,7 +4,6 @@ resolves through the NAT, the per-peer decision, and the STUN cross-check that e
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from autonat.lab import Lab
 from tests.lab.cli_helpers import AUTONAT
-from tests.lab.daemon_helpers import Daemon, request, write_config
+from tests.lab.daemon_helpers import Daemon, eventually, request, write_config
 
 pytestmark = pytest.mark.lab
 
@@ -46,13 +45,6 @@ def profile_status(lab: Lab, daemon: Daemon, name: str) -> dict[str, str]:
     return {line[:24].strip(): line[24:] for line in rows}
 
 
-def eventually(check: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
-
 def test_auto_nat_profile_follows_the_router_without_restart(lab: Lab, tmp_path: Path, started: list[Daemon]) -> None:
     daemon = Daemon(lab, tmp_path, write_config(tmp_path, extra=PROFILES)).start()
     started.append(daemon)
@@ -64,7 +56,9 @@ def test_auto_nat_profile_follows_the_router_without_restart(lab: Lab, tmp_path:
     assert status["URL"] == f"sip:mod_sofia@{Lab.ROUTER_WAN}:5060"
     pid = daemon.process.pid if daemon.process else None
     lab.set_wan_ip(Lab.ROUTER_WAN_ALT)
-    eventually(lambda: profile_status(lab, daemon, "external")["Ext-SIP-IP"] == Lab.ROUTER_WAN_ALT, timeout=5)
+    eventually(
+        lambda: profile_status(lab, daemon, "external")["Ext-SIP-IP"] == Lab.ROUTER_WAN_ALT, 5, "the new WAN address"
+    )
     assert profile_status(lab, daemon, "external")["Ext-RTP-IP"] == Lab.ROUTER_WAN_ALT
     assert daemon.process is not None and daemon.process.pid == pid and daemon.process.poll() is None
 
@@ -73,7 +67,7 @@ def test_stun_values_resolve_through_the_nat(lab: Lab, tmp_path: Path, started: 
     daemon = Daemon(lab, tmp_path, write_config(tmp_path, extra=PROFILES)).start()
     started.append(daemon)
     daemon.wait_ready()
-    eventually(lambda: profile_status(lab, daemon, "stunned")["Ext-SIP-IP"] == Lab.ROUTER_WAN, timeout=5)
+    eventually(lambda: profile_status(lab, daemon, "stunned")["Ext-SIP-IP"] == Lab.ROUTER_WAN, 5, "the STUN address")
     status = profile_status(lab, daemon, "stunned")
     assert status["Ext-RTP-IP"] == Lab.ROUTER_WAN and status["Ext-SIP-IP-Source"] == "stun"
 
@@ -94,14 +88,14 @@ def test_the_decision_per_peer(lab: Lab, tmp_path: Path, started: list[Daemon]) 
     assert advertised("external", "192.168.77.50") == Lab.LAN_ADDRESS  # localnet.auto: our LAN
     assert advertised("external", "127.0.0.1") == Lab.LAN_ADDRESS  # loopback: never the external one
     assert advertised("external", "10.9.9.9") == Lab.ROUTER_WAN  # private, but another network
-    eventually(lambda: advertised("stunned", "192.168.77.50") == Lab.ROUTER_WAN, timeout=5)  # acl "none"
+    eventually(lambda: advertised("stunned", "192.168.77.50") == Lab.ROUTER_WAN, 5, "acl none")
 
 
 def test_stun_cross_check_agrees_with_a_single_nat(lab: Lab, tmp_path: Path, started: list[Daemon]) -> None:
     daemon = Daemon(lab, tmp_path, write_config(tmp_path, nat='stun = "stun:203.0.113.100"')).start()
     started.append(daemon)
     daemon.wait_ready()
-    eventually(lambda: daemon.status()["stun"] is not None, timeout=5)
+    eventually(lambda: daemon.status()["stun"] is not None, 5, "a STUN answer")
     status = daemon.status()
     assert status["stun"]["matches_router"] is True and status["stun"]["address"] == Lab.ROUTER_WAN
     assert status["double_nat"] is False
@@ -112,7 +106,7 @@ def test_stun_cross_check_exposes_a_double_nat(double_nat_lab: Lab, tmp_path: Pa
     daemon = Daemon(lab, tmp_path, write_config(tmp_path, nat='stun = "stun:203.0.113.100"'), host="lan2").start()
     started.append(daemon)
     daemon.wait_socket()
-    eventually(lambda: daemon.status()["stun"] is not None, timeout=10)
+    eventually(lambda: daemon.status()["stun"] is not None, 10, "a STUN answer")
     status = daemon.status()
     assert status["stun"]["address"] == Lab.ROUTER_WAN  # what the internet sees, two NATs out
     assert status["stun"]["matches_router"] is False

@@ -53,7 +53,8 @@ def make_engine(journal: Journal | None, firewall: FakePinholeSession, **setting
 async def ready6(engine: NatEngine) -> None:
     await engine.start()
     assert await engine.wait_ready(2)
-    await until(lambda: engine.ipv6_local_address is not None)
+    assert await engine.wait_ready(2, family=6)  # an event, not polled: the pinhole pool waits on it
+    assert engine.ipv6_local_address is not None
 
 
 @pytest.fixture
@@ -154,6 +155,7 @@ async def test_pinholes_are_refused_with_ipv6_off(tmp_path: Path) -> None:
         assert await engine.delete(UDP, 5060, family=6) is False
         assert engine.lookup((UDP, 5060), family=6) is None and len(engine.pinholes) == 0
         assert engine.status()["ipv6"] is None and engine.ipv6_local_address is None
+        assert not await engine.wait_ready(0.05, family=6)  # never, with IPv6 off: bounded by the timeout
     finally:
         await engine.stop()
 

@@ -79,8 +79,8 @@ class FakeEngine:
     def map_budget(self) -> float:
         return 100.0
 
-    async def wait_ready(self, timeout: float) -> bool:
-        return True
+    async def wait_ready(self, timeout: float, family: int = 4) -> bool:
+        return family == 4 or self.ipv6_local_address is not None
 
     def pinholes(self, owner: str | None = None) -> set[int]:
         return {key[1] for (family, key), s in self.holes.items() if family == 6 and owner in (None, s.owner)}

@@ -180,6 +180,7 @@ class NatEngine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[asyncio.BaseTransport] = []
         self._ready = asyncio.Event()
+        self._ready6 = asyncio.Event()  # the IPv6 gateway found: pinholes have their stable address
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._waiters: dict[tuple[int, Key], list[asyncio.Future[None]]] = {}
@@ -325,11 +326,13 @@ class NatEngine:
                 self._state6 = "discovering"
         self._run()
 
-    async def wait_ready(self, timeout: float) -> bool:
+    async def wait_ready(self, timeout: float, family: int = 4) -> bool:
+        """Until the router is found (`family` 6: the IPv6 gateway, for pinholes), at most `timeout` s."""
+        ready = self._ready6 if family == 6 else self._ready
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self._ready.wait()
-        return self._ready.is_set()
+                await ready.wait()
+        return ready.is_set()
 
     async def stop(self) -> None:
         """Delete every non-sticky mapping within `shutdown_timeout`; sticky ones stay (and stay journalled).
@@ -366,6 +369,7 @@ class NatEngine:
         if self.session6 is not None:
             self._retire(self.session6)
             self.session6 = None
+            self._ready6.clear()
         self._state = "stopped"
         if self._core6 is not None:
             self._state6 = "stopped"
@@ -792,6 +796,7 @@ class NatEngine:
             family=6,
         )
         self._core6.discovered(router, None, self._now())
+        self._ready6.set()
         self._run()
 
     def _install(self, session: RouterSession, probe: ProbeResult) -> None:

@@ -14,7 +14,6 @@ questions); `FamilyEngine` answers them for family 6, so the pool needs no secon
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 
 from autonat.engine.engine import MappingStatus, NatEngine, Wanted
@@ -23,8 +22,6 @@ from autonat.engine.pool import PortPairs, RtpPool
 from autonat.proto.types import Transport
 
 __all__ = ["FamilyEngine", "pinhole_pool"]
-
-READY_POLL = 0.25  # while waiting for IPv6 discovery: the engine has no event of its own for that yet
 
 
 class FamilyEngine:
@@ -56,13 +53,7 @@ class FamilyEngine:
 
     async def wait_ready(self, timeout: float) -> bool:
         """Until the IPv6 gateway is found (the engine knows the stable address its pinholes are for)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.engine.ipv6_local_address is None:
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(min(READY_POLL, max(0.0, deadline - loop.time())))
-        return True
+        return await self.engine.wait_ready(timeout, family=self.family)
 
 
 def pinhole_pool(engine: NatEngine, pairs: PortPairs, *, size: int, refill_rate: float) -> RtpPool:
