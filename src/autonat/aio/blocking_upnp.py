@@ -23,21 +23,16 @@ silence waits for the deadline (RouterTimeout).
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
-import struct
 import sys
 import time
 from collections import Counter
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address
 
 from autonat.aio import blocking_http
 from autonat.aio.route import RouterLocation, source_address
-from autonat.aio.udp import IP_RECVERR, IPV6_RECVERR
+from autonat.aio.ssdp_socket import gateway_refused, search_burst, search_socket
 from autonat.aio.upnp_core import FAILED_OUTCOME as FAILED
 from autonat.aio.upnp_core import (
-    MULTICAST_TTL,
     NAME,
     SEARCH_SCHEDULE,
     UNFINISHED,
@@ -271,9 +266,14 @@ class BlockingUpnp:
         discovery = Discovery(str(where.gateway), started, self.deadline)
         self.candidates = discovery.candidates
         offers = Offers(where.gateway, where.local_network, where.pinned)
-        sock, recverr = _search_socket(where)
+        try:
+            sock, recverr = search_socket(where)  # not connected to the gateway: docs/QUIRKS.md S2
+        except OSError as exc:
+            raise ProtocolUnavailable(
+                f"cannot open the SSDP search socket on {where.local_address}: {exc.strerror or exc}"
+            ) from None
         trace = _wiretrace()
-        messages = _search_messages(where)
+        messages = search_burst(where)
         schedule = iter(SEARCH_SCHEDULE)
         next_send = started
         try:
@@ -286,7 +286,7 @@ class BlockingUpnp:
                         try:
                             sock.sendto(message, peer)
                         except OSError:  # lost, or an ICMP error of an earlier datagram reported here
-                            if recverr and _gateway_refused(sock, where, offers.drops, trace):
+                            if recverr and gateway_refused(sock, where, offers.drops, trace):
                                 discovery.gateway_unreachable(time.monotonic())
                     next_send = started + next(schedule, float("inf"))
                     if next_send <= now:
@@ -299,7 +299,7 @@ class BlockingUpnp:
                 except TimeoutError:
                     continue
                 except OSError:
-                    if recverr and _gateway_refused(sock, where, offers.drops, trace):
+                    if recverr and gateway_refused(sock, where, offers.drops, trace):
                         discovery.gateway_unreachable(time.monotonic())
                     continue
                 if trace is not None:
@@ -372,85 +372,3 @@ class BlockingUpnp:
         """The router's whole table, ours or not (like `upnpc -l`)."""
         found = self._igd or self.discover()
         return self._run(found.service, self._mappings.list_mappings(found))
-
-
-# --- the search socket -------------------------------------------------------------------------------------
-
-
-def _search_socket(where: RouterLocation) -> tuple[socket.socket, bool]:
-    """The search socket, bound to our address, multicast out of it, ICMP errors queued (Linux).
-
-    Not connected to the gateway: TP-Link ER605 and Sagemcom Home Hub 3000 answer from an ephemeral
-    source port, not 1900 (docs/QUIRKS.md S2)."""
-    v6 = isinstance(where.local_address, IPv6Address)
-    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        if v6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, MULTICAST_TTL)
-            if where.interface:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex(where.interface))
-        else:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, MULTICAST_TTL)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(where.local_address)))
-        sock.bind((str(where.local_address), 0))
-        recverr = sys.platform == "linux"
-        if recverr:
-            sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, IPV6_RECVERR if v6 else IP_RECVERR, 1)
-    except OSError as exc:
-        sock.close()
-        raise ProtocolUnavailable(
-            f"cannot open the SSDP search socket on {where.local_address}: {exc.strerror or exc}"
-        ) from None
-    return sock, recverr
-
-
-def _unscoped(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
-    return IPv6Address(address.packed) if isinstance(address, IPv6Address) else address
-
-
-def _host(address: IPv4Address | IPv6Address) -> str:
-    return f"[{address}]" if isinstance(address, IPv6Address) else str(address)
-
-
-def _search_messages(where: RouterLocation) -> list[tuple[bytes, tuple[str, int]]]:
-    """The burst (UPnP DA 1.1 §1.3.2): each search target unicast to the gateway and to the multicast
-    group(s) (Eero answers only the multicast one: docs/QUIRKS.md S1); no multicast on loopback."""
-    gateway = _unscoped(where.gateway)
-    targets = ssdp.DEFAULT_SEARCH_TARGETS
-    burst = [
-        (ssdp.build_msearch(t, mx=1, host=f"{_host(gateway)}:{ssdp.PORT}"), (str(where.gateway), ssdp.PORT))
-        for t in targets
-    ]
-    if where.local_address.is_loopback:
-        return burst
-    groups: tuple[IPv4Address | IPv6Address, ...] = (
-        (ssdp.MULTICAST_ADDRESS6_LINK, ssdp.MULTICAST_ADDRESS6_SITE)
-        if isinstance(where.local_address, IPv6Address)
-        else (ssdp.MULTICAST_ADDRESS,)
-    )
-    for group in groups:
-        burst += [
-            (ssdp.build_msearch(t, mx=1, host=f"{_host(group).upper()}:{ssdp.PORT}"), (str(group), ssdp.PORT))
-            for t in targets
-        ]
-    return burst
-
-
-def _gateway_refused(sock: socket.socket, where: RouterLocation, drops: Counter[str], trace: Any) -> bool:
-    """Drain the socket's error queue (IP_RECVERR): True if the gateway's SSDP port was unreachable."""
-    gateway = (str(_unscoped(where.gateway)), ssdp.PORT)
-    refused_by_gateway = False
-    for _ in range(64):
-        try:
-            _, ancillary, _, destination = sock.recvmsg(1, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
-        except OSError:  # empty (BlockingIOError) or gone
-            break
-        # struct sock_extended_err (<linux/errqueue.h>) starts with the errno, native order.
-        error = next((struct.unpack_from("=I", data)[0] for _, _, data in ancillary if len(data) >= 4), 0)
-        refused = error == errno.ECONNREFUSED
-        drops["ICMP port unreachable" if refused else f"ICMP error: {os.strerror(error)}"] += 1
-        if refused and trace is not None:
-            trace.unreachable(destination, "upnp")
-        if refused and destination is not None and tuple(destination[:2]) == gateway:
-            refused_by_gateway = True
-    return refused_by_gateway

@@ -24,27 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import os
 import socket
-import struct
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from autonat.addresses import uri_host
 from autonat.aio import trace as wiretrace
 from autonat.aio.route import RouterLocation, source_address
-from autonat.aio.udp import IP_RECVERR, IPV6_RECVERR
-from autonat.aio.upnp_core import MULTICAST_TTL, SEARCH_SCHEDULE, Offer, Offers, RefusedOffer
+from autonat.aio.ssdp_socket import gateway_refused, search_burst, search_socket
+from autonat.aio.upnp_core import SEARCH_SCHEDULE, Offer, Offers, RefusedOffer
 from autonat.proto import ssdp
 from autonat.proto.errors import DecodeError
-
-# IPv6 (UPnP DA 1.1 §1.1.2): the link-local group reaches the router on our link; the site-local one is
-# where miniupnpd also answers and advertises from its global address (docs/QUIRKS.md S7).
-MULTICAST6_GROUPS = (ssdp.MULTICAST_ADDRESS6_LINK, ssdp.MULTICAST_ADDRESS6_SITE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,54 +79,13 @@ class _SearchProtocol(asyncio.DatagramProtocol):
         self.drops[f"socket error: {exc}"] += 1
 
     def _read_error_queue(self) -> None:
-        """Drain the socket's error queue (IP_RECVERR); a port unreachable for the datagram sent to
-        the gateway's SSDP port is news, any other error only a drop."""
+        """Drain the socket's error queue (IP_RECVERR): a port unreachable from the gateway's SSDP port is
+        news (once), any other error only a drop (aio/ssdp_socket.py)."""
         assert self.sock is not None
-        gateway = (str(_unscoped(self.where.gateway)), ssdp.PORT)
-        for _ in range(64):
-            try:
-                _, ancillary, _, destination = self.sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
-            except OSError:  # empty (BlockingIOError) or gone
-                return
-            # struct sock_extended_err (<linux/errqueue.h>) starts with the errno, native order.
-            error = next((struct.unpack_from("=I", data)[0] for _, _, data in ancillary if len(data) >= 4), 0)
-            refused = error == errno.ECONNREFUSED
-            self.drops["ICMP port unreachable" if refused else f"ICMP error: {os.strerror(error)}"] += 1
-            if refused and wiretrace.ON:
-                wiretrace.unreachable(destination, "upnp")
-            if refused and destination is not None and tuple(destination[:2]) == gateway and not self.unreachable:
-                self.unreachable = True
-                self.found.put_nowait(Unreachable(self.where.gateway))
-
-
-def _unscoped(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
-    return IPv6Address(address.packed) if isinstance(address, IPv6Address) else address
-
-
-def _ipv6_socket(where: RouterLocation) -> socket.socket:
-    """The IPv6 search socket: bound to our (stable) address, multicast out of the route's interface."""
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, MULTICAST_TTL)
-        if where.interface:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex(where.interface))
-        sock.bind((str(where.local_address), 0))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _ipv4_socket(where: RouterLocation) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, MULTICAST_TTL)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(where.local_address)))
-        sock.bind((str(where.local_address), 0))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+        refused = gateway_refused(self.sock, self.where, self.drops, wiretrace if wiretrace.ON else None)
+        if refused and not self.unreachable:
+            self.unreachable = True
+            self.found.put_nowait(Unreachable(self.where.gateway))
 
 
 @contextlib.asynccontextmanager
@@ -148,39 +98,21 @@ async def search(
     multicast to FF02::C and FF05::C (UPnP DA 1.1 §1.1.2), from our own (stable) address; replies from a
     link-local address carry the zone they arrived on, which is the only zone a link-local LOCATION
     can get (proto/ssdp.py `validate_location`)."""
-    v6 = isinstance(where.local_address, IPv6Address)
-    # Not connected to the gateway: TP-Link ER605 and Sagemcom Home Hub 3000 answer from an ephemeral
-    # source port, not 1900 (docs/QUIRKS.md S2).
     try:
-        sock = _ipv6_socket(where) if v6 else _ipv4_socket(where)
+        sock, recverr = search_socket(where)  # not connected to the gateway: docs/QUIRKS.md S2
     except OSError as exc:
         raise DecodeError(f"cannot open the SSDP search socket on {where.local_address}: {exc.strerror}") from None
-    recverr = (IPV6_RECVERR if v6 else IP_RECVERR) if sys.platform == "linux" else None
-    if recverr is not None:  # ICMP errors of an unconnected socket
-        sock.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, recverr, 1)
     loop = asyncio.get_running_loop()
     datagram_transport, protocol = await loop.create_datagram_endpoint(
-        lambda: _SearchProtocol(where, sock if recverr is not None else None), sock=sock
+        lambda: _SearchProtocol(where, sock if recverr else None), sock=sock
     )
-    gateway_host = uri_host(_unscoped(where.gateway))
-    unicast = [(ssdp.build_msearch(t, mx=1, host=f"{gateway_host}:{ssdp.PORT}"), str(where.gateway)) for t in targets]
-    # On loopback (tests, or a router reached through a tunnel) multicast has nowhere sensible to go.
-    groups: tuple[IPv4Address | IPv6Address, ...] = MULTICAST6_GROUPS if v6 else (ssdp.MULTICAST_ADDRESS,)
-    multicast = (
-        []
-        if where.local_address.is_loopback
-        else [
-            (ssdp.build_msearch(t, mx=1, host=f"{uri_host(group).upper()}:{ssdp.PORT}"), str(group))
-            for group in groups
-            for t in targets
-        ]
-    )
+    burst = search_burst(where, targets)
 
     def send_all() -> None:
-        for message, host in unicast + multicast:
-            datagram_transport.sendto(message, (host, ssdp.PORT))
+        for message, peer in burst:
+            datagram_transport.sendto(message, peer)
             if wiretrace.ON:
-                wiretrace.ssdp_sent(message, (host, ssdp.PORT))
+                wiretrace.ssdp_sent(message, peer)
 
     async def retransmit() -> None:
         started = loop.time()
