@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from autonat.cli.main import control_call, default_socket_path, print_json, run_async, transport_argument
+from autonat.cli.main import control_call, default_socket_path, family_option, print_json, run_async, transport_argument
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,16 +47,6 @@ SOFIA_LABELS = {
     "ext_sip_ip_source": "Ext-SIP-IP-Source",
     "ext_rtp_ip_source": "Ext-RTP-IP-Source",
 }
-
-
-def family_option(function: F) -> F:
-    return click.option(
-        "--family",
-        type=click.Choice(["4", "6"]),
-        default="4",
-        show_default=True,
-        help="4: a port mapping; 6: an IPv6 firewall pinhole for this host's stable address.",
-    )(function)
 
 
 def _print_nat_status(status: dict[str, Any]) -> None:

@@ -200,6 +200,20 @@ def transport_argument(function: F) -> F:
     return click.argument("transport", type=click.Choice(["udp", "tcp"], case_sensitive=False))(function)
 
 
+def family_option(function: F) -> F:
+    """--family for the commands that map (`map`, and `nat_map` through the daemon)."""
+    import click
+
+    return click.option(
+        "--family",
+        type=click.Choice(["4", "6"]),
+        default="4",
+        show_default=True,
+        help="4: a port mapping on the NAT; 6: an IPv6 firewall pinhole for this host's stable address"
+        " (PCP or UPnP IGD:2, asked from that address).",
+    )(function)
+
+
 def _group() -> click.Group:
     """The click group, its commands imported on demand from COMMANDS."""
     import importlib

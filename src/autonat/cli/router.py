@@ -14,7 +14,7 @@ import click
 from autonat.addresses import is_public
 from autonat.aio.router import ProbeResult, ProtocolChoice, RouterSession
 from autonat.cli.doctor import start_trace, trace_option
-from autonat.cli.main import print_json, run_async, transport_argument
+from autonat.cli.main import family_option, print_json, run_async, transport_argument
 from autonat.errors import AutonatError
 from autonat.mapper import DEFAULT_LIFETIME, MAX_LIFETIME, Mapping, MappingRequest
 from autonat.proto.exchange import DEFAULT_DEADLINE
@@ -28,17 +28,6 @@ if TYPE_CHECKING:
 PROTOCOLS = ("auto", "pcp", "natpmp", "upnp")
 PINHOLE_PROTOCOLS = ("auto", "pcp", "upnp")  # NAT-PMP is IPv4 only (RFC 6886 §1)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def family_option(function: F) -> F:
-    return click.option(
-        "--family",
-        type=click.Choice(["4", "6"]),
-        default="4",
-        show_default=True,
-        help="4: a port mapping on the NAT; 6: an IPv6 firewall pinhole for this host's stable address"
-        " (PCP or UPnP IGD:2, asked from that address).",
-    )(function)
 
 
 def ipv6_options(function: F) -> F:
