@@ -297,24 +297,17 @@ def subprocess_ops(worker: Worker) -> list[str]:
     """The operations a contestant implements, asked of it once (`?` lists them)."""
     kind, _ = CONTESTANTS[worker.label]
     sys.path.insert(0, str(BENCH))
+    warm_ops = [
+        "upnp external IP",
+        "upnp add+delete",
+        "upnp add+delete (README: delete by internal port)",
+        "natpmp external IP",
+        "natpmp map+unmap",
+        "pcp map+delete",
+    ]
     table = {
-        "autonat": [
-            "discovery",
-            "upnp external IP",
-            "upnp add+delete",
-            "upnp add+delete (README: delete by internal port)",
-            "natpmp external IP",
-            "natpmp map+unmap",
-            "pcp map+delete",
-        ],
-        "autonat blocking": [
-            "upnp external IP",
-            "upnp add+delete",
-            "upnp add+delete (README: delete by internal port)",
-            "natpmp external IP",
-            "natpmp map+unmap",
-            "pcp map+delete",
-        ],
+        "autonat": ["discovery", *warm_ops],
+        "autonat blocking": warm_ops,
         "miniupnpc": ["discovery", "upnp external IP", "upnp add+delete"],
         "nat-pmp": ["natpmp external IP", "natpmp external IP (gateway looked up)", "natpmp map+unmap"],
         "async-upnp-client": ["discovery", "upnp external IP", "upnp add+delete"],
