@@ -120,10 +120,13 @@ def replies(draw: st.DrawFn) -> bytes:
     )  # fmt: skip
     ea, ba, ra = draw(attributes(GOOD_EA)), draw(attributes("")), draw(attributes(GOOD_RA))
     end_response = draw(mostly(response, "u:GetExternalIPAddressResponse", "GetExternalIPAddressResponse"))
+    if draw(st.sampled_from([False] * 4 + [True])):  # <response/>, as miniupnpd answers AddPortMapping
+        element = f"<{response}{ra}{draw(spaces)}/>"
+    else:
+        element = f"<{response}{ra}>{''.join(children)}</{end_response}{draw(spaces)}>"
     document = (
         f"{declaration}<{envelope}{ea}{draw(spaces)}>{draw(spaces)}<{body}{ba}>{draw(spaces)}"
-        f"<{response}{ra}>{''.join(children)}</{end_response}{draw(spaces)}>{draw(spaces)}</{body}>"
-        f"{draw(spaces)}</{envelope}>{draw(spaces)}"
+        f"{element}{draw(spaces)}</{body}>{draw(spaces)}</{envelope}>{draw(spaces)}"
     )
     return document.encode(draw(mostly("ascii", "utf-8", "latin-1")), "replace")
 
@@ -154,3 +157,49 @@ def test_the_plain_reading_is_taken_often_enough_to_be_tested() -> None:
 
     probe()
     assert sum(seen) >= 20, sum(seen)
+
+
+ADD_REPLY = (  # miniupnpd 2.3.1's answer to AddPortMapping, from the lab
+    b'<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+    b's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body><u:AddPortMappingResponse '
+    b'xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:1"/></s:Body></s:Envelope>\r\n'
+)
+
+
+def test_a_reply_without_out_arguments_is_read_without_a_tree_too() -> None:
+    request = igd.SoapRequest("AddPortMapping", SERVICE)
+    igd._KNOWN.clear()
+    for _ in range(2):  # read in full, then known
+        assert igd._plain_response(ADD_REPLY, "AddPortMappingResponse") == {}
+        assert igd.parse_soap_response(ADD_REPLY, request, 200) == {}
+    # Known whole: more after it is not the same reply, and the tree finds it malformed.
+    longer = ADD_REPLY + b"<NewX>1</NewX>"
+    assert igd._plain_response(longer, "AddPortMappingResponse") is None
+    with pytest.raises(DecodeError):
+        igd.parse_soap_response(longer, request, 200)
+
+
+def test_a_known_envelope_reads_only_the_children_and_still_as_the_tree() -> None:
+    igd._KNOWN.clear()
+    assert igd._plain_response(MINIUPNPD, "GetExternalIPAddressResponse") is not None
+    assert "GetExternalIPAddressResponse" in igd._KNOWN
+    # Same envelope, other children: the short way, the same answer as the tree.
+    other = MINIUPNPD.replace(b"203.0.113.1", b"198.51.100.7")
+    assert igd._plain_response(other, "GetExternalIPAddressResponse") == {"NewExternalIPAddress": "198.51.100.7"}
+    assert read(other, 200, True) == read(other, 200, False)
+
+
+@given(st.lists(st.tuples(names, texts, spaces), max_size=4), st.sampled_from(["", "&amp;", "<!-- c -->", "\r"]))
+@settings(max_examples=500, deadline=None)
+def test_children_in_a_known_envelope_read_as_the_tree_reads_them(
+    children: list[tuple[str, str, str]], extra: str
+) -> None:
+    igd._plain_response(MINIUPNPD, "GetExternalIPAddressResponse")  # the envelope is known
+    inner = "".join(f"{space}<{name}>{text}{extra}</{name}>" for name, text, space in children)
+    data = MINIUPNPD.replace(
+        b"<NewExternalIPAddress>203.0.113.1</NewExternalIPAddress>", inner.encode("utf-8", "replace")
+    )
+    plain = igd._plain_response(data, "GetExternalIPAddressResponse")
+    if plain is not None:
+        assert read(data, 200, False) == ("outputs", plain)
+    assert read(data, 200, True) == read(data, 200, False)

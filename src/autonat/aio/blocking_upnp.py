@@ -102,7 +102,7 @@ class BlockingUpnp:
         self._igd: Igd | None = None
         self._mappings = Mappings(secret, location.local_address)
         self._connections = blocking_http.Connections()
-        self._prepared: dict[tuple[str, igd.SoapRequest], blocking_http.Prepared] = {}
+        self._prepared: dict[tuple[str, str, str], blocking_http.Prepared] = {}
         self.candidates: list[Candidate] = []  # of the last discovery
         self.drops: dict[str, int] = {}
         # Every UPnP error code the router answered (handled or final), at most MAX_CODES distinct ones.
@@ -148,7 +148,7 @@ class BlockingUpnp:
         if request.arguments:
             prepared = blocking_http.prepare("POST", service.control_url, request.headers(), request.body())
         else:  # the same bytes every time: built once
-            key = (service.control_url, request)
+            key = (service.control_url, request.action, request.service_type)  # strings: their hashes are kept
             prepared = self._prepared.get(key)
             if prepared is None:
                 prepared = blocking_http.prepare("POST", service.control_url, request.headers(), request.body())

@@ -21,7 +21,9 @@ and grew to 231 MB. So:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 import httptools
@@ -231,13 +233,18 @@ def serialize(method: str, target: str, host: str, headers: dict[str, str], cont
         f"Content-Length: {len(content)}",
         *(f"{name}: {value}" for name, value in headers.items()),
     ]
-    if any(bad in line for line in lines for bad in "\r\n\0"):
+    if _NOT_ONE_LINE.search("".join(lines)):
         raise ValueError("HTTP header text must be single lines")  # a caller bug, never router input
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + content
 
 
+_NOT_ONE_LINE = re.compile("[\r\n\0]")
+
+
+@lru_cache(maxsize=64)
 def split_url(url: str) -> tuple[str, int, str, str]:
-    """(host, port, target, netloc) of an http URL to the router, else RouterHttpError."""
+    """(host, port, target, netloc) of an http URL to the router, else RouterHttpError. Cached: a client
+    asks the same control URL again and again (a refused URL raises, and is not cached)."""
     try:
         parts = urlsplit(url)
         port = parts.port or 80

@@ -395,8 +395,18 @@ def parse_scpd(data: bytes) -> frozenset[str]:
 
 def _check_name(value: str, what: str) -> None:
     # Action and argument names become element names: XML name characters only, no prefix.
+    if value in _CHECKED_NAMES:
+        return  # a handful of names from the code, checked once each
     if not value or not (value.isascii() and value.replace("_", "a").isalnum()) or value[0].isdigit():
         raise ValueError(f"{what} must be a plain XML name, not {value!r}")
+    if len(_CHECKED_NAMES) < MAX_CHECKED_NAMES:
+        _CHECKED_NAMES.add(value)
+
+
+MAX_CHECKED_NAMES = 256
+_CHECKED_NAMES: set[str] = set()
+# Element content that needs no escaping (the usual argument: a number, an address, a plain description).
+_NEEDS_ESCAPE = re.compile("[&<>\"'\r]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +449,10 @@ class SoapRequest:
         head, tail = _envelope(self.action, self.service_type)
         if not self.arguments:
             return head + tail
-        arguments = "".join(f"<{name}>{escape(value, _ESCAPES)}</{name}>" for name, value in self.arguments)
+        needs = _NEEDS_ESCAPE.search
+        arguments = "".join(
+            f"<{name}>{escape(value, _ESCAPES) if needs(value) else value}</{name}>" for name, value in self.arguments
+        )
         return head + arguments.encode() + tail
 
 
@@ -609,9 +622,9 @@ _PLAIN_REPLY = re.compile(
     + _PLAIN_ATTRIBUTES
     + rb")"
     + _S
-    + rb"*>(?P<children>[^&]*?)</(?P=response)"
+    + rb"*(?:/>|>(?P<children>[^&]*?)</(?P=response)"
     + _S
-    + rb"*>"
+    + rb"*>)"
     + _S
     + rb"*</(?P=body)"
     + _S
@@ -636,11 +649,26 @@ def _plain_response(data: bytes, element: str) -> dict[str, str] | None:
     Plainest: ASCII with no `<!` (so no DOCTYPE, hence none of what defusedxml guards against, XML 1.0
     §2.8), no `&`, no comment or processing instruction but a version 1.0 UTF-8 declaration; Envelope >
     Body > `element`, each alone, every prefix bound (Namespaces in XML §5), no attribute twice; the
-    children unprefixed elements with text only (no `\r`, which XML reads as `\n`) and distinct names.
+    children unprefixed elements with text only (no `\r`, which XML reads as `\n`) and distinct names,
+    or none (`<u:AddPortMappingResponse .../>`, miniupnpd's answer to AddPortMapping).
     Why: on the warm path with cold caches (bench/peers.py interleaves processes) a tree parse cost
-    ~115 us of a ~0.38 ms call, this ~13 us. tests/unit/test_igd_plain_reply.py holds it to the tree."""
+    ~115 us of a ~0.38 ms call, this ~13 us, and ~3 us once the router's envelope is known (`_KNOWN`).
+    tests/unit/test_igd_plain_reply.py holds it to the tree."""
     if b"<!" in data or not data.isascii():
         return None
+    known = _KNOWN.get(element)
+    if known is not None:
+        before, after = known
+        if after is None:
+            if data == before:  # the very reply without out arguments read in full before
+                return {}
+        elif data.startswith(before) and data.endswith(after) and len(data) >= len(before) + len(after):
+            # The same envelope as a reply read in full before: only the children are new. Equal bytes
+            # around them match the full pattern the same way (the children cannot hold the closing tags:
+            # they parse as unprefixed elements with text only), so the full reading gives what this does.
+            known_outputs = _plain_children(data[len(before) : len(data) - len(after)])
+            if known_outputs is not None:
+                return known_outputs
     match = _PLAIN_REPLY.fullmatch(data)
     if match is None or match["response"].rpartition(b":")[2] != element.encode():
         return None
@@ -655,8 +683,36 @@ def _plain_response(data: bytes, element: str) -> dict[str, str] | None:
         prefix, colon, _ = tag.partition(b":")
         if colon and prefix not in bound:
             return None  # unbound: the tree parser's to refuse
+    children = match["children"]
+    tail: bytes | None
+    outputs: dict[str, str] | None
+    if children is None:  # <response/>: no out arguments
+        outputs = {}
+        head, tail = data, None
+    else:
+        outputs = _plain_children(children)
+        if outputs is None:
+            return None
+        head, tail = data[: match.start("children")], data[match.end("children") :]
+    if len(_KNOWN) >= MAX_KNOWN_ENVELOPES:
+        _KNOWN.clear()
+    _KNOWN[element] = (head, tail)
+    return outputs
+
+
+MAX_KNOWN_ENVELOPES = 32  # distinct response elements remembered; a client uses a handful
+# element -> (bytes before the children, bytes after them) of the last reply `_plain_response` read in full;
+# one without children (`<response/>`) is kept whole, with None after it: only the same bytes take the short way.
+_KNOWN: dict[str, tuple[bytes, bytes | None]] = {}
+
+
+def _plain_children(children: bytes) -> dict[str, str] | None:
+    """The children of a plain reply's response element, name -> text, or None if they are not plain
+    (a reference, `&`, is the tree parser's to read)."""
+    if b"&" in children:
+        return None
     outputs: dict[str, str] = {}
-    children, position, end = match["children"], 0, len(match["children"])
+    position, end = 0, len(children)
     while position < end:
         child = _PLAIN_CHILD.match(children, position)
         if child is None:
@@ -757,11 +813,21 @@ def external_ip_from(outputs: Mapping[str, str]) -> IPv4Address | None:
     text = outputs.get("NewExternalIPAddress", "")
     if not text:
         return None
+    if text in _LAST_EXTERNAL_IP:
+        return _LAST_EXTERNAL_IP[text]  # the answer of the last call again, as it nearly always is
     try:
         address = IPv4Address(text)
     except ValueError:
         raise DecodeError(f"NewExternalIPAddress is not an IPv4 address: {_clean(text, 40)!r}") from None
-    return None if address.is_unspecified else address
+    answer = None if address.is_unspecified else address
+    _LAST_EXTERNAL_IP.clear()
+    _LAST_EXTERNAL_IP[text] = answer
+    return answer
+
+
+# The last NewExternalIPAddress read -> its value (immutable), one entry: a router's answer rarely changes,
+# and making an IPv4Address from text is the dearest step of reading it.
+_LAST_EXTERNAL_IP: dict[str, IPv4Address | None] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -794,8 +860,11 @@ def status_info_from(outputs: Mapping[str, str]) -> StatusInfo:
 def sanitize_description(text: str) -> str:
     """A port mapping description routers accept: control and non-XML characters removed, trimmed,
     at most `MAX_DESCRIPTION_LENGTH` UTF-8 bytes without splitting a character."""
-    kept = "".join(c for c in text if _xml_char_ok(c) and unicodedata.category(c) not in ("Cc", "Cf"))
-    kept = kept.strip()
+    if text.isascii() and text.isprintable():
+        kept = text.strip()  # printable ASCII: every character an XML Char, none Cc or Cf (the usual case)
+    else:
+        kept = "".join(c for c in text if _xml_char_ok(c) and unicodedata.category(c) not in ("Cc", "Cf"))
+        kept = kept.strip()
     encoded = kept.encode("utf-8")[:MAX_DESCRIPTION_LENGTH]
     return encoded.decode("utf-8", errors="ignore").strip()
 
