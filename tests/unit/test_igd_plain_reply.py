@@ -187,6 +187,11 @@ def test_a_known_envelope_reads_only_the_children_and_still_as_the_tree() -> Non
     other = MINIUPNPD.replace(b"203.0.113.1", b"198.51.100.7")
     assert igd._plain_response(other, "GetExternalIPAddressResponse") == {"NewExternalIPAddress": "198.51.100.7"}
     assert read(other, 200, True) == read(other, 200, False)
+    # The same reply again is a comparison; each caller gets its own copy of the outputs.
+    first = igd._plain_response(other, "GetExternalIPAddressResponse")
+    assert first == {"NewExternalIPAddress": "198.51.100.7"}
+    first["NewExternalIPAddress"] = "changed"
+    assert igd._plain_response(other, "GetExternalIPAddressResponse") == {"NewExternalIPAddress": "198.51.100.7"}
 
 
 @given(st.lists(st.tuples(names, texts, spaces), max_size=4), st.sampled_from(["", "&amp;", "<!-- c -->", "\r"]))
