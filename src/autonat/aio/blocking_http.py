@@ -19,7 +19,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import httptools
 
@@ -95,8 +95,7 @@ class Connections:
         self._idle.clear()
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
+class Prepared(NamedTuple):
     """A request serialized once: where it goes and its bytes (and, for the wire trace, its parts)."""
 
     method: str

@@ -508,6 +508,7 @@ class Mappings:
     def __init__(self, secret: bytes, local_address: IPv4Address | IPv6Address) -> None:
         self.secret = secret
         self.local_address = local_address
+        self._client = str(local_address)  # NewInternalClient of every request (str() is dear for an address)
         self.tag = derive_nonce(secret, "upnp-tag", size=4).hex()
         self.made: dict[tuple[Transport, int], tuple[int, float | None]] = {}
         self._external_ip_request: igd.SoapRequest | None = None
@@ -532,7 +533,7 @@ class Mappings:
         external = request.external_port or request.internal_port
         alternatives = alternative_ports(self.secret, request.transport, request.internal_port)
         used_any = conflict_501 = same_port = False
-        client = str(self.local_address)
+        client = self._client
         description = self.description_for(request.transport, request.internal_port)
         for _ in range(MAX_ATTEMPTS * 2):
             arguments: dict[str, Any] = {
@@ -674,7 +675,7 @@ class Mappings:
         if made is not None and (made[1] is None or now < made[1]):
             yield from self.delete_external(found, transport, made[0])
             return
-        mine = str(self.local_address)
+        mine = self._client
         try:
             entry = igd.specific_entry_from(
                 (

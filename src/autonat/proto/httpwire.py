@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import httptools
@@ -93,8 +94,9 @@ def failure(exc: Exception, progress: Progress, url: str, deadline: float) -> Ro
     raise exc
 
 
-@dataclass(frozen=True, slots=True)
-class HttpReply:
+class HttpReply(NamedTuple):
+    """A reply's status and body (a tuple: the cheapest immutable value to make on every call)."""
+
     status: int
     body: bytes
 
@@ -224,18 +226,24 @@ def reply_of(parser: httptools.HttpResponseParser, progress: Progress) -> HttpRe
 
 
 def serialize(method: str, target: str, host: str, headers: dict[str, str], content: bytes, keep: bool) -> bytes:
-    """The request's bytes (RFC 9112 §3): `Connection: close` unless the connection is to be kept."""
-    lines = [
-        f"{method} {target} HTTP/1.1",
-        f"Host: {host}",
-        f"User-Agent: {USER_AGENT}",
-        *(() if keep else ("Connection: close",)),
-        f"Content-Length: {len(content)}",
-        *(f"{name}: {value}" for name, value in headers.items()),
-    ]
-    if _NOT_ONE_LINE.search("".join(lines)):
+    """The request's bytes (RFC 9112 §3): `Connection: close` unless the connection is to be kept. The head
+    is built once per method, target, host and headers; only Content-Length changes from one to the next."""
+    before, after = _head(method, target, host, tuple(headers.items()), keep)
+    return before + str(len(content)).encode() + after + content
+
+
+@lru_cache(maxsize=64)
+def _head(method: str, target: str, host: str, headers: tuple[tuple[str, str], ...], keep: bool) -> tuple[bytes, bytes]:
+    """The head's bytes before and after the Content-Length value."""
+    fixed = [f"{method} {target} HTTP/1.1", f"Host: {host}", f"User-Agent: {USER_AGENT}"]
+    if not keep:
+        fixed.append("Connection: close")
+    given = [f"{name}: {value}" for name, value in headers]
+    if _NOT_ONE_LINE.search("".join(fixed + given)):
         raise ValueError("HTTP header text must be single lines")  # a caller bug, never router input
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + content
+    before = "".join(f"{line}\r\n" for line in fixed) + "Content-Length: "
+    after = "".join(f"\r\n{line}" for line in given) + "\r\n\r\n"
+    return before.encode("latin-1"), after.encode("latin-1")
 
 
 _NOT_ONE_LINE = re.compile("[\r\n\0]")

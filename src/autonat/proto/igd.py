@@ -403,8 +403,9 @@ def _check_name(value: str, what: str) -> None:
         _CHECKED_NAMES.add(value)
 
 
-MAX_CHECKED_NAMES = 256
-_CHECKED_NAMES: set[str] = set()
+MAX_CHECKED_NAMES = 256  # per memo below; names come from the code, so a handful in practice
+_CHECKED_NAMES: set[str] = set()  # element names found plain
+_CHECKED_SERVICE_TYPES: set[str] = set()  # service types found fit for a SOAPAction header
 # Element content that needs no escaping (the usual argument: a number, an address, a plain description).
 _NEEDS_ESCAPE = re.compile("[&<>\"'\r]")
 
@@ -426,8 +427,11 @@ class SoapRequest:
     def __post_init__(self) -> None:
         _check_name(self.action, "action")
         st = self.service_type
-        if not st or not st.isascii() or _NOT_IN_SERVICE_TYPE.search(st):
-            raise ValueError(f"service_type cannot be sent in a SOAPAction header: {st!r}")
+        if st not in _CHECKED_SERVICE_TYPES:
+            if not st or not st.isascii() or _NOT_IN_SERVICE_TYPE.search(st):
+                raise ValueError(f"service_type cannot be sent in a SOAPAction header: {st!r}")
+            if len(_CHECKED_SERVICE_TYPES) < MAX_CHECKED_NAMES:
+                _CHECKED_SERVICE_TYPES.add(st)
         for name, value in self.arguments:
             _check_name(name, "argument name")
             if not isinstance(value, str) or _NOT_XML_CHAR.search(value):
