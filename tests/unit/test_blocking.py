@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from autonat.aio import blocking
 from autonat.aio import natpmp as natpmp_client
 from autonat.aio.blocking import BlockingSession
 from autonat.aio.channel import DatagramChannel
@@ -167,3 +168,40 @@ async def test_many_requests_in_flight_share_the_channel_s_one_timer() -> None:
     assert not channel.drops
     channel.close()
     assert router.received
+
+
+class _CountingSocket:
+    """Records every settimeout: each one is a system call on a real socket."""
+
+    def __init__(self) -> None:
+        self.timeout: float | None = None
+        self.set: list[float] = []
+
+    def gettimeout(self) -> float | None:
+        return self.timeout
+
+    def settimeout(self, value: float) -> None:
+        self.timeout = value
+        self.set.append(value)
+
+
+def test_the_socket_timeout_is_set_only_when_it_changes_and_never_above_the_wait_step() -> None:
+    sock = _CountingSocket()
+    for seconds in (0.25, 0.3, 1.7, 0.2):  # every warm request's first wait: the step, set once
+        blocking._wait_at_most(sock, seconds)  # type: ignore[arg-type]
+    assert sock.set == [blocking.WAIT_STEP]
+    blocking._wait_at_most(sock, 0.05)  # a nearer due time (the last wait before a retransmission) is exact
+    blocking._wait_at_most(sock, 0.5)
+    assert sock.set == [blocking.WAIT_STEP, 0.05, blocking.WAIT_STEP]
+
+
+async def test_a_lost_request_is_still_resent_on_time_with_the_capped_wait() -> None:
+    """With waits of at most WAIT_STEP the retransmissions keep RFC 6887 §8.1.1's schedule: a PCP map to a
+    silent router is sent at 0 and after ~0.25 s and ~0.75 s (±10 %), then times out at the deadline."""
+    router, port = await start_fake_router(silent=True)
+    with session(port, deadline=1.0) as blocking_session:
+        started = time.monotonic()
+        with pytest.raises(RouterTimeout, match=r"within 1 s \(3 tries\)"):
+            await asyncio.to_thread(blocking_session.add, MappingRequest(Transport.UDP, 5066), "pcp")
+        assert 0.95 <= time.monotonic() - started < 1.5
+    assert len(router.received) == 3

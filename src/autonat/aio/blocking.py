@@ -45,7 +45,21 @@ if TYPE_CHECKING:
 
     BlockingChoice = Literal["auto", "pcp", "natpmp", "upnp"]
 PROBE_GRACE = 0.25  # as router.PROBE_GRACE: once one protocol answered, how long the other may take
+WAIT_STEP = 0.2
+"""The longest one wait on the socket. `settimeout` is a system call every time (ioctl FIONBIO on Linux),
+so the socket keeps this timeout while the next due time is further away (a warm request sets none: the
+first retransmission is 225 ms or more away, exchange.py), and only a nearer due time gets its own. A
+request that goes unanswered wakes once more per retransmission, to no effect: the exchange decides
+from the clock."""
 _TRACE_MODULE = "autonat.aio.trace"
+
+
+def _wait_at_most(sock: socket.socket, seconds: float) -> None:
+    """Let the next `recv` on `sock` wait at most `seconds` (> 0), WAIT_STEP at the longest; reading the
+    current timeout costs no system call, setting it does."""
+    seconds = min(seconds, WAIT_STEP)
+    if sock.gettimeout() != seconds:
+        sock.settimeout(seconds)
 
 
 def _wiretrace() -> Any:
@@ -142,7 +156,8 @@ class BlockingSession:
         while True:
             now = time.monotonic()
             for exchange, _ in exchanges:
-                self._send_due(exchange, now, trace, exchanges)
+                if self._send_due(exchange, now, trace):
+                    self._unreachable([exchange for exchange, _ in exchanges], trace)
             # After all the sends: an ICMP port unreachable reported on a later send ends earlier ones too.
             waiting = [exchange for exchange, _ in exchanges if not exchange.done]
             if grace is not None and cutoff is None and any(e.done and not e.failed for e, _ in exchanges):
@@ -152,13 +167,13 @@ class BlockingSession:
             due = min(t for exchange in waiting if (t := exchange.timer()) is not None)
             if cutoff is not None:
                 due = min(due, cutoff)
-            sock.settimeout(max(0.0, due - now))
+            _wait_at_most(sock, due - now)
             try:
                 data = sock.recv(MAX_DATAGRAM + 1)
             except TimeoutError:
                 continue
             except ConnectionRefusedError:
-                self._unreachable(exchanges, trace)
+                self._unreachable([exchange for exchange, _ in exchanges], trace)
                 continue
             now = time.monotonic()
             if trace is not None and trace.ON:
@@ -169,64 +184,67 @@ class BlockingSession:
                 if exchange.receive(data, server, now) is None:
                     break
 
-    def _run_one(self, exchange: Exchange[Any]) -> None:
-        """`_run` for one exchange, the common case, with nothing on the way between the socket and the
-        exchange: what runs between the reply's arrival and the caller's return is the cost a warm
-        request adds to the router's own time (bench/peers.py)."""
+    def _run_one(self, exchange: Exchange[Any]) -> bool:
+        """`_run` for one exchange made just now (its first transmission is due at its `started`), the
+        common case, with nothing on the way between the socket and the exchange: what runs between the
+        reply's arrival and the caller's return is the cost a warm request adds to the router's own time
+        (bench/peers.py). True if it was answered."""
         sock = self._sock
         server = self._server
         trace = _wiretrace()
-        alone = [(exchange, "")]
-        now = time.monotonic()
+        now = exchange.started  # the caller read the clock to make it: no second read
         while True:
-            self._send_due(exchange, now, trace, alone)
+            if self._send_due(exchange, now, trace):
+                self._unreachable([exchange], trace)
             due = exchange.timer()
             if due is None:
-                return
-            sock.settimeout(max(0.0, due - now))
+                return False  # timed out or unreachable
+            _wait_at_most(sock, due - now)
             try:
                 data = sock.recv(MAX_DATAGRAM + 1)
             except TimeoutError:
                 now = time.monotonic()
                 continue
             except ConnectionRefusedError:
-                self._unreachable(alone, trace)
-                return
+                self._unreachable([exchange], trace)
+                return False
             now = time.monotonic()
             if trace is not None and trace.ON:
                 trace.datagram_received(data, server, now)
             if len(data) <= MAX_DATAGRAM and exchange.receive(data, server, now) is None:
-                return
+                return True
 
-    def _send_due(
-        self, exchange: Exchange[Any], now: float, trace: Any, everyone: list[tuple[Exchange[Any], str]]
-    ) -> None:
-        """Send what `exchange` has due at `now`; an ICMP port unreachable reported on the send ends
-        `everyone` (the socket is connected to the one server they all talk to)."""
+    def _send_due(self, exchange: Exchange[Any], now: float, trace: Any) -> bool:
+        """Send what `exchange` has due at `now`. True if the send reported an ICMP port unreachable,
+        which ends every exchange of the caller (the socket is connected to the one server they all
+        talk to)."""
         exchange.handle_timer(now)
+        refused = False
         for datagram in exchange.datagrams_to_send(now):
             if trace is not None and trace.ON:
                 trace.datagram_sent(datagram, self._server, exchange.started, exchange.transmissions)
             try:
                 self._sock.send(datagram)
             except ConnectionRefusedError:
-                self._unreachable(everyone, trace)
+                refused = True
             except OSError:
                 pass  # lost, as a datagram can be: retransmission covers it
+        return refused
 
-    def _unreachable(self, exchanges: list[tuple[Exchange[Any], str]], trace: Any = None) -> None:
+    def _unreachable(self, exchanges: list[Exchange[Any]], trace: Any = None) -> None:
         """ICMP port unreachable from the server (the socket is connected to it): every exchange ends."""
         if trace is not None and trace.ON:
             trace.unreachable(self._server)
-        for exchange, _ in exchanges:
+        for exchange in exchanges:
             exchange.unreachable()
 
     def _one(self, exchange: Exchange[Any], what: str) -> Any:
-        self._run([(exchange, what)])
+        """Drive `exchange`, made just now, alone to its end: its reply, or its one-line failure raised."""
+        if self._run_one(exchange):
+            return exchange.result
         failure = exchange.failure(what)
-        if failure is not None:
-            raise failure
-        return exchange.result
+        assert failure is not None  # ended without an answer: timed out or refused
+        raise failure
 
     def _natpmp_server(self) -> tuple[IPv4Address, int]:
         if self._natpmp_at is None:
@@ -246,7 +264,8 @@ class BlockingSession:
     def external_address(self) -> IPv4Address:
         """RFC 6886 §3.2 (NAT-PMP): the gateway's external IPv4 address. RouterTimeout,
         RouterUnreachable or RouterRefused with a one-line reason."""
-        exchange = natpmp_client.external_address_exchange(self._natpmp_server(), time.monotonic(), self.deadline)
+        server = self._natpmp_at or self._natpmp_server()
+        exchange = natpmp_client.external_address_exchange(server, time.monotonic(), self.deadline)
         reply = self._one(exchange, self._natpmp_what)
         natpmp_client.check(reply)
         self._address.learned(reply, time.monotonic())
@@ -312,14 +331,14 @@ class BlockingSession:
         chosen = self._select() if protocol == "auto" else protocol
         local = self.location.local_address
         if chosen == "pcp":
-            from autonat.aio import pcp as pcp_client
+            # From the module itself, not `from autonat.aio import pcp`: a package's fromlist goes through
+            # importlib's Python code on every call, a module's does not.
+            from autonat.aio.pcp import check, exchange_for, map_request, mapping_from
 
             nonce = self._nonce(request.transport, request.internal_port)
-            exchange = pcp_client.exchange_for(
-                pcp_client.map_request(local, nonce, request), self._server, time.monotonic(), self.deadline
-            )
-            reply = pcp_client.check(self._one(exchange, self._pcp_what))
-            mapping = pcp_client.mapping_from(reply, request, local, self._max_lifetime)
+            exchange = exchange_for(map_request(local, nonce, request), self._server, time.monotonic(), self.deadline)
+            reply = check(self._one(exchange, self._pcp_what))
+            mapping = mapping_from(reply, request, local, self._max_lifetime)
         elif chosen == "natpmp":
             mapping = self._natpmp_add(request, local)
         elif chosen == "upnp":
@@ -334,16 +353,15 @@ class BlockingSession:
     def _natpmp_add(self, request: MappingRequest, local: IPv4Address | IPv6Address) -> Mapping:
         """RFC 6886 §3.3, with the external address as `NatPmpClient.add` gets it (ADDRESS_TRUST)."""
         now = time.monotonic()
-        exchange = natpmp_client.map_exchange(
-            self._natpmp_server(), natpmp_client.map_request(request), now, self.deadline
-        )
-        exchanges: list[tuple[Exchange[Any], str]] = [(exchange, self._natpmp_what)]
+        server = self._natpmp_at or self._natpmp_server()
+        exchange = natpmp_client.map_exchange(server, natpmp_client.map_request(request), now, self.deadline)
         address = None
-        if not self._address.fresh(now):
-            address = natpmp_client.external_address_exchange(self._natpmp_server(), now, self.deadline)
-            exchanges.append((address, self._natpmp_what))
-        self._run(exchanges)
-        reply = self._finish(exchange, self._natpmp_what)
+        if self._address.fresh(now):
+            reply = self._one(exchange, self._natpmp_what)
+        else:
+            address = natpmp_client.external_address_exchange(server, now, self.deadline)
+            self._run([(exchange, self._natpmp_what), (address, self._natpmp_what)])
+            reply = self._finish(exchange, self._natpmp_what)
         natpmp_client.check(reply)
         external = None
         if address is not None and not address.failed:
@@ -366,19 +384,19 @@ class BlockingSession:
         chosen = self._select() if protocol == "auto" else protocol
         local = self.location.local_address
         if chosen == "pcp":
-            from autonat.aio import pcp as pcp_client
-            from autonat.proto import pcp
+            from autonat.aio.pcp import check, deleted, exchange_for  # modules, not packages: see add
+            from autonat.proto.pcp import Request
 
-            request = pcp.Request.delete(local, self._nonce(transport, internal_port), transport, internal_port)
-            exchange = pcp_client.exchange_for(request, self._server, time.monotonic(), self.deadline)
+            request = Request.delete(local, self._nonce(transport, internal_port), transport, internal_port)
+            exchange = exchange_for(request, self._server, time.monotonic(), self.deadline)
             try:
-                pcp_client.check(self._one(exchange, self._pcp_what))
+                check(self._one(exchange, self._pcp_what))
             except RouterRefused as exc:
-                if not pcp_client.deleted(exc):
+                if not deleted(exc):
                     raise
         elif chosen == "natpmp":
             unmap = natpmp_client.map_exchange(
-                self._natpmp_server(),
+                self._natpmp_at or self._natpmp_server(),
                 natpmp.MapRequest.delete(transport, internal_port),
                 time.monotonic(),
                 self.deadline,

@@ -52,6 +52,8 @@ else:
     R = object
 
     class _Generic:
+        __slots__ = ()
+
         def __class_getitem__(cls, item: object) -> type:
             return cls
 
@@ -100,6 +102,13 @@ class State(enum.Enum):
     UNREACHABLE = "unreachable"  # ICMP port unreachable: nothing listens on the server's port
 
 
+# Module names for the states: the per-request methods below test them as globals, not enum attributes.
+_WAITING = State.WAITING
+_ANSWERED = State.ANSWERED
+_TIMED_OUT = State.TIMED_OUT
+_UNREACHABLE = State.UNREACHABLE
+
+
 class Exchange(_Generic[R]):
     """A request sent to `server` until `parse` accepts a reply from it, or the deadline passes.
 
@@ -107,6 +116,25 @@ class Exchange(_Generic[R]):
     when the datagram is not an answer to *this* request (wrong opcode, nonce, port...). Such
     datagrams, and any from another source, are dropped and counted in `drops` by reason.
     """
+
+    # Slots: one exchange per request, and its methods read these fields on the warm path (bench/peers.py).
+    __slots__ = (
+        "_drops",
+        "_interval",
+        "_next_send",
+        "_parse",
+        "_rand",
+        "_schedule",
+        "_state",
+        "answered_at",
+        "deadline_at",
+        "key",
+        "request",
+        "result",
+        "server",
+        "started",
+        "transmissions",
+    )
 
     def __init__(
         self,
@@ -138,7 +166,7 @@ class Exchange(_Generic[R]):
         self._rand = rand
         self._interval: float | None = None
         self._next_send: float = now
-        self._state = State.WAITING
+        self._state = _WAITING
 
     @property
     def state(self) -> State:
@@ -153,18 +181,18 @@ class Exchange(_Generic[R]):
 
     @property
     def done(self) -> bool:
-        return self._state is not State.WAITING
+        return self._state is not _WAITING
 
     @property
     def timed_out(self) -> bool:
-        return self._state is State.TIMED_OUT
+        return self._state is _TIMED_OUT
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """The request, when a (re)transmission is due at `now`; otherwise nothing."""
-        if self.done or now < self._next_send:
+        if self._state is not _WAITING or now < self._next_send:
             return []
         if now >= self.deadline_at:
-            self._state = State.TIMED_OUT
+            self._state = _TIMED_OUT
             return []
         self.transmissions += 1
         self._interval = self._schedule.interval(self._interval, self._rand)
@@ -173,32 +201,32 @@ class Exchange(_Generic[R]):
 
     def timer(self) -> float | None:
         """When the caller must call `handle_timer` next (None once done)."""
-        if self.done:
+        if self._state is not _WAITING:
             return None
         return min(self._next_send, self.deadline_at)
 
     def handle_timer(self, now: float) -> None:
-        if not self.done and now >= self.deadline_at:
-            self._state = State.TIMED_OUT
+        if now >= self.deadline_at and self._state is _WAITING:
+            self._state = _TIMED_OUT
 
     def unreachable(self) -> None:
         """The server's host answered with ICMP port unreachable: end now instead of at the deadline."""
-        if not self.done:
-            self._state = State.UNREACHABLE
+        if self._state is _WAITING:
+            self._state = _UNREACHABLE
 
     @property
     def failed(self) -> bool:
         """Ended without an answer: timed out, or refused by ICMP port unreachable."""
-        return self._state is State.TIMED_OUT or self._state is State.UNREACHABLE
+        return self._state is _TIMED_OUT or self._state is _UNREACHABLE
 
     @property
     def refused(self) -> bool:
         """Ended by an ICMP port unreachable (see `unreachable`)."""
-        return self._state is State.UNREACHABLE
+        return self._state is _UNREACHABLE
 
     def receive(self, data: bytes, source: Endpoint, now: float) -> str | None:
         """Offer a datagram. Returns None if it answered this request, else the reason it was dropped."""
-        if self.done:
+        if self._state is not _WAITING:
             reason = "late reply"
         elif source != self.server:
             reason = "reply from another address"
@@ -208,7 +236,7 @@ class Exchange(_Generic[R]):
             except DecodeError as exc:
                 reason = exc.reason
             else:
-                self._state = State.ANSWERED
+                self._state = _ANSWERED
                 self.answered_at = now
                 return None
         self.drops[reason] += 1
@@ -217,9 +245,9 @@ class Exchange(_Generic[R]):
     def failure(self, what: str) -> AutonatError | None:
         """The one-line error for an exchange that ended without an answer (None if answered or
         still waiting); `what` names the server ("NAT-PMP at 192.168.77.1:5351")."""
-        if self._state is State.UNREACHABLE:
+        if self._state is _UNREACHABLE:
             return RouterUnreachable(f"{what} is unreachable: the router answered ICMP port unreachable")
-        if self._state is State.TIMED_OUT:
+        if self._state is _TIMED_OUT:
             seconds = self.deadline_at - self.started
             tries = "try" if self.transmissions == 1 else "tries"
             return RouterTimeout(f"no answer from {what} within {seconds:g} s ({self.transmissions} {tries})")
