@@ -287,3 +287,64 @@ def test_response_constructors_validate() -> None:
         ErrorResponse(128, 1, 0)
     with pytest.raises(ValueError, match="IPv4Address"):
         ExternalAddressResponse(0, 0, "1.2.3.4")  # type: ignore[arg-type]
+
+
+# --- the warm path (differential: the fast reading is the general one) ----------------------------
+
+
+@given(
+    st.lists(st.one_of(st.binary(min_size=4, max_size=4), st.sampled_from([bytes(4), b"\xcb\x00q\x01"])), max_size=10)
+)
+def test_ipv4_address_keeps_the_last_one_and_equals_a_fresh_one(sequence: list[bytes]) -> None:
+    """ipv4_address returns the object it made for the same bytes last time (§3.2: one gateway, one
+    address); whatever the order, the value is IPv4Address(packed)."""
+    previous: tuple[bytes, IPv4Address] | None = None
+    for packed in sequence:
+        address = natpmp.ipv4_address(packed)
+        assert address == IPv4Address(packed) and type(address) is IPv4Address
+        if previous is not None and previous[0] == packed:
+            assert address is previous[1]
+        previous = (packed, address)
+
+
+replies = st.one_of(external_address_responses, map_responses, error_responses)
+
+
+@given(replies, transports, st.integers(1, 0xFFFF))
+def test_a_map_reply_is_accepted_exactly_when_its_opcode_and_port_are_ours(
+    reply: ExternalAddressResponse | MapResponse | ErrorResponse, transport: Transport, internal_port: int
+) -> None:
+    """RFC 6886 §3.3: the map exchange's reading (the full form checked first) accepts a reply iff its
+    opcode is the request's (+128) and, in the full form, its internal port is the request's."""
+    from autonat.aio.natpmp import _expect_map
+
+    opcode = Opcode.for_transport(transport)
+    if isinstance(reply, MapResponse):
+        ours = Opcode.for_transport(reply.transport) == opcode
+        reason = "reply to another NAT-PMP request" if not ours else "NAT-PMP reply for another internal port"
+        ours = ours and reply.internal_port == internal_port
+    else:
+        ours = isinstance(reply, ErrorResponse) and reply.opcode == opcode
+        reason = "reply to another NAT-PMP request"
+    parse = _expect_map(transport, internal_port)
+    if ours:
+        assert parse(reply.encode()) == reply
+    else:
+        with pytest.raises(DecodeError) as info:
+            parse(reply.encode())
+        assert info.value.reason == reason
+
+
+@given(replies)
+def test_an_external_address_reply_is_accepted_exactly_when_its_opcode_is_128(
+    reply: ExternalAddressResponse | MapResponse | ErrorResponse,
+) -> None:
+    from autonat.aio.natpmp import _expect_external_address
+
+    if isinstance(reply, ExternalAddressResponse) or (
+        isinstance(reply, ErrorResponse) and reply.opcode == Opcode.EXTERNAL_ADDRESS
+    ):
+        assert _expect_external_address(reply.encode()) == reply
+    else:
+        with pytest.raises(DecodeError, match="reply to another NAT-PMP request"):
+            _expect_external_address(reply.encode())

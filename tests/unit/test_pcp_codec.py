@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -21,7 +22,7 @@ from autonat.proto.pcp import (
     ResultCode,
     VersionNotSupported,
 )
-from autonat.proto.types import Transport
+from autonat.proto.types import Transport, check_range
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
@@ -470,3 +471,80 @@ def test_mutated_valid_messages_never_raise_anything_but_decode_error(
             mutated[position] = value
     _parse_everything(bytes(mutated))
     _parse_everything(bytes(mutated[:cut]))
+
+
+# --- the warm path's constructions are the general ones (differential) ---------------------------
+
+# Arguments a caller may pass, valid or not: each check must fire exactly as the constructors' do.
+any_ports = st.one_of(u16, st.sampled_from([-1, 0, 0x1_0000, True]))
+any_lifetimes = st.one_of(u32, st.sampled_from([-1, 2**32]))
+any_nonces = st.one_of(nonces, st.binary(max_size=13))
+any_addresses = st.one_of(addresses, st.just("192.168.1.10"))
+
+
+def _outcome(build: Callable[[], Request]) -> Request | tuple[str, str]:
+    try:
+        return build()
+    except ValueError as exc:
+        return ("ValueError", str(exc))
+
+
+@given(any_addresses, any_nonces, st.sampled_from(list(Transport)), any_ports, any_lifetimes, any_ports, addresses)
+def test_new_map_is_exactly_the_checked_constructors(
+    client: IPv4Address | IPv6Address,
+    nonce: bytes,
+    transport: Transport,
+    internal_port: int,
+    lifetime: int,
+    external_port: int,
+    external: IPv4Address | IPv6Address,
+) -> None:
+    """new_map builds the Request without its __init__ (§11.1): the same value, or the same error in the
+    same words, as the general constructors give (new_map's own port check first, as it always had)."""
+
+    def general() -> Request:
+        check_range("internal_port", internal_port, 1, 0xFFFF)
+        data = MapData(nonce, transport.iana_number, internal_port, external_port, external)
+        return Request(Opcode.MAP, lifetime, client, data)
+
+    def fast() -> Request:
+        return Request.new_map(
+            client,
+            nonce,
+            transport,
+            internal_port,
+            lifetime,
+            suggested_external_port=external_port,
+            suggested_external_address=external,
+        )
+
+    expected = _outcome(general)
+    got = _outcome(fast)
+    assert got == expected
+    if isinstance(got, Request) and isinstance(expected, Request):
+        assert type(got.options) is tuple and got.opcode is Opcode.MAP
+        assert got.encode() == expected.encode()
+        assert pcp.parse_request(got.encode()) == got
+
+
+@given(responses)
+def test_map_data_read_in_place_is_the_36_bytes_decoded(response: Response) -> None:
+    """parse_response reads the MAP data in place (MapData._decode_at); MapData.decode of the same 36
+    bytes copied out gives the same value."""
+    wire = response.encode()
+    parsed = pcp.parse_response(wire)
+    assert isinstance(parsed, Response)
+    if parsed.map is not None:
+        assert parsed.map == MapData.decode(wire[pcp.HEADER_SIZE : pcp.HEADER_SIZE + pcp.MAP_DATA_SIZE])
+
+
+@given(st.lists(st.binary(min_size=16, max_size=16), max_size=8), st.lists(ipv4, max_size=8))
+def test_decode_address_with_its_kept_ipv4_is_the_plain_decoding(raws: list[bytes], mapped: list[IPv4Address]) -> None:
+    """The last IPv4 address decoded is returned again for the same bytes: equal to a fresh decoding,
+    whatever came before (IPv6, another IPv4, the same one twice)."""
+    for raw in [*raws, *(pcp.encode_address(ip) for ip in mapped for _ in range(2))]:
+        decoded = pcp.decode_address(raw)
+        if raw.startswith(bytes(10) + b"\xff\xff"):
+            assert decoded == IPv4Address(raw[12:]) and isinstance(decoded, IPv4Address)
+        else:
+            assert decoded == IPv6Address(raw)

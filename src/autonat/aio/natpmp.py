@@ -62,6 +62,8 @@ def _opcode(reply: NatPmpReply) -> int:
 def _expect_external_address(data: bytes) -> natpmp.ExternalAddressResponse | natpmp.ErrorResponse:
     """RFC 6886 §3.2: only a reply with opcode 128 answers an external-address request."""
     reply = natpmp.parse_response(data)
+    if type(reply) is natpmp.ExternalAddressResponse:  # the answer: asked first
+        return reply
     if isinstance(reply, natpmp.MapResponse) or _opcode(reply) != natpmp.Opcode.EXTERNAL_ADDRESS:
         raise DecodeError("reply to another NAT-PMP request")
     return reply
@@ -70,15 +72,21 @@ def _expect_external_address(data: bytes) -> natpmp.ExternalAddressResponse | na
 def _expect_map(
     transport: Transport, internal_port: int
 ) -> Callable[[bytes], natpmp.MapResponse | natpmp.ErrorResponse]:
+    """RFC 6886 §3.3: a reply answers a mapping request only with its opcode (+128: its transport) and,
+    in the full form, its internal port."""
     opcode = natpmp.Opcode.for_transport(transport)
 
     def parse(data: bytes) -> natpmp.MapResponse | natpmp.ErrorResponse:
         reply = natpmp.parse_response(data)
+        if type(reply) is natpmp.MapResponse:  # the full form, the answer: asked first
+            if reply.transport is not transport:
+                raise DecodeError("reply to another NAT-PMP request")
+            if reply.internal_port != internal_port:
+                raise DecodeError("NAT-PMP reply for another internal port")
+            return reply
         if isinstance(reply, natpmp.ExternalAddressResponse) or _opcode(reply) != opcode:
             raise DecodeError("reply to another NAT-PMP request")
-        if isinstance(reply, natpmp.MapResponse) and reply.internal_port != internal_port:
-            raise DecodeError("NAT-PMP reply for another internal port")
-        return reply
+        return reply  # the short error form (§3.5) of our opcode
 
     return parse
 
@@ -140,15 +148,9 @@ def mapping_from(
     external: IPv4Address | None,
     max_lifetime: int,
 ) -> Mapping:
+    # Positional, in Mapping's field order (keywords cost a map+unmap more than they say here).
     mapping = Mapping(
-        protocol=NAME,
-        transport=request.transport,
-        internal_address=local,
-        internal_port=reply.internal_port,
-        external_ip=external,
-        external_port=reply.external_port,
-        lifetime=reply.lifetime,
-        epoch=reply.epoch,
+        NAME, request.transport, local, reply.internal_port, external, reply.external_port, reply.lifetime, reply.epoch
     )
     return cap_grant(mapping, max_lifetime)
 

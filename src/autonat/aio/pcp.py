@@ -34,11 +34,15 @@ NAME = "pcp"
 MAX_CODES = 32  # distinct result codes counted per client
 NONCE_CACHE = 4096  # nonces remembered per client (an HMAC each otherwise); a daemon maps far fewer ports
 PcpReply = pcp.Response | pcp.VersionNotSupported
+_SUCCESS = pcp.ResultCode.SUCCESS
 
 
 def _expect(opcode: int, map_data: pcp.MapData | None) -> Callable[[bytes], PcpReply]:
     """RFC 6887 §8.3 / §11.4: a reply answers our request only if opcode (and for MAP the nonce,
     protocol and internal port) match."""
+
+    if map_data is not None:  # what a MAP reply must echo, read once
+        nonce, protocol, internal_port = map_data.nonce, map_data.protocol, map_data.internal_port
 
     def parse(data: bytes) -> PcpReply:
         reply = pcp.parse_response(data)
@@ -47,13 +51,12 @@ def _expect(opcode: int, map_data: pcp.MapData | None) -> Callable[[bytes], PcpR
         if reply.opcode != opcode:
             raise DecodeError("reply to another PCP opcode")
         if map_data is not None:
-            if reply.map is None:
+            answer = reply.map
+            if answer is None:
                 raise DecodeError("PCP MAP reply without MAP data")
-            if reply.map.nonce != map_data.nonce:
+            if answer.nonce != nonce:
                 raise DecodeError("PCP reply with another nonce")
-            if reply.result == pcp.ResultCode.SUCCESS and (
-                reply.map.protocol != map_data.protocol or reply.map.internal_port != map_data.internal_port
-            ):
+            if reply.result == _SUCCESS and (answer.protocol != protocol or answer.internal_port != internal_port):
                 raise DecodeError("PCP reply for another mapping")
         return reply
 
@@ -124,17 +127,13 @@ def map_request(local: IPv4Address | IPv6Address, nonce: bytes, request: Mapping
 def mapping_from(
     reply: pcp.Response, request: MappingRequest, local: IPv4Address | IPv6Address, max_lifetime: int
 ) -> Mapping:
-    assert reply.map is not None
+    data = reply.map
+    assert data is not None
+    # Positional, in Mapping's field order (as natpmp.mapping_from).
     mapping = Mapping(
-        protocol=NAME,
-        transport=request.transport,
-        internal_address=local,
-        internal_port=reply.map.internal_port,
-        external_ip=reply.map.external_address,
-        external_port=reply.map.external_port,
-        lifetime=reply.lifetime,
-        epoch=reply.epoch,
-    )
+        NAME, request.transport, local, data.internal_port, data.external_address, data.external_port,
+        reply.lifetime, reply.epoch,
+    )  # fmt: skip
     return cap_grant(mapping, max_lifetime)
 
 

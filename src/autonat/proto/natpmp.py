@@ -34,6 +34,7 @@ __all__ = [
     "Opcode",
     "ResultCode",
     "describe_result",
+    "ipv4_address",
     "parse_request",
     "parse_response",
 ]
@@ -58,6 +59,9 @@ _ERROR_RESPONSE_SIZE = 8
 _EXTERNAL_ADDRESS_RESPONSE_SIZE = 12
 _MAP_RESPONSE_SIZE = 16
 
+_UDP = Transport.UDP
+_TCP = Transport.TCP
+
 _HEAD = struct.Struct("!BB")
 _MAP_REQUEST = struct.Struct("!BBHHHI")
 _RESPONSE_HEAD = struct.Struct("!BBHI")
@@ -75,7 +79,7 @@ class Opcode(enum.IntEnum):
     @classmethod
     def for_transport(cls, transport: Transport) -> Opcode:
         """The mapping opcode for `transport` (§3.3: 1 for UDP, 2 for TCP)."""
-        return cls.MAP_UDP if transport is Transport.UDP else cls.MAP_TCP
+        return _MAP_UDP if transport is _UDP else _MAP_TCP
 
     @property
     def transport(self) -> Transport:
@@ -106,6 +110,26 @@ _RESULT_TEXT = {
     ResultCode.OUT_OF_RESOURCES: "out of resources (no more mappings available)",
     ResultCode.UNSUPPORTED_OPCODE: "unsupported opcode",
 }
+
+
+# The opcodes the per-reply code compares with, as module names (an enum attribute costs a lookup more).
+_EXTERNAL_ADDRESS = Opcode.EXTERNAL_ADDRESS
+_MAP_UDP = Opcode.MAP_UDP
+_MAP_TCP = Opcode.MAP_TCP
+
+_MAP_OPCODES = frozenset({_MAP_UDP, _MAP_TCP})
+_LAST_IPV4 = [(bytes(4), IPv4Address(0))]  # ipv4_address's one entry: the last bytes and their address
+
+
+def ipv4_address(packed: bytes) -> IPv4Address:
+    """`IPv4Address(packed)` for 4 bytes off the wire (§3.2's external address; PCP's IPv4-mapped
+    addresses reuse it). A gateway names the same external address in reply after reply, and an address
+    is immutable, so the last one is kept and returned again: no object built per reply (bench/peers.py)."""
+    last, address = _LAST_IPV4[0]
+    if packed != last:
+        address = IPv4Address(packed)
+        _LAST_IPV4[0] = (packed, address)  # one tuple replaced whole: safe across threads
+    return address
 
 
 def describe_result(code: int) -> str:
@@ -314,13 +338,14 @@ def parse_response(
         raise DecodeError(f"NAT-PMP opcode {op_byte} is a request, not a response")
     opcode = op_byte - RESPONSE_BIT
 
-    if opcode == Opcode.EXTERNAL_ADDRESS and len(data) == _EXTERNAL_ADDRESS_RESPONSE_SIZE:
+    size = len(data)
+    if opcode == _EXTERNAL_ADDRESS and size == _EXTERNAL_ADDRESS_RESPONSE_SIZE:
         address = _EXTERNAL_ADDRESS_RESPONSE.unpack(data)[4]
-        return from_wire(ExternalAddressResponse, result, epoch, IPv4Address(address))
+        return from_wire(ExternalAddressResponse, result, epoch, ipv4_address(address))
     # Fields in range by their width (from_wire: no checks meant for a caller's values on every reply).
-    if opcode in (Opcode.MAP_UDP, Opcode.MAP_TCP) and len(data) == _MAP_RESPONSE_SIZE:
+    if opcode in _MAP_OPCODES and size == _MAP_RESPONSE_SIZE:
         _, _, _, _, internal_port, external_port, lifetime = _MAP_RESPONSE.unpack(data)
-        transport = Transport.UDP if opcode == Opcode.MAP_UDP else Transport.TCP
+        transport = _UDP if opcode == _MAP_UDP else _TCP
         return from_wire(MapResponse, transport, result, epoch, internal_port, external_port, lifetime)
     if result != ResultCode.SUCCESS:
         return from_wire(ErrorResponse, opcode, result, epoch)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
 from autonat.proto.errors import DecodeError
+from autonat.proto.natpmp import ipv4_address
 from autonat.proto.record import Record, from_wire, init_fields
 from autonat.proto.types import Transport, check_range
 
@@ -73,6 +74,7 @@ UNSPECIFIED_IPV6 = IPv6Address(0)
 
 RESPONSE_BIT = 0x80
 OPCODE_MASK = 0x7F
+_MAP_MESSAGE_SIZE = HEADER_SIZE + MAP_DATA_SIZE  # the common header, then the MAP opcode data
 
 MAX_U8 = 0xFF
 MAX_U16 = 0xFFFF
@@ -118,6 +120,11 @@ class ResultCode(enum.IntEnum):
     ADDRESS_MISMATCH = 12
     EXCESSIVE_REMOTE_PEERS = 13
 
+
+# The members the per-message code compares with, as module names (an enum attribute costs a lookup more).
+_OPCODE_ANNOUNCE = Opcode.ANNOUNCE
+_OPCODE_MAP = Opcode.MAP
+_SUCCESS = ResultCode.SUCCESS
 
 _RESULT_TEXT = {
     ResultCode.SUCCESS: "the request succeeded",
@@ -200,7 +207,7 @@ def decode_address(b: bytes) -> IPv4Address | IPv6Address:
         raise DecodeError(f"PCP address field is {len(b)} bytes, not 16")
     raw = bytes(b)
     if raw.startswith(_MAPPED_PREFIX):
-        return IPv4Address(raw[12:])
+        return ipv4_address(raw[12:])
     return IPv6Address(raw)
 
 
@@ -379,7 +386,13 @@ class MapData(Record):
         """Decode exactly 36 bytes; the reserved bytes are ignored (§11.1)."""
         if len(data) != MAP_DATA_SIZE:
             raise DecodeError(f"PCP MAP data is {len(data)} bytes, not {MAP_DATA_SIZE}")
-        nonce, protocol, internal_port, external_port, address = _MAP_DATA.unpack(data)
+        return cls._decode_at(data, 0)
+
+    @classmethod
+    def _decode_at(cls, message: bytes, offset: int) -> MapData:
+        """The 36 bytes at `offset` of a message the caller checked is long enough, read in place: a
+        reply's MAP data is not copied out of it first."""
+        nonce, protocol, internal_port, external_port, address = _MAP_DATA.unpack_from(message, offset)
         return from_wire(cls, nonce, protocol, internal_port, external_port, decode_address(address))
 
 
@@ -452,7 +465,12 @@ class Request(Record):
         suggested_external_address: IPv4Address | IPv6Address = UNSPECIFIED_IPV4,
         prefer_failure: bool = False,
     ) -> Request:
-        """MAP request (§11.1) for one UDP or TCP port; renewals reuse the same nonce (§11.2.1)."""
+        """MAP request (§11.1) for one UDP or TCP port; renewals reuse the same nonce (§11.2.1).
+
+        Each argument is checked once: the MAP data by its constructor, the lifetime and client address
+        here, in the constructor's order and words. The rest of what `Request.__init__` checks holds by
+        construction (a MAP opcode with its MAP data, no options), so without PREFER_FAILURE the request
+        is built as a decoded one is (`from_wire`): every map and delete makes one (bench/peers.py)."""
         check_range("internal_port", internal_port, 1, MAX_U16)
         data = MapData(
             nonce,
@@ -461,8 +479,11 @@ class Request(Record):
             suggested_external_port,
             suggested_external_address,
         )
-        options = (Option.prefer_failure(),) if prefer_failure else ()
-        return cls(Opcode.MAP, lifetime, client_address, data, options)
+        if prefer_failure:
+            return cls(Opcode.MAP, lifetime, client_address, data, (Option.prefer_failure(),))
+        check_range("lifetime", lifetime, 0, MAX_U32)
+        client = _normalize_address("client_address", client_address)
+        return from_wire(cls, _OPCODE_MAP, lifetime, client, data, ())
 
     @classmethod
     def delete(
@@ -511,16 +532,16 @@ def parse_request(data: bytes) -> Request:
     if op_byte & RESPONSE_BIT:
         raise DecodeError("PCP message is a response (R bit set), not a request")
     opcode = op_byte & OPCODE_MASK
-    body = bytes(data[HEADER_SIZE:])
+    offset = HEADER_SIZE
     map_data = None
-    if opcode == Opcode.MAP:
-        if len(body) < MAP_DATA_SIZE:
+    if opcode == _OPCODE_MAP:
+        if len(data) < _MAP_MESSAGE_SIZE:
             raise DecodeError("PCP MAP request truncated")
-        map_data = MapData.decode(body[:MAP_DATA_SIZE])
-        body = body[MAP_DATA_SIZE:]
-    elif opcode != Opcode.ANNOUNCE:
+        map_data = MapData._decode_at(data, HEADER_SIZE)
+        offset = _MAP_MESSAGE_SIZE
+    elif opcode != _OPCODE_ANNOUNCE:
         raise DecodeError(f"unsupported PCP opcode {opcode}")
-    options = _decode_options(body)
+    options = _decode_options(bytes(data[offset:]))
     try:
         return Request(opcode, lifetime, decode_address(client), map_data, options)
     except ValueError as exc:
@@ -640,17 +661,18 @@ def parse_response(data: bytes) -> Response | VersionNotSupported:
     if not op_byte & RESPONSE_BIT:
         raise DecodeError("PCP message is a request (R bit clear), not a response")
     opcode = op_byte & OPCODE_MASK
-    body = bytes(data[HEADER_SIZE:])
+    size = len(data)
+    offset = HEADER_SIZE  # the MAP data and the options are read in place, not copied out first
     map_data = None
-    if opcode == Opcode.MAP:
-        if body or result == ResultCode.SUCCESS:
-            if len(body) < MAP_DATA_SIZE:
+    if opcode == _OPCODE_MAP:
+        if size > HEADER_SIZE or result == _SUCCESS:
+            if size < _MAP_MESSAGE_SIZE:
                 raise DecodeError("PCP MAP response truncated")
-            map_data = MapData.decode(body[:MAP_DATA_SIZE])
-            body = body[MAP_DATA_SIZE:]
-    elif opcode != Opcode.ANNOUNCE:
+            map_data = MapData._decode_at(data, HEADER_SIZE)
+            offset = _MAP_MESSAGE_SIZE
+    elif opcode != _OPCODE_ANNOUNCE:
         raise DecodeError(f"unsupported PCP response opcode {opcode}")
-    options = _decode_options(body) if body else ()
+    options = _decode_options(bytes(data[offset:])) if size > offset else ()
     # Every field is in range by its width, the MAP data is where the opcode wants it and the length
     # was checked above: nothing for Response's own checks to find.
     return from_wire(Response, version, opcode, result, lifetime, epoch, map_data, options)
