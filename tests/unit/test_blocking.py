@@ -11,6 +11,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from autonat.aio import blocking
 from autonat.aio import natpmp as natpmp_client
@@ -205,3 +207,42 @@ async def test_a_lost_request_is_still_resent_on_time_with_the_capped_wait() -> 
             await asyncio.to_thread(blocking_session.add, MappingRequest(Transport.UDP, 5066), "pcp")
         assert 0.95 <= time.monotonic() - started < 1.5
     assert len(router.received) == 3
+
+
+@given(
+    st.sampled_from(list(Transport)),
+    st.integers(1, 0xFFFF),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF_FFFF),
+    st.integers(0, 0xFFFF_FFFF),
+    st.integers(1, 100_000),
+)
+def test_a_mapping_read_from_a_reply_is_the_one_its_constructor_builds(
+    transport: Transport, internal: int, external: int, lifetime: int, epoch: int, cap: int
+) -> None:
+    """Both clients build the Mapping as a decoded value (from_wire): field for field what Mapping(...)
+    gives, the lease capped as before (mapper.cap_grant)."""
+    from autonat.aio import pcp as pcp_client
+    from autonat.mapper import Mapping
+
+    request = MappingRequest(transport, internal)
+    address = IPv4Address("203.0.113.1")
+    pcp_reply = pcp.Response(
+        2, pcp.Opcode.MAP, 0, lifetime, epoch, pcp.MapData(bytes(12), 17, internal, external, address)
+    )
+    natpmp_reply = natpmp.MapResponse(transport, 0, epoch, internal, external, lifetime)
+    for protocol, mapping in (
+        ("pcp", pcp_client.mapping_from(pcp_reply, request, LOOPBACK, cap)),
+        ("natpmp", natpmp_client.mapping_from(natpmp_reply, request, LOOPBACK, address, cap)),
+    ):
+        expected = Mapping(
+            protocol=protocol,
+            transport=transport,
+            internal_address=LOOPBACK,
+            internal_port=internal,
+            external_ip=address,
+            external_port=external,
+            lifetime=min(lifetime, cap),
+            epoch=epoch,
+        )
+        assert mapping == expected and repr(mapping) == repr(expected)

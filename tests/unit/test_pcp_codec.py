@@ -548,3 +548,14 @@ def test_decode_address_with_its_kept_ipv4_is_the_plain_decoding(raws: list[byte
             assert decoded == IPv4Address(raw[12:]) and isinstance(decoded, IPv4Address)
         else:
             assert decoded == IPv6Address(raw)
+
+
+@given(
+    st.lists(st.one_of(addresses, st.sampled_from([CLIENT, pcp.UNSPECIFIED_IPV4, pcp.UNSPECIFIED_IPV6])), max_size=30)
+)
+def test_encode_address_with_its_kept_forms_is_the_plain_encoding(sequence: list[IPv4Address | IPv6Address]) -> None:
+    """The forms kept by identity (the same client address request after request) are the §5 encoding of
+    that very object, however many others were encoded between (the table is emptied when full)."""
+    for ip in [*sequence, *sequence]:
+        expected = bytes(10) + b"\xff\xff" + ip.packed if isinstance(ip, IPv4Address) else ip.packed
+        assert pcp.encode_address(ip) == expected

@@ -52,6 +52,9 @@ first retransmission is 225 ms or more away, exchange.py), and only a nearer due
 request that goes unanswered wakes once more per retransmission, to no effect: the exchange decides
 from the clock."""
 _TRACE_MODULE = "autonat.aio.trace"
+"""The wire trace (aio/trace.py), looked up in sys.modules, never imported here: it loads `logging`,
+which a blocking session does without, and whoever turns the trace on has imported it. Every use tests
+its ON flag, so with the trace off (or never loaded) the cost is the lookup and one test per datagram."""
 
 
 def _wait_at_most(sock: socket.socket, seconds: float) -> None:
@@ -60,14 +63,6 @@ def _wait_at_most(sock: socket.socket, seconds: float) -> None:
     seconds = min(seconds, WAIT_STEP)
     if sock.gettimeout() != seconds:
         sock.settimeout(seconds)
-
-
-def _wiretrace() -> Any:
-    """The wire trace (aio/trace.py) when it is on, else None. Looked up, never imported here: it loads
-    `logging`, which a blocking session does without, and whoever turns the trace on has imported it. So
-    with the trace off, the cost is this lookup and one flag test per exchange run."""
-    module = sys.modules.get(_TRACE_MODULE)
-    return module if module is not None and module.ON else None
 
 
 class BlockingSession:
@@ -145,17 +140,15 @@ class BlockingSession:
     def _run(self, exchanges: list[tuple[Exchange[Any], str]], grace: float | None = None) -> None:
         """Drive `exchanges` (all to our server, on our socket) until each is done, or until `grace`
         seconds after the first answer. A datagram goes to the first exchange that accepts it, as in
-        DatagramChannel."""
-        if len(exchanges) == 1 and grace is None:
-            self._run_one(exchanges[0][0])
-            return
+        DatagramChannel. (One exchange alone: `_one`.)"""
         sock = self._sock
         server = self._server
-        trace = _wiretrace()
+        trace: Any = sys.modules.get(_TRACE_MODULE)
         cutoff: float | None = None
         while True:
             now = time.monotonic()
             for exchange, _ in exchanges:
+                exchange.handle_timer(now)
                 if self._send_due(exchange, now, trace):
                     self._unreachable([exchange for exchange, _ in exchanges], trace)
             # After all the sends: an ICMP port unreachable reported on a later send ends earlier ones too.
@@ -184,41 +177,45 @@ class BlockingSession:
                 if exchange.receive(data, server, now) is None:
                     break
 
-    def _run_one(self, exchange: Exchange[Any]) -> bool:
-        """`_run` for one exchange made just now (its first transmission is due at its `started`), the
-        common case, with nothing on the way between the socket and the exchange: what runs between the
-        reply's arrival and the caller's return is the cost a warm request adds to the router's own time
-        (bench/peers.py). True if it was answered."""
+    def _one(self, exchange: Exchange[Any], what: str) -> Any:
+        """Drive `exchange`, made just now (its first transmission is due at its `started`), alone to its
+        end: its reply, or its one-line failure raised (`what` names the server). `_run` for the common
+        case, with nothing on the way between the socket and the exchange: what runs between the reply's
+        arrival and the caller's return is the cost a warm request adds to the router's own time
+        (bench/peers.py)."""
         sock = self._sock
         server = self._server
-        trace = _wiretrace()
+        trace: Any = sys.modules.get(_TRACE_MODULE)
         now = exchange.started  # the caller read the clock to make it: no second read
         while True:
             if self._send_due(exchange, now, trace):
                 self._unreachable([exchange], trace)
             due = exchange.timer()
             if due is None:
-                return False  # timed out or unreachable
+                break  # timed out, or refused on the send
             _wait_at_most(sock, due - now)
             try:
                 data = sock.recv(MAX_DATAGRAM + 1)
             except TimeoutError:
-                now = time.monotonic()
-                continue
+                data = None
             except ConnectionRefusedError:
                 self._unreachable([exchange], trace)
-                return False
+                break
             now = time.monotonic()
-            if trace is not None and trace.ON:
-                trace.datagram_received(data, server, now)
-            if len(data) <= MAX_DATAGRAM and exchange.receive(data, server, now) is None:
-                return True
+            if data is not None:
+                if trace is not None and trace.ON:
+                    trace.datagram_received(data, server, now)
+                if len(data) <= MAX_DATAGRAM and exchange.receive(data, server, now) is None:
+                    return exchange.result
+            exchange.handle_timer(now)  # not answered yet: the deadline may have passed meanwhile
+        failure = exchange.failure(what)
+        assert failure is not None  # ended without an answer: timed out or refused
+        raise failure
 
     def _send_due(self, exchange: Exchange[Any], now: float, trace: Any) -> bool:
-        """Send what `exchange` has due at `now`. True if the send reported an ICMP port unreachable,
-        which ends every exchange of the caller (the socket is connected to the one server they all
-        talk to)."""
-        exchange.handle_timer(now)
+        """Send what `exchange` has due at `now` (its `handle_timer(now)` called first, when `now` is
+        not when it was made). True if the send reported an ICMP port unreachable, which ends every
+        exchange of the caller (the socket is connected to the one server they all talk to)."""
         refused = False
         for datagram in exchange.datagrams_to_send(now):
             if trace is not None and trace.ON:
@@ -238,26 +235,20 @@ class BlockingSession:
         for exchange in exchanges:
             exchange.unreachable()
 
-    def _one(self, exchange: Exchange[Any], what: str) -> Any:
-        """Drive `exchange`, made just now, alone to its end: its reply, or its one-line failure raised."""
-        if self._run_one(exchange):
-            return exchange.result
-        failure = exchange.failure(what)
-        assert failure is not None  # ended without an answer: timed out or refused
-        raise failure
-
     def _natpmp_server(self) -> tuple[IPv4Address, int]:
         if self._natpmp_at is None:
             self._natpmp_at = natpmp_client.check_gateway(self._server[0]), self._server[1]
         return self._natpmp_at
 
-    def _nonce(self, transport: Transport, internal_port: int) -> bytes:
+    def _pcp_nonces(self) -> pcp_client.Nonces:
+        """The session's PCP nonces (RFC 6887 §11.1), made on the first PCP request: the host secret is
+        read then, not for a NAT-PMP-only session."""
         if self._nonces is None:
-            from autonat.aio import pcp as pcp_client
+            from autonat.aio.pcp import Nonces
             from autonat.state import host_secret
 
-            self._nonces = pcp_client.Nonces(host_secret(), self.location.local_address)
-        return self._nonces(transport, internal_port)
+            self._nonces = Nonces(host_secret(), self.location.local_address)
+        return self._nonces
 
     # --- NAT-PMP and PCP ------------------------------------------------------------------------------
 
@@ -335,7 +326,7 @@ class BlockingSession:
             # importlib's Python code on every call, a module's does not.
             from autonat.aio.pcp import check, exchange_for, map_request, mapping_from
 
-            nonce = self._nonce(request.transport, request.internal_port)
+            nonce = (self._nonces or self._pcp_nonces())(request.transport, request.internal_port)
             exchange = exchange_for(map_request(local, nonce, request), self._server, time.monotonic(), self.deadline)
             reply = check(self._one(exchange, self._pcp_what))
             mapping = mapping_from(reply, request, local, self._max_lifetime)
@@ -387,7 +378,8 @@ class BlockingSession:
             from autonat.aio.pcp import check, deleted, exchange_for  # modules, not packages: see add
             from autonat.proto.pcp import Request
 
-            request = Request.delete(local, self._nonce(transport, internal_port), transport, internal_port)
+            nonce = (self._nonces or self._pcp_nonces())(transport, internal_port)
+            request = Request.delete(local, nonce, transport, internal_port)
             exchange = exchange_for(request, self._server, time.monotonic(), self.deadline)
             try:
                 check(self._one(exchange, self._pcp_what))

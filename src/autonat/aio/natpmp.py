@@ -28,6 +28,7 @@ from autonat.proto import natpmp
 from autonat.proto.epoch import natpmp_epoch_valid
 from autonat.proto.errors import DecodeError
 from autonat.proto.exchange import DEFAULT_DEADLINE, NATPMP_SCHEDULE, Exchange
+from autonat.proto.record import from_wire
 from autonat.proto.types import Transport
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the cold path: proto/record.py)
@@ -74,7 +75,6 @@ def _expect_map(
 ) -> Callable[[bytes], natpmp.MapResponse | natpmp.ErrorResponse]:
     """RFC 6886 §3.3: a reply answers a mapping request only with its opcode (+128: its transport) and,
     in the full form, its internal port."""
-    opcode = natpmp.Opcode.for_transport(transport)
 
     def parse(data: bytes) -> natpmp.MapResponse | natpmp.ErrorResponse:
         reply = natpmp.parse_response(data)
@@ -84,9 +84,9 @@ def _expect_map(
             if reply.internal_port != internal_port:
                 raise DecodeError("NAT-PMP reply for another internal port")
             return reply
-        if isinstance(reply, natpmp.ExternalAddressResponse) or _opcode(reply) != opcode:
-            raise DecodeError("reply to another NAT-PMP request")
-        return reply  # the short error form (§3.5) of our opcode
+        if isinstance(reply, natpmp.ErrorResponse) and reply.opcode == natpmp.Opcode.for_transport(transport):
+            return reply  # the short error form (§3.5) of our opcode
+        raise DecodeError("reply to another NAT-PMP request")
 
     return parse
 
@@ -148,10 +148,12 @@ def mapping_from(
     external: IPv4Address | None,
     max_lifetime: int,
 ) -> Mapping:
-    # Positional, in Mapping's field order (keywords cost a map+unmap more than they say here).
-    mapping = Mapping(
-        NAME, request.transport, local, reply.internal_port, external, reply.external_port, reply.lifetime, reply.epoch
-    )
+    # Mapping's __init__ only stores its fields: built as a decoded value is, in field order (unique_id
+    # None), with the from_wire the reply was just decoded with.
+    mapping = from_wire(
+        Mapping, NAME, request.transport, local, reply.internal_port, external, reply.external_port,
+        reply.lifetime, reply.epoch, None,
+    )  # fmt: skip
     return cap_grant(mapping, max_lifetime)
 
 

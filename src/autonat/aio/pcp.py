@@ -23,6 +23,7 @@ from autonat.mapper import (
 from autonat.proto import pcp
 from autonat.proto.errors import DecodeError
 from autonat.proto.exchange import DEFAULT_DEADLINE, PCP_SCHEDULE, Exchange
+from autonat.proto.record import from_wire
 from autonat.proto.types import Transport
 from autonat.state import derive_nonce_for
 
@@ -129,10 +130,10 @@ def mapping_from(
 ) -> Mapping:
     data = reply.map
     assert data is not None
-    # Positional, in Mapping's field order (as natpmp.mapping_from).
-    mapping = Mapping(
-        NAME, request.transport, local, data.internal_port, data.external_address, data.external_port,
-        reply.lifetime, reply.epoch,
+    # Mapping's __init__ only stores its fields: built as a decoded value is (natpmp.mapping_from too).
+    mapping = from_wire(
+        Mapping, NAME, request.transport, local, data.internal_port, data.external_address, data.external_port,
+        reply.lifetime, reply.epoch, None,
     )  # fmt: skip
     return cap_grant(mapping, max_lifetime)
 

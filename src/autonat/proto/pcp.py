@@ -192,12 +192,28 @@ def _normalize_address(name: str, ip: IPv4Address | IPv6Address) -> IPv4Address 
 
 
 def encode_address(ip: IPv4Address | IPv6Address) -> bytes:
-    """The 16-byte form of §5: IPv6 as is, IPv4 as the IPv4-mapped address ::ffff:a.b.c.d."""
+    """The 16-byte form of §5: IPv6 as is, IPv4 as the IPv4-mapped address ::ffff:a.b.c.d.
+
+    Every request carries the client's address and a MAP request the suggested external one, the same
+    two objects request after request: the forms of the last few objects encoded are kept, by identity
+    (an address is immutable; the entry holds the object, so its id is not reused meanwhile)."""
+    known = _ENCODED.get(id(ip))
+    if known is not None and known[0] is ip:
+        return known[1]
     if isinstance(ip, IPv4Address):
-        return _MAPPED_PREFIX + ip.packed
-    if isinstance(ip, IPv6Address):
-        return ip.packed
-    raise TypeError(f"not an IP address: {ip!r}")
+        wire = _MAPPED_PREFIX + ip.packed
+    elif isinstance(ip, IPv6Address):
+        wire = ip.packed
+    else:
+        raise TypeError(f"not an IP address: {ip!r}")
+    if len(_ENCODED) >= _ENCODED_KEPT:
+        _ENCODED.clear()
+    _ENCODED[id(ip)] = (ip, wire)
+    return wire
+
+
+_ENCODED_KEPT = 8  # a client address or two (IPv4, IPv6), the unspecified ones, a few others
+_ENCODED: dict[int, tuple[IPv4Address | IPv6Address, bytes]] = {}
 
 
 def decode_address(b: bytes) -> IPv4Address | IPv6Address:

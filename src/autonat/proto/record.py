@@ -88,7 +88,9 @@ def init_fields(instance: Record, *values: Any) -> None:
 def from_wire(cls: type[T], *values: Any) -> T:
     """An instance of the Record `cls` from fields just decoded off the wire, in field order, without its
     `__init__`: a fixed-width unsigned field is in range by construction and the decoder has checked the
-    rest, so the checks meant for a caller's values would only cost time on every reply (bench/peers.py)."""
+    rest, so the checks meant for a caller's values would only cost time on every reply (bench/peers.py).
+    Also for values built from such fields and already checked ones (a Mapping from a reply, a request
+    whose arguments were checked once): every field, in order, and nothing `__init__` would change."""
     instance = object.__new__(cls)
     for setter, value in zip(cls._setters, values, strict=False):
         setter(instance, value)
