@@ -5,9 +5,11 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autonat.errors import AutonatError
-from autonat.state import SECRET_SIZE, derive_nonce, host_secret, state_dir
+from autonat.state import SECRET_SIZE, NonceDeriver, derive_nonce, derive_nonce_for, host_secret, state_dir
 
 
 def test_secret_is_created_once_owner_only(tmp_path: Path) -> None:
@@ -57,3 +59,11 @@ def test_a_pcp_nonce_is_the_same_in_every_version_and_through_the_client_cache()
     local = IPv4Address("192.168.77.10")
     assert derive_nonce(b"x" * 32, "pcp", local, Transport.UDP, 5060) == expected
     assert Nonces(b"x" * 32, local)(Transport.UDP, 5060) == expected
+
+
+@given(st.binary(min_size=1, max_size=64), st.text(max_size=40), st.text(max_size=40), st.integers(1, 32))
+@settings(max_examples=200, deadline=None)
+def test_a_nonce_deriver_gives_the_one_shot_derivation(secret: bytes, prefix: str, rest: str, size: int) -> None:
+    derive = NonceDeriver(secret, prefix, size)
+    assert derive(rest) == derive_nonce_for(secret, prefix + rest, size)
+    assert derive(rest) == derive(rest)  # the prefix's HMAC is copied, never consumed

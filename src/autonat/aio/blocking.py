@@ -51,6 +51,7 @@ so the socket keeps this timeout while the next due time is further away (a warm
 first retransmission is 225 ms or more away, exchange.py), and only a nearer due time gets its own. A
 request that goes unanswered wakes once more per retransmission, to no effect: the exchange decides
 from the clock."""
+MIN_WAIT = 0.0001  # a due time already reached still gets a wait: recv on a socket with timeout 0 raises
 _TRACE_MODULE = "autonat.aio.trace"
 """The wire trace (aio/trace.py), looked up in sys.modules, never imported here: it loads `logging`,
 which a blocking session does without, and whoever turns the trace on has imported it. Every use tests
@@ -60,7 +61,7 @@ its ON flag, so with the trace off (or never loaded) the cost is the lookup and 
 def _wait_at_most(sock: socket.socket, seconds: float) -> None:
     """Let the next `recv` on `sock` wait at most `seconds` (> 0), WAIT_STEP at the longest; reading the
     current timeout costs no system call, setting it does."""
-    seconds = min(seconds, WAIT_STEP)
+    seconds = min(max(seconds, MIN_WAIT), WAIT_STEP)  # 0 would make the socket non-blocking
     if sock.gettimeout() != seconds:
         sock.settimeout(seconds)
 

@@ -25,7 +25,7 @@ from autonat.proto.errors import DecodeError
 from autonat.proto.exchange import DEFAULT_DEADLINE, PCP_SCHEDULE, Exchange
 from autonat.proto.record import from_wire
 from autonat.proto.types import Transport
-from autonat.state import derive_nonce_for
+from autonat.state import NonceDeriver
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the cold path: proto/record.py)
 if TYPE_CHECKING:
@@ -147,17 +147,17 @@ def deleted(exc: RouterRefused) -> bool:
 class Nonces:
     """Each mapping's nonce (RFC 6887 §11.1), derived from the host secret (autonat.state), remembered."""
 
-    __slots__ = ("_cache", "_prefix", "_secret")
+    __slots__ = ("_cache", "_derive")
 
     def __init__(self, secret: bytes, local: IPv4Address | IPv6Address) -> None:
-        self._secret = secret
-        self._prefix = f"pcp|{local}|"  # derive_nonce(secret, "pcp", local, transport, port), built once
+        # derive_nonce(secret, "pcp", local, transport, port), the common prefix hashed once
+        self._derive = NonceDeriver(secret, f"pcp|{local}|")
         self._cache: dict[tuple[Transport, int], bytes] = {}
 
     def __call__(self, transport: Transport, internal_port: int) -> bytes:
         nonce = self._cache.get((transport, internal_port))
         if nonce is None:
-            nonce = derive_nonce_for(self._secret, f"{self._prefix}{transport}|{internal_port}")
+            nonce = self._derive(f"{transport}|{internal_port}")
             if len(self._cache) < NONCE_CACHE:
                 self._cache[(transport, internal_port)] = nonce
         return nonce
