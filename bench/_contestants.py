@@ -314,6 +314,94 @@ class Raw(Contestant):
         raw_soap(SERVICE, "DeletePortMapping", common, CONTROL)
 
 
+class _Answer(asyncio.DatagramProtocol):
+    """The raw asyncio client's datagram endpoint: the next datagram completes the waiting future."""
+
+    def __init__(self) -> None:
+        self.waiting: asyncio.Future[bytes] | None = None
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.set_result(data)
+
+
+class RawAsyncio(Raw):
+    """The same prebuilt bytes through an event loop: the floor of a program already in asyncio (a
+    connected datagram endpoint and a future per request with its 2 s timer; the loop's sock_* calls for
+    HTTP, read until EOF). What it costs over `Raw` is the event loop's, which autonat's asyncio session
+    pays too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sock.close()
+        self.loop = asyncio.new_event_loop()
+        self.endpoint, self.answers = self.loop.run_until_complete(
+            self.loop.create_datagram_endpoint(_Answer, local_addr=(LOCAL, 0), remote_addr=(GATEWAY, 5351))
+        )
+        self.ops = {
+            "natpmp external IP": self.wrap(lambda _: self.exchange(b"\0\0", 12)),
+            "natpmp map+unmap": self.wrap(lambda i: self.natpmp_map_unmap_async(24000 + i % 1000)),
+            "pcp map+delete": self.wrap(lambda i: self.pcp_map_delete_async(i, 34000 + i % 1000)),
+            "upnp external IP": self.wrap(lambda _: self.http(self.external_ip)),
+            "upnp add+delete": self.wrap(lambda i: self.soap_add_delete_async(49000 + i % 1000)),
+        }
+
+    def wrap(self, action: Callable[[int], Awaitable[object]]) -> Op:
+        async def measure(index: int) -> float:
+            started = time.perf_counter()
+            await action(index)
+            return time.perf_counter() - started
+
+        return lambda index: self.loop.run_until_complete(measure(index))
+
+    async def exchange(self, request: bytes, size: int) -> None:
+        waiting = self.answers.waiting = self.loop.create_future()
+        timer = self.loop.call_later(2, waiting.cancel)
+        self.endpoint.sendto(request)
+        try:
+            assert len(await waiting) == size
+        finally:
+            timer.cancel()
+
+    async def natpmp_map_unmap_async(self, port: int) -> None:
+        await self.exchange(struct.pack("!BBHHHI", 0, 1, 0, port, port, 3600), 16)
+        await self.exchange(struct.pack("!BBHHHI", 0, 1, 0, port, 0, 0), 16)
+
+    async def pcp_map_delete_async(self, index: int, port: int) -> None:
+        nonce = (index + 1_000_000).to_bytes(12, "big")
+        body = nonce + struct.pack("!B3xHH", 17, port, port) + b"\0" * 10 + b"\xff\xff" + b"\0" * 4
+        await self.exchange(struct.pack("!BBHI", 2, 1, 0, 3600) + self.client + body, 60)
+        await self.exchange(struct.pack("!BBHI", 2, 1, 0, 0) + self.client + body, 60)
+
+    async def http(self, request: bytes) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await self.loop.sock_connect(sock, CONTROL[:2])
+            await self.loop.sock_sendall(sock, request)
+            chunks = []
+            while chunk := await self.loop.sock_recv(sock, 65536):
+                chunks.append(chunk)
+        finally:
+            sock.close()
+        assert b"".join(chunks).startswith(b"HTTP/1.1 200")
+
+    async def soap_add_delete_async(self, port: int) -> None:
+        common = (
+            f"<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>UDP</NewProtocol>"
+        )
+        add = soap_request(
+            SERVICE,
+            "AddPortMapping",
+            f"{common}<NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LOCAL}</NewInternalClient>"
+            "<NewEnabled>1</NewEnabled><NewPortMappingDescription>raw</NewPortMappingDescription>"
+            "<NewLeaseDuration>3600</NewLeaseDuration>",
+            CONTROL,
+        )
+        await self.http(add)
+        await self.http(soap_request(SERVICE, "DeletePortMapping", common, CONTROL))
+
+
 CONTESTANTS: dict[str, Callable[[], Contestant]] = {
     "autonat": Autonat,
     "autonat+uvloop": lambda: Autonat(fast_loop=True),
@@ -323,6 +411,7 @@ CONTESTANTS: dict[str, Callable[[], Contestant]] = {
     "async-upnp-client": AsyncUpnpClient,
     "upnpclient": Upnpclient,
     "raw": Raw,
+    "raw asyncio": RawAsyncio,
 }
 
 

@@ -3,11 +3,11 @@
 One lab run (prefix `bp`, needs root): miniupnpc's Python binding, async-upnp-client, nat-pmp and
 upnpclient (installed in the bench's own venv, bench/.venv, never as autonat's dependencies), autonat
 from this tree (with asyncio's loop and with uvloop), autonat as committed at `--before` (default HEAD),
-and the raw exchanges, each in its own process, interleaved round by round (the order rotates) so
-machine noise hits all of them alike. Then, as processes: the cold script (import + NAT-PMP external
-address) and the RSS of a process holding one mapping; then the router stopped (ICMP port unreachable)
-and silent (all datagrams dropped). Prints medians and the ratios autonat / peer (below 1: autonat is
-faster).
+and the raw exchanges (blocking, and through an event loop: the floor of an asyncio program), each in its
+own process, interleaved round by round (the order rotates) so machine noise hits all of them alike.
+Then, as processes: the cold script (import + NAT-PMP external address) and the RSS of a process holding
+one mapping; then the router stopped (ICMP port unreachable) and silent (all datagrams dropped). Prints
+medians and the ratios autonat / peer (below 1: autonat is faster).
 
     .venv/bin/python bench/peers.py [--rounds 200] [--before REF] [--json]
 """
@@ -48,6 +48,7 @@ CONTESTANTS: dict[str, tuple[str, str | None]] = {
     "async-upnp-client": ("async-upnp-client", None),
     "upnpclient": ("upnpclient", None),
     "raw": ("raw", None),
+    "raw (asyncio)": ("raw asyncio", None),
 }
 DISCOVERY_ROUNDS = 5  # the peers wait out a 1 s search window each time
 ICMP_REFILL = 7.0  # seconds for Linux's per-host ICMP bucket (6 x icmp_ratelimit 1 s) to fill again
@@ -305,6 +306,7 @@ def subprocess_ops(worker: Worker) -> list[str]:
         "natpmp map+unmap",
         "pcp map+delete",
     ]
+    raw_ops = ["natpmp external IP", "natpmp map+unmap", "pcp map+delete", "upnp external IP", "upnp add+delete"]
     table = {
         "autonat": ["discovery", *warm_ops],
         "autonat blocking": warm_ops,
@@ -312,7 +314,8 @@ def subprocess_ops(worker: Worker) -> list[str]:
         "nat-pmp": ["natpmp external IP", "natpmp external IP (gateway looked up)", "natpmp map+unmap"],
         "async-upnp-client": ["discovery", "upnp external IP", "upnp add+delete"],
         "upnpclient": ["discovery", "upnp external IP", "upnp add+delete"],
-        "raw": ["natpmp external IP", "natpmp map+unmap", "pcp map+delete", "upnp external IP", "upnp add+delete"],
+        "raw": raw_ops,
+        "raw asyncio": raw_ops,
     }
     return table[kind if kind in table else "autonat"]
 
