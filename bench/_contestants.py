@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _common import raw_exchange, raw_soap, soap_request
+from _common import raw_exchange, soap_request
 
 GATEWAY = "192.168.77.1"
 LOCAL = "192.168.77.10"
@@ -34,6 +34,17 @@ def timed(action: Callable[[], object]) -> float:
     started = time.perf_counter()
     action()
     return time.perf_counter() - started
+
+
+def in_loop(loop: asyncio.AbstractEventLoop, action: Callable[[int], Awaitable[object]]) -> Op:
+    """An operation run to completion in `loop`, timing only the awaited call."""
+
+    async def measure(index: int) -> float:
+        started = time.perf_counter()
+        await action(index)
+        return time.perf_counter() - started
+
+    return lambda index: loop.run_until_complete(measure(index))
 
 
 class Contestant:
@@ -73,12 +84,7 @@ class Autonat(Contestant):
         }
 
     def wrap(self, action: Callable[[int], Awaitable[object]]) -> Op:
-        async def measure(index: int) -> float:
-            started = time.perf_counter()
-            await action(index)
-            return time.perf_counter() - started
-
-        return lambda index: self.loop.run_until_complete(measure(index))
+        return in_loop(self.loop, action)
 
     async def discovery(self, _: int) -> None:
         from autonat.aio.upnp import UpnpClient
@@ -196,12 +202,7 @@ class AsyncUpnpClient(Contestant):
         }
 
     def wrap(self, action: Callable[[int], Awaitable[object]]) -> Op:
-        async def measure(index: int) -> float:
-            started = time.perf_counter()
-            await action(index)
-            return time.perf_counter() - started
-
-        return lambda index: self.loop.run_until_complete(measure(index))
+        return in_loop(self.loop, action)
 
     async def discover(self) -> Any:
         from async_upnp_client.aiohttp import AiohttpRequester
@@ -289,21 +290,27 @@ class Raw(Contestant):
         self.sock.send(request)
         assert len(self.sock.recv(1100)) == size
 
-    def natpmp_map_unmap(self, port: int) -> None:
-        self.call(struct.pack("!BBHHHI", 0, 1, 0, port, port, 3600), 16)
-        self.call(struct.pack("!BBHHHI", 0, 1, 0, port, 0, 0), 16)
+    @staticmethod
+    def natpmp_requests(port: int) -> tuple[bytes, bytes]:
+        """RFC 6886 §3.3: map `port` for an hour, then delete it."""
+        return struct.pack("!BBHHHI", 0, 1, 0, port, port, 3600), struct.pack("!BBHHHI", 0, 1, 0, port, 0, 0)
 
-    def pcp_map_delete(self, index: int, port: int) -> None:
+    def pcp_requests(self, index: int, port: int) -> tuple[bytes, bytes]:
+        """RFC 6887 §11.1: MAP `port` for an hour, then delete it (lifetime 0, the same nonce)."""
         nonce = index.to_bytes(12, "big")
         body = nonce + struct.pack("!B3xHH", 17, port, port) + b"\0" * 10 + b"\xff\xff" + b"\0" * 4
-        self.call(struct.pack("!BBHI", 2, 1, 0, 3600) + self.client + body, 60)
-        self.call(struct.pack("!BBHI", 2, 1, 0, 0) + self.client + body, 60)
+        return (
+            struct.pack("!BBHI", 2, 1, 0, 3600) + self.client + body,
+            struct.pack("!BBHI", 2, 1, 0, 0) + self.client + body,
+        )
 
-    def soap_add_delete(self, port: int) -> None:
+    @staticmethod
+    def soap_requests(port: int) -> tuple[bytes, bytes]:
+        """AddPortMapping of `port` for an hour, then DeletePortMapping."""
         common = (
             f"<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>UDP</NewProtocol>"
         )
-        raw_soap(
+        add = soap_request(
             SERVICE,
             "AddPortMapping",
             f"{common}<NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LOCAL}</NewInternalClient>"
@@ -311,7 +318,19 @@ class Raw(Contestant):
             "<NewLeaseDuration>3600</NewLeaseDuration>",
             CONTROL,
         )
-        raw_soap(SERVICE, "DeletePortMapping", common, CONTROL)
+        return add, soap_request(SERVICE, "DeletePortMapping", common, CONTROL)
+
+    def natpmp_map_unmap(self, port: int) -> None:
+        for request in self.natpmp_requests(port):
+            self.call(request, 16)
+
+    def pcp_map_delete(self, index: int, port: int) -> None:
+        for request in self.pcp_requests(index, port):
+            self.call(request, 60)
+
+    def soap_add_delete(self, port: int) -> None:
+        for request in self.soap_requests(port):
+            raw_exchange(CONTROL[:2], request)
 
 
 class _Answer(asyncio.DatagramProtocol):
@@ -347,12 +366,7 @@ class RawAsyncio(Raw):
         }
 
     def wrap(self, action: Callable[[int], Awaitable[object]]) -> Op:
-        async def measure(index: int) -> float:
-            started = time.perf_counter()
-            await action(index)
-            return time.perf_counter() - started
-
-        return lambda index: self.loop.run_until_complete(measure(index))
+        return in_loop(self.loop, action)
 
     async def exchange(self, request: bytes, size: int) -> None:
         waiting = self.answers.waiting = self.loop.create_future()
@@ -364,14 +378,12 @@ class RawAsyncio(Raw):
             timer.cancel()
 
     async def natpmp_map_unmap_async(self, port: int) -> None:
-        await self.exchange(struct.pack("!BBHHHI", 0, 1, 0, port, port, 3600), 16)
-        await self.exchange(struct.pack("!BBHHHI", 0, 1, 0, port, 0, 0), 16)
+        for request in self.natpmp_requests(port):
+            await self.exchange(request, 16)
 
     async def pcp_map_delete_async(self, index: int, port: int) -> None:
-        nonce = (index + 1_000_000).to_bytes(12, "big")
-        body = nonce + struct.pack("!B3xHH", 17, port, port) + b"\0" * 10 + b"\xff\xff" + b"\0" * 4
-        await self.exchange(struct.pack("!BBHI", 2, 1, 0, 3600) + self.client + body, 60)
-        await self.exchange(struct.pack("!BBHI", 2, 1, 0, 0) + self.client + body, 60)
+        for request in self.pcp_requests(index, port):
+            await self.exchange(request, 60)
 
     async def http(self, request: bytes) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -387,19 +399,8 @@ class RawAsyncio(Raw):
         assert b"".join(chunks).startswith(b"HTTP/1.1 200")
 
     async def soap_add_delete_async(self, port: int) -> None:
-        common = (
-            f"<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>UDP</NewProtocol>"
-        )
-        add = soap_request(
-            SERVICE,
-            "AddPortMapping",
-            f"{common}<NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LOCAL}</NewInternalClient>"
-            "<NewEnabled>1</NewEnabled><NewPortMappingDescription>raw</NewPortMappingDescription>"
-            "<NewLeaseDuration>3600</NewLeaseDuration>",
-            CONTROL,
-        )
-        await self.http(add)
-        await self.http(soap_request(SERVICE, "DeletePortMapping", common, CONTROL))
+        for request in self.soap_requests(port):
+            await self.http(request)
 
 
 CONTESTANTS: dict[str, Callable[[], Contestant]] = {
