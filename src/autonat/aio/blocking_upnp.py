@@ -29,8 +29,8 @@ from collections import Counter
 from ipaddress import IPv4Address
 
 from autonat.aio import blocking_http
-from autonat.aio.route import RouterLocation, source_address
-from autonat.aio.ssdp_socket import gateway_refused, search_burst, search_socket
+from autonat.aio.route import RouterLocation
+from autonat.aio.ssdp_socket import gateway_refused, offer_of, search_burst, search_socket
 from autonat.aio.upnp_core import FAILED_OUTCOME as FAILED
 from autonat.aio.upnp_core import (
     NAME,
@@ -304,12 +304,7 @@ class BlockingUpnp:
                     continue
                 if trace is not None:
                     trace.ssdp_received(data, addr)
-                try:
-                    responder = source_address(addr)
-                except ValueError as exc:
-                    offers.drops[str(exc)] += 1
-                    continue
-                offer = offers.received(data, responder)
+                offer = offer_of(offers, data, addr)
                 if isinstance(offer, RefusedOffer):
                     discovery.refused(offer, time.monotonic())
                 elif isinstance(offer, Offer):

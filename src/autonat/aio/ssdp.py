@@ -31,8 +31,8 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from autonat.aio import trace as wiretrace
-from autonat.aio.route import RouterLocation, source_address
-from autonat.aio.ssdp_socket import gateway_refused, search_burst, search_socket
+from autonat.aio.route import RouterLocation
+from autonat.aio.ssdp_socket import gateway_refused, offer_of, search_burst, search_socket
 from autonat.aio.upnp_core import SEARCH_SCHEDULE, Offer, Offers, RefusedOffer
 from autonat.proto import ssdp
 from autonat.proto.errors import DecodeError
@@ -63,12 +63,7 @@ class _SearchProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if wiretrace.ON:
             wiretrace.ssdp_received(data, addr)
-        try:
-            responder = source_address(addr)
-        except ValueError as exc:
-            self.drops[str(exc)] += 1
-            return
-        offer = self.offers.received(data, responder)
+        offer = offer_of(self.offers, data, addr)
         if offer is not None:
             self.found.put_nowait(offer)
 

@@ -21,9 +21,9 @@ from collections import Counter
 from ipaddress import IPv4Address, IPv6Address
 
 from autonat.addresses import uri_host
-from autonat.aio.route import RouterLocation
+from autonat.aio.route import RouterLocation, source_address
 from autonat.aio.udp import IP_RECVERR, IPV6_RECVERR
-from autonat.aio.upnp_core import MULTICAST_TTL
+from autonat.aio.upnp_core import MULTICAST_TTL, Offer, Offers, RefusedOffer
 from autonat.proto import ssdp
 
 TYPE_CHECKING = False
@@ -105,3 +105,14 @@ def gateway_refused(sock: socket.socket, where: RouterLocation, drops: Counter[s
         if refused and destination is not None and tuple(destination[:2]) == gateway:
             refused_by_gateway = True
     return refused_by_gateway
+
+
+def offer_of(offers: Offers, data: bytes, addr: tuple[Any, ...]) -> Offer | RefusedOffer | None:
+    """What a search reply from `addr` (as recvfrom gives it) offers (upnp_core.Offers.received); a sender
+    that is not an address is dropped and counted in `offers.drops`."""
+    try:
+        responder = source_address(addr)
+    except ValueError as exc:
+        offers.drops[str(exc)] += 1
+        return None
+    return offers.received(data, responder)
