@@ -268,27 +268,11 @@ class Upnpclient(Contestant):
 # --- the raw exchanges ----------------------------------------------------------------------------------
 
 
-class Raw(Contestant):
-    """Prebuilt bytes on one blocking socket, no validation beyond the length: the floor."""
+class RawRequests(Contestant):
+    """The raw exchanges' requests, the same bytes for the blocking and the asyncio floor."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((LOCAL, 0))
-        self.sock.settimeout(2)
-        self.sock.connect((GATEWAY, 5351))
-        self.client = b"\0" * 10 + b"\xff\xff" + socket.inet_aton(LOCAL)
-        self.external_ip = soap_request(SERVICE, "GetExternalIPAddress", "", CONTROL)  # prebuilt: it never changes
-        self.ops = {
-            "natpmp external IP": lambda _: timed(lambda: self.call(b"\0\0", 12)),
-            "natpmp map+unmap": lambda i: timed(lambda: self.natpmp_map_unmap(23000 + i % 1000)),
-            "pcp map+delete": lambda i: timed(lambda: self.pcp_map_delete(i, 33000 + i % 1000)),
-            "upnp external IP": lambda _: timed(lambda: raw_exchange(CONTROL[:2], self.external_ip)),
-            "upnp add+delete": lambda i: timed(lambda: self.soap_add_delete(46000 + i % 1000)),
-        }
-
-    def call(self, request: bytes, size: int) -> None:
-        self.sock.send(request)
-        assert len(self.sock.recv(1100)) == size
+    client = b"\0" * 10 + b"\xff\xff" + socket.inet_aton(LOCAL)  # PCP's client address, IPv4-mapped (§5)
+    external_ip = soap_request(SERVICE, "GetExternalIPAddress", "", CONTROL)  # prebuilt: it never changes
 
     @staticmethod
     def natpmp_requests(port: int) -> tuple[bytes, bytes]:
@@ -320,6 +304,27 @@ class Raw(Contestant):
         )
         return add, soap_request(SERVICE, "DeletePortMapping", common, CONTROL)
 
+
+class Raw(RawRequests):
+    """Prebuilt bytes on one blocking socket, no validation beyond the length: the floor."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((LOCAL, 0))
+        self.sock.settimeout(2)
+        self.sock.connect((GATEWAY, 5351))
+        self.ops = {
+            "natpmp external IP": lambda _: timed(lambda: self.call(b"\0\0", 12)),
+            "natpmp map+unmap": lambda i: timed(lambda: self.natpmp_map_unmap(23000 + i % 1000)),
+            "pcp map+delete": lambda i: timed(lambda: self.pcp_map_delete(i, 33000 + i % 1000)),
+            "upnp external IP": lambda _: timed(lambda: raw_exchange(CONTROL[:2], self.external_ip)),
+            "upnp add+delete": lambda i: timed(lambda: self.soap_add_delete(46000 + i % 1000)),
+        }
+
+    def call(self, request: bytes, size: int) -> None:
+        self.sock.send(request)
+        assert len(self.sock.recv(1100)) == size
+
     def natpmp_map_unmap(self, port: int) -> None:
         for request in self.natpmp_requests(port):
             self.call(request, 16)
@@ -344,25 +349,23 @@ class _Answer(asyncio.DatagramProtocol):
             self.waiting.set_result(data)
 
 
-class RawAsyncio(Raw):
+class RawAsyncio(RawRequests):
     """The same prebuilt bytes through an event loop: the floor of a program already in asyncio (a
     connected datagram endpoint and a future per request with its 2 s timer; the loop's sock_* calls for
     HTTP, read until EOF). What it costs over `Raw` is the event loop's, which autonat's asyncio session
     pays too."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.sock.close()
         self.loop = asyncio.new_event_loop()
         self.endpoint, self.answers = self.loop.run_until_complete(
             self.loop.create_datagram_endpoint(_Answer, local_addr=(LOCAL, 0), remote_addr=(GATEWAY, 5351))
         )
         self.ops = {
             "natpmp external IP": self.wrap(lambda _: self.exchange(b"\0\0", 12)),
-            "natpmp map+unmap": self.wrap(lambda i: self.natpmp_map_unmap_async(24000 + i % 1000)),
-            "pcp map+delete": self.wrap(lambda i: self.pcp_map_delete_async(i, 34000 + i % 1000)),
+            "natpmp map+unmap": self.wrap(lambda i: self.natpmp_map_unmap(24000 + i % 1000)),
+            "pcp map+delete": self.wrap(lambda i: self.pcp_map_delete(i, 34000 + i % 1000)),
             "upnp external IP": self.wrap(lambda _: self.http(self.external_ip)),
-            "upnp add+delete": self.wrap(lambda i: self.soap_add_delete_async(49000 + i % 1000)),
+            "upnp add+delete": self.wrap(lambda i: self.soap_add_delete(49000 + i % 1000)),
         }
 
     def wrap(self, action: Callable[[int], Awaitable[object]]) -> Op:
@@ -377,11 +380,11 @@ class RawAsyncio(Raw):
         finally:
             timer.cancel()
 
-    async def natpmp_map_unmap_async(self, port: int) -> None:
+    async def natpmp_map_unmap(self, port: int) -> None:
         for request in self.natpmp_requests(port):
             await self.exchange(request, 16)
 
-    async def pcp_map_delete_async(self, index: int, port: int) -> None:
+    async def pcp_map_delete(self, index: int, port: int) -> None:
         for request in self.pcp_requests(index, port):
             await self.exchange(request, 60)
 
@@ -398,7 +401,7 @@ class RawAsyncio(Raw):
             sock.close()
         assert b"".join(chunks).startswith(b"HTTP/1.1 200")
 
-    async def soap_add_delete_async(self, port: int) -> None:
+    async def soap_add_delete(self, port: int) -> None:
         for request in self.soap_requests(port):
             await self.http(request)
 
