@@ -395,17 +395,22 @@ def parse_scpd(data: bytes) -> frozenset[str]:
 
 def _check_name(value: str, what: str) -> None:
     # Action and argument names become element names: XML name characters only, no prefix.
-    if value in _CHECKED_NAMES:
-        return  # a handful of names from the code, checked once each
-    if not value or not (value.isascii() and value.replace("_", "a").isalnum()) or value[0].isdigit():
+    if not _plain_name(value):
         raise ValueError(f"{what} must be a plain XML name, not {value!r}")
-    if len(_CHECKED_NAMES) < MAX_CHECKED_NAMES:
-        _CHECKED_NAMES.add(value)
 
 
-MAX_CHECKED_NAMES = 256  # per memo below; names come from the code, so a handful in practice
-_CHECKED_NAMES: set[str] = set()  # element names found plain
-_CHECKED_SERVICE_TYPES: set[str] = set()  # service types found fit for a SOAPAction header
+# Names and service types come from the code, a handful each: each is judged once (lru_cache), not on
+# every request.
+@lru_cache(maxsize=256)
+def _plain_name(value: str) -> bool:
+    return bool(value) and value.isascii() and value.replace("_", "a").isalnum() and not value[0].isdigit()
+
+
+@lru_cache(maxsize=256)
+def _sendable_service_type(value: str) -> bool:
+    return bool(value) and value.isascii() and _NOT_IN_SERVICE_TYPE.search(value) is None
+
+
 # Element content that needs no escaping (the usual argument: a number, an address, a plain description).
 _NEEDS_ESCAPE = re.compile("[&<>\"'\r]")
 
@@ -427,11 +432,8 @@ class SoapRequest:
     def __post_init__(self) -> None:
         _check_name(self.action, "action")
         st = self.service_type
-        if st not in _CHECKED_SERVICE_TYPES:
-            if not st or not st.isascii() or _NOT_IN_SERVICE_TYPE.search(st):
-                raise ValueError(f"service_type cannot be sent in a SOAPAction header: {st!r}")
-            if len(_CHECKED_SERVICE_TYPES) < MAX_CHECKED_NAMES:
-                _CHECKED_SERVICE_TYPES.add(st)
+        if not _sendable_service_type(st):
+            raise ValueError(f"service_type cannot be sent in a SOAPAction header: {st!r}")
         for name, value in self.arguments:
             _check_name(name, "argument name")
             if not isinstance(value, str) or _NOT_XML_CHAR.search(value):
