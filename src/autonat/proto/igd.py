@@ -826,21 +826,16 @@ def external_ip_from(outputs: Mapping[str, str]) -> IPv4Address | None:
     text = outputs.get("NewExternalIPAddress", "")
     if not text:
         return None
-    if text in _LAST_EXTERNAL_IP:
-        return _LAST_EXTERNAL_IP[text]  # the answer of the last call again, as it nearly always is
     try:
-        address = IPv4Address(text)
+        address = _ipv4_of_text(text)
     except ValueError:
         raise DecodeError(f"NewExternalIPAddress is not an IPv4 address: {_clean(text, 40)!r}") from None
-    answer = None if address.is_unspecified else address
-    _LAST_EXTERNAL_IP.clear()
-    _LAST_EXTERNAL_IP[text] = answer
-    return answer
+    return None if address.is_unspecified else address
 
 
-# The last NewExternalIPAddress read -> its value (immutable), one entry: a router's answer rarely changes,
-# and making an IPv4Address from text is the dearest step of reading it.
-_LAST_EXTERNAL_IP: dict[str, IPv4Address | None] = {}
+# A router's answer rarely changes, and making an IPv4Address from text is the dearest step of reading it:
+# the last few are kept (an address is immutable; text that is no address raises, and is not kept).
+_ipv4_of_text = lru_cache(maxsize=8)(IPv4Address)
 
 
 @dataclass(frozen=True, slots=True)

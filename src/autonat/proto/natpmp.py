@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from functools import lru_cache
 from ipaddress import IPv4Address
 
 from autonat.proto.errors import DecodeError
@@ -118,18 +119,15 @@ _MAP_UDP = Opcode.MAP_UDP
 _MAP_TCP = Opcode.MAP_TCP
 
 _MAP_OPCODES = frozenset({_MAP_UDP, _MAP_TCP})
-_LAST_IPV4 = [(bytes(4), IPv4Address(0))]  # ipv4_address's one entry: the last bytes and their address
 
 
+@lru_cache(maxsize=8)
 def ipv4_address(packed: bytes) -> IPv4Address:
     """`IPv4Address(packed)` for 4 bytes off the wire (§3.2's external address; PCP's IPv4-mapped
     addresses reuse it). A gateway names the same external address in reply after reply, and an address
-    is immutable, so the last one is kept and returned again: no object built per reply (bench/peers.py)."""
-    last, address = _LAST_IPV4[0]
-    if packed != last:
-        address = IPv4Address(packed)
-        _LAST_IPV4[0] = (packed, address)  # one tuple replaced whole: safe across threads
-    return address
+    is immutable, so the ones made last are kept and returned again: no object built per reply
+    (bench/peers.py)."""
+    return IPv4Address(packed)
 
 
 def describe_result(code: int) -> str:
